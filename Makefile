@@ -1,0 +1,44 @@
+# Two commands do all set-up on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROTO_FILES := $(wildcard protos/propensity/v1/*.proto)
+
+.PHONY: help venv proto proto-check run demo test test-fast clean
+
+help:
+	@echo "make run          build everything from demo data and serve on localhost:50051"
+	@echo "make test         run the whole test suite"
+	@echo "make proto        regenerate Python code from protos/"
+	@echo "make proto-check  fail if generated code is out of sync with protos/"
+
+venv: $(STAMP)
+
+# Pinned install: pyproject.toml says what we need, requirements.lock fixes every version.
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade "pip>=24"
+	$(BIN)/pip install --quiet -c requirements.lock -e ".[dev]"
+	touch $(STAMP)
+
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=. --grpc_python_out=. --pyi_out=. $(PROTO_FILES)
+
+proto-check: $(STAMP)
+	$(BIN)/python -m propensity.codegen_check
+
+run: $(STAMP)
+	$(BIN)/propensity run --demo --serve
+
+demo: $(STAMP)
+	$(BIN)/propensity demo-data
+
+test: $(STAMP) proto-check
+	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
+
+clean:
+	rm -rf var feature_repo/data

@@ -1,0 +1,50 @@
+"""Offline sources: Parquet feature tables written by `propensity build-features`."""
+
+from pathlib import Path
+
+from feast import FileSource
+
+# Absolute paths: Feast's DuckDB offline store resolves relative ones against the working
+# directory, not the repository, so `feast materialize` would depend on where it was run from.
+OFFLINE_DIR = Path(__file__).resolve().parent / "data" / "offline"
+
+# One table per feature view; each row is a snapshot valid from event_timestamp on.
+user_activity_source = FileSource(
+    name="user_activity_source",
+    path=str(OFFLINE_DIR / "user_activity.parquet"),
+    timestamp_field="event_timestamp",
+    description="Per-user activity aggregates, snapshotted whenever a window changes.",
+    tags={"owner": "propensity-team"},
+)
+
+user_profile_source = FileSource(
+    name="user_profile_source",
+    path=str(OFFLINE_DIR / "user_profile.parquet"),
+    timestamp_field="event_timestamp",
+    description="User attributes from the users file.",
+    tags={"owner": "propensity-team"},
+)
+
+user_interests_source = FileSource(
+    name="user_interests_source",
+    path=str(OFFLINE_DIR / "user_interests.parquet"),
+    timestamp_field="event_timestamp",
+    description="A user's favourite categories and recent items with per-item counts.",
+    tags={"owner": "propensity-team"},
+)
+
+item_stats_source = FileSource(
+    name="item_stats_source",
+    path=str(OFFLINE_DIR / "item_stats.parquet"),
+    timestamp_field="event_timestamp",
+    description="Item attributes, popularity and conversion.",
+    tags={"owner": "propensity-team"},
+)
+
+item_neighbors_source = FileSource(
+    name="item_neighbors_source",
+    path=str(OFFLINE_DIR / "item_neighbors.parquet"),
+    timestamp_field="event_timestamp",
+    description="Items co-visited with each item in the same sessions (weekly).",
+    tags={"owner": "propensity-team"},
+)

@@ -1,0 +1,23 @@
+"""Feature services: the versioned contract between a model and its features.
+
+A live service is never edited: new or changed features mean a new `_vN`, and models name
+the service they were trained with.
+"""
+
+from feast import FeatureService
+
+from feature_views import item_neighbors, item_stats, user_activity, user_interests, user_profile
+
+propensity_user_v1 = FeatureService(
+    name="propensity_user_v1",
+    features=[user_activity, user_profile, user_interests],
+    description="User features read per request by the server and per cut-off by training.",
+    tags={"owner": "propensity-team"},
+)
+
+propensity_item_v1 = FeatureService(
+    name="propensity_item_v1",
+    features=[item_stats, item_neighbors],
+    description="Item features cached by the server and joined per cut-off by training.",
+    tags={"owner": "propensity-team"},
+)

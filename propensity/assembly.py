@@ -1,0 +1,143 @@
+"""Model inputs from features: one function per model, used unchanged by training and serving.
+
+Everything time-relative (recency, ages) is computed here against an as-of time: the cut-off
+in training, the request time in serving. Nothing here reads a store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from propensity.catalog import ITEM_FEATURES, UNKNOWN, Catalog
+from propensity.user_state import USER_SCALARS, USER_TIMESTAMPS, UserState
+
+DAY_SECONDS = 86_400.0
+
+USER_DERIVED: tuple[str, ...] = (
+    "days_since_last_event",
+    "days_since_last_purchase",
+    "days_since_first_event",
+    "account_age_days",
+    "n_recent_items",
+    "n_items_in_cart",
+    "top_category_share",
+)
+USER_MODEL_FEATURES: tuple[str, ...] = USER_SCALARS + USER_DERIVED
+
+PAIR_FEATURES: tuple[str, ...] = (
+    "ui_views_7d",
+    "ui_carts_7d",
+    "ui_purchases_30d",
+    "ui_in_cart",
+    "ui_days_since_last",
+    "ui_recent_rank",
+    "ui_category_share",
+    "ui_category_rank",
+    "ui_price_ratio",
+    "ui_covisit_score",
+    "item_popularity_rank",
+)
+RANKER_FEATURES: tuple[str, ...] = USER_MODEL_FEATURES + ITEM_FEATURES + PAIR_FEATURES
+
+_PRICE = ITEM_FEATURES.index("item_price")
+_AVG_PRICE = USER_SCALARS.index("avg_purchase_price_30d")
+
+
+def user_vector(user: UserState, as_of_ts: float) -> np.ndarray:
+    """The user model's input row (USER_MODEL_FEATURES) at as_of_ts (epoch seconds)."""
+    ages = (as_of_ts - user.timestamps) / DAY_SECONDS  # NaN stays NaN
+    derived = np.array(
+        [
+            ages[USER_TIMESTAMPS.index("last_event_ts")],
+            ages[USER_TIMESTAMPS.index("last_purchase_ts")],
+            ages[USER_TIMESTAMPS.index("first_event_ts")],
+            ages[USER_TIMESTAMPS.index("signup_ts")],
+            float(len(user.recent_idx)),
+            float(user.recent_in_cart.sum()) if len(user.recent_in_cart) else 0.0,
+            float(user.top_category_shares[0]) if len(user.top_category_shares) else np.nan,
+        ]
+    )
+    return np.concatenate([user.scalars, derived])
+
+
+def user_matrix(users: Sequence[UserState], as_of_ts: float | Sequence[float]) -> np.ndarray:
+    """User model inputs for many users (one as-of time, or one per user)."""
+    times = np.broadcast_to(np.asarray(as_of_ts, dtype=float), (len(users),))
+    if not users:
+        return np.empty((0, len(USER_MODEL_FEATURES)))
+    return np.vstack([user_vector(u, t) for u, t in zip(users, times)])
+
+
+def pair_matrix(user: UserState, catalog: Catalog, item_idx: np.ndarray, as_of_ts: float, user_row: np.ndarray | None = None) -> np.ndarray:
+    """The ranker's inputs (RANKER_FEATURES) for one user and candidate items (catalog indices, UNKNOWN allowed)."""
+    n = len(item_idx)
+    if user_row is None:
+        user_row = user_vector(user, as_of_ts)
+    out = np.empty((n, len(RANKER_FEATURES)))
+    n_user = len(USER_MODEL_FEATURES)
+    n_item = len(ITEM_FEATURES)
+    out[:, :n_user] = user_row
+    out[:, n_user : n_user + n_item] = catalog.features[item_idx]
+    out[:, n_user + n_item :] = _pair_columns(user, catalog, item_idx, as_of_ts)
+    return out
+
+
+def _pair_columns(user: UserState, catalog: Catalog, item_idx: np.ndarray, as_of_ts: float) -> np.ndarray:
+    n = len(item_idx)
+    cols = np.full((n, len(PAIR_FEATURES)), np.nan)
+    # Per-(user, item) state: position of each candidate in the user's recent list.
+    views = np.zeros(n)
+    carts = np.zeros(n)
+    bought = np.zeros(n)
+    in_cart = np.zeros(n)
+    since = np.full(n, np.nan)
+    rank = np.full(n, np.nan)
+    if len(user.recent_idx):
+        order = np.argsort(user.recent_idx, kind="stable")
+        sorted_recent = user.recent_idx[order]
+        pos = np.searchsorted(sorted_recent, item_idx)
+        pos = np.minimum(pos, len(sorted_recent) - 1)
+        hit = (sorted_recent[pos] == item_idx) & (item_idx != UNKNOWN)
+        src = order[pos[hit]]
+        views[hit] = user.recent_views_7d[src]
+        carts[hit] = user.recent_carts_7d[src]
+        bought[hit] = user.recent_purchases_30d[src]
+        in_cart[hit] = user.recent_in_cart[src]
+        since[hit] = (as_of_ts - user.recent_last_ts[src]) / DAY_SECONDS
+        rank[hit] = src
+    cols[:, 0] = views
+    cols[:, 1] = carts
+    cols[:, 2] = bought
+    cols[:, 3] = in_cart
+    cols[:, 4] = since
+    cols[:, 5] = rank
+    # User x category affinity for each candidate's category.
+    categories = catalog.categories[item_idx]
+    share = np.zeros(n)
+    cat_rank = np.full(n, np.nan)
+    for r, (category, value) in enumerate(zip(user.top_categories, user.top_category_shares)):
+        match = categories == category
+        share[match] = value
+        cat_rank[match] = r
+    share[np.equal(categories, None)] = np.nan
+    cols[:, 6] = share
+    cols[:, 7] = cat_rank
+    avg_price = user.scalars[_AVG_PRICE]
+    cols[:, 8] = catalog.features[item_idx, _PRICE] / avg_price if avg_price and avg_price > 0 else np.nan
+    cols[:, 9] = _covisit_scores(user, catalog, item_idx)
+    popularity_rank = np.full(n, np.nan)
+    known = item_idx != UNKNOWN
+    popularity_rank[known] = catalog.popularity_rank[item_idx[known]]
+    cols[:, 10] = popularity_rank
+    return cols
+
+
+def _covisit_scores(user: UserState, catalog: Catalog, item_idx: np.ndarray, max_sources: int = 10) -> np.ndarray:
+    """Sum of co-visitation scores from the user's most recent items to each candidate."""
+    scores = np.zeros(catalog.size + 1)
+    for source in user.recent_idx[:max_sources]:
+        neighbours, weights = catalog.neighbors[source]
+        np.add.at(scores, neighbours, weights)
+    return scores[item_idx]

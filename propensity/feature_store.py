@@ -1,0 +1,61 @@
+"""Access to the Feast repository: open the store, apply definitions, fingerprint feature services."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from feast import FeatureStore
+
+
+class FeatureContractError(RuntimeError):
+    """A model and a feature service disagree about the features."""
+
+
+def open_store(repo: Path) -> FeatureStore:
+    """The Feast store of the repository at repo (feature_store.yaml inside)."""
+    if not (repo / "feature_store.yaml").exists():
+        raise FileNotFoundError(f"{repo}: no feature_store.yaml (is this the Feast repository?)")
+    return FeatureStore(repo_path=str(repo))
+
+
+def feast_apply(repo: Path) -> str:
+    """Run the plain `feast apply` a feature engineer would run, so both paths stay identical."""
+    feast = Path(sys.executable).with_name("feast")
+    result = subprocess.run(
+        [str(feast), "--chdir", str(repo), "apply"], capture_output=True, text=True,
+        env={**os.environ, "FEAST_USAGE": "False"},
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"feast apply failed in {repo}:\n{result.stdout}\n{result.stderr}")
+    return result.stdout
+
+
+def service_schema(store: FeatureStore, service_name: str) -> list[tuple[str, str, str]]:
+    """(feature view, feature, type) for every feature of a service, in service order."""
+    service = store.get_feature_service(service_name)
+    return [
+        (projection.name_to_use(), field.name, str(field.dtype))
+        for projection in service.feature_view_projections
+        for field in projection.features
+    ]
+
+
+def service_fingerprint(store: FeatureStore, service_name: str) -> str:
+    """A short hash of a service's features and types: equal hashes mean the same contract."""
+    payload = json.dumps(service_schema(store, service_name)).encode()
+    return hashlib.sha256(payload).hexdigest()[:16]
+
+
+def check_service(store: FeatureStore, service_name: str, expected_fingerprint: str, model: str) -> None:
+    """Refuse a model whose feature service changed since it was trained."""
+    actual = service_fingerprint(store, service_name)
+    if actual != expected_fingerprint:
+        raise FeatureContractError(
+            f"model {model}: feature service {service_name!r} has fingerprint {actual}, but the model was trained "
+            f"against {expected_fingerprint}; its features or types changed. Retrain, or publish the change as a new _vN service."
+        )

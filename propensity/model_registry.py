@@ -1,0 +1,134 @@
+"""Model versions on disk: save a version, promote one to current atomically, load by version.
+
+Layout: <root>/versions/<version>/{user_propensity.txt, item_ranker.txt, metadata.json}
+and <root>/CURRENT holding the current version id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import lightgbm as lgb
+import numpy as np
+
+from propensity.assembly import RANKER_FEATURES, USER_MODEL_FEATURES
+
+USER_MODEL = "user_propensity"
+RANKER_MODEL = "item_ranker"
+EXPECTED_FEATURES = {USER_MODEL: USER_MODEL_FEATURES, RANKER_MODEL: RANKER_FEATURES}
+METADATA = "metadata.json"
+CURRENT = "CURRENT"
+
+
+class ModelLoadError(RuntimeError):
+    """A model version is missing, unreadable or does not match the code's feature layout."""
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    """The two models of one version with their metadata; predictions are probabilities."""
+
+    version: str
+    metadata: dict
+    user_model: lgb.Booster
+    ranker: lgb.Booster
+    num_threads: int = 1
+
+    def predict_users(self, features: np.ndarray) -> np.ndarray:
+        if not len(features):
+            return np.empty(0)
+        return self.user_model.predict(features, num_threads=self.num_threads)
+
+    def predict_items(self, features: np.ndarray) -> np.ndarray:
+        if not len(features):
+            return np.empty(0)
+        return self.ranker.predict(features, num_threads=self.num_threads)
+
+    @property
+    def base_rate(self) -> float:
+        """Share of users who bought in the training period: the propensity of an unknown user."""
+        return float(self.metadata["models"][USER_MODEL]["base_rate"])
+
+    @property
+    def user_feature_service(self) -> str:
+        return self.metadata["feature_services"]["user"]["name"]
+
+    @property
+    def item_feature_service(self) -> str:
+        return self.metadata["feature_services"]["item"]["name"]
+
+
+def new_version_id(now: datetime | None = None) -> str:
+    """Sortable version ids, e.g. v20261128T051500."""
+    now = now or datetime.now(timezone.utc)
+    return now.strftime("v%Y%m%dT%H%M%S")
+
+
+def save_version(root: Path, version: str, boosters: dict[str, lgb.Booster], metadata: dict) -> Path:
+    """Write a new version directory (never overwrites) and return it."""
+    final = root / "versions" / version
+    if final.exists():
+        raise FileExistsError(f"{final}: model version {version} already exists")
+    staging = root / "versions" / f".{version}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name, booster in boosters.items():
+        booster.save_model(str(staging / f"{name}.txt"))
+        metadata["models"][name]["file"] = f"{name}.txt"
+    (staging / METADATA).write_text(json.dumps(metadata, indent=2, default=str))
+    staging.rename(final)
+    return final
+
+
+def promote(root: Path, version: str) -> None:
+    """Make version the current one; readers see the old or the new pointer, never a partial one."""
+    if not (root / "versions" / version / METADATA).exists():
+        raise ModelLoadError(f"{root}: no model version {version} to promote")
+    tmp = root / f".{CURRENT}.tmp"
+    tmp.write_text(version + "\n")
+    os.replace(tmp, root / CURRENT)
+
+
+def current_version(root: Path) -> str:
+    path = root / CURRENT
+    if not path.exists():
+        raise ModelLoadError(f"{root}: no current model; train one with `propensity train`")
+    return path.read_text().strip()
+
+
+def list_versions(root: Path) -> list[str]:
+    versions = root / "versions"
+    return sorted(p.name for p in versions.iterdir() if p.is_dir() and not p.name.startswith(".")) if versions.exists() else []
+
+
+def load_version(root: Path, version: str | None = None, num_threads: int = 1) -> ModelBundle:
+    """Load a version (default: current) and check that its feature lists match the code's layout."""
+    version = version or current_version(root)
+    directory = root / "versions" / version
+    try:
+        metadata = json.loads((directory / METADATA).read_text())
+    except FileNotFoundError:
+        raise ModelLoadError(f"{directory}: model version {version} not found") from None
+    boosters = {}
+    for name, expected in EXPECTED_FEATURES.items():
+        info = metadata["models"].get(name)
+        if info is None:
+            raise ModelLoadError(f"{directory}: metadata has no model {name!r}")
+        try:
+            booster = lgb.Booster(model_file=str(directory / info["file"]))
+        except lgb.basic.LightGBMError as error:
+            raise ModelLoadError(f"{directory / info['file']}: cannot load LightGBM model: {error}") from None
+        if list(info["feature_names"]) != list(expected) or booster.feature_name() != list(expected):
+            missing = sorted(set(expected) - set(booster.feature_name()))
+            extra = sorted(set(booster.feature_name()) - set(expected))
+            raise ModelLoadError(
+                f"{directory}: model {name} was trained on a different feature layout "
+                f"(missing {missing or 'none'}, unexpected {extra or 'none'}); retrain it with this code"
+            )
+        boosters[name] = booster
+    return ModelBundle(version, metadata, boosters[USER_MODEL], boosters[RANKER_MODEL], num_threads)

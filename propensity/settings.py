@@ -1,0 +1,126 @@
+"""The one typed settings object: defaults, then a TOML file, then PROPENSITY_* environment variables."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+class DemoSettings(BaseModel):
+    """Size of the generated demo shop."""
+
+    n_users: int = Field(2000, description="Shoppers in the demo log.")
+    n_items: int = Field(400, description="Items in the demo catalog.")
+    n_categories: int = Field(16, description="Item categories.")
+    n_days: int = Field(60, description="Days of history before the as-of time.")
+    seed: int = Field(7, description="Random seed; the same seed gives the same log.")
+
+
+class FeatureSettings(BaseModel):
+    """How raw events become feature tables."""
+
+    recent_items_per_user: int = Field(30, description="How many of a user's most recent items are kept as per-(user, item) state.")
+    top_categories_per_user: int = Field(5, description="How many of a user's favourite categories are kept.")
+    neighbors_per_item: int = Field(20, description="Co-visited items kept per item (candidate source).")
+    session_gap_minutes: int = Field(30, description="Inactivity gap that starts a new session when events carry no session_id.")
+
+
+class CandidateSettings(BaseModel):
+    """Candidate generation, shared by training and serving."""
+
+    max_candidates: int = Field(200, description="Upper bound on candidates scored per request.")
+    per_neighbor_source: int = Field(10, description="Co-visited items taken per recent item.")
+    popular_per_category: int = Field(20, description="Popular items taken from each favourite category.")
+    popular_overall: int = Field(50, description="Globally popular items added to every candidate set.")
+
+
+class TrainingSettings(BaseModel):
+    """Label definition, cut-offs and LightGBM parameters."""
+
+    horizon_days: int = Field(7, description="A label is 1 if the user buys within this many days after the cut-off.")
+    n_cutoffs: int = Field(4, description="Rolling weekly cut-offs used to build training rows; the last is validation.")
+    cutoff_step_days: int = Field(7, description="Days between consecutive cut-offs.")
+    validation_cutoffs: int = Field(1, description="How many of the latest cut-offs form the validation period.")
+    max_users_per_cutoff: int = Field(50_000, description="Sample cap of users per cut-off (keeps training bounded).")
+    ranker_non_buyer_share: float = Field(0.3, description="Share of non-buying users whose candidates join the ranker's training rows.")
+    num_boost_round: int = Field(400, description="Upper bound on boosting rounds (early stopping picks the best).")
+    early_stopping_rounds: int = Field(30, description="Stop when validation loss has not improved for this many rounds.")
+    learning_rate: float = Field(0.05, description="LightGBM learning rate.")
+    num_leaves: int = Field(31, description="LightGBM leaves per tree.")
+    min_data_in_leaf: int = Field(20, description="LightGBM minimum rows per leaf.")
+    seed: int = Field(13, description="LightGBM seed.")
+
+
+class ServerSettings(BaseModel):
+    """The gRPC server and the limits it enforces on requests."""
+
+    host: str = Field("localhost", description="Address the gRPC server binds.")
+    port: int = Field(50051, description="gRPC port.")
+    default_num_items: int = Field(10, description="Items returned when a request leaves num_items at 0.")
+    max_num_items: int = Field(100, description="Largest num_items a request may ask for.")
+    max_request_ids: int = Field(1000, description="Most ids in exclude_item_ids, candidate_item_ids or item_ids.")
+    max_score_users: int = Field(10_000, description="Most user_ids in one ScoreUsers call.")
+    grace_seconds: float = Field(5.0, description="Time in-flight calls get to finish on shutdown.")
+
+
+class Settings(BaseSettings):
+    """Every knob of the product, documented; nested fields use PROPENSITY_SECTION__FIELD."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PROPENSITY_",
+        env_nested_delimiter="__",
+        toml_file=os.environ.get("PROPENSITY_CONFIG", "propensity.toml"),
+        extra="forbid",
+    )
+
+    data_dir: Path = Field(PROJECT_ROOT / "var" / "demo-data", description="Directory of raw event files (events, items, users).")
+    work_dir: Path = Field(PROJECT_ROOT / "var", description="Where prepared data, models and run manifests are written.")
+    feature_repo: Path = Field(PROJECT_ROOT / "feature_repo", description="The Feast repository (feature_store.yaml and definitions).")
+    as_of: datetime | None = Field(None, description="As-of time of a run; default: the last event in the data.")
+    rebase_to_now: bool = Field(
+        True,
+        description="Shift the event log by whole weeks so that its as-of time lands just before now (keeps historical logs servable).",
+    )
+    user_feature_service: str = Field("propensity_user_v1", description="Feast feature service read per request (user features).")
+    item_feature_service: str = Field("propensity_item_v1", description="Feast feature service cached in the server (item features).")
+    demo: DemoSettings = DemoSettings()
+    features: FeatureSettings = FeatureSettings()
+    candidates: CandidateSettings = CandidateSettings()
+    training: TrainingSettings = TrainingSettings()
+    server: ServerSettings = ServerSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    @property
+    def prepared_dir(self) -> Path:
+        """Raw events after validation and time rebasing (the input of the feature build)."""
+        return self.work_dir / "prepared"
+
+    @property
+    def model_dir(self) -> Path:
+        """Model registry root."""
+        return self.work_dir / "models"
+
+    @property
+    def offline_dir(self) -> Path:
+        """Feature tables of the offline store (Parquet with event_timestamp)."""
+        return self.feature_repo / "data" / "offline"
+
+    def describe(self) -> str:
+        """Settings as indented JSON, for start-up logs."""
+        return self.model_dump_json(indent=2)

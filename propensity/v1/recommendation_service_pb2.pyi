@@ -1,0 +1,171 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class FallbackReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FALLBACK_REASON_UNSPECIFIED: _ClassVar[FallbackReason]
+    FALLBACK_REASON_UNKNOWN_USER: _ClassVar[FallbackReason]
+    FALLBACK_REASON_NO_CANDIDATES: _ClassVar[FallbackReason]
+    FALLBACK_REASON_NO_HISTORY: _ClassVar[FallbackReason]
+FALLBACK_REASON_UNSPECIFIED: FallbackReason
+FALLBACK_REASON_UNKNOWN_USER: FallbackReason
+FALLBACK_REASON_NO_CANDIDATES: FallbackReason
+FALLBACK_REASON_NO_HISTORY: FallbackReason
+
+class RecommendRequest(_message.Message):
+    __slots__ = ("user_id", "num_items", "exclude_item_ids", "candidate_item_ids", "model_version")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    num_items: int
+    exclude_item_ids: _containers.RepeatedScalarFieldContainer[str]
+    candidate_item_ids: _containers.RepeatedScalarFieldContainer[str]
+    model_version: str
+    def __init__(self, user_id: _Optional[str] = ..., num_items: _Optional[int] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., candidate_item_ids: _Optional[_Iterable[str]] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class RankedItem(_message.Message):
+    __slots__ = ("item_id", "score", "rank")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    score: float
+    rank: int
+    def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., rank: _Optional[int] = ...) -> None: ...
+
+class RecommendResponse(_message.Message):
+    __slots__ = ("user_id", "purchase_propensity", "items", "model_version", "feature_service", "fallback_used", "fallback_reason", "item_feature_service")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    PURCHASE_PROPENSITY_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_SERVICE_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_USED_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_REASON_FIELD_NUMBER: _ClassVar[int]
+    ITEM_FEATURE_SERVICE_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    purchase_propensity: float
+    items: _containers.RepeatedCompositeFieldContainer[RankedItem]
+    model_version: str
+    feature_service: str
+    fallback_used: bool
+    fallback_reason: FallbackReason
+    item_feature_service: str
+    def __init__(self, user_id: _Optional[str] = ..., purchase_propensity: _Optional[float] = ..., items: _Optional[_Iterable[_Union[RankedItem, _Mapping]]] = ..., model_version: _Optional[str] = ..., feature_service: _Optional[str] = ..., fallback_used: _Optional[bool] = ..., fallback_reason: _Optional[_Union[FallbackReason, str]] = ..., item_feature_service: _Optional[str] = ...) -> None: ...
+
+class ScoreUsersRequest(_message.Message):
+    __slots__ = ("user_ids", "model_version")
+    USER_IDS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    user_ids: _containers.RepeatedScalarFieldContainer[str]
+    model_version: str
+    def __init__(self, user_ids: _Optional[_Iterable[str]] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class UserScore(_message.Message):
+    __slots__ = ("user_id", "purchase_propensity", "unknown_user")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    PURCHASE_PROPENSITY_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_USER_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    purchase_propensity: float
+    unknown_user: bool
+    def __init__(self, user_id: _Optional[str] = ..., purchase_propensity: _Optional[float] = ..., unknown_user: _Optional[bool] = ...) -> None: ...
+
+class ScoreUsersResponse(_message.Message):
+    __slots__ = ("scores", "model_version", "feature_service")
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_SERVICE_FIELD_NUMBER: _ClassVar[int]
+    scores: _containers.RepeatedCompositeFieldContainer[UserScore]
+    model_version: str
+    feature_service: str
+    def __init__(self, scores: _Optional[_Iterable[_Union[UserScore, _Mapping]]] = ..., model_version: _Optional[str] = ..., feature_service: _Optional[str] = ...) -> None: ...
+
+class ScoreItemsRequest(_message.Message):
+    __slots__ = ("user_id", "item_ids", "model_version")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    item_ids: _containers.RepeatedScalarFieldContainer[str]
+    model_version: str
+    def __init__(self, user_id: _Optional[str] = ..., item_ids: _Optional[_Iterable[str]] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class ItemScore(_message.Message):
+    __slots__ = ("item_id", "score", "known_item")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_ITEM_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    score: float
+    known_item: bool
+    def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., known_item: _Optional[bool] = ...) -> None: ...
+
+class ScoreItemsResponse(_message.Message):
+    __slots__ = ("user_id", "scores", "model_version", "feature_service", "unknown_user")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_SERVICE_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_USER_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    scores: _containers.RepeatedCompositeFieldContainer[ItemScore]
+    model_version: str
+    feature_service: str
+    unknown_user: bool
+    def __init__(self, user_id: _Optional[str] = ..., scores: _Optional[_Iterable[_Union[ItemScore, _Mapping]]] = ..., model_version: _Optional[str] = ..., feature_service: _Optional[str] = ..., unknown_user: _Optional[bool] = ...) -> None: ...
+
+class GetModelInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class MetricValue(_message.Message):
+    __slots__ = ("name", "value")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    value: float
+    def __init__(self, name: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "version", "feature_service", "feature_names", "metrics", "horizon_days", "train_start", "train_end", "trained_at")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_SERVICE_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_NAMES_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    HORIZON_DAYS_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_START_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_END_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_AT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    feature_service: str
+    feature_names: _containers.RepeatedScalarFieldContainer[str]
+    metrics: _containers.RepeatedCompositeFieldContainer[MetricValue]
+    horizon_days: int
+    train_start: str
+    train_end: str
+    trained_at: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., feature_service: _Optional[str] = ..., feature_names: _Optional[_Iterable[str]] = ..., metrics: _Optional[_Iterable[_Union[MetricValue, _Mapping]]] = ..., horizon_days: _Optional[int] = ..., train_start: _Optional[str] = ..., train_end: _Optional[str] = ..., trained_at: _Optional[str] = ...) -> None: ...
+
+class GetModelInfoResponse(_message.Message):
+    __slots__ = ("models", "current_version", "available_versions", "data_as_of")
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    DATA_AS_OF_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    current_version: str
+    available_versions: _containers.RepeatedScalarFieldContainer[str]
+    data_as_of: str
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., current_version: _Optional[str] = ..., available_versions: _Optional[_Iterable[str]] = ..., data_as_of: _Optional[str] = ...) -> None: ...

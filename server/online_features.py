@@ -1,0 +1,53 @@
+"""Reading features from Feast's online store: user rows per request, the item catalog at start-up."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+from feast import FeatureStore
+
+from propensity.catalog import Catalog
+
+_CATALOG_CHUNK = 1000
+
+
+class OnlineUserFeatures:
+    """User feature rows through the feature service, which is resolved once, not per request."""
+
+    def __init__(self, store: FeatureStore, service_name: str) -> None:
+        self._store = store
+        self.service_name = service_name
+        self._service = store.get_feature_service(service_name)
+
+    def fetch(self, user_ids: Sequence[str]) -> list[dict[str, object]]:
+        """One mapping of feature name to value per user id (values None where missing)."""
+        if not user_ids:
+            return []
+        columns = self._store.get_online_features(
+            features=self._service, entity_rows=[{"user_id": u} for u in user_ids]
+        ).to_dict()
+        names = list(columns)
+        return [{name: columns[name][i] for name in names} for i in range(len(user_ids))]
+
+
+def item_ids_in_offline_store(store: FeatureStore, feature_view: str = "item_stats") -> list[str]:
+    """Every item the item feature table knows, from the source Feast's registry names."""
+    source = store.get_feature_view(feature_view).batch_source
+    path = Path(source.path)
+    if not path.is_absolute():
+        path = Path(store.repo_path) / path
+    return pd.read_parquet(path, columns=["item_id"])["item_id"].astype(str).unique().tolist()
+
+
+def load_catalog(store: FeatureStore, service_name: str, item_ids: Sequence[str]) -> Catalog:
+    """The catalog from the online store, fetched in chunks (hundreds of rows per call, once)."""
+    service = store.get_feature_service(service_name)
+    frames = []
+    for start in range(0, len(item_ids), _CATALOG_CHUNK):
+        chunk = list(item_ids[start : start + _CATALOG_CHUNK])
+        columns = store.get_online_features(features=service, entity_rows=[{"item_id": i} for i in chunk]).to_dict()
+        frames.append(pd.DataFrame(columns))
+    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"item_id": []})
+    return Catalog.from_frame(frame)

@@ -1,0 +1,81 @@
+"""Typed requests and answers of the data plane, independent of protobuf."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class Fallback(Enum):
+    """Why an answer is not personalised (values match the protobuf enum)."""
+
+    NONE = 0
+    UNKNOWN_USER = 1
+    NO_CANDIDATES = 2
+    NO_HISTORY = 3
+
+
+@dataclass(frozen=True)
+class RecommendQuery:
+    user_id: str
+    num_items: int
+    exclude_item_ids: tuple[str, ...] = ()
+    candidate_item_ids: tuple[str, ...] = ()
+    model_version: str = ""
+
+
+@dataclass(frozen=True)
+class ScoredItem:
+    item_id: str
+    score: float
+    known: bool = True
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    user_id: str
+    purchase_propensity: float
+    items: list[ScoredItem]
+    model_version: str
+    user_feature_service: str
+    item_feature_service: str
+    fallback: Fallback = Fallback.NONE
+
+
+@dataclass(frozen=True)
+class UserScores:
+    user_ids: list[str]
+    propensities: list[float]
+    unknown: list[bool]
+    model_version: str
+    feature_service: str
+
+
+@dataclass(frozen=True)
+class ItemScores:
+    user_id: str
+    items: list[ScoredItem]
+    unknown_user: bool
+    model_version: str
+    feature_service: str
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    name: str
+    version: str
+    feature_service: str
+    feature_names: list[str]
+    metrics: dict[str, float]
+    horizon_days: int
+    train_start: str
+    train_end: str
+    trained_at: str
+
+
+@dataclass(frozen=True)
+class ModelsInfo:
+    models: list[ModelDescription] = field(default_factory=list)
+    current_version: str = ""
+    available_versions: list[str] = field(default_factory=list)
+    data_as_of: str = ""

@@ -1,0 +1,132 @@
+"""The gRPC servicer: protobuf in, data-plane call, protobuf out. Errors map to status codes here only."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+
+from propensity.settings import ServerSettings
+from propensity.v1 import recommendation_service_pb2 as pb
+from propensity.v1 import recommendation_service_pb2_grpc as pb_grpc
+from server import validation
+from server.errors import InvalidArgument, ModelUnavailable, RecommendationError, UnknownModelVersion
+from server.queries import ItemScores, ModelsInfo, Recommendation, RecommendQuery, UserScores
+from server.recommender import Recommender
+
+log = logging.getLogger(__name__)
+Response = TypeVar("Response")
+
+_STATUS = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    UnknownModelVersion: grpc.StatusCode.NOT_FOUND,
+    ModelUnavailable: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+def _handle_errors(method: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
+    @functools.wraps(method)
+    async def wrapper(self: RecommendationServicer, request: object, context: grpc.aio.ServicerContext) -> Response:
+        try:
+            return await method(self, request, context)
+        except RecommendationError as error:
+            await context.abort(_STATUS.get(type(error), grpc.StatusCode.INTERNAL), str(error))
+        except Exception:
+            log.exception("%s failed", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__}: internal error (see server log)")
+        raise AssertionError("unreachable: context.abort raises")
+
+    return wrapper
+
+
+class RecommendationServicer(pb_grpc.RecommendationServiceServicer):
+    """Thin adapter over Recommender."""
+
+    def __init__(self, recommender: Recommender, limits: ServerSettings) -> None:
+        self._recommender = recommender
+        self._limits = limits
+
+    @_handle_errors
+    async def Recommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext) -> pb.RecommendResponse:
+        query = RecommendQuery(
+            user_id=validation.user_id(request.user_id),
+            num_items=validation.num_items(request.num_items, self._limits),
+            exclude_item_ids=validation.id_list(request.exclude_item_ids, "exclude_item_ids", self._limits.max_request_ids),
+            candidate_item_ids=validation.id_list(request.candidate_item_ids, "candidate_item_ids", self._limits.max_request_ids),
+            model_version=request.model_version,
+        )
+        return _recommendation(self._recommender.recommend(query))
+
+    @_handle_errors
+    async def ScoreUsers(self, request: pb.ScoreUsersRequest, context: grpc.aio.ServicerContext) -> pb.ScoreUsersResponse:
+        user_ids = validation.id_list(request.user_ids, "user_ids", self._limits.max_score_users, required=True)
+        return _user_scores(self._recommender.score_users(list(user_ids), request.model_version))
+
+    @_handle_errors
+    async def ScoreItems(self, request: pb.ScoreItemsRequest, context: grpc.aio.ServicerContext) -> pb.ScoreItemsResponse:
+        user_id = validation.user_id(request.user_id)
+        item_ids = validation.id_list(request.item_ids, "item_ids", self._limits.max_request_ids, required=True)
+        return _item_scores(self._recommender.score_items(user_id, list(item_ids), request.model_version))
+
+    @_handle_errors
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.GetModelInfoResponse:
+        return _models_info(self._recommender.model_info())
+
+
+def _recommendation(result: Recommendation) -> pb.RecommendResponse:
+    return pb.RecommendResponse(
+        user_id=result.user_id,
+        purchase_propensity=result.purchase_propensity,
+        items=[pb.RankedItem(item_id=item.item_id, score=item.score, rank=rank) for rank, item in enumerate(result.items, start=1)],
+        model_version=result.model_version,
+        feature_service=result.user_feature_service,
+        item_feature_service=result.item_feature_service,
+        fallback_used=result.fallback.value != 0,
+        fallback_reason=result.fallback.value,
+    )
+
+
+def _user_scores(result: UserScores) -> pb.ScoreUsersResponse:
+    return pb.ScoreUsersResponse(
+        scores=[
+            pb.UserScore(user_id=u, purchase_propensity=p, unknown_user=unknown)
+            for u, p, unknown in zip(result.user_ids, result.propensities, result.unknown)
+        ],
+        model_version=result.model_version,
+        feature_service=result.feature_service,
+    )
+
+
+def _item_scores(result: ItemScores) -> pb.ScoreItemsResponse:
+    return pb.ScoreItemsResponse(
+        user_id=result.user_id,
+        scores=[pb.ItemScore(item_id=i.item_id, score=i.score, known_item=i.known) for i in result.items],
+        model_version=result.model_version,
+        feature_service=result.feature_service,
+        unknown_user=result.unknown_user,
+    )
+
+
+def _models_info(info: ModelsInfo) -> pb.GetModelInfoResponse:
+    return pb.GetModelInfoResponse(
+        models=[
+            pb.ModelInfo(
+                name=m.name,
+                version=m.version,
+                feature_service=m.feature_service,
+                feature_names=m.feature_names,
+                metrics=[pb.MetricValue(name=k, value=v) for k, v in sorted(m.metrics.items())],
+                horizon_days=m.horizon_days,
+                train_start=m.train_start,
+                train_end=m.train_end,
+                trained_at=m.trained_at,
+            )
+            for m in info.models
+        ],
+        current_version=info.current_version,
+        available_versions=info.available_versions,
+        data_as_of=info.data_as_of,
+    )

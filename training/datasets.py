@@ -1,0 +1,162 @@
+"""Training rows: cut-offs -> entity rows and labels -> point-in-time features from Feast -> model inputs.
+
+Features come only from `get_historical_features` at each cut-off, so a value recorded after
+a cut-off cannot reach that cut-off's row; labels come only from events after the cut-off.
+Candidate generation and assembly are the serving code (propensity.candidates, propensity.assembly).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+from feast import FeatureStore
+
+from propensity.assembly import pair_matrix, user_vector
+from propensity.candidates import generate_candidates
+from propensity.catalog import Catalog
+from propensity.settings import CandidateSettings, TrainingSettings
+from propensity.user_state import UserState
+
+HISTORY_DAYS = 90  # users with an event this long before a cut-off get a training row
+
+
+@dataclass
+class TrainingSet:
+    """Model inputs and labels for one model, with the cut-off of every row."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    cutoffs: np.ndarray  # datetime64 per row
+    groups: np.ndarray  # user row id per row (ranking groups)
+
+
+@dataclass
+class CutoffData:
+    users: TrainingSet
+    pairs: TrainingSet
+    n_buyers: int
+    candidate_recall: float  # share of bought items that were among the candidates
+
+
+def cutoff_times(as_of: datetime, first_event: datetime, settings: TrainingSettings) -> list[datetime]:
+    """Weekly (by default) cut-offs ending one horizon before as-of, oldest first, each with some history."""
+    latest = as_of - timedelta(days=settings.horizon_days)
+    cutoffs = [latest - timedelta(days=settings.cutoff_step_days * i) for i in range(settings.n_cutoffs)]
+    usable = sorted(c for c in cutoffs if c >= first_event + timedelta(days=7))
+    if len(usable) < 2:
+        raise ValueError(
+            f"need at least two cut-offs with 7 days of history before them and {settings.horizon_days} days after; "
+            f"the log spans {first_event:%Y-%m-%d} .. {as_of:%Y-%m-%d}, too short for these training settings"
+        )
+    return usable
+
+
+def entity_rows(prepared_dir: Path, cutoffs: list[datetime], settings: TrainingSettings) -> pd.DataFrame:
+    """One row per (user active in the 90 days before a cut-off, cut-off) with the items bought in the horizon."""
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")
+    cut = pd.DataFrame({"event_timestamp": pd.to_datetime(cutoffs, utc=True)})
+    con.register("cutoffs", cut)
+    frame = con.execute(
+        f"""
+        WITH ev AS (SELECT user_id, item_id, event_type, event_time FROM read_parquet('{prepared_dir / 'events.parquet'}')),
+        active AS (
+            SELECT DISTINCT e.user_id, c.event_timestamp
+            FROM cutoffs c JOIN ev e
+              ON e.event_time < c.event_timestamp AND e.event_time >= c.event_timestamp - INTERVAL {HISTORY_DAYS} DAY
+        ),
+        bought AS (
+            SELECT e.user_id, c.event_timestamp, list(DISTINCT e.item_id ORDER BY e.item_id) AS bought_items
+            FROM cutoffs c JOIN ev e
+              ON e.event_type = 'purchase' AND e.event_time >= c.event_timestamp
+             AND e.event_time < c.event_timestamp + INTERVAL {settings.horizon_days} DAY
+            GROUP BY ALL
+        )
+        SELECT a.user_id, a.event_timestamp, coalesce(b.bought_items, []) AS bought_items
+        FROM active a LEFT JOIN bought b USING (user_id, event_timestamp)
+        ORDER BY a.event_timestamp, a.user_id
+        """
+    ).df()
+    con.close()
+    frame["label"] = frame["bought_items"].map(len).gt(0).astype(np.int8)
+    # Deterministic cap per cut-off: keeps training time bounded on very large logs.
+    frame = frame.groupby("event_timestamp", group_keys=False).apply(
+        lambda g: g.sample(n=min(len(g), settings.max_users_per_cutoff), random_state=settings.seed)
+    )
+    return frame.sort_values(["event_timestamp", "user_id"]).reset_index(drop=True)
+
+
+def historical_user_features(store: FeatureStore, rows: pd.DataFrame, service: str) -> pd.DataFrame:
+    """Point-in-time user features for each entity row (same order as rows)."""
+    entity = rows[["user_id", "event_timestamp"]].assign(row_id=np.arange(len(rows)))
+    features = store.get_historical_features(entity_df=entity, features=store.get_feature_service(service)).to_df()
+    return features.sort_values("row_id").reset_index(drop=True)
+
+
+def historical_catalogs(store: FeatureStore, item_ids: list[str], cutoffs: list[datetime], service: str) -> dict[pd.Timestamp, Catalog]:
+    """The item catalog as it was at each cut-off."""
+    entity = pd.DataFrame(
+        {
+            "item_id": np.tile(np.asarray(item_ids, dtype=object), len(cutoffs)),
+            "event_timestamp": np.repeat(pd.to_datetime(cutoffs, utc=True), len(item_ids)),
+        }
+    )
+    frame = store.get_historical_features(entity_df=entity, features=store.get_feature_service(service)).to_df()
+    return {pd.Timestamp(ts): Catalog.from_frame(group) for ts, group in frame.groupby("event_timestamp")}
+
+
+def assemble(
+    rows: pd.DataFrame,
+    user_features: pd.DataFrame,
+    catalogs: dict[pd.Timestamp, Catalog],
+    candidate_settings: CandidateSettings,
+    training: TrainingSettings,
+    progress: Callable[[str], None] = print,
+) -> CutoffData:
+    """Model inputs for both models, built with the serving code path."""
+    rng = np.random.default_rng(training.seed)
+    records = user_features.to_dict("records")
+    user_x, user_y, user_cut = [], [], []
+    pair_x, pair_y, pair_cut, pair_group = [], [], [], []
+    bought_total = bought_covered = buyers = 0
+    for i, (record, bought, label) in enumerate(zip(records, rows["bought_items"], rows["label"])):
+        cutoff = pd.Timestamp(record["event_timestamp"])
+        catalog = catalogs[cutoff]
+        as_of_ts = cutoff.timestamp()
+        user = UserState.from_row(str(record["user_id"]), record, catalog)
+        row = user_vector(user, as_of_ts)
+        user_x.append(row)
+        user_y.append(label)
+        user_cut.append(cutoff)
+        # Ranker rows: every buyer, and a sample of non-buyers (they only add negatives).
+        if not label and rng.random() > training.ranker_non_buyer_share:
+            continue
+        candidates = generate_candidates(user, catalog, candidate_settings).item_idx
+        if not len(candidates):
+            continue
+        bought_idx = catalog.lookup(bought)
+        target = np.isin(candidates, bought_idx).astype(np.int8)
+        if label:
+            buyers += 1
+            bought_total += len(bought)
+            bought_covered += int(target.sum())
+        pair_x.append(pair_matrix(user, catalog, candidates, as_of_ts, user_row=row).astype(np.float32))
+        pair_y.append(target)
+        pair_cut.extend([cutoff] * len(candidates))
+        pair_group.extend([i] * len(candidates))
+        if (i + 1) % 2000 == 0:
+            progress(f"  assembled {i + 1:,}/{len(records):,} user rows")
+    users = TrainingSet(np.vstack(user_x).astype(np.float32), np.asarray(user_y), np.asarray(user_cut), np.arange(len(user_x)))
+    pairs = TrainingSet(
+        np.vstack(pair_x) if pair_x else np.empty((0, 0), dtype=np.float32),
+        np.concatenate(pair_y) if pair_y else np.empty(0),
+        np.asarray(pair_cut),
+        np.asarray(pair_group),
+    )
+    return CutoffData(users, pairs, buyers, bought_covered / bought_total if bought_total else float("nan"))
