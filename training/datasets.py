@@ -86,9 +86,7 @@ def entity_rows(prepared_dir: Path, cutoffs: list[datetime], settings: TrainingS
     con.close()
     frame["label"] = frame["bought_items"].map(len).gt(0).astype(np.int8)
     # Deterministic cap per cut-off: keeps training time bounded on very large logs.
-    frame = frame.groupby("event_timestamp", group_keys=False).apply(
-        lambda g: g.sample(n=min(len(g), settings.max_users_per_cutoff), random_state=settings.seed)
-    )
+    frame = frame.sample(frac=1.0, random_state=settings.seed).groupby("event_timestamp").head(settings.max_users_per_cutoff)
     return frame.sort_values(["event_timestamp", "user_id"]).reset_index(drop=True)
 
 

@@ -1,0 +1,147 @@
+"""Shared fixtures: a real pipeline run on small generated data, and a real server on a free port."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import grpc
+import pandas as pd
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from propensity.demo_data import DemoDataConfig, generate_demo_data
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+# The demo log deliberately ends in 2011: every end-to-end test then also checks that a
+# historical log is rebased to today and served with fresh features.
+HISTORICAL_END = datetime(2011, 12, 10, tzinfo=timezone.utc)
+SHOPPER = "e2e-shopper"
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """Where a pipeline run put everything, and the environment that points the CLI there."""
+
+    root: Path
+    data_dir: Path
+    work_dir: Path
+    feature_repo: Path
+    env: dict[str, str]
+    shopper_item: str
+    run_output: str
+
+
+def copy_feature_repo(destination: Path) -> Path:
+    """A private copy of the Feast repository definitions (no data)."""
+    destination.mkdir(parents=True, exist_ok=True)
+    source = PROJECT_ROOT / "feature_repo"
+    for path in source.iterdir():
+        if path.suffix == ".py" or path.name in ("feature_store.yaml", ".feastignore"):
+            shutil.copy(path, destination / path.name)
+    return destination
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _add_scripted_shopper(data_dir: Path) -> str:
+    """A shopper who viewed one mid-popularity item five times over three days and carted it twice, without buying."""
+    events = pd.read_parquet(data_dir / "events.parquet")
+    counts = events.loc[events["event_type"] == "purchase", "item_id"].value_counts()
+    item = str(counts.index[len(counts) // 3])
+    end = events["event_time"].max()
+    times = [end - timedelta(days=3, hours=2), end - timedelta(days=2, hours=5), end - timedelta(days=2, hours=4, minutes=50),
+             end - timedelta(days=1, hours=3), end - timedelta(hours=6)]
+    rows = [("view", t) for t in times] + [("add_to_cart", times[2] + timedelta(minutes=2)), ("add_to_cart", times[4] + timedelta(minutes=3))]
+    price = float(events.loc[events["item_id"] == item, "price"].iloc[0])
+    scripted = pd.DataFrame(
+        {
+            "event_time": [t for _, t in rows],
+            "user_id": SHOPPER,
+            "item_id": item,
+            "event_type": [kind for kind, _ in rows],
+            "event_id": [f"scripted-{i}" for i in range(len(rows))],
+            "session_id": [f"scripted-session-{t:%j%H}" for _, t in rows],
+            "price": price,
+            "quantity": 1,
+        }
+    )
+    combined = pd.concat([events, scripted.astype(events.dtypes.to_dict())], ignore_index=True).sort_values("event_time", kind="stable")
+    combined.to_parquet(data_dir / "events.parquet", index=False)
+    return item
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
+    """Generate a small historical demo log and run every stage through the real CLI."""
+    root = tmp_path_factory.mktemp("pipeline")
+    data_dir, work_dir = root / "raw", root / "var"
+    feature_repo = copy_feature_repo(root / "feature_repo")
+    generate_demo_data(data_dir, DemoDataConfig(n_users=700, n_items=150, n_categories=8, n_days=45, seed=11, end_time=HISTORICAL_END), progress=None)
+    item = _add_scripted_shopper(data_dir)
+    env = {
+        **os.environ,
+        "PROPENSITY_DATA_DIR": str(data_dir),
+        "PROPENSITY_WORK_DIR": str(work_dir),
+        "PROPENSITY_FEATURE_REPO": str(feature_repo),
+        "PROPENSITY_CONFIG": str(root / "absent.toml"),
+    }
+    result = subprocess.run([str(BIN / "propensity"), "run"], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"pipeline failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return Pipeline(root, data_dir, work_dir, feature_repo, env, item, result.stdout)
+
+
+@dataclass(frozen=True)
+class RunningServer:
+    target: str
+    process: subprocess.Popen
+    log: Path
+
+
+def wait_until_serving(target: str, process: subprocess.Popen, log: Path, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                time.sleep(0.3)
+    raise TimeoutError(f"server at {target} not SERVING after {timeout}s:\n{log.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="session")
+def server(pipeline: Pipeline) -> Iterator[RunningServer]:
+    """The real server, as `propensity serve` starts it, on a free port."""
+    port = free_port()
+    log = pipeline.root / "server.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [str(BIN / "propensity"), "serve", "--port", str(port)], env=pipeline.env, stdout=out, stderr=subprocess.STDOUT
+        )
+    target = f"localhost:{port}"
+    try:
+        wait_until_serving(target, process, log)
+        yield RunningServer(target, process, log)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
