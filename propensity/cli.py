@@ -57,8 +57,8 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     source = Path(args.source) if args.source else None
     importer = IMPORTERS[args.dataset]
-    summary = importer(source, Path(args.out).resolve()) if source else importer(out_dir=Path(args.out).resolve())
-    print(summary)
+    # The importer prints its own summary (rows in, drops per reason, events out).
+    importer(source, Path(args.out).resolve()) if source else importer(out_dir=Path(args.out).resolve())
     return 0
 
 
