@@ -119,7 +119,7 @@ item_neighbors = FeatureView(
     ttl=timedelta(days=90),
     schema=[
         Field(name="neighbor_item_ids", dtype=Array(String), description="Items most often in the same sessions, strongest first."),
-        Field(name="neighbor_scores", dtype=Array(Float64), description="Co-visitation counts over 30 days."),
+        Field(name="neighbor_scores", dtype=Array(Float64), description="Co-visitation counts over the 4 weeks before the snapshot."),
     ],
     source=item_neighbors_source,
     online=True,

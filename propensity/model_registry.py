@@ -114,6 +114,8 @@ def load_version(root: Path, version: str | None = None, num_threads: int = 1) -
         metadata = json.loads((directory / METADATA).read_text())
     except FileNotFoundError:
         raise ModelLoadError(f"{directory}: model version {version} not found") from None
+    except (OSError, json.JSONDecodeError) as error:
+        raise ModelLoadError(f"{directory / METADATA}: unreadable model metadata: {error}") from None
     boosters = {}
     for name, expected in EXPECTED_FEATURES.items():
         info = metadata["models"].get(name)
@@ -126,9 +128,9 @@ def load_version(root: Path, version: str | None = None, num_threads: int = 1) -
         if list(info["feature_names"]) != list(expected) or booster.feature_name() != list(expected):
             missing = sorted(set(expected) - set(booster.feature_name()))
             extra = sorted(set(booster.feature_name()) - set(expected))
+            detail = f"missing {missing}, unexpected {extra}" if missing or extra else "same features in a different order"
             raise ModelLoadError(
-                f"{directory}: model {name} was trained on a different feature layout "
-                f"(missing {missing or 'none'}, unexpected {extra or 'none'}); retrain it with this code"
+                f"{directory}: model {name} was trained on a different feature layout ({detail}); retrain it with this code"
             )
         boosters[name] = booster
     return ModelBundle(version, metadata, boosters[USER_MODEL], boosters[RANKER_MODEL], num_threads)

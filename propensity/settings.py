@@ -6,13 +6,19 @@ import os
 from datetime import datetime
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-class DemoSettings(BaseModel):
+class _Section(BaseModel):
+    """A settings section: unknown keys are typos, and typos must not fall back to defaults silently."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class DemoSettings(_Section):
     """Size of the generated demo shop."""
 
     n_users: int = Field(2000, description="Shoppers in the demo log.")
@@ -22,7 +28,7 @@ class DemoSettings(BaseModel):
     seed: int = Field(7, description="Random seed; the same seed gives the same log.")
 
 
-class FeatureSettings(BaseModel):
+class FeatureSettings(_Section):
     """How raw events become feature tables."""
 
     recent_items_per_user: int = Field(30, description="How many of a user's most recent items are kept as per-(user, item) state.")
@@ -31,7 +37,7 @@ class FeatureSettings(BaseModel):
     session_gap_minutes: int = Field(30, description="Inactivity gap that starts a new session when events carry no session_id.")
 
 
-class CandidateSettings(BaseModel):
+class CandidateSettings(_Section):
     """Candidate generation, shared by training and serving."""
 
     max_candidates: int = Field(200, description="Upper bound on candidates scored per request.")
@@ -40,7 +46,7 @@ class CandidateSettings(BaseModel):
     popular_overall: int = Field(50, description="Globally popular items added to every candidate set.")
 
 
-class TrainingSettings(BaseModel):
+class TrainingSettings(_Section):
     """Label definition, cut-offs and LightGBM parameters."""
 
     horizon_days: int = Field(7, description="A label is 1 if the user buys within this many days after the cut-off.")
@@ -57,7 +63,7 @@ class TrainingSettings(BaseModel):
     seed: int = Field(13, description="LightGBM seed.")
 
 
-class ServerSettings(BaseModel):
+class ServerSettings(_Section):
     """The gRPC server and the limits it enforces on requests."""
 
     host: str = Field("localhost", description="Address the gRPC server binds.")
@@ -75,7 +81,6 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="PROPENSITY_",
         env_nested_delimiter="__",
-        toml_file=os.environ.get("PROPENSITY_CONFIG", "propensity.toml"),
         extra="forbid",
     )
 
@@ -104,7 +109,9 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+        # Read the path on every construction, so PROPENSITY_CONFIG set after import still counts.
+        toml_file = Path(os.environ.get("PROPENSITY_CONFIG", "propensity.toml"))
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
 
     @property
     def prepared_dir(self) -> Path:

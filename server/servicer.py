@@ -33,7 +33,8 @@ def _handle_errors(method: Callable[..., Awaitable[Response]]) -> Callable[..., 
         try:
             return await method(self, request, context)
         except RecommendationError as error:
-            await context.abort(_STATUS.get(type(error), grpc.StatusCode.INTERNAL), str(error))
+            code = next((c for kind, c in _STATUS.items() if isinstance(error, kind)), grpc.StatusCode.INTERNAL)
+            await context.abort(code, str(error))
         except Exception:
             log.exception("%s failed", method.__name__)
             await context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__}: internal error (see server log)")

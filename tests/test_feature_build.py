@@ -11,7 +11,6 @@ The log (A is the as-of midnight, A-k is k days earlier):
         A-2  14:00 view i2, 14:05 buy i2 (5 x 1)            session s6
 """
 
-import math
 import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -179,14 +178,11 @@ def test_window_expiry(tables) -> None:
     assert left.first_event_ts == ts(at(40, 10, 0))
 
 
-def test_all_windows_empty_after_thirty_days(tables) -> None:
-    r = row(tables["user_activity"], "user_id", "u1", at(9) - timedelta(days=0))
-    gone = row(tables["user_activity"], "user_id", "u1", at(32))
-    assert (gone.views_1d, gone.views_7d, gone.views_30d) == (0, 0, 2)
-    assert r.purchases_total == 0 or r.purchases_total == 1  # sanity: row exists
-    empty = tables["user_activity"]
-    # Snapshot A-9 = A-40 + 31: u1's first day has just left every window.
-    assert row(empty, "user_id", "u1", at(9)).views_30d == 1  # only A-10's view, A-40's two are gone
+def test_one_active_day_leaves_each_window_at_its_boundary(tables) -> None:
+    # u1's two A-40 views: in the 1-day window at A-39 only, in 7 days until A-33, in 30 until A-10.
+    activity = tables["user_activity"]
+    views = {k: tuple(row(activity, "user_id", "u1", at(k))[["views_1d", "views_7d", "views_30d"]]) for k in (39, 38, 32, 9)}
+    assert views == {39: (2, 2, 2), 38: (0, 2, 2), 32: (0, 0, 2), 9: (1, 1, 1)}
 
 
 def test_user_snapshot_boundaries(tables) -> None:
@@ -367,8 +363,17 @@ def test_purchase_only_log_gives_null_views_and_carts_but_real_purchases(tmp_pat
     for column in ("item_views_7d", "item_views_30d", "item_carts_7d", "item_carts_30d", "item_conversion_rate_30d"):
         assert pd.isna(item[column]), column
     assert (item.item_purchases_7d, item.item_purchases_30d, item.item_buyers_30d) == (1, 1, 1)
-    # Items seen only in events get their price from what was paid per unit (2 units at 6.0).
-    assert item.item_price == 6.0
+
+
+def test_item_without_catalog_price_gets_the_unit_price_paid(tmp_path: Path) -> None:
+    # No items file: the price comes from purchases. Two units at 6.0 cost 12.0, but the item costs 6.0.
+    events = [
+        (at(3, 10), "u1", "i1", "purchase", None, 4.0, 1.0),
+        (at(1, 10), "u1", "i2", "purchase", None, 6.0, 2.0),
+    ]
+    stats = _build(tmp_path, events)["item_stats"]
+    assert row(stats, "item_id", "i1", A).item_price == 4.0
+    assert row(stats, "item_id", "i2", A).item_price == 6.0
 
 
 def test_as_of_must_be_a_day_boundary() -> None:

@@ -20,6 +20,7 @@ from propensity.settings import FeatureSettings
 
 DAY_SECONDS = 86_400
 WINDOW_LENGTHS = (1, 7, 30)  # the feature names in feature_repo/feature_views.py spell these out
+NEIGHBOR_WEEKS = 4  # co-visitation window, in whole weeks
 
 # Which feature is computed from which event type: absent types give NULL, never a fake 0.
 _COUNTS = {
@@ -386,45 +387,40 @@ def _item_stats(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], set
 
 
 def _item_neighbors(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], settings: FeatureSettings) -> None:
-    # Weekly snapshots ending at as-of: co-visitation moves slowly, and a point-in-time join
-    # at any cut-off picks the latest week before it (never a later one).
+    # Weekly snapshots ending at as-of, each over the 4 weeks before it: co-visitation moves
+    # slowly, and pairs counted per week bucket are summed per snapshot without re-joining days.
+    # A point-in-time join at any cut-off picks the latest week before it, never a later one.
     top_n = settings.neighbors_per_item
     con.execute(
         """
         CREATE TEMP TABLE session_items AS
-        SELECT session_key, item_id, min(day) AS day
-        FROM ev GROUP BY session_key, item_id
+        SELECT session_key, item_id, (params.as_of_day - 1 - min(day)) // 7 AS week
+        FROM ev, params GROUP BY session_key, item_id, params.as_of_day
         QUALIFY row_number() OVER (PARTITION BY session_key ORDER BY min(ts) DESC, item_id) <= 30
         """
     )
     con.execute(
         """
-        CREATE TEMP TABLE pair_day AS
-        SELECT a.item_id AS item_id, b.item_id AS neighbor_id, greatest(a.day, b.day) AS day, count(*) AS n
+        CREATE TEMP TABLE pair_week AS
+        SELECT a.item_id AS item_id, b.item_id AS neighbor_id, least(a.week, b.week) AS week, count(*) AS n
         FROM session_items a JOIN session_items b ON a.session_key = b.session_key AND a.item_id <> b.item_id
         GROUP BY ALL
         """
     )
     con.execute(
-        """
-        CREATE TEMP TABLE neighbor_snapshots AS
-        SELECT params.as_of_day - 7 * k AS b
-        FROM params, range(0, 1 + (params.as_of_day - (SELECT coalesce(min(day), params.as_of_day) FROM ev)) // 7) t(k)
-        """
-    )
-    con.execute(
         f"""
         CREATE TEMP TABLE item_neighbors AS
-        WITH scored AS (
-            SELECT p.item_id, s.b, p.neighbor_id, sum(p.n)::DOUBLE AS score
-            FROM neighbor_snapshots s
-            JOIN pair_day p ON p.day < s.b AND p.day >= s.b - 30
-            GROUP BY p.item_id, s.b, p.neighbor_id
-            QUALIFY row_number() OVER (PARTITION BY p.item_id, s.b ORDER BY sum(p.n) DESC, p.neighbor_id) <= {top_n}
+        WITH snapshots AS (
+            SELECT k FROM range(0, 1 + (SELECT coalesce(max(week), 0) FROM pair_week)) t(k)
+        ), scored AS (
+            SELECT p.item_id, s.k, p.neighbor_id, sum(p.n)::DOUBLE AS score
+            FROM snapshots s JOIN pair_week p ON p.week >= s.k AND p.week < s.k + {NEIGHBOR_WEEKS}
+            GROUP BY p.item_id, s.k, p.neighbor_id
+            QUALIFY row_number() OVER (PARTITION BY p.item_id, s.k ORDER BY sum(p.n) DESC, p.neighbor_id) <= {top_n}
         )
-        SELECT item_id, to_timestamp(b * {DAY_SECONDS}) AS event_timestamp,
+        SELECT item_id, to_timestamp((params.as_of_day - 7 * k) * {DAY_SECONDS}) AS event_timestamp,
                list(neighbor_id ORDER BY score DESC, neighbor_id) AS neighbor_item_ids,
                list(score ORDER BY score DESC, neighbor_id) AS neighbor_scores
-        FROM scored GROUP BY item_id, b
+        FROM scored, params GROUP BY item_id, k, params.as_of_day
         """
     )
