@@ -35,7 +35,7 @@ user_activity = FeatureView(
         Field(name="returns_30d", dtype=Int64),
         Field(name="purchases_total", dtype=Int64, description="Purchase events since the log began."),
         Field(name="spend_30d", dtype=Float64, description="Sum of price x quantity over purchases."),
-        Field(name="avg_purchase_price_30d", dtype=Float64),
+        Field(name="avg_purchase_price_30d", dtype=Float64, description="Average unit price paid (spend / units bought)."),
         Field(name="cart_to_purchase_rate_30d", dtype=Float64, description="Purchases / carts; null without carts."),
         Field(name="distinct_items_30d", dtype=Int64),
         Field(name="active_days_30d", dtype=Int64),

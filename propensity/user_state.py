@@ -71,8 +71,8 @@ class UserState:
 
         def aligned(name: str) -> np.ndarray:
             values = np.asarray(as_list(row.get(name)), dtype=float)
-            if len(values) != len(recent_idx):  # defensive: a malformed row must not shift items
-                values = np.zeros(len(recent_idx))
+            if len(values) != len(recent_idx):  # absent for this shop (or malformed): missing, never 0
+                values = np.full(len(recent_idx), np.nan)
             return values[keep]
 
         return cls(

@@ -120,7 +120,7 @@ def test_user_activity_at_as_of(tables) -> None:
     assert (r.purchases_1d, r.purchases_7d, r.purchases_30d) == (0, 0, 1)
     assert r.purchases_total == 1
     assert r.spend_30d == 20.0
-    assert r.avg_purchase_price_30d == 20.0
+    assert r.avg_purchase_price_30d == 10.0  # unit price paid: 20.0 spent on 2 units
     assert r.cart_to_purchase_rate_30d == 0.5
     assert r.distinct_items_30d == 3
     assert r.active_days_30d == 4
@@ -358,11 +358,16 @@ def test_purchase_only_log_gives_null_views_and_carts_but_real_purchases(tmp_pat
         assert pd.isna(r[column]), column
     assert (r.purchases_1d, r.purchases_7d, r.purchases_30d, r.purchases_total) == (1, 2, 2, 2)
     assert r.spend_30d == 16.0
-    assert r.avg_purchase_price_30d == 8.0
+    assert r.avg_purchase_price_30d == pytest.approx(16.0 / 3)  # unit price paid: 16.0 over 3 units
     item = row(built["item_stats"], "item_id", "i2", A)
     for column in ("item_views_7d", "item_views_30d", "item_carts_7d", "item_carts_30d", "item_conversion_rate_30d"):
         assert pd.isna(item[column]), column
     assert (item.item_purchases_7d, item.item_purchases_30d, item.item_buyers_30d) == (1, 1, 1)
+    interests = row(built["user_interests"], "user_id", "u1", A)
+    for column in ("recent_item_views_7d", "recent_item_carts_7d", "recent_item_in_cart"):
+        assert interests[column] is None, column
+    assert list(interests.recent_item_ids) == ["i2", "i1"]
+    assert list(interests.recent_item_purchases_30d) == [1, 1]
 
 
 def test_item_without_catalog_price_gets_the_unit_price_paid(tmp_path: Path) -> None:

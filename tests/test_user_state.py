@@ -68,9 +68,9 @@ def test_unknown_recent_items_are_dropped_and_per_item_arrays_stay_aligned(catal
     assert user.recent_last_ts.tolist() == [NOW - DAY, NOW - 3 * DAY, NOW - 5 * DAY]
 
 
-def test_per_item_array_of_the_wrong_length_becomes_zeros_not_shifted(catalog: Catalog) -> None:
+def test_per_item_array_of_the_wrong_length_becomes_missing_not_shifted(catalog: Catalog) -> None:
     user = UserState.from_row("u1", _row(recent_item_views_7d=[9, 9]), catalog)
-    assert user.recent_views_7d.tolist() == [0, 0, 0]
+    assert np.isnan(user.recent_views_7d).all() and len(user.recent_views_7d) == 3
     assert user.recent_carts_7d.tolist() == [1, 0, 2]
 
 
@@ -123,3 +123,26 @@ def test_nan_presence_features_from_a_historical_join_mean_unknown(catalog: Cata
 def test_unparseable_scalar_is_nan(catalog: Catalog) -> None:
     user = UserState.from_row("u1", _row(views_7d="lots"), catalog)
     assert np.isnan(user.scalars[USER_SCALARS.index("views_7d")])
+
+
+def test_per_item_lists_a_shop_does_not_record_are_missing_not_zero() -> None:
+    """A purchase-only shop has no views or carts: those per-item values must be NaN, never 0."""
+    import numpy as np
+    import pandas as pd
+
+    from propensity.catalog import Catalog
+    from propensity.user_state import UserState
+
+    catalog = Catalog.from_frame(pd.DataFrame({"item_id": ["a", "b"], "item_purchases_30d": [1, 2]}))
+    row = {
+        "last_event_ts": 100,
+        "recent_item_ids": ["b", "a"],
+        "recent_item_views_7d": None,
+        "recent_item_carts_7d": None,
+        "recent_item_in_cart": None,
+        "recent_item_purchases_30d": [1, 0],
+        "recent_item_last_ts": [100, 50],
+    }
+    user = UserState.from_row("u", row, catalog)
+    assert np.isnan(user.recent_views_7d).all() and np.isnan(user.recent_in_cart).all()
+    assert user.recent_purchases_30d.tolist() == [1.0, 0.0]

@@ -100,14 +100,15 @@ def _load_inputs(con: duckdb.DuckDBPyConnection, prepared_dir: Path, as_of_day: 
             SELECT user_id, item_id, event_type, session_id,
                    epoch(event_time)::BIGINT AS ts,
                    (epoch(event_time)::BIGINT // {DAY_SECONDS}) AS day,
-                   coalesce(price, 0) * coalesce(quantity, 1) AS amount
+                   coalesce(price, 0) * coalesce(quantity, 1) AS amount,
+                   CASE WHEN price IS NULL THEN 0 ELSE coalesce(quantity, 1) END AS priced_units
             FROM raw_events
             WHERE epoch(event_time)::BIGINT < {as_of_day} * {DAY_SECONDS}
         ), gaps AS (
             SELECT *, CASE WHEN ts - lag(ts) OVER (PARTITION BY user_id ORDER BY ts) <= {gap} THEN 0 ELSE 1 END AS new_session
             FROM base
         )
-        SELECT user_id, item_id, event_type, ts, day, amount,
+        SELECT user_id, item_id, event_type, ts, day, amount, priced_units,
                coalesce(user_id || '#' || session_id,
                         user_id || '~' || sum(new_session) OVER (PARTITION BY user_id ORDER BY ts ROWS UNBOUNDED PRECEDING)) AS session_key
         FROM gaps
@@ -123,6 +124,7 @@ def _load_inputs(con: duckdb.DuckDBPyConnection, prepared_dir: Path, as_of_day: 
                count(*) FILTER (WHERE event_type = 'return') AS returns,
                count(*) AS events,
                sum(amount) FILTER (WHERE event_type = 'purchase') AS spend,
+               sum(priced_units) FILTER (WHERE event_type = 'purchase') AS units,
                max(ts) AS last_ts,
                min(ts) AS first_ts,
                max(ts) FILTER (WHERE event_type = 'add_to_cart') AS last_cart_ts,
@@ -160,7 +162,7 @@ def _user_activity(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], 
         """
         CREATE TEMP TABLE user_day AS
         SELECT user_id, day, sum(views) AS views, sum(carts) AS carts, sum(purchases) AS purchases,
-               sum(returns) AS returns, sum(spend) AS spend, max(last_ts) AS last_ts, min(first_ts) AS first_ts,
+               sum(returns) AS returns, sum(spend) AS spend, sum(units) AS units, max(last_ts) AS last_ts, min(first_ts) AS first_ts,
                max(last_purchase_ts) AS last_purchase_ts
         FROM user_item_day GROUP BY ALL
         """
@@ -179,8 +181,8 @@ def _user_activity(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], 
     )
     con.execute(
         f"""
-        CREATE TEMP TABLE sessions AS
-        SELECT user_id, session_key, min(ts) AS start_ts, max(ts) AS end_ts, min(day) AS day
+        CREATE TEMP TABLE session_days AS
+        SELECT user_id, session_key, day, min(ts) AS first_ts, max(ts) AS last_ts
         FROM ev GROUP BY ALL
         """
     )
@@ -196,7 +198,7 @@ def _user_activity(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], 
         SELECT s.user_id, s.b, {', '.join(counts)},
                {_count_expr('returns', event_types, longest)} AS returns_{longest}d,
                {'coalesce(sum(d.spend) FILTER (WHERE d.day >= s.b - %d), 0)' % longest if purchases_ok else 'NULL'}::DOUBLE AS spend_30d,
-               {'sum(d.spend) FILTER (WHERE d.day >= s.b - %d) / nullif(sum(d.purchases) FILTER (WHERE d.day >= s.b - %d), 0)' % (longest, longest) if purchases_ok else 'NULL'}::DOUBLE AS avg_purchase_price_30d,
+               {'sum(d.spend) FILTER (WHERE d.day >= s.b - %d) / nullif(sum(d.units) FILTER (WHERE d.day >= s.b - %d), 0)' % (longest, longest) if purchases_ok else 'NULL'}::DOUBLE AS avg_purchase_price_30d,
                {'sum(d.purchases) FILTER (WHERE d.day >= s.b - %d)::DOUBLE / nullif(sum(d.carts) FILTER (WHERE d.day >= s.b - %d), 0)' % (longest, longest) if purchases_ok and carts_ok else 'NULL'}::DOUBLE AS cart_to_purchase_rate_30d,
                count(DISTINCT d.day) FILTER (WHERE d.day >= s.b - {longest})::BIGINT AS active_days_30d
         FROM user_snapshots s
@@ -216,13 +218,20 @@ def _user_activity(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], 
     con.execute(
         f"""
         CREATE TEMP TABLE activity_sessions AS
+        -- A session that runs past midnight counts, at that midnight, only the part before it.
+        WITH per_session AS (
+            SELECT s.user_id, s.b, x.session_key, min(x.day) AS start_day, max(x.last_ts) - min(x.first_ts) AS seconds
+            FROM user_snapshots s
+            JOIN session_days x ON x.user_id = s.user_id AND x.day < s.b AND x.day >= s.b - {longest}
+            GROUP BY s.user_id, s.b, x.session_key
+        )
         SELECT s.user_id, s.b,
-               count(x.session_key) FILTER (WHERE x.day >= s.b - 7)::BIGINT AS sessions_7d,
-               count(x.session_key)::BIGINT AS sessions_30d,
-               coalesce(sum(x.end_ts - x.start_ts) FILTER (WHERE x.day >= s.b - 7), 0) / 60.0 AS browsing_minutes_7d,
-               coalesce(sum(x.end_ts - x.start_ts), 0) / 60.0 AS browsing_minutes_30d
+               count(p.session_key) FILTER (WHERE p.start_day >= s.b - 7)::BIGINT AS sessions_7d,
+               count(p.session_key)::BIGINT AS sessions_30d,
+               coalesce(sum(p.seconds) FILTER (WHERE p.start_day >= s.b - 7), 0) / 60.0 AS browsing_minutes_7d,
+               coalesce(sum(p.seconds), 0) / 60.0 AS browsing_minutes_30d
         FROM user_snapshots s
-        LEFT JOIN sessions x ON x.user_id = s.user_id AND x.day < s.b AND x.day >= s.b - {longest}
+        LEFT JOIN per_session p ON p.user_id = s.user_id AND p.b = s.b
         GROUP BY s.user_id, s.b
         """
     )
@@ -258,6 +267,13 @@ def _user_profile(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], s
 
 def _user_interests(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], settings: FeatureSettings) -> None:
     n_items = settings.recent_items_per_user
+
+    def per_item(column: str, event_type: str) -> str:
+        # A shop that never records this event type gets a NULL list, not a list of zeros.
+        if event_type not in event_types:
+            return f"NULL::BIGINT[] AS {column}"
+        return f"coalesce(r.{column}, []::BIGINT[]) AS {column}"
+
     n_categories = settings.top_categories_per_user
     con.execute(
         f"""
@@ -312,10 +328,10 @@ def _user_interests(con: duckdb.DuckDBPyConnection, event_types: frozenset[str],
                coalesce(f.top_category_ids, []::VARCHAR[]) AS top_category_ids,
                coalesce(f.top_category_shares, []::DOUBLE[]) AS top_category_shares,
                coalesce(r.recent_item_ids, []::VARCHAR[]) AS recent_item_ids,
-               coalesce(r.recent_item_views_7d, []::BIGINT[]) AS recent_item_views_7d,
-               coalesce(r.recent_item_carts_7d, []::BIGINT[]) AS recent_item_carts_7d,
+               {per_item('recent_item_views_7d', 'view')},
+               {per_item('recent_item_carts_7d', 'add_to_cart')},
                coalesce(r.recent_item_purchases_30d, []::BIGINT[]) AS recent_item_purchases_30d,
-               coalesce(r.recent_item_in_cart, []::BIGINT[]) AS recent_item_in_cart,
+               {per_item('recent_item_in_cart', 'add_to_cart')},
                coalesce(r.recent_item_last_ts, []::BIGINT[]) AS recent_item_last_ts
         FROM user_snapshots s
         LEFT JOIN r USING (user_id, b)
@@ -329,7 +345,7 @@ def _item_stats(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], set
         """
         CREATE TEMP TABLE item_day AS
         SELECT item_id, day, sum(views) AS views, sum(carts) AS carts, sum(purchases) AS purchases,
-               sum(returns) AS returns, avg(spend / nullif(purchases, 0)) AS paid
+               sum(returns) AS returns, sum(spend) AS spend, sum(units) AS units
         FROM user_item_day GROUP BY ALL
         """
     )
@@ -353,7 +369,7 @@ def _item_stats(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], set
                {_count_expr('purchases', event_types, 30)} AS item_purchases_30d,
                {'sum(d.purchases)::DOUBLE / nullif(sum(d.views), 0)' if views_ok and purchases_ok else 'NULL::DOUBLE'} AS item_conversion_rate_30d,
                {'sum(d.returns)::DOUBLE / nullif(sum(d.purchases), 0)' if purchases_ok and 'return' in event_types else 'NULL::DOUBLE'} AS item_return_rate_30d,
-               avg(d.paid) AS paid_price
+               sum(d.spend) / nullif(sum(d.units), 0) AS paid_price
         FROM item_snapshots s
         LEFT JOIN item_day d ON d.item_id = s.item_id AND d.day < s.b AND d.day >= s.b - 30
         GROUP BY s.item_id, s.b
