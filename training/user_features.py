@@ -1,0 +1,198 @@
+"""User feature tables: activity windows, profile, and interests (favourite categories, recent items)."""
+
+from __future__ import annotations
+
+import duckdb
+
+from propensity.settings import FeatureSettings
+from training.feature_sql import DAY_SECONDS, WINDOW_LENGTHS, count_expr, snapshot_boundaries
+
+
+def user_activity(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], settings: FeatureSettings) -> None:
+    windows = WINDOW_LENGTHS
+    longest = max(windows)
+    # An active day d enters every window at boundary d+1 and leaves window w at d+1+w.
+    offsets = (1, *(w + 1 for w in windows))
+    con.execute(
+        f"CREATE TEMP TABLE user_snapshots AS {snapshot_boundaries('user_item_day', 'user_id', offsets, 'SELECT DISTINCT user_id FROM user_item_day')}"
+    )
+    con.execute(
+        """
+        CREATE TEMP TABLE user_day AS
+        SELECT user_id, day, sum(views) AS views, sum(carts) AS carts, sum(purchases) AS purchases,
+               sum(returns) AS returns, sum(spend) AS spend, sum(units) AS units, max(last_ts) AS last_ts, min(first_ts) AS first_ts,
+               max(last_purchase_ts) AS last_purchase_ts
+        FROM user_item_day GROUP BY ALL
+        """
+    )
+    con.execute(
+        """
+        CREATE TEMP TABLE user_running AS
+        SELECT user_id, day,
+               sum(purchases) OVER w AS purchases_total,
+               min(first_ts) OVER w AS first_event_ts,
+               max(last_ts) OVER w AS last_event_ts,
+               max(last_purchase_ts) OVER w AS last_purchase_ts
+        FROM user_day
+        WINDOW w AS (PARTITION BY user_id ORDER BY day ROWS UNBOUNDED PRECEDING)
+        """
+    )
+    con.execute(
+        f"""
+        CREATE TEMP TABLE session_days AS
+        SELECT user_id, session_key, day, min(ts) AS first_ts, max(ts) AS last_ts
+        FROM ev GROUP BY ALL
+        """
+    )
+    counts = []
+    for kind in ("views", "carts", "purchases"):
+        for w in windows:
+            counts.append(f"{count_expr(kind, event_types, w)} AS {kind}_{w}d")
+    purchases_ok = "purchase" in event_types
+    carts_ok = "add_to_cart" in event_types
+    con.execute(
+        f"""
+        CREATE TEMP TABLE activity AS
+        SELECT s.user_id, s.b, {', '.join(counts)},
+               {count_expr('returns', event_types, longest)} AS returns_{longest}d,
+               {'coalesce(sum(d.spend) FILTER (WHERE d.day >= s.b - %d), 0)' % longest if purchases_ok else 'NULL'}::DOUBLE AS spend_30d,
+               {'sum(d.spend) FILTER (WHERE d.day >= s.b - %d) / nullif(sum(d.units) FILTER (WHERE d.day >= s.b - %d), 0)' % (longest, longest) if purchases_ok else 'NULL'}::DOUBLE AS avg_purchase_price_30d,
+               {'sum(d.purchases) FILTER (WHERE d.day >= s.b - %d)::DOUBLE / nullif(sum(d.carts) FILTER (WHERE d.day >= s.b - %d), 0)' % (longest, longest) if purchases_ok and carts_ok else 'NULL'}::DOUBLE AS cart_to_purchase_rate_30d,
+               count(DISTINCT d.day) FILTER (WHERE d.day >= s.b - {longest})::BIGINT AS active_days_30d
+        FROM user_snapshots s
+        LEFT JOIN user_day d ON d.user_id = s.user_id AND d.day < s.b AND d.day >= s.b - {longest}
+        GROUP BY s.user_id, s.b
+        """
+    )
+    con.execute(
+        f"""
+        CREATE TEMP TABLE activity_items AS
+        SELECT s.user_id, s.b, count(DISTINCT d.item_id)::BIGINT AS distinct_items_30d
+        FROM user_snapshots s
+        LEFT JOIN user_item_day d ON d.user_id = s.user_id AND d.day < s.b AND d.day >= s.b - {longest}
+        GROUP BY s.user_id, s.b
+        """
+    )
+    con.execute(
+        f"""
+        CREATE TEMP TABLE activity_sessions AS
+        -- A session that runs past midnight counts, at that midnight, only the part before it.
+        WITH per_session AS (
+            SELECT s.user_id, s.b, x.session_key, min(x.day) AS start_day, max(x.last_ts) - min(x.first_ts) AS seconds
+            FROM user_snapshots s
+            JOIN session_days x ON x.user_id = s.user_id AND x.day < s.b AND x.day >= s.b - {longest}
+            GROUP BY s.user_id, s.b, x.session_key
+        )
+        SELECT s.user_id, s.b,
+               count(p.session_key) FILTER (WHERE p.start_day >= s.b - 7)::BIGINT AS sessions_7d,
+               count(p.session_key)::BIGINT AS sessions_30d,
+               coalesce(sum(p.seconds) FILTER (WHERE p.start_day >= s.b - 7), 0) / 60.0 AS browsing_minutes_7d,
+               coalesce(sum(p.seconds), 0) / 60.0 AS browsing_minutes_30d
+        FROM user_snapshots s
+        LEFT JOIN per_session p ON p.user_id = s.user_id AND p.b = s.b
+        GROUP BY s.user_id, s.b
+        """
+    )
+    con.execute(
+        f"""
+        CREATE TEMP TABLE user_activity AS
+        SELECT a.user_id, to_timestamp(a.b * {DAY_SECONDS}) AS event_timestamp,
+               a.* EXCLUDE (user_id, b),
+               {'r.purchases_total' if purchases_ok else 'NULL'}::BIGINT AS purchases_total,
+               i.distinct_items_30d, x.sessions_7d, x.sessions_30d, x.browsing_minutes_7d, x.browsing_minutes_30d,
+               r.last_event_ts, r.last_purchase_ts, r.first_event_ts
+        FROM activity a
+        JOIN activity_items i USING (user_id, b)
+        JOIN activity_sessions x USING (user_id, b)
+        ASOF JOIN (SELECT *, day + 1 AS b_from FROM user_running) r ON r.user_id = a.user_id AND a.b >= r.b_from
+        """
+    )
+
+
+def user_profile(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], settings: FeatureSettings) -> None:
+    # Profile attributes have no history: one row per user, valid from sign-up (or the log's start).
+    con.execute(
+        f"""
+        CREATE TEMP TABLE user_profile AS
+        SELECT u.user_id,
+               coalesce(u.signup_time, to_timestamp((SELECT min(day) FROM user_item_day) * {DAY_SECONDS})) AS event_timestamp,
+               u.age::DOUBLE AS age, u.gender::VARCHAR AS gender, u.region::VARCHAR AS region,
+               epoch(u.signup_time)::BIGINT AS signup_ts
+        FROM users u
+        """
+    )
+
+
+def user_interests(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], settings: FeatureSettings) -> None:
+    n_items = settings.recent_items_per_user
+
+    def per_item(column: str, event_type: str) -> str:
+        # A shop that never records this event type gets a NULL list, not a list of zeros.
+        if event_type not in event_types:
+            return f"NULL::BIGINT[] AS {column}"
+        return f"coalesce(r.{column}, []::BIGINT[]) AS {column}"
+
+    n_categories = settings.top_categories_per_user
+    con.execute(
+        f"""
+        CREATE TEMP TABLE recent AS
+        SELECT s.user_id, s.b, d.item_id,
+               coalesce(sum(d.views) FILTER (WHERE d.day >= s.b - 7), 0)::BIGINT AS views_7d,
+               coalesce(sum(d.carts) FILTER (WHERE d.day >= s.b - 7), 0)::BIGINT AS carts_7d,
+               sum(d.purchases)::BIGINT AS purchases_30d,
+               (coalesce(max(d.last_cart_ts), 0) > coalesce(max(d.last_purchase_ts), 0))::BIGINT AS in_cart,
+               max(d.last_ts) AS last_ts
+        FROM user_snapshots s
+        JOIN user_item_day d ON d.user_id = s.user_id AND d.day < s.b AND d.day >= s.b - 30
+        GROUP BY s.user_id, s.b, d.item_id
+        QUALIFY row_number() OVER (PARTITION BY s.user_id, s.b ORDER BY max(d.last_ts) DESC, d.item_id) <= {n_items}
+        """
+    )
+    con.execute(
+        f"""
+        CREATE TEMP TABLE favourite AS
+        WITH per_cat AS (
+            SELECT s.user_id, s.b, i.category_id, sum(d.events) AS n
+            FROM user_snapshots s
+            JOIN user_item_day d ON d.user_id = s.user_id AND d.day < s.b AND d.day >= s.b - 30
+            JOIN items i ON i.item_id = d.item_id
+            WHERE i.category_id IS NOT NULL
+            GROUP BY ALL
+        )
+        SELECT user_id, b, category_id, n / sum(n) OVER (PARTITION BY user_id, b) AS share
+        FROM per_cat
+        QUALIFY row_number() OVER (PARTITION BY user_id, b ORDER BY n DESC, category_id) <= {n_categories}
+        """
+    )
+    con.execute(
+        f"""
+        CREATE TEMP TABLE user_interests AS
+        WITH r AS (
+            SELECT user_id, b,
+                   list(item_id ORDER BY last_ts DESC, item_id) AS recent_item_ids,
+                   list(views_7d ORDER BY last_ts DESC, item_id) AS recent_item_views_7d,
+                   list(carts_7d ORDER BY last_ts DESC, item_id) AS recent_item_carts_7d,
+                   list(purchases_30d ORDER BY last_ts DESC, item_id) AS recent_item_purchases_30d,
+                   list(in_cart ORDER BY last_ts DESC, item_id) AS recent_item_in_cart,
+                   list(last_ts ORDER BY last_ts DESC, item_id) AS recent_item_last_ts
+            FROM recent GROUP BY user_id, b
+        ), f AS (
+            SELECT user_id, b,
+                   list(category_id ORDER BY share DESC, category_id) AS top_category_ids,
+                   list(share ORDER BY share DESC, category_id) AS top_category_shares
+            FROM favourite GROUP BY user_id, b
+        )
+        SELECT s.user_id, to_timestamp(s.b * {DAY_SECONDS}) AS event_timestamp,
+               coalesce(f.top_category_ids, []::VARCHAR[]) AS top_category_ids,
+               coalesce(f.top_category_shares, []::DOUBLE[]) AS top_category_shares,
+               coalesce(r.recent_item_ids, []::VARCHAR[]) AS recent_item_ids,
+               {per_item('recent_item_views_7d', 'view')},
+               {per_item('recent_item_carts_7d', 'add_to_cart')},
+               coalesce(r.recent_item_purchases_30d, []::BIGINT[]) AS recent_item_purchases_30d,
+               {per_item('recent_item_in_cart', 'add_to_cart')},
+               coalesce(r.recent_item_last_ts, []::BIGINT[]) AS recent_item_last_ts
+        FROM user_snapshots s
+        LEFT JOIN r USING (user_id, b)
+        LEFT JOIN f USING (user_id, b)
+        """
+    )
