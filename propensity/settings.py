@@ -73,6 +73,23 @@ class ServerSettings(_Section):
     max_request_ids: int = Field(1000, description="Most ids in exclude_item_ids, candidate_item_ids or item_ids.")
     max_score_users: int = Field(10_000, description="Most user_ids in one ScoreUsers call.")
     grace_seconds: float = Field(5.0, description="Time in-flight calls get to finish on shutdown.")
+    workers: int = Field(1, description="Server processes sharing the port through SO_REUSEPORT (use the core count in production).")
+    metrics_port: int = Field(0, description="Prometheus metrics HTTP port; 0 turns the endpoint off.")
+    log_format: str = Field("text", description="'json' for structured logs with request ids, 'text' for people.")
+    item_cache_refresh_seconds: float = Field(60.0, description="How often the in-process item catalog is re-read from the online store.")
+    model_poll_seconds: float = Field(5.0, description="How often the model registry is checked for a newly promoted version (hot reload).")
+    traffic_split: dict[str, float] = Field(
+        default_factory=dict,
+        description="A/B split of unpinned traffic, version -> weight (stable per user id hash); empty: all to the current version.",
+    )
+    shadow_version: str = Field("", description="A version scored alongside the served one; its results are logged, never returned.")
+    repurchase_window_days: float = Field(30.0, description="Items the user bought within this many days are not recommended again; 0 allows repurchase.")
+    max_items_per_category: int = Field(0, description="Diversity cap on returned items per category; 0 means no cap.")
+    deadline_floor_ms: float = Field(5.0, description="If less client deadline than this remains before scoring, answer from the fallback.")
+    explain_top_features: int = Field(5, description="Contributions returned per item when a request sets explain.")
+    scoring_backend: str = Field("auto", description="'lightgbm', 'compiled' (lleaves) or 'auto' (compiled when available and identical).")
+    served_log_dir: Path | None = Field(None, description="Where sampled served features and scores are written as Parquet; unset disables it.")
+    served_log_sample_rate: float = Field(0.01, description="Share of Recommend calls whose features and scores are logged.")
 
 
 class Settings(BaseSettings):

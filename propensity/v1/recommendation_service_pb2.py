@@ -24,41 +24,43 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*propensity/v1/recommendation_service.proto\x12\rpropensity.v1\"\x83\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tnum_items\x18\x02 \x01(\x05\x12\x18\n\x10\x65xclude_item_ids\x18\x03 \x03(\t\x12\x1a\n\x12\x63\x61ndidate_item_ids\x18\x04 \x03(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\":\n\nRankedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x0c\n\x04rank\x18\x03 \x01(\x05\"\x88\x02\n\x11RecommendResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x1b\n\x13purchase_propensity\x18\x02 \x01(\x01\x12(\n\x05items\x18\x03 \x03(\x0b\x32\x19.propensity.v1.RankedItem\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x17\n\x0f\x66\x65\x61ture_service\x18\x05 \x01(\t\x12\x15\n\rfallback_used\x18\x06 \x01(\x08\x12\x36\n\x0f\x66\x61llback_reason\x18\x07 \x01(\x0e\x32\x1d.propensity.v1.FallbackReason\x12\x1c\n\x14item_feature_service\x18\x08 \x01(\t\"<\n\x11ScoreUsersRequest\x12\x10\n\x08user_ids\x18\x01 \x03(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"O\n\tUserScore\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x1b\n\x13purchase_propensity\x18\x02 \x01(\x01\x12\x14\n\x0cunknown_user\x18\x03 \x01(\x08\"n\n\x12ScoreUsersResponse\x12(\n\x06scores\x18\x01 \x03(\x0b\x32\x18.propensity.v1.UserScore\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x17\n\x0f\x66\x65\x61ture_service\x18\x03 \x01(\t\"M\n\x11ScoreItemsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08item_ids\x18\x02 \x03(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"?\n\tItemScore\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x12\n\nknown_item\x18\x03 \x01(\x08\"\x95\x01\n\x12ScoreItemsResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12(\n\x06scores\x18\x02 \x03(\x0b\x32\x18.propensity.v1.ItemScore\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x17\n\x0f\x66\x65\x61ture_service\x18\x04 \x01(\t\x12\x14\n\x0cunknown_user\x18\x05 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"*\n\x0bMetricValue\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\"\xd9\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x17\n\x0f\x66\x65\x61ture_service\x18\x03 \x01(\t\x12\x15\n\rfeature_names\x18\x04 \x03(\t\x12+\n\x07metrics\x18\x05 \x03(\x0b\x32\x1a.propensity.v1.MetricValue\x12\x14\n\x0chorizon_days\x18\x06 \x01(\x05\x12\x13\n\x0btrain_start\x18\x07 \x01(\t\x12\x11\n\ttrain_end\x18\x08 \x01(\t\x12\x12\n\ntrained_at\x18\t \x01(\t\"\x89\x01\n\x14GetModelInfoResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.propensity.v1.ModelInfo\x12\x17\n\x0f\x63urrent_version\x18\x02 \x01(\t\x12\x1a\n\x12\x61vailable_versions\x18\x03 \x03(\t\x12\x12\n\ndata_as_of\x18\x04 \x01(\t*\x96\x01\n\x0e\x46\x61llbackReason\x12\x1f\n\x1b\x46\x41LLBACK_REASON_UNSPECIFIED\x10\x00\x12 \n\x1c\x46\x41LLBACK_REASON_UNKNOWN_USER\x10\x01\x12!\n\x1d\x46\x41LLBACK_REASON_NO_CANDIDATES\x10\x02\x12\x1e\n\x1a\x46\x41LLBACK_REASON_NO_HISTORY\x10\x03\x32\xe6\x02\n\x15RecommendationService\x12N\n\tRecommend\x12\x1f.propensity.v1.RecommendRequest\x1a .propensity.v1.RecommendResponse\x12Q\n\nScoreUsers\x12 .propensity.v1.ScoreUsersRequest\x1a!.propensity.v1.ScoreUsersResponse\x12Q\n\nScoreItems\x12 .propensity.v1.ScoreItemsRequest\x1a!.propensity.v1.ScoreItemsResponse\x12W\n\x0cGetModelInfo\x12\".propensity.v1.GetModelInfoRequest\x1a#.propensity.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*propensity/v1/recommendation_service.proto\x12\rpropensity.v1\"\x94\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tnum_items\x18\x02 \x01(\x05\x12\x18\n\x10\x65xclude_item_ids\x18\x03 \x03(\t\x12\x1a\n\x12\x63\x61ndidate_item_ids\x18\x04 \x03(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x0f\n\x07\x65xplain\x18\x06 \x01(\x08\"K\n\x13\x46\x65\x61tureContribution\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\x12\x14\n\x0c\x63ontribution\x18\x03 \x01(\x01\"\x9c\x01\n\nRankedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x39\n\rcontributions\x18\x04 \x03(\x0b\x32\".propensity.v1.FeatureContribution\x12\x11\n\traw_score\x18\x05 \x01(\x01\x12\x12\n\nbase_value\x18\x06 \x01(\x01\"\x9c\x02\n\x11RecommendResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x1b\n\x13purchase_propensity\x18\x02 \x01(\x01\x12(\n\x05items\x18\x03 \x03(\x0b\x32\x19.propensity.v1.RankedItem\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x17\n\x0f\x66\x65\x61ture_service\x18\x05 \x01(\t\x12\x15\n\rfallback_used\x18\x06 \x01(\x08\x12\x36\n\x0f\x66\x61llback_reason\x18\x07 \x01(\x0e\x32\x1d.propensity.v1.FallbackReason\x12\x1c\n\x14item_feature_service\x18\x08 \x01(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\"<\n\x11ScoreUsersRequest\x12\x10\n\x08user_ids\x18\x01 \x03(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"O\n\tUserScore\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x1b\n\x13purchase_propensity\x18\x02 \x01(\x01\x12\x14\n\x0cunknown_user\x18\x03 \x01(\x08\"n\n\x12ScoreUsersResponse\x12(\n\x06scores\x18\x01 \x03(\x0b\x32\x18.propensity.v1.UserScore\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x17\n\x0f\x66\x65\x61ture_service\x18\x03 \x01(\t\"M\n\x11ScoreItemsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08item_ids\x18\x02 \x03(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"?\n\tItemScore\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x12\n\nknown_item\x18\x03 \x01(\x08\"\x95\x01\n\x12ScoreItemsResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12(\n\x06scores\x18\x02 \x03(\x0b\x32\x18.propensity.v1.ItemScore\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x17\n\x0f\x66\x65\x61ture_service\x18\x04 \x01(\t\x12\x14\n\x0cunknown_user\x18\x05 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"*\n\x0bMetricValue\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\"\xd9\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x17\n\x0f\x66\x65\x61ture_service\x18\x03 \x01(\t\x12\x15\n\rfeature_names\x18\x04 \x03(\t\x12+\n\x07metrics\x18\x05 \x03(\x0b\x32\x1a.propensity.v1.MetricValue\x12\x14\n\x0chorizon_days\x18\x06 \x01(\x05\x12\x13\n\x0btrain_start\x18\x07 \x01(\t\x12\x11\n\ttrain_end\x18\x08 \x01(\t\x12\x12\n\ntrained_at\x18\t \x01(\t\"\x89\x01\n\x14GetModelInfoResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.propensity.v1.ModelInfo\x12\x17\n\x0f\x63urrent_version\x18\x02 \x01(\t\x12\x1a\n\x12\x61vailable_versions\x18\x03 \x03(\t\x12\x12\n\ndata_as_of\x18\x04 \x01(\t*\xb4\x01\n\x0e\x46\x61llbackReason\x12\x1f\n\x1b\x46\x41LLBACK_REASON_UNSPECIFIED\x10\x00\x12 \n\x1c\x46\x41LLBACK_REASON_UNKNOWN_USER\x10\x01\x12!\n\x1d\x46\x41LLBACK_REASON_NO_CANDIDATES\x10\x02\x12\x1e\n\x1a\x46\x41LLBACK_REASON_NO_HISTORY\x10\x03\x12\x1c\n\x18\x46\x41LLBACK_REASON_DEADLINE\x10\x04\x32\xe6\x02\n\x15RecommendationService\x12N\n\tRecommend\x12\x1f.propensity.v1.RecommendRequest\x1a .propensity.v1.RecommendResponse\x12Q\n\nScoreUsers\x12 .propensity.v1.ScoreUsersRequest\x1a!.propensity.v1.ScoreUsersResponse\x12Q\n\nScoreItems\x12 .propensity.v1.ScoreItemsRequest\x1a!.propensity.v1.ScoreItemsResponse\x12W\n\x0cGetModelInfo\x12\".propensity.v1.GetModelInfoRequest\x1a#.propensity.v1.GetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'propensity.v1.recommendation_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FALLBACKREASON']._serialized_start=1501
-  _globals['_FALLBACKREASON']._serialized_end=1651
+  _globals['_FALLBACKREASON']._serialized_start=1714
+  _globals['_FALLBACKREASON']._serialized_end=1894
   _globals['_RECOMMENDREQUEST']._serialized_start=62
-  _globals['_RECOMMENDREQUEST']._serialized_end=193
-  _globals['_RANKEDITEM']._serialized_start=195
-  _globals['_RANKEDITEM']._serialized_end=253
-  _globals['_RECOMMENDRESPONSE']._serialized_start=256
-  _globals['_RECOMMENDRESPONSE']._serialized_end=520
-  _globals['_SCOREUSERSREQUEST']._serialized_start=522
-  _globals['_SCOREUSERSREQUEST']._serialized_end=582
-  _globals['_USERSCORE']._serialized_start=584
-  _globals['_USERSCORE']._serialized_end=663
-  _globals['_SCOREUSERSRESPONSE']._serialized_start=665
-  _globals['_SCOREUSERSRESPONSE']._serialized_end=775
-  _globals['_SCOREITEMSREQUEST']._serialized_start=777
-  _globals['_SCOREITEMSREQUEST']._serialized_end=854
-  _globals['_ITEMSCORE']._serialized_start=856
-  _globals['_ITEMSCORE']._serialized_end=919
-  _globals['_SCOREITEMSRESPONSE']._serialized_start=922
-  _globals['_SCOREITEMSRESPONSE']._serialized_end=1071
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1073
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1094
-  _globals['_METRICVALUE']._serialized_start=1096
-  _globals['_METRICVALUE']._serialized_end=1138
-  _globals['_MODELINFO']._serialized_start=1141
-  _globals['_MODELINFO']._serialized_end=1358
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1361
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1498
-  _globals['_RECOMMENDATIONSERVICE']._serialized_start=1654
-  _globals['_RECOMMENDATIONSERVICE']._serialized_end=2012
+  _globals['_RECOMMENDREQUEST']._serialized_end=210
+  _globals['_FEATURECONTRIBUTION']._serialized_start=212
+  _globals['_FEATURECONTRIBUTION']._serialized_end=287
+  _globals['_RANKEDITEM']._serialized_start=290
+  _globals['_RANKEDITEM']._serialized_end=446
+  _globals['_RECOMMENDRESPONSE']._serialized_start=449
+  _globals['_RECOMMENDRESPONSE']._serialized_end=733
+  _globals['_SCOREUSERSREQUEST']._serialized_start=735
+  _globals['_SCOREUSERSREQUEST']._serialized_end=795
+  _globals['_USERSCORE']._serialized_start=797
+  _globals['_USERSCORE']._serialized_end=876
+  _globals['_SCOREUSERSRESPONSE']._serialized_start=878
+  _globals['_SCOREUSERSRESPONSE']._serialized_end=988
+  _globals['_SCOREITEMSREQUEST']._serialized_start=990
+  _globals['_SCOREITEMSREQUEST']._serialized_end=1067
+  _globals['_ITEMSCORE']._serialized_start=1069
+  _globals['_ITEMSCORE']._serialized_end=1132
+  _globals['_SCOREITEMSRESPONSE']._serialized_start=1135
+  _globals['_SCOREITEMSRESPONSE']._serialized_end=1284
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1286
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1307
+  _globals['_METRICVALUE']._serialized_start=1309
+  _globals['_METRICVALUE']._serialized_end=1351
+  _globals['_MODELINFO']._serialized_start=1354
+  _globals['_MODELINFO']._serialized_end=1571
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1574
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1711
+  _globals['_RECOMMENDATIONSERVICE']._serialized_start=1897
+  _globals['_RECOMMENDATIONSERVICE']._serialized_end=2255
 # @@protoc_insertion_point(module_scope)

@@ -13,37 +13,57 @@ class FallbackReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FALLBACK_REASON_UNKNOWN_USER: _ClassVar[FallbackReason]
     FALLBACK_REASON_NO_CANDIDATES: _ClassVar[FallbackReason]
     FALLBACK_REASON_NO_HISTORY: _ClassVar[FallbackReason]
+    FALLBACK_REASON_DEADLINE: _ClassVar[FallbackReason]
 FALLBACK_REASON_UNSPECIFIED: FallbackReason
 FALLBACK_REASON_UNKNOWN_USER: FallbackReason
 FALLBACK_REASON_NO_CANDIDATES: FallbackReason
 FALLBACK_REASON_NO_HISTORY: FallbackReason
+FALLBACK_REASON_DEADLINE: FallbackReason
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("user_id", "num_items", "exclude_item_ids", "candidate_item_ids", "model_version")
+    __slots__ = ("user_id", "num_items", "exclude_item_ids", "candidate_item_ids", "model_version", "explain")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_ITEMS_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    EXPLAIN_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     num_items: int
     exclude_item_ids: _containers.RepeatedScalarFieldContainer[str]
     candidate_item_ids: _containers.RepeatedScalarFieldContainer[str]
     model_version: str
-    def __init__(self, user_id: _Optional[str] = ..., num_items: _Optional[int] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., candidate_item_ids: _Optional[_Iterable[str]] = ..., model_version: _Optional[str] = ...) -> None: ...
+    explain: bool
+    def __init__(self, user_id: _Optional[str] = ..., num_items: _Optional[int] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., candidate_item_ids: _Optional[_Iterable[str]] = ..., model_version: _Optional[str] = ..., explain: _Optional[bool] = ...) -> None: ...
+
+class FeatureContribution(_message.Message):
+    __slots__ = ("feature", "value", "contribution")
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    feature: str
+    value: float
+    contribution: float
+    def __init__(self, feature: _Optional[str] = ..., value: _Optional[float] = ..., contribution: _Optional[float] = ...) -> None: ...
 
 class RankedItem(_message.Message):
-    __slots__ = ("item_id", "score", "rank")
+    __slots__ = ("item_id", "score", "rank", "contributions", "raw_score", "base_value")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
+    RAW_SCORE_FIELD_NUMBER: _ClassVar[int]
+    BASE_VALUE_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     score: float
     rank: int
-    def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., rank: _Optional[int] = ...) -> None: ...
+    contributions: _containers.RepeatedCompositeFieldContainer[FeatureContribution]
+    raw_score: float
+    base_value: float
+    def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., rank: _Optional[int] = ..., contributions: _Optional[_Iterable[_Union[FeatureContribution, _Mapping]]] = ..., raw_score: _Optional[float] = ..., base_value: _Optional[float] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
-    __slots__ = ("user_id", "purchase_propensity", "items", "model_version", "feature_service", "fallback_used", "fallback_reason", "item_feature_service")
+    __slots__ = ("user_id", "purchase_propensity", "items", "model_version", "feature_service", "fallback_used", "fallback_reason", "item_feature_service", "request_id")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     PURCHASE_PROPENSITY_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +72,7 @@ class RecommendResponse(_message.Message):
     FALLBACK_USED_FIELD_NUMBER: _ClassVar[int]
     FALLBACK_REASON_FIELD_NUMBER: _ClassVar[int]
     ITEM_FEATURE_SERVICE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     purchase_propensity: float
     items: _containers.RepeatedCompositeFieldContainer[RankedItem]
@@ -60,7 +81,8 @@ class RecommendResponse(_message.Message):
     fallback_used: bool
     fallback_reason: FallbackReason
     item_feature_service: str
-    def __init__(self, user_id: _Optional[str] = ..., purchase_propensity: _Optional[float] = ..., items: _Optional[_Iterable[_Union[RankedItem, _Mapping]]] = ..., model_version: _Optional[str] = ..., feature_service: _Optional[str] = ..., fallback_used: _Optional[bool] = ..., fallback_reason: _Optional[_Union[FallbackReason, str]] = ..., item_feature_service: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, user_id: _Optional[str] = ..., purchase_propensity: _Optional[float] = ..., items: _Optional[_Iterable[_Union[RankedItem, _Mapping]]] = ..., model_version: _Optional[str] = ..., feature_service: _Optional[str] = ..., fallback_used: _Optional[bool] = ..., fallback_reason: _Optional[_Union[FallbackReason, str]] = ..., item_feature_service: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class ScoreUsersRequest(_message.Message):
     __slots__ = ("user_ids", "model_version")
