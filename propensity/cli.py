@@ -100,21 +100,28 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from server.app import serve
-
     settings = _settings(args)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from server.log_setup import configure_logging
+
+    configure_logging(settings.server.log_format)
+    logging.getLogger("propensity.server").info("settings:\n%s", settings.describe())
 
     def announce(started: object) -> None:
         target = f"{settings.server.host}:{started.port}"
         print(
-            f"\nserving propensity.v1.RecommendationService on {target} (model {started.model_version}, "
-            f"{started.n_items:,} items, ready in {started.seconds:.1f}s). Try:\n"
+            f"\nserving propensity.v1.RecommendationService on {target} with {settings.server.workers} process(es) "
+            f"(model {started.model_version}, {started.n_items:,} items, ready in {started.seconds:.1f}s). Try:\n"
             f"  .venv/bin/grpcurl -plaintext -d '{{\"user_id\": \"{args.example_user}\", \"num_items\": 5}}' {target} propensity.v1.RecommendationService/Recommend\n"
             f"  .venv/bin/propensity recommend {args.example_user} --target {target}\n"
             f"Ctrl-C stops the server.",
             flush=True,
         )
+
+    if settings.server.workers > 1:
+        from server.workers import run_workers
+
+        return run_workers(settings, on_started=announce)
+    from server.app import serve
 
     asyncio.run(serve(settings, on_started=announce))
     return 0

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import lightgbm as lgb
 import numpy as np
 
+from propensity import compiled as compiled_trees
 from propensity.assembly import RANKER_FEATURES, USER_MODEL_FEATURES
 
 USER_MODEL = "user_propensity"
@@ -38,16 +39,44 @@ class ModelBundle:
     user_model: lgb.Booster
     ranker: lgb.Booster
     num_threads: int = 1
+    directory: Path | None = None
+    # Verified compiled predictors by model name; filled after load (possibly in the background).
+    compiled: dict[str, compiled_trees.CompiledModel] = field(default_factory=dict)
 
     def predict_users(self, features: np.ndarray) -> np.ndarray:
         if not len(features):
             return np.empty(0)
-        return self.user_model.predict(features, num_threads=self.num_threads)
+        fast = self.compiled.get(USER_MODEL)
+        return fast.predict(features) if fast else self.user_model.predict(features, num_threads=self.num_threads)
 
     def predict_items(self, features: np.ndarray) -> np.ndarray:
         if not len(features):
             return np.empty(0)
-        return self.ranker.predict(features, num_threads=self.num_threads)
+        fast = self.compiled.get(RANKER_MODEL)
+        return fast.predict(features) if fast else self.ranker.predict(features, num_threads=self.num_threads)
+
+    @property
+    def backend(self) -> str:
+        """'compiled' when both models run compiled, else 'lightgbm'."""
+        return "compiled" if len(self.compiled) == 2 else "lightgbm"
+
+    def compile(self) -> bool:
+        """Build or load the cached compiled predictors; attach those that match LightGBM."""
+        if self.directory is None:
+            return False
+        for name, booster in ((USER_MODEL, self.user_model), (RANKER_MODEL, self.ranker)):
+            if name not in self.compiled:
+                model = compiled_trees.compile_model(self.directory / f"{name}.txt", booster, self.directory / "compiled")
+                if model is not None:
+                    self.compiled[name] = model
+        return self.backend == "compiled"
+
+    def has_compiled_cache(self) -> bool:
+        return self.directory is not None and all((self.directory / "compiled" / f"{name}.so").exists() for name in EXPECTED_FEATURES)
+
+    def contributions(self, features: np.ndarray) -> np.ndarray:
+        """Per-input ranker contributions in log-odds; the last column is the baseline, rows sum to the raw score."""
+        return self.ranker.predict(features, pred_contrib=True, num_threads=self.num_threads)
 
     @property
     def base_rate(self) -> float:
@@ -133,4 +162,4 @@ def load_version(root: Path, version: str | None = None, num_threads: int = 1) -
                 f"{directory}: model {name} was trained on a different feature layout ({detail}); retrain it with this code"
             )
         boosters[name] = booster
-    return ModelBundle(version, metadata, boosters[USER_MODEL], boosters[RANKER_MODEL], num_threads)
+    return ModelBundle(version, metadata, boosters[USER_MODEL], boosters[RANKER_MODEL], num_threads, directory)

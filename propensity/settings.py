@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from datetime import datetime
 from pathlib import Path
 
@@ -146,5 +148,21 @@ class Settings(BaseSettings):
         return self.feature_repo / "data" / "offline"
 
     def describe(self) -> str:
-        """Settings as indented JSON, for start-up logs."""
-        return self.model_dump_json(indent=2)
+        """Settings as indented JSON for start-up logs, with secrets (passwords, tokens, credentials in URLs) masked."""
+        return json.dumps(_mask(self.model_dump(mode="json")), indent=2)
+
+
+_SECRET_KEY = re.compile(r"password|secret|token|credential|api_key", re.IGNORECASE)
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")
+
+
+def _mask(value: object, key: str = "") -> object:
+    if isinstance(value, dict):
+        return {k: _mask(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mask(v, key) for v in value]
+    if isinstance(value, str):
+        if value and _SECRET_KEY.search(key):
+            return "***"
+        return _URL_PASSWORD.sub(r"\1***@", value)
+    return value

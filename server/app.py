@@ -1,8 +1,9 @@
-"""Wire the server in one place: stores, catalog, models, servicers, health, reflection; serve until stopped."""
+"""Wire one server process in one place: stores, catalog, models, servicers, health, reflection, background tasks."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import logging
@@ -21,8 +22,10 @@ from propensity.model_registry import ModelBundle
 from propensity.settings import Settings
 from propensity.v1 import recommendation_service_pb2 as pb
 from propensity.v1 import recommendation_service_pb2_grpc as pb_grpc
+from server.item_cache import ItemCache, feature_freshness
 from server.model_pool import ModelPool
-from server.online_features import OnlineUserFeatures, item_ids_in_offline_store, load_catalog
+from server.observability import Observability, install_observability
+from server.online_features import OnlineUserFeatures
 from server.recommender import Recommender
 from server.servicer import RecommendationServicer
 
@@ -32,7 +35,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RecommendationService"].full_name
 
 @dataclass(frozen=True)
 class Started:
-    """What a caller needs after start-up: the bound port and the loaded versions."""
+    """What a caller needs after start-up: the bound port and what is loaded."""
 
     port: int
     model_version: str
@@ -40,8 +43,17 @@ class Started:
     seconds: float
 
 
-def build_recommender(settings: Settings) -> Recommender:
-    """Everything the data plane needs, checked at start-up rather than on the first request."""
+@dataclass
+class Components:
+    """Everything one server process runs on, built and checked before the port opens."""
+
+    recommender: Recommender
+    models: ModelPool
+    items: ItemCache
+    store: object
+
+
+def build_components(settings: Settings, observability: Observability | None = None) -> Components:
     store = open_store(settings.feature_repo)
 
     def check_contract(bundle: ModelBundle) -> None:
@@ -54,22 +66,62 @@ def build_recommender(settings: Settings) -> Recommender:
                 )
             check_service(store, service["name"], service["fingerprint"], bundle.version)
 
-    models = ModelPool(settings.model_dir, check_contract)
-    catalog = load_catalog(store, settings.item_feature_service, item_ids_in_offline_store(store))
+    metrics = observability.metrics if observability else None
+    models = ModelPool(
+        settings.model_dir,
+        check_contract,
+        traffic_split=settings.server.traffic_split,
+        shadow_version=settings.server.shadow_version,
+        on_change=(lambda pool: metrics.set_models(pool.roles())) if metrics else None,
+        scoring_backend=settings.server.scoring_backend,
+    )
+    items = ItemCache(lambda: open_store(settings.feature_repo), settings.item_feature_service)
     manifest = settings.prepared_dir / "manifest.json"
     as_of = json.loads(manifest.read_text())["as_of"] if manifest.exists() else ""
-    return Recommender(models, OnlineUserFeatures(store, settings.user_feature_service), catalog, settings.candidates, as_of)
+    recommender = Recommender(
+        models,
+        OnlineUserFeatures(store, settings.user_feature_service),
+        items,
+        settings.candidates,
+        settings.server,
+        as_of,
+        observer=metrics,
+        served_log=observability.served_log if observability else None,
+    )
+    return Components(recommender, models, items, store)
 
 
-async def serve(settings: Settings, on_started: Callable[[Started], None] | None = None, stop: asyncio.Event | None = None) -> None:
+async def _every(seconds: float, action: Callable[[], object]) -> None:
+    """Run a blocking action periodically off the event loop; a failure is logged, never fatal."""
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await asyncio.to_thread(action)
+        except Exception:
+            log.exception("background task %s failed", getattr(action, "__name__", action))
+
+
+async def serve(
+    settings: Settings,
+    on_started: Callable[[Started], None] | None = None,
+    stop: asyncio.Event | None = None,
+    reuse_port: bool = False,
+    observability: Observability | None = None,
+) -> None:
     """Serve until SIGINT/SIGTERM (or `stop` is set); health turns NOT_SERVING before the grace period."""
     t0 = time.perf_counter()
-    recommender = build_recommender(settings)
+    own_observability = observability is None
+    if observability is None:
+        observability = install_observability(settings)
+        observability.start_http()
+    components = build_components(settings, observability)
+    metrics = observability.metrics
+    metrics.set_models(components.models.roles())
     # Start-up allocations are long-lived; freezing them keeps full GC passes (p99 spikes) short.
     gc.collect()
     gc.freeze()
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    pb_grpc.add_RecommendationServiceServicer_to_server(RecommendationServicer(recommender, settings.server), server)
+    server = grpc.aio.server(interceptors=observability.interceptors, options=[("grpc.so_reuseport", 1 if reuse_port else 0)])
+    pb_grpc.add_RecommendationServiceServicer_to_server(RecommendationServicer(components.recommender, settings.server), server)
     health = health_async.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
@@ -79,19 +131,33 @@ async def serve(settings: Settings, on_started: Callable[[Started], None] | None
     await server.start()
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    info = recommender.model_info()
-    started = Started(port, info.current_version, recommender.catalog_size, time.perf_counter() - t0)
+
+    def observe_freshness() -> None:
+        for view, age in feature_freshness(components.store).items():
+            metrics.set_feature_age(view, age)
+        metrics.set_item_cache_age(components.items.age_seconds)
+
+    observe_freshness()
+    tasks = [
+        asyncio.create_task(components.items.refresh_forever(settings.server.item_cache_refresh_seconds)),
+        asyncio.create_task(_every(settings.server.model_poll_seconds, components.models.refresh)),
+        asyncio.create_task(_every(min(15.0, settings.server.item_cache_refresh_seconds), observe_freshness)),
+    ]
+    started = Started(port, components.models.current.version, components.items.catalog.size, time.perf_counter() - t0)
     log.info("serving %s on %s:%d (model %s, %d items) after %.1fs", SERVICE_NAME, settings.server.host, port, started.model_version, started.n_items, started.seconds)
     if on_started:
         on_started(started)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
             loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):  # not the main thread
-            pass
     await stop.wait()
     log.info("shutting down: health NOT_SERVING, %.1fs grace for in-flight calls", settings.server.grace_seconds)
     await health.enter_graceful_shutdown()
+    for task in tasks:
+        task.cancel()
     await server.stop(settings.server.grace_seconds)
+    if own_observability:
+        observability.close()
+    log.info("stopped")

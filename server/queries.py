@@ -13,6 +13,7 @@ class Fallback(Enum):
     UNKNOWN_USER = 1
     NO_CANDIDATES = 2
     NO_HISTORY = 3
+    DEADLINE = 4
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,18 @@ class RecommendQuery:
     exclude_item_ids: tuple[str, ...] = ()
     candidate_item_ids: tuple[str, ...] = ()
     model_version: str = ""
+    explain: bool = False
+    deadline_seconds: float | None = None  # time the client still allows, measured when the call arrived
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One model input's additive share of an item's raw score."""
+
+    feature: str
+    value: float
+    contribution: float
 
 
 @dataclass(frozen=True)
@@ -29,6 +42,9 @@ class ScoredItem:
     item_id: str
     score: float
     known: bool = True
+    contributions: tuple[Contribution, ...] = ()
+    raw_score: float = 0.0
+    base_value: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -40,6 +56,7 @@ class Recommendation:
     user_feature_service: str
     item_feature_service: str
     fallback: Fallback = Fallback.NONE
+    request_id: str = ""
 
 
 @dataclass(frozen=True)

@@ -1,20 +1,26 @@
-"""The data plane: features -> candidates -> scores -> ranked answer. Knows nothing about gRPC."""
+"""The data plane: features -> candidates -> business rules -> scores -> ranked answer. Knows nothing about gRPC."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
-from propensity.assembly import pair_matrix, user_matrix, user_vector
+from propensity.assembly import RANKER_FEATURES, pair_matrix, user_matrix, user_vector
 from propensity.candidates import generate_candidates
 from propensity.catalog import Catalog
 from propensity.model_registry import RANKER_MODEL, USER_MODEL, ModelBundle
-from propensity.settings import CandidateSettings
+from propensity.settings import CandidateSettings, ServerSettings
 from propensity.user_state import UserState
 from server.model_pool import ModelPool
 from server.online_features import OnlineUserFeatures
 from server.queries import (
+    Contribution,
     Fallback,
     ItemScores,
     ModelDescription,
@@ -25,73 +31,129 @@ from server.queries import (
     UserScores,
 )
 
+log = logging.getLogger(__name__)
+DAY_SECONDS = 86_400.0
+
+
+class Observer(Protocol):
+    """What the data plane reports (server.metrics.Metrics implements it)."""
+
+    def stage(self, name: str) -> contextlib.AbstractContextManager: ...
+
+    def count_fallback(self, reason: str) -> None: ...
+
+
+class CatalogSource(Protocol):
+    """Where the current catalog comes from (server.item_cache.ItemCache or StaticCatalog)."""
+
+    catalog: Catalog
+
+
+class ServedLog(Protocol):
+    def maybe_log(self, request_id: str, user_id: str, model_version: str, feature_names: list[str], features: np.ndarray, item_ids: np.ndarray, scores: np.ndarray) -> None: ...
+
+
+class _Silent:
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        yield
+
+    def count_fallback(self, reason: str) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class _Cold:
+    """Popular items in popularity order with their scores for an anonymous user, per model and catalog."""
+
+    order: np.ndarray
+    scores: np.ndarray
+
 
 class Recommender:
     """Answers recommendation and scoring queries from online features and the pooled models."""
 
-    def __init__(self, models: ModelPool, user_features: OnlineUserFeatures, catalog: Catalog, candidates: CandidateSettings, data_as_of: str = "") -> None:
+    def __init__(
+        self,
+        models: ModelPool,
+        user_features: OnlineUserFeatures,
+        items: CatalogSource,
+        candidates: CandidateSettings,
+        rules: ServerSettings,
+        data_as_of: str = "",
+        observer: Observer | None = None,
+        served_log: ServedLog | None = None,
+    ) -> None:
         self._models = models
         self._features = user_features
-        self._catalog = catalog
+        self._items = items
         self._candidates = candidates
+        self._rules = rules
         self._data_as_of = data_as_of
+        self._observer = observer or _Silent()
+        self._served_log = served_log
+        self._cold: dict[tuple[str, int], _Cold] = {}
+
+    @property
+    def catalog_size(self) -> int:
+        return self._items.catalog.size
 
     def recommend(self, query: RecommendQuery) -> Recommendation:
-        model = self._models.get(query.model_version)
+        started = time.monotonic()
+        catalog = self._items.catalog  # one catalog for the whole request, even if a refresh swaps it
+        model = self._models.choose(query.user_id, query.model_version)
+        if self._out_of_time(query, started):
+            return self._fallback(query, model, catalog, Fallback.DEADLINE, model.base_rate)
+        with self._observer.stage("features"):
+            user = UserState.from_row(query.user_id, self._features.fetch([query.user_id])[0], catalog)
         now = time.time()
-        user = UserState.from_row(query.user_id, self._features.fetch([query.user_id])[0], self._catalog)
         user_row = user_vector(user, now)
         propensity = float(model.predict_users(user_row[None, :])[0]) if user.known else model.base_rate
-        fallback = Fallback.NONE if user.has_history else (Fallback.NO_HISTORY if user.known else Fallback.UNKNOWN_USER)
-        if query.candidate_item_ids:
-            idx = self._catalog.lookup(query.candidate_item_ids)
-            ids = np.asarray(query.candidate_item_ids, dtype=object)
-        else:
-            idx = generate_candidates(user, self._catalog, self._candidates).item_idx if user.has_history else np.empty(0, dtype=np.int64)
-            if not len(idx):
-                if fallback is Fallback.NONE:
-                    fallback = Fallback.NO_CANDIDATES
-                idx = self._catalog.popular_order[: self._candidates.max_candidates]
-            ids = self._catalog.item_ids[idx]
-        if query.exclude_item_ids:
-            keep = ~np.isin(ids, np.asarray(query.exclude_item_ids, dtype=object))
-            idx, ids = idx[keep], ids[keep]
-        _, first = np.unique(ids, return_index=True)  # a repeated candidate id is ranked once
-        order = np.sort(first)
-        idx, ids = idx[order], ids[order]
-        scores = model.predict_items(pair_matrix(user, self._catalog, idx, now, user_row=user_row))
-        top = _top_k(scores, query.num_items)
-        return Recommendation(
-            user_id=query.user_id,
-            purchase_propensity=propensity,
-            items=[ScoredItem(str(ids[i]), float(scores[i]), bool(idx[i] >= 0)) for i in top],
-            model_version=model.version,
-            user_feature_service=model.user_feature_service,
-            item_feature_service=model.item_feature_service,
-            fallback=fallback,
-        )
+        if not query.candidate_item_ids and not user.has_history:
+            return self._fallback(query, model, catalog, Fallback.NO_HISTORY if user.known else Fallback.UNKNOWN_USER, propensity)
+        with self._observer.stage("candidates"):
+            idx, ids = self._candidate_items(query, user, catalog, now)
+        if not len(idx):
+            return self._fallback(query, model, catalog, Fallback.NO_CANDIDATES, propensity)
+        if self._out_of_time(query, started):
+            return self._fallback(query, model, catalog, Fallback.DEADLINE, propensity)
+        with self._observer.stage("scoring"):
+            features = pair_matrix(user, catalog, idx, now, user_row=user_row)
+            scores = model.predict_items(features)
+            top = self._top(scores, catalog.categories[idx], query.num_items)
+        items = [ScoredItem(str(ids[i]), float(scores[i]), bool(idx[i] >= 0)) for i in top]
+        if query.explain:
+            with self._observer.stage("explain"):
+                items = self._explain(model, features[top], items)
+        if self._served_log is not None:
+            self._served_log.maybe_log(query.request_id, query.user_id, model.version, list(RANKER_FEATURES), features[top], ids[top], scores[top])
+        self._shadow(query, model, features, ids)
+        return self._answer(query, model, propensity, items, Fallback.NONE)
 
     def score_users(self, user_ids: list[str], model_version: str = "") -> UserScores:
         model = self._models.get(model_version)
+        catalog = self._items.catalog
         now = time.time()
-        users = [UserState.from_row(u, row, self._catalog) for u, row in zip(user_ids, self._features.fetch(user_ids))]
-        scores = model.predict_users(user_matrix(users, now))
+        with self._observer.stage("features"):
+            rows = self._features.fetch(user_ids)
+        users = [UserState.from_row(u, row, catalog) for u, row in zip(user_ids, rows)]
+        with self._observer.stage("scoring"):
+            scores = model.predict_users(user_matrix(users, now))
         known = np.array([u.known for u in users], dtype=bool)
         scores = np.where(known, scores, model.base_rate)
         return UserScores(user_ids, scores.tolist(), (~known).tolist(), model.version, model.user_feature_service)
 
     def score_items(self, user_id: str, item_ids: list[str], model_version: str = "") -> ItemScores:
-        model = self._models.get(model_version)
+        model = self._models.choose(user_id, model_version)
+        catalog = self._items.catalog
         now = time.time()
-        user = UserState.from_row(user_id, self._features.fetch([user_id])[0], self._catalog)
-        idx = self._catalog.lookup(item_ids)
-        scores = model.predict_items(pair_matrix(user, self._catalog, idx, now))
+        with self._observer.stage("features"):
+            user = UserState.from_row(user_id, self._features.fetch([user_id])[0], catalog)
+        idx = catalog.lookup(item_ids)
+        with self._observer.stage("scoring"):
+            scores = model.predict_items(pair_matrix(user, catalog, idx, now))
         items = [ScoredItem(item_id, float(s), bool(i >= 0)) for item_id, s, i in zip(item_ids, scores, idx)]
         return ItemScores(user_id, items, not user.known, model.version, model.user_feature_service)
-
-    @property
-    def catalog_size(self) -> int:
-        return self._catalog.size
 
     def model_info(self) -> ModelsInfo:
         bundles = {b.version: b for b in [self._models.current, *self._models.loaded()]}
@@ -102,8 +164,119 @@ class Recommender:
             data_as_of=self._data_as_of,
         )
 
+    # -- stages ---------------------------------------------------------------------------------
 
-def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    def _candidate_items(self, query: RecommendQuery, user: UserState, catalog: Catalog, now: float) -> tuple[np.ndarray, np.ndarray]:
+        if query.candidate_item_ids:  # the caller's list: ranked exactly, only exclusions apply
+            idx = catalog.lookup(query.candidate_item_ids)
+            ids = np.asarray(query.candidate_item_ids, dtype=object)
+        else:
+            idx = generate_candidates(user, catalog, self._candidates).item_idx
+            idx = idx[~np.isin(idx, self._recently_bought(user, now))]
+            ids = catalog.item_ids[idx]
+        if query.exclude_item_ids:
+            keep = ~np.isin(ids, np.asarray(query.exclude_item_ids, dtype=object))
+            idx, ids = idx[keep], ids[keep]
+        _, first = np.unique(ids, return_index=True)  # a repeated id is ranked once
+        order = np.sort(first)
+        return idx[order], ids[order]
+
+    def _recently_bought(self, user: UserState, now: float) -> np.ndarray:
+        window = self._rules.repurchase_window_days
+        if window <= 0 or not len(user.recent_idx):
+            return np.empty(0, dtype=np.int64)
+        bought = np.nan_to_num(user.recent_purchases_30d) > 0
+        recent = (now - user.recent_last_ts) <= window * DAY_SECONDS
+        return user.recent_idx[bought & recent]
+
+    def _top(self, scores: np.ndarray, categories: np.ndarray, k: int) -> np.ndarray:
+        cap = self._rules.max_items_per_category
+        if cap <= 0:
+            return top_k(scores, k)
+        chosen: list[int] = []
+        per_category: dict[object, int] = {}
+        for i in np.argsort(-scores, kind="stable"):
+            category = categories[i]
+            if category is not None and per_category.get(category, 0) >= cap:
+                continue
+            per_category[category] = per_category.get(category, 0) + 1
+            chosen.append(int(i))
+            if len(chosen) == k:
+                break
+        return np.asarray(chosen, dtype=np.int64)
+
+    def _explain(self, model: ModelBundle, features: np.ndarray, items: list[ScoredItem]) -> list[ScoredItem]:
+        contributions = model.contributions(features)  # (k, n_features + 1), last column is the baseline
+        top_n = self._rules.explain_top_features
+        explained = []
+        for item, row, values in zip(items, contributions, features):
+            per_feature = row[:-1]
+            strongest = np.argsort(-np.abs(per_feature), kind="stable")[:top_n]
+            explained.append(
+                ScoredItem(
+                    item.item_id, item.score, item.known,
+                    contributions=tuple(Contribution(RANKER_FEATURES[j], float(values[j]), float(per_feature[j])) for j in strongest),
+                    raw_score=float(row.sum()), base_value=float(row[-1]),
+                )
+            )
+        return explained
+
+    def _shadow(self, query: RecommendQuery, served: ModelBundle, features: np.ndarray, ids: np.ndarray) -> None:
+        shadow = self._models.shadow
+        if shadow is None or shadow.version == served.version:
+            return
+        scores = shadow.predict_items(features)
+        top = top_k(scores, query.num_items)
+        log.info(
+            "shadow scoring",
+            extra={"shadow_version": shadow.version, "served_version": served.version, "user_id": query.user_id,
+                   "shadow_items": [str(ids[i]) for i in top], "shadow_scores": [round(float(scores[i]), 6) for i in top]},
+        )
+
+    def _fallback(self, query: RecommendQuery, model: ModelBundle, catalog: Catalog, reason: Fallback, propensity: float) -> Recommendation:
+        """Popular items in popularity order, scored for an anonymous user (no per-request model call)."""
+        self._observer.count_fallback(reason.name)
+        cold = self._cold_start(model, catalog)
+        order, scores = cold.order, cold.scores
+        if query.exclude_item_ids:
+            keep = ~np.isin(catalog.item_ids[order], np.asarray(query.exclude_item_ids, dtype=object))
+            order, scores = order[keep], scores[keep]
+        picked = self._top(np.arange(len(order), 0, -1, dtype=float), catalog.categories[order], query.num_items)
+        items = [ScoredItem(str(catalog.item_ids[order[i]]), float(scores[i])) for i in picked]
+        return self._answer(query, model, propensity, items, reason)
+
+    def _cold_start(self, model: ModelBundle, catalog: Catalog) -> _Cold:
+        key = (model.version, id(catalog))
+        cold = self._cold.get(key)
+        if cold is None:
+            order = catalog.popular_order[: max(self._candidates.max_candidates, self._rules.max_num_items)]
+            anonymous = UserState.from_row("", {}, catalog)
+            scores = model.predict_items(pair_matrix(anonymous, catalog, order, time.time()))
+            cold = _Cold(order, scores)
+            self._cold = {k: v for k, v in self._cold.items() if k[1] == id(catalog)}  # drop stale catalogs
+            self._cold[key] = cold
+        return cold
+
+    def _out_of_time(self, query: RecommendQuery, started: float) -> bool:
+        if query.deadline_seconds is None:
+            return False
+        remaining = query.deadline_seconds - (time.monotonic() - started)
+        return remaining * 1000.0 < self._rules.deadline_floor_ms
+
+    def _answer(self, query: RecommendQuery, model: ModelBundle, propensity: float, items: list[ScoredItem], fallback: Fallback) -> Recommendation:
+        return Recommendation(
+            user_id=query.user_id,
+            purchase_propensity=propensity,
+            items=items,
+            model_version=model.version,
+            user_feature_service=model.user_feature_service,
+            item_feature_service=model.item_feature_service,
+            fallback=fallback,
+            request_id=query.request_id,
+        )
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k highest scores, best first (partial sort: O(n) + O(k log k))."""
     if len(scores) <= k:
         return np.argsort(-scores, kind="stable")
@@ -114,9 +287,8 @@ def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
 def _describe(bundle: ModelBundle, name: str) -> ModelDescription:
     meta = bundle.metadata
     info = meta["models"][name]
-    service = meta["feature_services"]["user" if name == USER_MODEL else "item"]["name"]
-    if name == RANKER_MODEL:
-        service = f"{meta['feature_services']['user']['name']}+{meta['feature_services']['item']['name']}"
+    services = meta["feature_services"]
+    service = services["user"]["name"] if name == USER_MODEL else f"{services['user']['name']}+{services['item']['name']}"
     return ModelDescription(
         name=name,
         version=bundle.version,

@@ -14,7 +14,8 @@ from propensity.v1 import recommendation_service_pb2 as pb
 from propensity.v1 import recommendation_service_pb2_grpc as pb_grpc
 from server import validation
 from server.errors import InvalidArgument, ModelUnavailable, RecommendationError, UnknownModelVersion
-from server.queries import ItemScores, ModelsInfo, Recommendation, RecommendQuery, UserScores
+from server.interceptors import current_request_id
+from server.queries import ItemScores, ModelsInfo, Recommendation, RecommendQuery, ScoredItem, UserScores
 from server.recommender import Recommender
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,9 @@ class RecommendationServicer(pb_grpc.RecommendationServiceServicer):
             exclude_item_ids=validation.id_list(request.exclude_item_ids, "exclude_item_ids", self._limits.max_request_ids),
             candidate_item_ids=validation.id_list(request.candidate_item_ids, "candidate_item_ids", self._limits.max_request_ids),
             model_version=request.model_version,
+            explain=request.explain,
+            deadline_seconds=context.time_remaining(),
+            request_id=current_request_id(),
         )
         return _recommendation(self._recommender.recommend(query))
 
@@ -81,12 +85,24 @@ def _recommendation(result: Recommendation) -> pb.RecommendResponse:
     return pb.RecommendResponse(
         user_id=result.user_id,
         purchase_propensity=result.purchase_propensity,
-        items=[pb.RankedItem(item_id=item.item_id, score=item.score, rank=rank) for rank, item in enumerate(result.items, start=1)],
+        items=[_ranked_item(item, rank) for rank, item in enumerate(result.items, start=1)],
         model_version=result.model_version,
         feature_service=result.user_feature_service,
         item_feature_service=result.item_feature_service,
         fallback_used=result.fallback.value != 0,
         fallback_reason=result.fallback.value,
+        request_id=result.request_id,
+    )
+
+
+def _ranked_item(item: ScoredItem, rank: int) -> pb.RankedItem:
+    return pb.RankedItem(
+        item_id=item.item_id,
+        score=item.score,
+        rank=rank,
+        contributions=[pb.FeatureContribution(feature=c.feature, value=c.value, contribution=c.contribution) for c in item.contributions],
+        raw_score=item.raw_score,
+        base_value=item.base_value,
     )
 
 

@@ -17,7 +17,7 @@ def test_a_changed_proto_generates_different_code(tmp_path: Path) -> None:
     protos = tmp_path / "protos"
     shutil.copytree(PROJECT_ROOT / "protos", protos)
     proto = protos / "propensity" / "v1" / "recommendation_service.proto"
-    proto.write_text(proto.read_text().replace("string model_version = 5;", "string model_version = 5;\n  bool explain = 6;"))
+    proto.write_text(proto.read_text().replace("string model_version = 5;", "string model_version = 5;\n  bool dry_run = 99;"))
     out = tmp_path / "out"
     out.mkdir()
     generated = codegen_check.generate(protos, out)

@@ -20,6 +20,7 @@ from propensity.settings import CandidateSettings, ServerSettings
 from propensity.v1 import recommendation_service_pb2 as pb
 from propensity.v1 import recommendation_service_pb2_grpc as pb_grpc
 from server.errors import InvalidArgument, ModelUnavailable, RecommendationError, UnknownModelVersion
+from server.item_cache import StaticCatalog
 from server.model_pool import ModelPool
 from server.queries import ItemScores, ModelsInfo, Recommendation, RecommendQuery, ScoredItem, UserScores
 from server.recommender import Recommender
@@ -117,7 +118,10 @@ def _status(call, request) -> grpc.RpcError:
 
 def test_valid_recommend_reaches_the_data_plane(stub: pb_grpc.RecommendationServiceStub, plane: _Scripted) -> None:
     response = stub.Recommend(pb.RecommendRequest(user_id="u1", exclude_item_ids=["x"]), timeout=5)
-    assert plane.queries == [RecommendQuery("u1", 10, ("x",), (), "")]  # num_items 0 -> default 10
+    [query] = plane.queries
+    assert (query.user_id, query.num_items, query.exclude_item_ids, query.candidate_item_ids, query.model_version) == ("u1", 10, ("x",), (), "")  # num_items 0 -> default 10
+    assert not query.explain
+    assert 0 < query.deadline_seconds <= 5  # the client's 5 s deadline reaches the data plane
     assert [(i.item_id, i.rank) for i in response.items] == [("i1", 1), ("i2", 2)]
     assert response.feature_service == "users_v1"
     assert response.item_feature_service == "items_v1"
@@ -250,7 +254,7 @@ def real_stub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pb_grpc.Reco
         pd.DataFrame({"item_id": ["a", "b", "c", "d"], "category_id": ["c1", "c1", "c2", "c2"], "item_purchases_7d": [4, 3, 2, 1]})
     )
     rows = {"u1": {"last_event_ts": NOW, "signup_ts": NOW - 86_400 * 30, "recent_item_ids": ["c"], "top_category_ids": ["c1"]}}
-    recommender = Recommender(ModelPool(root, lambda bundle: None), _UserRows(rows), catalog, CandidateSettings(), "2024-01-01")
+    recommender = Recommender(ModelPool(root, lambda bundle: None), _UserRows(rows), StaticCatalog(catalog), CandidateSettings(), LIMITS, "2024-01-01")
     server = _Server(RecommendationServicer(recommender, LIMITS))
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     try:

@@ -16,7 +16,7 @@ from sklearn.metrics import average_precision_score, log_loss, roc_auc_score
 
 from propensity.assembly import RANKER_FEATURES, USER_MODEL_FEATURES
 from propensity.feature_store import open_store, service_fingerprint
-from propensity.model_registry import RANKER_MODEL, USER_MODEL, new_version_id, promote, save_version
+from propensity.model_registry import RANKER_MODEL, USER_MODEL, load_version, new_version_id, promote, save_version
 from propensity.settings import Settings
 from training.datasets import TrainingSet, assemble, cutoff_times, entity_rows, historical_catalogs, historical_user_features
 from training.prepare import PreparedData
@@ -90,6 +90,15 @@ def train(settings: Settings, prepared: PreparedData, promote_to_current: bool =
     }
     directory = save_version(settings.model_dir, version, {USER_MODEL: user_booster, RANKER_MODEL: ranker}, metadata)
     write_training_report(directory, metadata, {USER_MODEL: (user_booster, data.users), RANKER_MODEL: (ranker, data.pairs)}, validation_from)
+    if settings.server.scoring_backend != "lightgbm":
+        # Build the compiled predictors now, so servers load them from disk instead of compiling.
+        t0 = time.perf_counter()
+        bundle = load_version(settings.model_dir, version)
+        if bundle.compile():
+            worst = max(m.max_abs_difference for m in bundle.compiled.values())
+            progress(f"  compiled predictors built and verified in {time.perf_counter() - t0:.1f}s (max abs difference vs LightGBM {worst:.1e})")
+        else:
+            progress("  compiled predictors unavailable; servers will score with LightGBM")
     if promote_to_current:
         promote(settings.model_dir, version)
     seconds = time.perf_counter() - started

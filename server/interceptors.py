@@ -1,0 +1,107 @@
+"""A grpc.aio server interceptor: request ids (in, out and in logs) and per-RPC latency and status metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from contextvars import ContextVar
+
+import grpc
+
+log = logging.getLogger(__name__)
+REQUEST_ID_HEADER = "x-request-id"
+# Infrastructure services pass through untouched: health probes would drown the request metrics.
+UNTRACKED_SERVICES = frozenset(
+    {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"}
+)
+# A client-supplied id ends up in logs and files: accept only short, plain tokens, else make a new one.
+_VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+request_id_var: ContextVar[str] = ContextVar("request_id", default="")
+
+
+def current_request_id() -> str:
+    """The id of the RPC this code runs for, or "" outside an RPC."""
+    return request_id_var.get()
+
+
+class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
+    """For every unary-unary RPC: set and echo `x-request-id`, then record latency and final status code.
+
+    `observe` is called as observe(method, code, seconds), e.g. Metrics.observe_request; method is the
+    short name ("Recommend"), code the StatusCode name ("OK", "INVALID_ARGUMENT"). Streaming handlers
+    (reflection) and the services in `untracked` are returned unchanged.
+    """
+
+    def __init__(
+        self,
+        observe: Callable[[str, str, float], None],
+        untracked: Iterable[str] = UNTRACKED_SERVICES,
+    ) -> None:
+        self._observe = observe
+        self._untracked = frozenset(untracked)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
+        if service in self._untracked:
+            return handler
+        request_id = _request_id(handler_call_details.invocation_metadata)
+        return grpc.unary_unary_rpc_method_handler(
+            self._wrap(handler.unary_unary, method, request_id),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _wrap(self, behavior: Callable, method: str, request_id: str) -> Callable:
+        observe = self._observe
+
+        async def observed(request: object, context: grpc.aio.ServicerContext) -> object:
+            start = time.perf_counter()
+            token = request_id_var.set(request_id)
+            code = grpc.StatusCode.OK
+            try:
+                await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
+                response = behavior(request, context)
+                if inspect.isawaitable(response):
+                    response = await response
+                code = context.code() or grpc.StatusCode.OK  # a handler may set_code() without aborting
+                return response
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except asyncio.CancelledError:
+                # The client went away or its deadline passed; gRPC answers nobody, but the time was spent.
+                remaining = context.time_remaining()
+                expired = remaining is not None and remaining <= 0
+                code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+                raise
+            except Exception:
+                code = grpc.StatusCode.UNKNOWN  # what grpc.aio answers for an unhandled exception
+                raise
+            finally:
+                request_id_var.reset(token)
+                try:
+                    observe(method, code.name, time.perf_counter() - start)
+                except Exception:  # metrics must never fail a request
+                    log.exception("recording metrics for %s failed", method)
+
+        return observed
+
+
+def _request_id(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
+    for key, value in metadata or ():
+        if key == REQUEST_ID_HEADER and isinstance(value, str) and _VALID_REQUEST_ID.fullmatch(value):
+            return value
+    return uuid.uuid4().hex

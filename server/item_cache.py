@@ -1,0 +1,80 @@
+"""The in-process item catalog: read from the online store at start-up and refreshed in the background."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+
+from feast import FeatureStore
+
+from propensity.catalog import Catalog
+from server.online_features import item_ids_in_offline_store, load_catalog
+
+log = logging.getLogger(__name__)
+
+
+class StaticCatalog:
+    """A catalog that never refreshes (tests, benchmarks, one-off scoring)."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self.loaded_at = time.time()
+
+    @property
+    def age_seconds(self) -> float:
+        return time.time() - self.loaded_at
+
+
+class ItemCache:
+    """Holds the current Catalog; a refresh builds a new one and swaps the reference (readers never lock).
+
+    Refreshes run in a worker thread with their own FeatureStore (own online-store connection),
+    so they never share a SQLite connection with the request path.
+    """
+
+    def __init__(self, open_store: Callable[[], FeatureStore], service_name: str) -> None:
+        self._open_store = open_store
+        self._service = service_name
+        self.catalog: Catalog = self._build()
+        self.loaded_at = time.time()
+
+    def _build(self) -> Catalog:
+        store = self._open_store()
+        return load_catalog(store, self._service, item_ids_in_offline_store(store))
+
+    @property
+    def age_seconds(self) -> float:
+        return time.time() - self.loaded_at
+
+    def refresh(self) -> None:
+        """Re-read every item; on failure keep serving the previous catalog."""
+        try:
+            catalog = self._build()
+        except Exception:
+            log.exception("item catalog refresh failed; keeping the catalog from %.0fs ago", self.age_seconds)
+            return
+        self.catalog, self.loaded_at = catalog, time.time()
+
+    async def refresh_forever(self, every_seconds: float) -> None:
+        """Background task: refresh off the event loop so requests keep flowing."""
+        while True:
+            await asyncio.sleep(every_seconds)
+            await asyncio.to_thread(self.refresh)
+
+
+def feature_freshness(store: FeatureStore) -> dict[str, float]:
+    """Seconds since the end of the latest materialization of each feature view (inf if never)."""
+    now = datetime.now(timezone.utc)
+    ages: dict[str, float] = {}
+    for view in store.list_feature_views():
+        intervals = view.materialization_intervals
+        if intervals:
+            end = max(interval[1] for interval in intervals)
+            end = end if end.tzinfo else end.replace(tzinfo=timezone.utc)
+            ages[view.name] = max(0.0, (now - end).total_seconds())
+        else:
+            ages[view.name] = float("inf")
+    return ages

@@ -1,0 +1,71 @@
+"""Root logging for the server: JSON lines for machines or text for people, both carrying the request id."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from datetime import datetime, timezone
+from typing import TextIO
+
+from server.interceptors import current_request_id
+
+FORMATS = ("json", "text")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [pid %(process)d req %(request_id)s] %(message)s"
+# Attributes every LogRecord has; anything else on a record came from `extra={...}`.
+_STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "request_id"}
+
+
+class _RequestIdFilter(logging.Filter):
+    """Stamps each record with the id of the RPC that logged it ("-" outside an RPC)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = current_request_id() or "-"
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, request_id, pid, extra fields, exception."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, tz=timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "pid": record.process if record.process is not None else os.getpid(),
+        }
+        request_id = current_request_id()
+        if request_id:
+            entry["request_id"] = request_id
+        for key, value in vars(record).items():
+            if key not in _STANDARD_ATTRS and key not in entry:
+                entry[key] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+def configure_logging(fmt: str, level: str | int = "INFO", stream: TextIO | None = None) -> logging.Handler:
+    """Install the server's handler on the root logger (stderr by default) and return it.
+
+    Idempotent: a handler installed by an earlier call is replaced, and so is a plain StreamHandler
+    from `logging.basicConfig` (the CLI sets one up), so no line is written twice. Other handlers,
+    such as pytest's capture, are left alone.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"log_format must be one of {FORMATS}, got {fmt!r}")
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        if getattr(old, "_propensity", False) or type(old) is logging.StreamHandler:
+            root.removeHandler(old)
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler._propensity = True  # type: ignore[attr-defined]
+    handler.addFilter(_RequestIdFilter())
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    root.addHandler(handler)
+    root.setLevel(level.upper() if isinstance(level, str) else level)
+    return handler

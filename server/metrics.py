@@ -1,0 +1,176 @@
+"""Prometheus metrics of the server: one `Metrics` per process on a registry the caller owns.
+
+Multi-process mode (workers > 1 sharing the port): prometheus_client then keeps every value in
+mmap files under PROMETHEUS_MULTIPROC_DIR, and only the parent serves the aggregate
+(`start_metrics_http` with a MultiProcessCollector). Gauges therefore declare how they merge:
+the live workers' maximum, and a dead worker stops counting once `mark_process_dead` ran.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server, values
+from prometheus_client import multiprocess as _multiprocess
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# 0.5 ms .. 2 s: a cached Recommend is ~1 ms, a cold one with explanations can take ~1 s.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+STAGES = ("features", "candidates", "scoring", "explain")
+FALLBACK_REASONS = ("UNKNOWN_USER", "NO_HISTORY", "NO_CANDIDATES", "DEADLINE")
+MODEL_ROLES = ("current", "split", "shadow")
+
+
+class Metrics:
+    """The server's metrics, registered on `registry`; every method is cheap enough for the request path."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self._requests = Counter(
+            "propensity_requests", "RPCs finished, by method and status code.", ["method", "code"], registry=registry
+        )
+        self._request_seconds = Histogram(
+            "propensity_request_seconds", "RPC latency in seconds, by method and status code.", ["method", "code"],
+            registry=registry, buckets=LATENCY_BUCKETS,
+        )
+        self._stage_seconds = Histogram(
+            "propensity_stage_seconds", "Time spent per data-plane stage in seconds.", ["stage"],
+            registry=registry, buckets=LATENCY_BUCKETS,
+        )
+        self._fallbacks = Counter(
+            "propensity_fallbacks", "Requests answered from a fallback, by reason.", ["reason"], registry=registry
+        )
+        self._model_info = Gauge(
+            "propensity_model_info", "1 for each model version in use, by role (current, split, shadow).",
+            ["version", "role"], registry=registry, multiprocess_mode="livemax",
+        )
+        self._feature_age = Gauge(
+            "propensity_feature_age_seconds", "Age of the newest materialized value, by feature view.",
+            ["feature_view"], registry=registry, multiprocess_mode="livemax",
+        )
+        self._item_cache_age = Gauge(
+            "propensity_item_cache_age_seconds", "Seconds since the in-process item catalog was refreshed.",
+            registry=registry, multiprocess_mode="livemax",
+        )
+        self._served_log_errors = Counter(
+            "propensity_served_log_errors", "Served-feature log batches that could not be written.", registry=registry
+        )
+        # Known label values exist from the start, so rate() and alerts see 0 rather than no series.
+        for stage in STAGES:
+            self._stage_seconds.labels(stage)
+        for reason in FALLBACK_REASONS:
+            self._fallbacks.labels(reason)
+        self._models: dict[tuple[str, str], None] = {}
+        self._models_lock = threading.Lock()
+
+    def observe_request(self, method: str, code: str, seconds: float) -> None:
+        """Count one finished RPC and its latency."""
+        self._requests.labels(method, code).inc()
+        self._request_seconds.labels(method, code).observe(seconds)
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        """Record the duration of one stage (features, candidates, scoring, explain)."""
+        self._stage_seconds.labels(stage).observe(seconds)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time the block as stage `name`; time spent before an exception counts too."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._stage_seconds.labels(name).observe(time.perf_counter() - start)
+
+    def count_fallback(self, reason: str) -> None:
+        """Count one request answered from a fallback (UNKNOWN_USER, NO_HISTORY, NO_CANDIDATES, DEADLINE)."""
+        self._fallbacks.labels(reason).inc()
+
+    def set_models(self, versions: Mapping[str, str]) -> None:
+        """Replace the versions in use, {version: role}; versions absent from `versions` stop reporting 1.
+
+        New versions are set before retired ones are dropped, so a scrape never sees no model at all.
+        Single process: retired series disappear. Multi-process: they drop to 0 (mmap values cannot be
+        deleted); the aggregate is the maximum over live workers, so a version counts while any worker uses it.
+        """
+        wanted = {(version, role): None for version, role in versions.items()}
+        with self._models_lock:
+            for version, role in wanted:
+                self._model_info.labels(version, role).set(1)
+            for version, role in self._models:
+                if (version, role) not in wanted:
+                    self._model_info.labels(version, role).set(0)
+                    if not multiprocess_enabled():
+                        self._model_info.remove(version, role)
+            self._models = wanted
+
+    def set_feature_age(self, view: str, seconds: float) -> None:
+        """Age of the newest materialized value of feature view `view`."""
+        self._feature_age.labels(view).set(seconds)
+
+    def set_item_cache_age(self, seconds: float) -> None:
+        """Seconds since this process last refreshed its item catalog."""
+        self._item_cache_age.set(seconds)
+
+    def count_served_log_error(self) -> None:
+        """Count one served-feature log batch that was dropped because it could not be written."""
+        self._served_log_errors.inc()
+
+
+def multiprocess_dir() -> Path | None:
+    """The multi-process directory when multi-process mode is on, else None."""
+    path = os.environ.get(MULTIPROC_ENV)
+    return Path(path) if path else None
+
+
+def multiprocess_enabled() -> bool:
+    """True when metric values go to mmap files under PROMETHEUS_MULTIPROC_DIR."""
+    return multiprocess_dir() is not None and getattr(values.ValueClass, "_multiprocess", False)
+
+
+def prepare_multiprocess_dir(path: str | Path, clean: bool = True) -> Path:
+    """Create `path`, delete value files of earlier runs, and turn multi-process mode on for this process and its children.
+
+    Call it once in the parent, before any worker starts and before `Metrics` is built; a worker whose
+    parent prepared the directory passes clean=False (or needs no call at all when forked). prometheus_client
+    picks its value class when it is imported; when that happened before the directory was known, the
+    class is switched here (prometheus_client looks it up through `values.ValueClass` at metric creation
+    for exactly this purpose), so metrics created afterwards, in this process or forked workers, go to files.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if clean:
+        for stale in path.glob("*.db"):  # only value files: a mistyped path must not lose other data
+            stale.unlink()
+    os.environ[MULTIPROC_ENV] = str(path)
+    if not getattr(values.ValueClass, "_multiprocess", False):
+        values.ValueClass = values.MultiProcessValue()
+    return path
+
+
+def mark_process_dead(pid: int, path: str | Path | None = None) -> None:
+    """Forget the live-gauge values of a worker that exited (its counters and histograms keep counting)."""
+    path = path or multiprocess_dir()
+    if path is not None:
+        _multiprocess.mark_process_dead(pid, str(path))
+
+
+def start_metrics_http(
+    port: int, registry: CollectorRegistry | None = None, addr: str = "127.0.0.1"
+) -> tuple[WSGIServer, threading.Thread]:
+    """Serve /metrics on addr:port in a daemon thread; port 0 picks a free one (see `server.server_port`).
+
+    In multi-process mode the endpoint serves the aggregate of every process's files and `registry` is
+    ignored; otherwise `registry` is served. Stop with `server.shutdown(); server.server_close()`.
+    """
+    if multiprocess_enabled():
+        registry = CollectorRegistry()
+        _multiprocess.MultiProcessCollector(registry, path=str(multiprocess_dir()))
+    elif registry is None:
+        raise ValueError("a registry is required outside multi-process mode")
+    return start_http_server(port, addr=addr, registry=registry)

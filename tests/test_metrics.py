@@ -1,0 +1,288 @@
+"""Tests for the server's metrics: values, the /metrics endpoint, multi-process aggregation and the wiring."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from propensity.settings import ServerSettings, Settings
+from server.metrics import Metrics, start_metrics_http
+from server.observability import install_observability
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture()
+def metrics(registry: CollectorRegistry) -> Metrics:
+    return Metrics(registry)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return response.read().decode()
+
+
+def _sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of one sample in Prometheus text format (labels in any order), or None."""
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        series, value = line.rsplit(" ", 1)
+        metric, _, label_text = series.partition("{")
+        found = dict(part.split("=", 1) for part in label_text.rstrip("}").split(",") if part)
+        if metric == name and {k: v.strip('"') for k, v in found.items()} == labels:
+            return float(value)
+    return None
+
+
+def test_requests_are_counted_and_timed(registry: CollectorRegistry, metrics: Metrics) -> None:
+    metrics.observe_request("Recommend", "OK", 0.003)
+    metrics.observe_request("Recommend", "OK", 0.7)
+    metrics.observe_request("Recommend", "INVALID_ARGUMENT", 0.0001)
+    ok = {"method": "Recommend", "code": "OK"}
+    assert registry.get_sample_value("propensity_requests_total", ok) == 2
+    assert registry.get_sample_value("propensity_requests_total", {"method": "Recommend", "code": "INVALID_ARGUMENT"}) == 1
+    assert registry.get_sample_value("propensity_request_seconds_count", ok) == 2
+    assert registry.get_sample_value("propensity_request_seconds_sum", ok) == pytest.approx(0.703)
+    assert registry.get_sample_value("propensity_request_seconds_bucket", {**ok, "le": "0.005"}) == 1
+    assert registry.get_sample_value("propensity_request_seconds_bucket", {**ok, "le": "0.0005"}) == 0
+    assert registry.get_sample_value("propensity_request_seconds_bucket", {**ok, "le": "2.0"}) == 2
+
+
+def test_stages_are_timed_even_when_they_fail(registry: CollectorRegistry, metrics: Metrics) -> None:
+    assert registry.get_sample_value("propensity_stage_seconds_count", {"stage": "explain"}) == 0  # exists from the start
+    metrics.observe_stage("features", 0.01)
+    with metrics.stage("scoring"):
+        pass
+    with pytest.raises(KeyError), metrics.stage("scoring"):
+        raise KeyError("x")
+    assert registry.get_sample_value("propensity_stage_seconds_count", {"stage": "features"}) == 1
+    assert registry.get_sample_value("propensity_stage_seconds_sum", {"stage": "features"}) == pytest.approx(0.01)
+    assert registry.get_sample_value("propensity_stage_seconds_count", {"stage": "scoring"}) == 2
+
+
+def test_fallbacks_are_counted_by_reason(registry: CollectorRegistry, metrics: Metrics) -> None:
+    assert registry.get_sample_value("propensity_fallbacks_total", {"reason": "DEADLINE"}) == 0
+    metrics.count_fallback("UNKNOWN_USER")
+    metrics.count_fallback("UNKNOWN_USER")
+    assert registry.get_sample_value("propensity_fallbacks_total", {"reason": "UNKNOWN_USER"}) == 2
+    assert registry.get_sample_value("propensity_fallbacks_total", {"reason": "NO_HISTORY"}) == 0
+
+
+def test_model_versions_are_replaced_as_a_set(registry: CollectorRegistry, metrics: Metrics) -> None:
+    def info(version: str, role: str) -> float | None:
+        return registry.get_sample_value("propensity_model_info", {"version": version, "role": role})
+
+    metrics.set_models({"v1": "current", "v2": "shadow"})
+    assert (info("v1", "current"), info("v2", "shadow")) == (1, 1)
+    metrics.set_models({"v2": "current", "v3": "split"})
+    assert (info("v2", "current"), info("v3", "split")) == (1, 1)
+    assert info("v1", "current") is None
+    assert info("v2", "shadow") is None
+
+
+def test_freshness_gauges(registry: CollectorRegistry, metrics: Metrics) -> None:
+    metrics.set_feature_age("user_activity", 42.5)
+    metrics.set_feature_age("user_activity", 12.0)
+    metrics.set_item_cache_age(3.0)
+    assert registry.get_sample_value("propensity_feature_age_seconds", {"feature_view": "user_activity"}) == 12.0
+    assert registry.get_sample_value("propensity_item_cache_age_seconds") == 3.0
+
+
+def test_http_endpoint_serves_the_registry(metrics: Metrics, registry: CollectorRegistry) -> None:
+    metrics.observe_request("GetModelInfo", "OK", 0.001)
+    metrics.set_models({"v1": "current"})
+    server, thread = start_metrics_http(0, registry)
+    try:
+        text = _scrape(server.server_port)
+    finally:
+        server.shutdown()
+        server.server_close()
+    for name in ("propensity_requests_total", "propensity_request_seconds_bucket", "propensity_stage_seconds_bucket",
+                 "propensity_fallbacks_total", "propensity_feature_age_seconds", "propensity_item_cache_age_seconds"):
+        assert name in text
+    assert _sample(text, "propensity_requests_total", method="GetModelInfo", code="OK") == 1
+    assert _sample(text, "propensity_model_info", version="v1", role="current") == 1
+
+
+def test_http_endpoint_needs_a_registry_outside_multiprocess_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    with pytest.raises(ValueError, match="registry"):
+        start_metrics_http(0)
+
+
+# --- Multi-process mode: prometheus_client decides at import, so every process here is a subprocess. ---
+
+
+class _Serving:
+    """A subprocess that prints its /metrics port, then serves until its stdin closes."""
+
+    def __init__(self, script: str, env: dict[str, str], cwd: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(script)], env=env, cwd=cwd,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        line = self.proc.stdout.readline()
+        if not line.strip().isdigit():
+            self.proc.kill()
+            raise AssertionError(f"no port from subprocess: {line!r}\n{self.proc.stderr.read()}")
+        self.port = int(line)
+
+    def stop(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=10)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR" and not k.startswith("PROPENSITY_")}
+    env["PYTHONPATH"] = str(PROJECT_ROOT)
+    return {**env, **extra}
+
+
+def test_worker_processes_are_summed_over_http(tmp_path: Path) -> None:
+    """PROMETHEUS_MULTIPROC_DIR set by the operator before start: two workers count, a third process serves the sum."""
+    directory = tmp_path / "prom"
+    directory.mkdir()
+    env = _env(PROMETHEUS_MULTIPROC_DIR=str(directory))
+    worker = """
+        import sys
+        from prometheus_client import CollectorRegistry
+        from server.metrics import Metrics
+        metrics = Metrics(CollectorRegistry())
+        n = int(sys.argv[1])
+        for _ in range(n):
+            metrics.observe_request("Recommend", "OK", 0.01)
+        metrics.set_feature_age("user_activity", 10.0 * n)
+        metrics.set_models({"v1": "current"})
+        print(__import__("os").getpid())
+    """
+    pids = []
+    for n in (2, 3):
+        done = subprocess.run([sys.executable, "-c", textwrap.dedent(worker), str(n)], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=30, check=True)
+        pids.append(int(done.stdout))
+    serving = _Serving("""
+        import sys
+        from server.metrics import mark_process_dead, start_metrics_http
+        mark_process_dead(int(sys.argv[1]))
+        server, _ = start_metrics_http(0)
+        print(server.server_port, flush=True)
+        sys.stdin.read()
+    """.replace("sys.argv[1]", str(pids[1])), env, tmp_path)
+    try:
+        text = _scrape(serving.port)
+    finally:
+        serving.stop()
+    assert _sample(text, "propensity_requests_total", method="Recommend", code="OK") == 5
+    assert _sample(text, "propensity_request_seconds_count", method="Recommend", code="OK") == 5
+    # Gauges: the maximum over live workers; the second worker was marked dead, so its 30 s is gone.
+    assert _sample(text, "propensity_feature_age_seconds", feature_view="user_activity") == 20.0
+    assert _sample(text, "propensity_model_info", version="v1", role="current") == 1
+
+
+def test_parent_prepares_and_forked_workers_report(tmp_path: Path) -> None:
+    """The app's flow: install_observability in the parent (no env var), fork workers, the parent serves the sum."""
+    port = _free_port()
+    script = f"""
+        import multiprocessing, os, sys
+        from propensity.settings import ServerSettings, Settings
+        from server.metrics import multiprocess_dir
+        from server.observability import install_observability
+
+        settings = Settings(server=ServerSettings(workers=2, metrics_port={port}, host="127.0.0.1", served_log_dir=sys.argv[1]))
+        parent = install_observability(settings, serve_http=True)
+        assert parent.served_log is None, "the parent answers no RPCs"
+
+        def work(n):
+            obs = install_observability(settings, serve_http=False)
+            for _ in range(n):
+                obs.metrics.observe_request("ScoreUsers", "OK", 0.002)
+            obs.metrics.count_fallback("NO_HISTORY")
+            obs.close()
+
+        children = [multiprocessing.get_context("fork").Process(target=work, args=(n,)) for n in (1, 4)]
+        for child in children:
+            child.start()
+        for child in children:
+            child.join()
+            assert child.exitcode == 0
+            parent.worker_exited(child.pid)
+        print(parent.start_http(), flush=True)
+        sys.stdin.read()
+        directory = multiprocess_dir()
+        parent.close()
+        assert not directory.exists(), "the temporary metrics directory is removed on close"
+    """
+    serving = _Serving(script.replace("sys.argv[1]", repr(str(tmp_path / "served"))), _env(), tmp_path)
+    try:
+        assert serving.port == port
+        text = _scrape(port)
+    finally:
+        serving.stop()
+    assert serving.proc.returncode == 0, serving.proc.stderr.read()
+    assert _sample(text, "propensity_requests_total", method="ScoreUsers", code="OK") == 5
+    assert _sample(text, "propensity_fallbacks_total", reason="NO_HISTORY") == 2
+
+
+# --- The wiring, single process. ---
+
+
+@pytest.fixture()
+def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.chdir(tmp_path)  # no propensity.toml
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.mark.usefixtures("_isolated")
+def test_install_observability_single_process(tmp_path: Path) -> None:
+    port = _free_port()
+    settings = Settings(server=ServerSettings(metrics_port=port, host="127.0.0.1", served_log_dir=tmp_path / "served",
+                                              served_log_sample_rate=0.25, log_format="json"))
+    obs = install_observability(settings)
+    try:
+        assert len(obs.interceptors) == 1
+        assert obs.served_log is not None and obs.served_log.sample_rate == 0.25
+        obs.metrics.observe_request("Recommend", "OK", 0.004)
+        assert obs.start_http() == port
+        assert obs.start_http() == port  # idempotent
+        assert _sample(_scrape(port), "propensity_requests_total", method="Recommend", code="OK") == 1
+    finally:
+        obs.close()
+    with pytest.raises(urllib.error.URLError):
+        _scrape(port)
+    obs.close()
+
+
+@pytest.mark.usefixtures("_isolated")
+def test_install_observability_with_everything_off() -> None:
+    obs = install_observability(Settings(server=ServerSettings(metrics_port=0)))
+    assert obs.served_log is None
+    assert obs.start_http() is None
+    obs.close()
