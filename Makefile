@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO_FILES := $(wildcard protos/propensity/v1/*.proto)
 
-.PHONY: help venv proto proto-check run demo test test-fast clean
+.PHONY: help venv proto proto-check run demo test test-fast clean bench
 
 help:
 	@echo "make run          build everything from demo data and serve on localhost:50051"
@@ -42,3 +42,8 @@ test-fast: $(STAMP)
 
 clean:
 	rm -rf var feature_repo/data
+
+# Benchmarks (docs/benchmarks/): builds var/bench/ if missing, h2load from Debian's nghttp2-client.
+bench: $(STAMP)
+	@command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
+	$(BIN)/python -m bench.run

@@ -7,6 +7,7 @@ counts and the compute floor describe exactly the work a Recommend call does.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import pandas as pd
 from bench.state import BenchState
 from propensity.candidates import generate_candidates
 from propensity.catalog import Catalog
-from propensity.settings import Settings
+from propensity.settings import CandidateSettings, Settings
 from propensity.user_state import UserState
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -52,10 +53,17 @@ def all_item_ids(state: BenchState) -> list[str]:
     return pd.read_parquet(path, columns=["item_id"])["item_id"].astype(str).unique().tolist()
 
 
-def open_shop(state: BenchState) -> Shop:
+def open_shop(state: BenchState, serve_env: dict[str, str] | None = None) -> Shop:
+    """Open the shop with the same serving overrides (PROPENSITY_* variables) the servers get."""
     from feast import FeatureStore
 
-    settings = Settings(work_dir=state.work_dir, data_dir=state.data_dir, feature_repo=state.feature_repo)
+    saved = dict(os.environ)
+    os.environ.update(serve_env or {})
+    try:
+        settings = Settings(work_dir=state.work_dir, data_dir=state.data_dir, feature_repo=state.feature_repo)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     store = FeatureStore(repo_path=str(state.feature_repo))
     user_service = store.get_feature_service(settings.user_feature_service)
     item_service = store.get_feature_service(settings.item_feature_service)
@@ -92,9 +100,10 @@ def sample_users(state: BenchState, shop: Shop, n: int, seed: int = 42) -> tuple
     return users, rows
 
 
-def candidate_counts(shop: Shop, user_ids: Sequence[str], rows: Sequence[dict[str, object]]) -> np.ndarray:
-    """Candidates generate_candidates gives each user (the server caps at max_candidates)."""
+def candidate_counts(shop: Shop, user_ids: Sequence[str], rows: Sequence[dict[str, object]], settings: CandidateSettings | None = None) -> np.ndarray:
+    """Candidates generate_candidates gives each user (default: the shop's serving settings)."""
+    settings = settings or shop.settings.candidates
     return np.array([
-        len(generate_candidates(UserState.from_row(u, r, shop.catalog), shop.catalog, shop.settings.candidates).item_idx)
+        len(generate_candidates(UserState.from_row(u, r, shop.catalog), shop.catalog, settings).item_idx)
         for u, r in zip(user_ids, rows)
     ])

@@ -122,15 +122,26 @@ class Metrics:
         self._served_log_errors.inc()
 
 
+# Our own multi-process directory, set by prepare_multiprocess_dir and inherited by forked workers.
+# Deliberately not read from PROMETHEUS_MULTIPROC_DIR: `import feast` sets that variable to a
+# directory of its own, and treating it as ours silently broke single-process metrics.
+_shared_dir: Path | None = None
+
+
 def multiprocess_dir() -> Path | None:
     """The multi-process directory when multi-process mode is on, else None."""
-    path = os.environ.get(MULTIPROC_ENV)
-    return Path(path) if path else None
+    return _shared_dir
 
 
 def multiprocess_enabled() -> bool:
-    """True when metric values go to mmap files under PROMETHEUS_MULTIPROC_DIR."""
-    return multiprocess_dir() is not None and getattr(values.ValueClass, "_multiprocess", False)
+    """True when metric values go to mmap files shared by worker processes."""
+    return _shared_dir is not None
+
+
+def use_in_process_values() -> None:
+    """Keep metric values in this process's memory (single-process mode), whatever a library switched."""
+    if _shared_dir is None:
+        values.ValueClass = values.MutexValue
 
 
 def prepare_multiprocess_dir(path: str | Path, clean: bool = True) -> Path:
@@ -147,9 +158,10 @@ def prepare_multiprocess_dir(path: str | Path, clean: bool = True) -> Path:
     if clean:
         for stale in path.glob("*.db"):  # only value files: a mistyped path must not lose other data
             stale.unlink()
-    os.environ[MULTIPROC_ENV] = str(path)
-    if not getattr(values.ValueClass, "_multiprocess", False):
-        values.ValueClass = values.MultiProcessValue()
+    global _shared_dir
+    os.environ[MULTIPROC_ENV] = str(path)  # where MultiProcessValue files go, in this process and forked workers
+    values.ValueClass = values.MultiProcessValue()
+    _shared_dir = path
     return path
 
 

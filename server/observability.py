@@ -44,7 +44,7 @@ from prometheus_client import CollectorRegistry
 from propensity.settings import Settings
 from server.interceptors import ObservabilityInterceptor
 from server.log_setup import configure_logging
-from server.metrics import Metrics, mark_process_dead, multiprocess_dir, multiprocess_enabled, prepare_multiprocess_dir, start_metrics_http
+from server.metrics import Metrics, mark_process_dead, multiprocess_enabled, prepare_multiprocess_dir, start_metrics_http, use_in_process_values
 from server.served_log import ServedFeatureLogger
 
 log = logging.getLogger(__name__)
@@ -97,23 +97,20 @@ def install_observability(settings: Settings, serve_http: bool = True, metrics_a
 
     serve_http=True: this process serves /metrics (the only process, or the parent of workers).
     serve_http=False: a worker; it records metrics into the directory its parent prepared.
-    With workers > 1 the parent gets no served-feature log (it answers no RPCs), and uses
-    PROMETHEUS_MULTIPROC_DIR when set, else a fresh temporary directory removed on close().
+    With workers > 1 the parent gets no served-feature log (it answers no RPCs) and prepares a
+    fresh temporary metrics directory, shared with the forked workers and removed on close().
     metrics_addr defaults to settings.server.host.
     """
     server = settings.server
     configure_logging(server.log_format)
     parent_of_workers = serve_http and server.workers > 1
     owned: Path | None = None
-    shared = multiprocess_dir()
-    if serve_http and (server.workers > 1 or shared is not None):
-        if shared is None:
-            shared = owned = Path(tempfile.mkdtemp(prefix="propensity-metrics-"))
-        prepare_multiprocess_dir(shared)
-    elif not serve_http and shared is not None and not multiprocess_enabled():
-        prepare_multiprocess_dir(shared, clean=False)  # a spawned worker, or env set after import
-    elif not serve_http and server.workers > 1 and shared is None:
-        log.warning("workers=%d but PROMETHEUS_MULTIPROC_DIR is unset: this worker's metrics are not served", server.workers)
+    if parent_of_workers:
+        owned = prepare_multiprocess_dir(Path(tempfile.mkdtemp(prefix="propensity-metrics-")))
+    elif server.workers > 1 and not multiprocess_enabled():
+        log.warning("workers=%d but no shared metrics directory was prepared: this worker's metrics are not served", server.workers)
+    elif server.workers <= 1:
+        use_in_process_values()
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     served_log = None

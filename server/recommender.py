@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -130,18 +131,28 @@ class Recommender:
         self._shadow(query, model, features, ids)
         return self._answer(query, model, propensity, items, Fallback.NONE)
 
-    def score_users(self, user_ids: list[str], model_version: str = "") -> UserScores:
+    async def score_users(self, user_ids: list[str], model_version: str = "", chunk: int = 500) -> UserScores:
+        """Score many users with one model version, in chunks that yield to the event loop between them.
+
+        A long marketing list must not stall other calls (or a shutdown signal) for its whole duration.
+        """
         model = self._models.get(model_version)
         catalog = self._items.catalog
         now = time.time()
-        with self._observer.stage("features"):
-            rows = self._features.fetch(user_ids)
-        users = [UserState.from_row(u, row, catalog) for u, row in zip(user_ids, rows)]
-        with self._observer.stage("scoring"):
-            scores = model.predict_users(user_matrix(users, now))
-        known = np.array([u.known for u in users], dtype=bool)
-        scores = np.where(known, scores, model.base_rate)
-        return UserScores(user_ids, scores.tolist(), (~known).tolist(), model.version, model.user_feature_service)
+        scores: list[float] = []
+        unknown: list[bool] = []
+        for start in range(0, len(user_ids), chunk):
+            part = user_ids[start : start + chunk]
+            with self._observer.stage("features"):
+                rows = self._features.fetch(part)
+            users = [UserState.from_row(u, row, catalog) for u, row in zip(part, rows)]
+            with self._observer.stage("scoring"):
+                predicted = model.predict_users(user_matrix(users, now))
+            known = np.array([u.known for u in users], dtype=bool)
+            scores.extend(np.where(known, predicted, model.base_rate).tolist())
+            unknown.extend((~known).tolist())
+            await asyncio.sleep(0)
+        return UserScores(user_ids, scores, unknown, model.version, model.user_feature_service)
 
     def score_items(self, user_id: str, item_ids: list[str], model_version: str = "") -> ItemScores:
         model = self._models.choose(user_id, model_version)

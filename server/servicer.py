@@ -68,7 +68,7 @@ class RecommendationServicer(pb_grpc.RecommendationServiceServicer):
     @_handle_errors
     async def ScoreUsers(self, request: pb.ScoreUsersRequest, context: grpc.aio.ServicerContext) -> pb.ScoreUsersResponse:
         user_ids = validation.id_list(request.user_ids, "user_ids", self._limits.max_score_users, required=True)
-        return _user_scores(self._recommender.score_users(list(user_ids), request.model_version))
+        return _user_scores(await self._recommender.score_users(list(user_ids), request.model_version))
 
     @_handle_errors
     async def ScoreItems(self, request: pb.ScoreItemsRequest, context: grpc.aio.ServicerContext) -> pb.ScoreItemsResponse:

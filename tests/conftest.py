@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -126,22 +127,29 @@ def wait_until_serving(target: str, process: subprocess.Popen, log: Path, timeou
     raise TimeoutError(f"server at {target} not SERVING after {timeout}s:\n{log.read_text()[-4000:]}")
 
 
-@pytest.fixture(scope="session")
-def server(pipeline: Pipeline) -> Iterator[RunningServer]:
-    """The real server, as `propensity serve` starts it, on a free port."""
+@contextlib.contextmanager
+def running_server(env: dict[str, str], log: Path, *extra_args: str) -> Iterator[RunningServer]:
+    """`propensity serve` on a free port with env; stopped (SIGTERM, then kill) on exit."""
     port = free_port()
-    log = pipeline.root / "server.log"
     with log.open("w") as out:
         process = subprocess.Popen(
-            [str(BIN / "propensity"), "serve", "--port", str(port)], env=pipeline.env, stdout=out, stderr=subprocess.STDOUT
+            [str(BIN / "propensity"), "serve", "--port", str(port), *extra_args], env=env, stdout=out, stderr=subprocess.STDOUT
         )
     target = f"localhost:{port}"
     try:
         wait_until_serving(target, process, log)
         yield RunningServer(target, process, log)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+@pytest.fixture(scope="session")
+def server(pipeline: Pipeline) -> Iterator[RunningServer]:
+    """The real server, as `propensity serve` starts it, on a free port."""
+    with running_server(pipeline.env, pipeline.root / "server.log") as running:
+        yield running

@@ -162,20 +162,21 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def test_worker_processes_are_summed_over_http(tmp_path: Path) -> None:
-    """PROMETHEUS_MULTIPROC_DIR set by the operator before start: two workers count, a third process serves the sum."""
+    """Two workers record into one prepared directory, a third process serves the sum."""
     directory = tmp_path / "prom"
     directory.mkdir()
-    env = _env(PROMETHEUS_MULTIPROC_DIR=str(directory))
-    worker = """
+    env = _env()
+    worker = f"""
         import sys
         from prometheus_client import CollectorRegistry
-        from server.metrics import Metrics
+        from server.metrics import Metrics, prepare_multiprocess_dir
+        prepare_multiprocess_dir({str(directory)!r}, clean=False)
         metrics = Metrics(CollectorRegistry())
         n = int(sys.argv[1])
         for _ in range(n):
             metrics.observe_request("Recommend", "OK", 0.01)
         metrics.set_feature_age("user_activity", 10.0 * n)
-        metrics.set_models({"v1": "current"})
+        metrics.set_models({{"v1": "current"}})
         print(__import__("os").getpid())
     """
     pids = []
@@ -183,9 +184,10 @@ def test_worker_processes_are_summed_over_http(tmp_path: Path) -> None:
         done = subprocess.run([sys.executable, "-c", textwrap.dedent(worker), str(n)], env=env, cwd=tmp_path,
                               capture_output=True, text=True, timeout=30, check=True)
         pids.append(int(done.stdout))
-    serving = _Serving("""
+    serving = _Serving(f"""
         import sys
-        from server.metrics import mark_process_dead, start_metrics_http
+        from server.metrics import mark_process_dead, prepare_multiprocess_dir, start_metrics_http
+        prepare_multiprocess_dir({str(directory)!r}, clean=False)
         mark_process_dead(int(sys.argv[1]))
         server, _ = start_metrics_http(0)
         print(server.server_port, flush=True)
@@ -286,3 +288,23 @@ def test_install_observability_with_everything_off() -> None:
     assert obs.served_log is None
     assert obs.start_http() is None
     obs.close()
+
+
+def test_importing_feast_does_not_hijack_single_process_metrics(tmp_path: Path) -> None:
+    """`import feast` sets PROMETHEUS_MULTIPROC_DIR to its own directory; our counters must still be served."""
+    port = _free_port()
+    script = f"""
+        import urllib.request
+        import feast  # noqa: F401  (sets PROMETHEUS_MULTIPROC_DIR)
+        from propensity.settings import ServerSettings, Settings
+        from server.observability import install_observability
+        obs = install_observability(Settings(server=ServerSettings(metrics_port={port}, host="127.0.0.1")))
+        obs.start_http()
+        obs.metrics.observe_request("Recommend", "OK", 0.01)
+        print(urllib.request.urlopen("http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
+        obs.close()
+    """
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _sample(done.stdout, "propensity_requests_total", method="Recommend", code="OK") == 1
+    assert _sample(done.stdout, "propensity_fallbacks_total", reason="DEADLINE") == 0

@@ -72,7 +72,7 @@ class _Scripted:
         self._answer(query)
         return Recommendation(query.user_id, 0.5, [ScoredItem("i1", 0.9), ScoredItem("i2", 0.4)], "v1", "users_v1", "items_v1")
 
-    def score_users(self, user_ids: list[str], model_version: str = "") -> UserScores:
+    async def score_users(self, user_ids: list[str], model_version: str = "") -> UserScores:
         self._answer((user_ids, model_version))
         return UserScores(user_ids, [0.1] * len(user_ids), [False] * len(user_ids), "v1", "users_v1")
 

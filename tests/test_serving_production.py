@@ -1,0 +1,267 @@
+"""The production serving path against real server processes: versions, reload, explanations, deadlines, operations."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pandas as pd
+import pytest
+
+from propensity.model_registry import current_version, promote
+from propensity.v1 import recommendation_service_pb2 as pb
+from propensity.v1 import recommendation_service_pb2_grpc as pb_grpc
+from tests.conftest import SHOPPER, Pipeline, RunningServer, free_port, running_server
+
+pytestmark = pytest.mark.slow
+
+
+def clone_version(models: Path, source: str, target: str, damage: Callable[[Path], None] | None = None) -> str:
+    """A new registry version copied from `source` (the same trees under another id), optionally damaged."""
+    directory = models / "versions" / target
+    shutil.copytree(models / "versions" / source, directory)
+    metadata = json.loads((directory / "metadata.json").read_text())
+    metadata["version"] = target
+    (directory / "metadata.json").write_text(json.dumps(metadata))
+    if damage:
+        damage(directory)
+    return target
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def private_env(pipeline: Pipeline, name: str, **server: object) -> tuple[dict[str, str], Path]:
+    """A copy of the pipeline's prepared data and models (tests promote versions) and server settings."""
+    work = pipeline.root / name
+    shutil.copytree(pipeline.work_dir, work)
+    env = {**pipeline.env, "PROPENSITY_WORK_DIR": str(work)}
+    env.update({f"PROPENSITY_SERVER__{key.upper()}": value if isinstance(value, str) else json.dumps(value) for key, value in server.items()})
+    return env, work
+
+
+def users(pipeline: Pipeline, n: int) -> list[str]:
+    events = pd.read_parquet(pipeline.work_dir / "prepared" / "events.parquet", columns=["user_id"])
+    return events["user_id"].value_counts().index[:n].astype(str).tolist()
+
+
+@pytest.fixture(scope="module")
+def prod(pipeline: Pipeline) -> Iterator[tuple[RunningServer, pb_grpc.RecommendationServiceStub, Path, int]]:
+    metrics_port = free_port()
+    env, work = private_env(
+        pipeline, "prod", metrics_port=metrics_port, explain_top_features=1000, deadline_floor_ms=300,
+        model_poll_seconds=0.3, log_format="json", served_log_dir=str(pipeline.root / "served"), served_log_sample_rate=1.0,
+    )
+    with running_server(env, pipeline.root / "prod.log") as server:
+        channel = grpc.insecure_channel(server.target)
+        yield server, pb_grpc.RecommendationServiceStub(channel), work, metrics_port
+        channel.close()
+
+
+def test_explanations_sum_to_the_raw_score(prod) -> None:
+    _, stub, _, _ = prod
+    response = stub.Recommend(pb.RecommendRequest(user_id=SHOPPER, num_items=5, explain=True), timeout=5)
+    assert response.items
+    for item in response.items:
+        total = item.base_value + sum(c.contribution for c in item.contributions)
+        assert total == pytest.approx(item.raw_score, abs=1e-6)
+        assert 1 / (1 + math.exp(-item.raw_score)) == pytest.approx(item.score, abs=1e-9)
+        magnitudes = [abs(c.contribution) for c in item.contributions]
+        assert magnitudes == sorted(magnitudes, reverse=True)
+    top_reasons = {c.feature for c in response.items[0].contributions[:5]}
+    assert top_reasons & {"ui_views_7d", "ui_carts_7d", "ui_in_cart", "ui_days_since_last", "ui_recent_rank", "ui_covisit_score"}
+    plain = stub.Recommend(pb.RecommendRequest(user_id=SHOPPER, num_items=5), timeout=5)
+    assert all(not item.contributions for item in plain.items)
+
+
+def test_a_tight_deadline_gets_the_fallback_instead_of_an_error(prod) -> None:
+    _, stub, _, _ = prod
+    response = stub.Recommend(pb.RecommendRequest(user_id=SHOPPER, num_items=5), timeout=0.25)  # floor is 300 ms
+    assert response.fallback_used and response.fallback_reason == pb.FALLBACK_REASON_DEADLINE
+    assert len(response.items) == 5
+    relaxed = stub.Recommend(pb.RecommendRequest(user_id=SHOPPER, num_items=5), timeout=5)
+    assert not relaxed.fallback_used
+
+
+def test_the_request_id_is_honoured_and_echoed(prod) -> None:
+    _, stub, _, _ = prod
+    response, call = stub.Recommend.with_call(pb.RecommendRequest(user_id=SHOPPER), timeout=5, metadata=[("x-request-id", "req-42")])
+    assert response.request_id == "req-42"
+    assert ("x-request-id", "req-42") in call.initial_metadata()
+    generated, call = stub.Recommend.with_call(pb.RecommendRequest(user_id=SHOPPER), timeout=5)
+    assert generated.request_id and dict(call.initial_metadata())["x-request-id"] == generated.request_id
+
+
+def test_metrics_endpoint_reports_requests_stages_fallbacks_models_and_freshness(prod) -> None:
+    server, stub, _, metrics_port = prod
+    stub.Recommend(pb.RecommendRequest(user_id=SHOPPER), timeout=5)
+    stub.Recommend(pb.RecommendRequest(user_id="nobody-at-all"), timeout=5)
+    with pytest.raises(grpc.RpcError):
+        stub.Recommend(pb.RecommendRequest(user_id=""), timeout=5)
+
+    def scrape() -> str:
+        return urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+
+    assert wait_for(lambda: 'code="INVALID_ARGUMENT"' in scrape(), 5)
+    text = scrape()
+    assert re.search(r'propensity_requests_total\{code="OK",method="Recommend"\} [1-9]', text)
+    assert re.search(r'propensity_request_seconds_bucket\{code="OK",le="0.005",method="Recommend"\}', text)
+    for stage in ("features", "candidates", "scoring"):
+        assert re.search(rf'propensity_stage_seconds_count\{{stage="{stage}"\}} [1-9]', text), stage
+    assert re.search(r'propensity_fallbacks_total\{reason="UNKNOWN_USER"\} [1-9]', text)
+    assert re.search(r'propensity_model_info\{role="current",version="v[0-9T]+"\} 1.0', text)
+    assert re.search(r'propensity_feature_age_seconds\{feature_view="user_activity"\} [0-9.e+]+', text)
+    assert "propensity_item_cache_age_seconds" in text
+
+
+def test_pinning_and_hot_reload_under_continuous_traffic(prod) -> None:
+    _, stub, work, _ = prod
+    models = work / "models"
+    before = current_version(models)
+    after = clone_version(models, before, "v29990101T000000")
+    errors: list[str] = []
+    seen: list[str] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            try:
+                seen.append(stub.Recommend(pb.RecommendRequest(user_id=SHOPPER, num_items=5), timeout=5).model_version)
+            except grpc.RpcError as error:
+                errors.append(f"{error.code().name}: {error.details()}")
+
+    threads = [threading.Thread(target=traffic) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(0.5)
+        promote(models, after)
+        assert wait_for(lambda: seen and seen[-1] == after, 15), "promotion was not picked up"
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert not errors, errors[:3]
+    assert before in seen and after in seen
+    assert seen.index(after) > seen.index(before)
+    pinned = stub.Recommend(pb.RecommendRequest(user_id=SHOPPER, model_version=before), timeout=5)
+    assert pinned.model_version == before
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda d: (d / "item_ranker.txt").write_text("not a LightGBM model"),
+        lambda d: (d / "metadata.json").write_text(
+            json.dumps({**json.loads((d / "metadata.json").read_text()), "feature_services": {
+                "user": {"name": "propensity_user_v1", "fingerprint": "0000000000000000"},
+                "item": json.loads((d / "metadata.json").read_text())["feature_services"]["item"]}})
+        ),
+    ],
+    ids=["unreadable-model", "feature-service-changed"],
+)
+def test_a_broken_promotion_is_rejected_and_the_old_model_keeps_serving(prod, damage) -> None:
+    server, stub, work, _ = prod
+    models = work / "models"
+    serving = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5).current_version
+    broken = clone_version(models, serving, f"v2999{len(list((models / 'versions').iterdir())):04d}T000000", damage)
+    promote(models, broken)
+    assert wait_for(lambda: f"refusing promoted model {broken}" in server.log.read_text(), 10)
+    for _ in range(10):
+        assert stub.Recommend(pb.RecommendRequest(user_id=SHOPPER), timeout=5).model_version == serving
+    assert stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5).current_version == serving
+    promote(models, serving)
+
+
+def test_served_features_and_scores_are_logged(prod, pipeline: Pipeline) -> None:
+    _, stub, _, _ = prod
+    stub.Recommend(pb.RecommendRequest(user_id=SHOPPER, num_items=3), timeout=5, metadata=[("x-request-id", "logged-1")])
+    directory = pipeline.root / "served"
+
+    def mine() -> pd.DataFrame:
+        files = list(directory.glob("served-*.parquet"))
+        logged = pd.concat(pd.read_parquet(p) for p in files) if files else pd.DataFrame({"request_id": []})
+        return logged[logged["request_id"] == "logged-1"]
+
+    assert wait_for(lambda: len(mine()) > 0, 20)  # flushed every few seconds
+    mine = mine()
+    assert len(mine) == 3 and set(mine["user_id"]) == {SHOPPER}
+    assert {"ui_carts_7d", "item_price", "score", "model_version", "item_id"} <= set(mine.columns)
+
+
+def test_traffic_split_is_stable_per_user_shadow_is_logged_and_categories_are_capped(pipeline: Pipeline) -> None:
+    env, work = private_env(pipeline, "split", max_items_per_category=1)
+    models = work / "models"
+    base = current_version(models)
+    arm_b = clone_version(models, base, "v29990202T000000")
+    env["PROPENSITY_SERVER__TRAFFIC_SPLIT"] = json.dumps({base: 0.5, arm_b: 0.5})
+    env["PROPENSITY_SERVER__SHADOW_VERSION"] = arm_b
+    with running_server(env, pipeline.root / "split.log") as server, grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.RecommendationServiceStub(channel)
+        shoppers = users(pipeline, 60)
+        first = {u: stub.Recommend(pb.RecommendRequest(user_id=u), timeout=5).model_version for u in shoppers}
+        again = {u: stub.Recommend(pb.RecommendRequest(user_id=u), timeout=5).model_version for u in shoppers}
+        assert first == again
+        assert set(first.values()) == {base, arm_b}
+        assert 10 <= sum(v == base for v in first.values()) <= 50
+        pinned = stub.Recommend(pb.RecommendRequest(user_id=shoppers[0], model_version=base), timeout=5)
+        assert pinned.model_version == base
+        catalog = pd.read_parquet(work / "prepared" / "items.parquet", columns=["item_id", "category_id"]).set_index("item_id")["category_id"]
+        for user in shoppers[:10]:
+            items = [i.item_id for i in stub.Recommend(pb.RecommendRequest(user_id=user, num_items=5), timeout=5).items]
+            assert len(set(catalog[items])) == len(items), items
+        assert wait_for(lambda: "shadow scoring" in server.log.read_text(), 5)
+
+
+def test_graceful_shutdown_finishes_calls_in_flight(pipeline: Pipeline) -> None:
+    env, _ = private_env(pipeline, "shutdown", grace_seconds=20)
+    shoppers = users(pipeline, 1000)
+    many = (shoppers * (2_000 // len(shoppers) + 1))[:2_000]  # 2k ids: about two seconds per call here
+    with running_server(env, pipeline.root / "shutdown.log") as server, grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.RecommendationServiceStub(channel)
+        calls = [stub.ScoreUsers.future(pb.ScoreUsersRequest(user_ids=many), timeout=60) for _ in range(4)]
+        for call in calls:
+            call.initial_metadata()  # sent when the handler starts: every call is now in flight
+        server.process.send_signal(signal.SIGTERM)
+        results = []
+        for call in calls:
+            try:
+                results.append(len(call.result().scores))
+            except grpc.RpcError as error:
+                results.append(f"{error.code().name}: {error.details()}")
+        assert server.process.wait(timeout=60) == 0
+        assert results == [2_000] * 4
+        log = server.log.read_text()
+        assert log.index("shutting down: health NOT_SERVING") < log.index("stopped")
+
+
+def test_two_worker_processes_share_the_port(pipeline: Pipeline) -> None:
+    env, _ = private_env(pipeline, "workers", workers=2)
+    with running_server(env, pipeline.root / "workers.log") as server:
+        children = subprocess.run(["pgrep", "-P", str(server.process.pid)], capture_output=True, text=True).stdout.split()
+        assert len(children) == 2
+        answered = 0
+        for _ in range(8):  # SO_REUSEPORT balances connections, so use several
+            with grpc.insecure_channel(server.target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+                response = pb_grpc.RecommendationServiceStub(channel).Recommend(pb.RecommendRequest(user_id=SHOPPER), timeout=10)
+                answered += bool(response.items)
+        assert answered == 8
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=60) == 0
