@@ -86,7 +86,7 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     from training.publish import publish_features
 
     settings = _settings(args)
-    publish_features(settings.feature_repo, load_prepared(settings.prepared_dir).as_of)
+    publish_features(settings.feature_repo, load_prepared(settings.prepared_dir).as_of, yaml_file=settings.feature_store_yaml)
     return 0
 
 

@@ -16,18 +16,20 @@ class FeatureContractError(RuntimeError):
     """A model and a feature service disagree about the features."""
 
 
-def open_store(repo: Path) -> FeatureStore:
-    """The Feast store of the repository at repo (feature_store.yaml inside)."""
-    if not (repo / "feature_store.yaml").exists():
-        raise FileNotFoundError(f"{repo}: no feature_store.yaml (is this the Feast repository?)")
-    return FeatureStore(repo_path=str(repo))
+def open_store(repo: Path, yaml_file: Path | None = None) -> FeatureStore:
+    """The Feast store of the repository at repo, configured by its feature_store.yaml or by a profile's yaml_file."""
+    config = yaml_file or repo / "feature_store.yaml"
+    if not config.exists():
+        raise FileNotFoundError(f"{config}: no such feature_store.yaml (is {repo} the Feast repository?)")
+    return FeatureStore(repo_path=str(repo), fs_yaml_file=config.resolve())
 
 
-def feast_apply(repo: Path) -> str:
+def feast_apply(repo: Path, yaml_file: Path | None = None) -> str:
     """Run the plain `feast apply` a feature engineer would run, so both paths stay identical."""
     feast = Path(sys.executable).with_name("feast")
+    profile = ["--feature-store-yaml", str(yaml_file.resolve())] if yaml_file else []
     result = subprocess.run(
-        [str(feast), "--chdir", str(repo), "apply"], capture_output=True, text=True,
+        [str(feast), "--chdir", str(repo), *profile, "apply"], capture_output=True, text=True,
         env={**os.environ, "FEAST_USAGE": "False"},
     )
     if result.returncode != 0:

@@ -111,6 +111,11 @@ class Settings(BaseSettings):
         True,
         description="Shift the event log by whole weeks so that its as-of time lands just before now (keeps historical logs servable).",
     )
+    feature_store_yaml: Path | None = Field(
+        None,
+        description="A feature_store.yaml to use instead of the repository's own, e.g. feature_repo/profiles/redis.yaml (store profiles).",
+    )
+    stream_dir: Path | None = Field(None, description="Where ingested events are logged durably; default <work_dir>/stream.")
     user_feature_service: str = Field("propensity_user_v1", description="Feast feature service read per request (user features).")
     item_feature_service: str = Field("propensity_item_v1", description="Feast feature service cached in the server (item features).")
     demo: DemoSettings = DemoSettings()
@@ -141,6 +146,11 @@ class Settings(BaseSettings):
     def model_dir(self) -> Path:
         """Model registry root."""
         return self.work_dir / "models"
+
+    @property
+    def event_log_dir(self) -> Path:
+        """Durable log of events ingested through IngestEvents (read by the next prepare)."""
+        return self.stream_dir or self.work_dir / "stream"
 
     @property
     def offline_dir(self) -> Path:

@@ -54,7 +54,7 @@ class Components:
 
 
 def build_components(settings: Settings, observability: Observability | None = None) -> Components:
-    store = open_store(settings.feature_repo)
+    store = open_store(settings.feature_repo, settings.feature_store_yaml)
 
     def check_contract(bundle: ModelBundle) -> None:
         for side, configured in (("user", settings.user_feature_service), ("item", settings.item_feature_service)):
@@ -75,7 +75,7 @@ def build_components(settings: Settings, observability: Observability | None = N
         on_change=(lambda pool: metrics.set_models(pool.roles())) if metrics else None,
         scoring_backend=settings.server.scoring_backend,
     )
-    items = ItemCache(lambda: open_store(settings.feature_repo), settings.item_feature_service)
+    items = ItemCache(lambda: open_store(settings.feature_repo, settings.feature_store_yaml), settings.item_feature_service)
     manifest = settings.prepared_dir / "manifest.json"
     as_of = json.loads(manifest.read_text())["as_of"] if manifest.exists() else ""
     recommender = Recommender(

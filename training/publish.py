@@ -16,11 +16,11 @@ from propensity.feature_store import feast_apply, open_store
 _LOOKBACK = timedelta(days=3660)
 
 
-def publish_features(repo: Path, as_of: datetime, progress: Callable[[str], None] = print) -> dict[str, int]:
+def publish_features(repo: Path, as_of: datetime, progress: Callable[[str], None] = print, yaml_file: Path | None = None) -> dict[str, int]:
     """Apply definitions and materialize up to as_of; return online entities per feature view."""
     started = time.perf_counter()
-    feast_apply(repo)
-    store = open_store(repo)
+    feast_apply(repo, yaml_file)
+    store = open_store(repo, yaml_file)
     views = sorted(store.list_feature_views(), key=lambda v: v.name)
     progress(f"feast apply: {len(views)} feature views, services {', '.join(s.name for s in store.list_feature_services())}")
     entities: dict[str, int] = {}

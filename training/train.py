@@ -33,7 +33,7 @@ class TrainingResult:
 def train(settings: Settings, prepared: PreparedData, promote_to_current: bool = True, progress: Callable[[str], None] = print) -> TrainingResult:
     """Build point-in-time training rows from Feast, fit both models, save (and promote) a new version."""
     started = time.perf_counter()
-    store = open_store(settings.feature_repo)
+    store = open_store(settings.feature_repo, settings.feature_store_yaml)
     events = pd.read_parquet(prepared.directory / "events.parquet", columns=["event_time"])
     cutoffs = cutoff_times(prepared.as_of, events["event_time"].min().to_pydatetime(), settings.training)
     progress(f"training: {len(cutoffs)} cut-offs {cutoffs[0]:%Y-%m-%d} .. {cutoffs[-1]:%Y-%m-%d}, horizon {settings.training.horizon_days} days")

@@ -181,13 +181,75 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., feature_service: _Optional[str] = ..., feature_names: _Optional[_Iterable[str]] = ..., metrics: _Optional[_Iterable[_Union[MetricValue, _Mapping]]] = ..., horizon_days: _Optional[int] = ..., train_start: _Optional[str] = ..., train_end: _Optional[str] = ..., trained_at: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("models", "current_version", "available_versions", "data_as_of")
+    __slots__ = ("models", "current_version", "available_versions", "data_as_of", "feature_freshness")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     CURRENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     DATA_AS_OF_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_FRESHNESS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     current_version: str
     available_versions: _containers.RepeatedScalarFieldContainer[str]
     data_as_of: str
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., current_version: _Optional[str] = ..., available_versions: _Optional[_Iterable[str]] = ..., data_as_of: _Optional[str] = ...) -> None: ...
+    feature_freshness: _containers.RepeatedCompositeFieldContainer[FeatureViewFreshness]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., current_version: _Optional[str] = ..., available_versions: _Optional[_Iterable[str]] = ..., data_as_of: _Optional[str] = ..., feature_freshness: _Optional[_Iterable[_Union[FeatureViewFreshness, _Mapping]]] = ...) -> None: ...
+
+class FeatureViewFreshness(_message.Message):
+    __slots__ = ("feature_view", "age_seconds", "ttl_seconds")
+    FEATURE_VIEW_FIELD_NUMBER: _ClassVar[int]
+    AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    feature_view: str
+    age_seconds: float
+    ttl_seconds: float
+    def __init__(self, feature_view: _Optional[str] = ..., age_seconds: _Optional[float] = ..., ttl_seconds: _Optional[float] = ...) -> None: ...
+
+class Event(_message.Message):
+    __slots__ = ("event_id", "event_time", "user_id", "item_id", "event_type", "session_id", "price", "quantity")
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    EVENT_TIME_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    EVENT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PRICE_FIELD_NUMBER: _ClassVar[int]
+    QUANTITY_FIELD_NUMBER: _ClassVar[int]
+    event_id: str
+    event_time: str
+    user_id: str
+    item_id: str
+    event_type: str
+    session_id: str
+    price: float
+    quantity: float
+    def __init__(self, event_id: _Optional[str] = ..., event_time: _Optional[str] = ..., user_id: _Optional[str] = ..., item_id: _Optional[str] = ..., event_type: _Optional[str] = ..., session_id: _Optional[str] = ..., price: _Optional[float] = ..., quantity: _Optional[float] = ...) -> None: ...
+
+class IngestEventsRequest(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[Event]
+    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ...) -> None: ...
+
+class RejectedEvent(_message.Message):
+    __slots__ = ("index", "event_id", "field", "reason")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    event_id: str
+    field: str
+    reason: str
+    def __init__(self, index: _Optional[int] = ..., event_id: _Optional[str] = ..., field: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class IngestEventsResponse(_message.Message):
+    __slots__ = ("accepted", "duplicates", "rejected", "rejections")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    REJECTIONS_FIELD_NUMBER: _ClassVar[int]
+    accepted: int
+    duplicates: int
+    rejected: int
+    rejections: _containers.RepeatedCompositeFieldContainer[RejectedEvent]
+    def __init__(self, accepted: _Optional[int] = ..., duplicates: _Optional[int] = ..., rejected: _Optional[int] = ..., rejections: _Optional[_Iterable[_Union[RejectedEvent, _Mapping]]] = ...) -> None: ...

@@ -56,6 +56,11 @@ class RecommendationServiceStub:
                 request_serializer=propensity_dot_v1_dot_recommendation__service__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=propensity_dot_v1_dot_recommendation__service__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
+        self.IngestEvents = channel.stream_unary(
+                '/propensity.v1.RecommendationService/IngestEvents',
+                request_serializer=propensity_dot_v1_dot_recommendation__service__pb2.IngestEventsRequest.SerializeToString,
+                response_deserializer=propensity_dot_v1_dot_recommendation__service__pb2.IngestEventsResponse.FromString,
+                _registered_method=True)
 
 
 class RecommendationServiceServicer:
@@ -91,6 +96,14 @@ class RecommendationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def IngestEvents(self, request_iterator, context):
+        """IngestEvents takes a stream of shop events: each accepted event is stored durably and updates the
+        user's real-time features before the response; duplicates (same event_id) are ignored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RecommendationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +126,11 @@ def add_RecommendationServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=propensity_dot_v1_dot_recommendation__service__pb2.GetModelInfoRequest.FromString,
                     response_serializer=propensity_dot_v1_dot_recommendation__service__pb2.GetModelInfoResponse.SerializeToString,
+            ),
+            'IngestEvents': grpc.stream_unary_rpc_method_handler(
+                    servicer.IngestEvents,
+                    request_deserializer=propensity_dot_v1_dot_recommendation__service__pb2.IngestEventsRequest.FromString,
+                    response_serializer=propensity_dot_v1_dot_recommendation__service__pb2.IngestEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -225,6 +243,33 @@ class RecommendationService:
             '/propensity.v1.RecommendationService/GetModelInfo',
             propensity_dot_v1_dot_recommendation__service__pb2.GetModelInfoRequest.SerializeToString,
             propensity_dot_v1_dot_recommendation__service__pb2.GetModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IngestEvents(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/propensity.v1.RecommendationService/IngestEvents',
+            propensity_dot_v1_dot_recommendation__service__pb2.IngestEventsRequest.SerializeToString,
+            propensity_dot_v1_dot_recommendation__service__pb2.IngestEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,
