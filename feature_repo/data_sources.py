@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from feast import FileSource
+from feast import FileSource, PushSource
 
 # Absolute paths: Feast's DuckDB offline store resolves relative ones against the working
 # directory, not the repository, so `feast materialize` would depend on where it was run from.
@@ -46,5 +46,21 @@ item_neighbors_source = FileSource(
     path=str(OFFLINE_DIR / "item_neighbors.parquet"),
     timestamp_field="event_timestamp",
     description="Items co-visited with each item in the same sessions (weekly).",
+    tags={"owner": "propensity-team"},
+)
+
+# Streaming: the server pushes real-time updates of these views as events arrive (IngestEvents).
+# A push source names its batch source, so history and materialization still read the Parquet tables.
+user_activity_push = PushSource(
+    name="user_activity_push",
+    batch_source=user_activity_source,
+    description="Real-time user activity updates from ingested events.",
+    tags={"owner": "propensity-team"},
+)
+
+user_interests_push = PushSource(
+    name="user_interests_push",
+    batch_source=user_interests_source,
+    description="Real-time recent-item and in-cart updates from ingested events.",
     tags={"owner": "propensity-team"},
 )

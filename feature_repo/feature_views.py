@@ -8,8 +8,8 @@ from feast.types import Array, Float64, Int64, String
 from data_sources import (
     item_neighbors_source,
     item_stats_source,
-    user_activity_source,
-    user_interests_source,
+    user_activity_push,
+    user_interests_push,
     user_profile_source,
 )
 from entities import item, user
@@ -47,7 +47,7 @@ user_activity = FeatureView(
         Field(name="last_purchase_ts", dtype=Int64, description="Epoch seconds of the latest purchase; null if none."),
         Field(name="first_event_ts", dtype=Int64, description="Epoch seconds of the user's first event."),
     ],
-    source=user_activity_source,
+    source=user_activity_push,
     online=True,
     description="Windowed activity aggregates per user (1/7/30 days).",
     tags=OWNER,
@@ -83,7 +83,7 @@ user_interests = FeatureView(
         Field(name="recent_item_in_cart", dtype=Array(Int64), description="1 if carted and not bought since."),
         Field(name="recent_item_last_ts", dtype=Array(Int64), description="Epoch seconds of the last interaction."),
     ],
-    source=user_interests_source,
+    source=user_interests_push,
     online=True,
     description="User x category affinity and the user's recent items (per-(user, item) state).",
     tags=OWNER,

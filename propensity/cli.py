@@ -65,8 +65,12 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from training.prepare import prepare
 
+    from propensity.event_log import EventLog
+
     settings = _settings(args)
-    prepare(settings.data_dir, settings.prepared_dir, as_of=settings.as_of, rebase_to=_today() if settings.rebase_to_now else None)
+    ingested = EventLog(settings.event_log_dir).to_frame() if (settings.event_log_dir / "events.db").exists() else None
+    prepare(settings.data_dir, settings.prepared_dir, as_of=settings.as_of, rebase_to=_today() if settings.rebase_to_now else None,
+            extra_events=ingested)
     return 0
 
 
@@ -172,6 +176,30 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    import grpc
+
+    from propensity.client import PropensityClient
+    from propensity.replay import messages, read_events
+
+    frame = read_events(Path(args.file))
+    total = min(len(frame), args.limit or len(frame))
+    print(f"replaying {total:,} events from {args.file} at {args.rate:g} events/s to {args.target}", flush=True)
+    started = time.perf_counter()
+    with PropensityClient(args.target) as client:
+        try:
+            response = client.ingest_events(messages(frame, args.rate, batch=args.batch, retime=not args.keep_times, limit=args.limit))
+        except grpc.RpcError as error:
+            print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    seconds = time.perf_counter() - started
+    print(f"accepted {response.accepted:,}, duplicates {response.duplicates:,}, rejected {response.rejected:,} "
+          f"in {seconds:.1f}s ({total / seconds:,.0f} events/s)")
+    for rejection in response.rejections[:10]:
+        print(f"  event {rejection.index} ({rejection.event_id or 'no id'}) {rejection.field}: {rejection.reason}")
+    return 0
+
+
 def _reason(value: int) -> str:
     from propensity.v1 import recommendation_service_pb2 as pb
 
@@ -235,6 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--example-user", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("replay", help="stream an events file into a running server (IngestEvents)")
+    p.add_argument("file", help="events file in the raw schema (CSV or Parquet)")
+    p.add_argument("--rate", type=float, default=100.0, help="events per second (0: as fast as possible)")
+    p.add_argument("--batch", type=int, default=50, help="events per stream message")
+    p.add_argument("--limit", type=int, help="stop after this many events")
+    p.add_argument("--keep-times", action="store_true", help="send the file's event times instead of the time of sending")
+    p.add_argument("--target", default="localhost:50051")
+    p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("recommend", help="ask a running server for recommendations")
     p.add_argument("user_id")

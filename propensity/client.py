@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import grpc
 
@@ -49,6 +49,10 @@ class PropensityClient:
 
     def score_items(self, user_id: str, item_ids: Sequence[str], model_version: str = "") -> pb.ScoreItemsResponse:
         return self._stub.ScoreItems(pb.ScoreItemsRequest(user_id=user_id, item_ids=list(item_ids), model_version=model_version), timeout=self.timeout)
+
+    def ingest_events(self, messages: Iterable[pb.IngestEventsRequest], timeout: float | None = None) -> pb.IngestEventsResponse:
+        """Stream events (client streaming); the answer counts accepted, duplicate and rejected events."""
+        return self._stub.IngestEvents(iter(messages), timeout=timeout)
 
     def model_info(self) -> pb.GetModelInfoResponse:
         return self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)

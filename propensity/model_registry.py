@@ -47,13 +47,19 @@ class ModelBundle:
         if not len(features):
             return np.empty(0)
         fast = self.compiled.get(USER_MODEL)
-        return fast.predict(features) if fast else self.user_model.predict(features, num_threads=self.num_threads)
+        raw = fast.predict(features) if fast else self.user_model.predict(features, num_threads=self.num_threads)
+        return apply_calibration(self.calibration(USER_MODEL), raw)
 
     def predict_items(self, features: np.ndarray) -> np.ndarray:
         if not len(features):
             return np.empty(0)
         fast = self.compiled.get(RANKER_MODEL)
-        return fast.predict(features) if fast else self.ranker.predict(features, num_threads=self.num_threads)
+        raw = fast.predict(features) if fast else self.ranker.predict(features, num_threads=self.num_threads)
+        return apply_calibration(self.calibration(RANKER_MODEL), raw)
+
+    def calibration(self, name: str) -> dict | None:
+        """The calibration map stored with a model (None: its outputs are used as they are)."""
+        return self.metadata["models"].get(name, {}).get("calibration")
 
     @property
     def backend(self) -> str:
@@ -90,6 +96,58 @@ class ModelBundle:
     @property
     def item_feature_service(self) -> str:
         return self.metadata["feature_services"]["item"]["name"]
+
+
+def apply_calibration(calibration: dict | None, scores: np.ndarray) -> np.ndarray:
+    """Map model outputs to probabilities with a stored calibration; None or {"method": "none"} leaves them unchanged.
+
+    - {"method": "platt", "a": a, "b": b, "input": "probability" | "raw"}: sigmoid(a * z + b), where z is
+      logit(score) for probability outputs (binary objective) and the score itself for raw ones (lambdarank).
+    - {"method": "isotonic", "x": [...], "y": [...]}: piecewise-linear through the isotonic breakpoints,
+      clipped to the end values (what scikit-learn's IsotonicRegression predicts with out_of_bounds="clip").
+    """
+    if not calibration or calibration.get("method", "none") == "none":
+        return scores
+    scores = np.asarray(scores, dtype=float)
+    method = calibration["method"]
+    if method == "platt":
+        z = scores
+        if calibration.get("input", "probability") == "probability":
+            clipped = np.clip(scores, 1e-15, 1 - 1e-15)
+            z = np.log(clipped / (1 - clipped))
+        return 1.0 / (1.0 + np.exp(-(calibration["a"] * z + calibration["b"])))
+    if method == "isotonic":
+        return np.interp(scores, np.asarray(calibration["x"], dtype=float), np.asarray(calibration["y"], dtype=float))
+    raise ModelLoadError(f"unknown calibration method {method!r}")
+
+
+class ContinuationError(RuntimeError):
+    """Training was asked to continue a model version whose feature services have since changed."""
+
+
+def check_continuation(root: Path, version: str, current: dict[str, dict[str, str]]) -> dict:
+    """Refuse to continue `version` when its feature services (name and fingerprint) differ from `current`; return its metadata.
+
+    current is shaped like metadata["feature_services"]: {"user": {"name", "fingerprint"}, "item": {...}}.
+    """
+    path = root / "versions" / version / METADATA
+    try:
+        metadata = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ContinuationError(f"{path.parent}: cannot continue model version {version}: not found") from None
+    previous = metadata.get("feature_services", {})
+    changed = [
+        f"{role} service {previous.get(role, {}).get('name')!r} fingerprint {previous.get(role, {}).get('fingerprint')} -> "
+        f"{current[role]['name']!r} fingerprint {current[role]['fingerprint']}"
+        for role in current
+        if previous.get(role, {}).get("name") != current[role]["name"] or previous.get(role, {}).get("fingerprint") != current[role]["fingerprint"]
+    ]
+    if changed:
+        raise ContinuationError(
+            f"cannot continue model version {version}: its features changed since it was trained ({'; '.join(changed)}). "
+            "Train a new model without continue_from, or publish the change as a new _vN feature service."
+        )
+    return metadata
 
 
 def new_version_id(now: datetime | None = None) -> str:

@@ -22,10 +22,14 @@ from propensity.model_registry import ModelBundle
 from propensity.settings import Settings
 from propensity.v1 import recommendation_service_pb2 as pb
 from propensity.v1 import recommendation_service_pb2_grpc as pb_grpc
-from server.item_cache import ItemCache, feature_freshness
+from propensity.event_log import EventLog
+from propensity.raw_data import EVENT_TYPES
+from server.ingest import EventIngestor
+from server.item_cache import FreshnessTracker, ItemCache
 from server.model_pool import ModelPool
 from server.observability import Observability, install_observability
 from server.online_features import OnlineUserFeatures
+from server.queries import ViewFreshness
 from server.recommender import Recommender
 from server.servicer import RecommendationServicer
 
@@ -51,6 +55,8 @@ class Components:
     models: ModelPool
     items: ItemCache
     store: object
+    ingestor: EventIngestor
+    freshness: FreshnessTracker
 
 
 def build_components(settings: Settings, observability: Observability | None = None) -> Components:
@@ -76,8 +82,12 @@ def build_components(settings: Settings, observability: Observability | None = N
         scoring_backend=settings.server.scoring_backend,
     )
     items = ItemCache(lambda: open_store(settings.feature_repo, settings.feature_store_yaml), settings.item_feature_service)
-    manifest = settings.prepared_dir / "manifest.json"
-    as_of = json.loads(manifest.read_text())["as_of"] if manifest.exists() else ""
+    manifest_path = settings.prepared_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    as_of = manifest.get("as_of", "")
+    recorded = frozenset(manifest.get("event_types", EVENT_TYPES))
+    ingestor = EventIngestor(store, EventLog(settings.event_log_dir), settings.features.recent_items_per_user, recorded)
+    freshness = FreshnessTracker(store, lambda: dict(ingestor.last_push))
     recommender = Recommender(
         models,
         OnlineUserFeatures(store, settings.user_feature_service),
@@ -87,8 +97,9 @@ def build_components(settings: Settings, observability: Observability | None = N
         as_of,
         observer=metrics,
         served_log=observability.served_log if observability else None,
+        freshness=lambda: [ViewFreshness(view, age, ttl) for view, (age, ttl) in sorted(freshness.views.items())],
     )
-    return Components(recommender, models, items, store)
+    return Components(recommender, models, items, store, ingestor, freshness)
 
 
 async def _every(seconds: float, action: Callable[[], object]) -> None:
@@ -121,7 +132,7 @@ async def serve(
     gc.collect()
     gc.freeze()
     server = grpc.aio.server(interceptors=observability.interceptors, options=[("grpc.so_reuseport", 1 if reuse_port else 0)])
-    pb_grpc.add_RecommendationServiceServicer_to_server(RecommendationServicer(components.recommender, settings.server), server)
+    pb_grpc.add_RecommendationServiceServicer_to_server(RecommendationServicer(components.recommender, settings.server, components.ingestor), server)
     health = health_async.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
@@ -133,7 +144,7 @@ async def serve(
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     def observe_freshness() -> None:
-        for view, age in feature_freshness(components.store).items():
+        for view, (age, _) in components.freshness.refresh().items():
             metrics.set_feature_age(view, age)
         metrics.set_item_cache_age(components.items.age_seconds)
 

@@ -65,16 +65,34 @@ class ItemCache:
             await asyncio.to_thread(self.refresh)
 
 
-def feature_freshness(store: FeatureStore) -> dict[str, float]:
-    """Seconds since the end of the latest materialization of each feature view (inf if never)."""
+def feature_freshness(store: FeatureStore, pushed: dict[str, float] | None = None) -> dict[str, tuple[float, float]]:
+    """Per feature view: (seconds since its newest values, TTL seconds).
+
+    Newest values are the end of the latest materialization, or a later real-time push (epoch
+    seconds in `pushed`); inf when the view was never loaded.
+    """
     now = datetime.now(timezone.utc)
-    ages: dict[str, float] = {}
+    pushed = pushed or {}
+    result: dict[str, tuple[float, float]] = {}
+    store.refresh_registry()  # materializations by `feast materialize` in another process show up here
     for view in store.list_feature_views():
-        intervals = view.materialization_intervals
-        if intervals:
-            end = max(interval[1] for interval in intervals)
-            end = end if end.tzinfo else end.replace(tzinfo=timezone.utc)
-            ages[view.name] = max(0.0, (now - end).total_seconds())
-        else:
-            ages[view.name] = float("inf")
-    return ages
+        newest = pushed.get(view.name, float("-inf"))
+        for interval in view.materialization_intervals:
+            end = interval[1] if interval[1].tzinfo else interval[1].replace(tzinfo=timezone.utc)
+            newest = max(newest, end.timestamp())
+        age = max(0.0, now.timestamp() - newest) if newest > float("-inf") else float("inf")
+        result[view.name] = (age, view.ttl.total_seconds() if view.ttl else float("inf"))
+    return result
+
+
+class FreshnessTracker:
+    """The latest freshness reading per feature view, refreshed in the background (reads are free)."""
+
+    def __init__(self, store: FeatureStore, pushed: Callable[[], dict[str, float]] | None = None) -> None:
+        self._store = store
+        self._pushed = pushed or (lambda: {})
+        self.views: dict[str, tuple[float, float]] = {}
+
+    def refresh(self) -> dict[str, tuple[float, float]]:
+        self.views = feature_freshness(self._store, self._pushed())
+        return self.views

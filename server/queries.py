@@ -91,8 +91,16 @@ class ModelDescription:
 
 
 @dataclass(frozen=True)
+class ViewFreshness:
+    feature_view: str
+    age_seconds: float
+    ttl_seconds: float
+
+
+@dataclass(frozen=True)
 class ModelsInfo:
     models: list[ModelDescription] = field(default_factory=list)
     current_version: str = ""
     available_versions: list[str] = field(default_factory=list)
     data_as_of: str = ""
+    freshness: list[ViewFreshness] = field(default_factory=list)

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -30,6 +30,7 @@ from server.queries import (
     RecommendQuery,
     ScoredItem,
     UserScores,
+    ViewFreshness,
 )
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,9 @@ class Recommender:
         data_as_of: str = "",
         observer: Observer | None = None,
         served_log: ServedLog | None = None,
+        freshness: Callable[[], list[ViewFreshness]] | None = None,
     ) -> None:
+        self._freshness = freshness or (lambda: [])
         self._models = models
         self._features = user_features
         self._items = items
@@ -173,6 +176,7 @@ class Recommender:
             current_version=self._models.current.version,
             available_versions=self._models.available(),
             data_as_of=self._data_as_of,
+            freshness=self._freshness(),
         )
 
     # -- stages ---------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import grpc
@@ -14,6 +14,7 @@ from propensity.v1 import recommendation_service_pb2 as pb
 from propensity.v1 import recommendation_service_pb2_grpc as pb_grpc
 from server import validation
 from server.errors import InvalidArgument, ModelUnavailable, RecommendationError, UnknownModelVersion
+from server.ingest import EventIngestor, IngestReport
 from server.interceptors import current_request_id
 from server.queries import ItemScores, ModelsInfo, Recommendation, RecommendQuery, ScoredItem, UserScores
 from server.recommender import Recommender
@@ -47,9 +48,10 @@ def _handle_errors(method: Callable[..., Awaitable[Response]]) -> Callable[..., 
 class RecommendationServicer(pb_grpc.RecommendationServiceServicer):
     """Thin adapter over Recommender."""
 
-    def __init__(self, recommender: Recommender, limits: ServerSettings) -> None:
+    def __init__(self, recommender: Recommender, limits: ServerSettings, ingestor: EventIngestor | None = None) -> None:
         self._recommender = recommender
         self._limits = limits
+        self._ingestor = ingestor
 
     @_handle_errors
     async def Recommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext) -> pb.RecommendResponse:
@@ -77,8 +79,33 @@ class RecommendationServicer(pb_grpc.RecommendationServiceServicer):
         return _item_scores(self._recommender.score_items(user_id, list(item_ids), request.model_version))
 
     @_handle_errors
+    async def IngestEvents(self, request_iterator: AsyncIterator[pb.IngestEventsRequest], context: grpc.aio.ServicerContext) -> pb.IngestEventsResponse:
+        if self._ingestor is None:
+            raise ModelUnavailable("IngestEvents: this server was started without an event log")
+        report = IngestReport()
+        seen = 0
+        async for message in request_iterator:
+            self._ingestor.ingest((_event_fields(e) for e in message.events), report, first_index=seen)
+            seen += len(message.events)
+        return pb.IngestEventsResponse(
+            accepted=report.accepted,
+            duplicates=report.duplicates,
+            rejected=report.rejected,
+            rejections=[pb.RejectedEvent(index=r.index, event_id=r.event_id, field=r.field, reason=r.reason) for r in report.rejections],
+        )
+
+    @_handle_errors
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.GetModelInfoResponse:
         return _models_info(self._recommender.model_info())
+
+
+def _event_fields(event: pb.Event) -> dict:
+    return {
+        "event_id": event.event_id, "event_time": event.event_time, "user_id": event.user_id, "item_id": event.item_id,
+        "event_type": event.event_type, "session_id": event.session_id,
+        "price": event.price if event.HasField("price") else None,
+        "quantity": event.quantity if event.HasField("quantity") else None,
+    }
 
 
 def _recommendation(result: Recommendation) -> pb.RecommendResponse:
@@ -146,4 +173,7 @@ def _models_info(info: ModelsInfo) -> pb.GetModelInfoResponse:
         current_version=info.current_version,
         available_versions=info.available_versions,
         data_as_of=info.data_as_of,
+        feature_freshness=[
+            pb.FeatureViewFreshness(feature_view=f.feature_view, age_seconds=f.age_seconds, ttl_seconds=f.ttl_seconds) for f in info.freshness
+        ],
     )

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -153,3 +154,31 @@ def server(pipeline: Pipeline) -> Iterator[RunningServer]:
     """The real server, as `propensity serve` starts it, on a free port."""
     with running_server(pipeline.env, pipeline.root / "server.log") as running:
         yield running
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def private_env(pipeline: Pipeline, name: str, copy_repo: bool = False, **server: object) -> tuple[dict[str, str], Path]:
+    """A private copy of the pipeline's prepared data and models (and optionally its Feast repo with data), and server settings."""
+    work = pipeline.root / name
+    shutil.copytree(pipeline.work_dir, work)
+    env = {**pipeline.env, "PROPENSITY_WORK_DIR": str(work)}
+    if copy_repo:
+        repo = pipeline.root / f"{name}-feature_repo"
+        shutil.copytree(pipeline.feature_repo, repo)
+        env["PROPENSITY_FEATURE_REPO"] = str(repo)
+    env.update({f"PROPENSITY_SERVER__{key.upper()}": value if isinstance(value, str) else json.dumps(value) for key, value in server.items()})
+    return env, work
+
+
+def users(pipeline: Pipeline, n: int) -> list[str]:
+    """The n most active users of the pipeline's log."""
+    events = pd.read_parquet(pipeline.work_dir / "prepared" / "events.parquet", columns=["user_id"])
+    return events["user_id"].value_counts().index[:n].astype(str).tolist()

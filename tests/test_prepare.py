@@ -98,12 +98,29 @@ def test_rebase_shifts_every_time_by_whole_days(tmp_path: Path) -> None:
     assert users.loc["u1", "age"] == 30.0
 
 
-def test_rebase_backwards_gives_a_negative_shift(tmp_path: Path) -> None:
+def test_a_log_that_reaches_past_today_is_cut_at_today_not_shifted(tmp_path: Path) -> None:
+    """A current log is never moved into the past: the build stops at today's midnight, later events wait."""
     source = _raw(tmp_path / "raw", EVENTS)
     prepared = prepare(source, tmp_path / "prepared", rebase_to=datetime(2024, 2, 26, tzinfo=UTC), progress=_quiet)
-    assert prepared.shift_days == -7
+    assert prepared.shift_days == 0
+    assert prepared.as_of == datetime(2024, 2, 26, tzinfo=UTC)
     events = pd.read_parquet(tmp_path / "prepared" / "events.parquet")
-    assert events["event_time"].max() == pd.Timestamp("2024-02-25T17:30:15Z")
+    assert events["event_time"].max() == pd.Timestamp("2024-03-03T17:30:15Z")  # kept, unshifted, for the next build
+
+
+def test_ingested_events_join_after_the_shift_and_duplicates_are_dropped(tmp_path: Path) -> None:
+    source = _raw(tmp_path / "raw", EVENTS)
+    ingested = pd.DataFrame({
+        "event_time": pd.to_datetime(["2024-03-14T09:00:00Z"], utc=True).astype("datetime64[ns, UTC]"),
+        "user_id": ["u1"], "item_id": ["i9"], "event_type": ["add_to_cart"], "event_id": ["stream-1"],
+        "session_id": [None], "price": [float("nan")], "quantity": [1.0],
+    })
+    twice = pd.concat([ingested, ingested], ignore_index=True)
+    prepared = prepare(source, tmp_path / "prepared", rebase_to=datetime(2024, 3, 14, tzinfo=UTC), extra_events=twice, progress=_quiet)
+    events = pd.read_parquet(tmp_path / "prepared" / "events.parquet")
+    assert (events["event_id"] == "stream-1").sum() == 1
+    assert events.loc[events["event_id"] == "stream-1", "event_time"].iloc[0] == pd.Timestamp("2024-03-14T09:00:00Z")  # not shifted
+    assert prepared.shift_days > 0 and prepared.n_events == len(events)
 
 
 def test_manifest_records_the_shift_and_round_trips(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ import pytest
 from propensity.model_registry import current_version, promote
 from propensity.v1 import recommendation_service_pb2 as pb
 from propensity.v1 import recommendation_service_pb2_grpc as pb_grpc
-from tests.conftest import SHOPPER, Pipeline, RunningServer, free_port, running_server
+from tests.conftest import SHOPPER, Pipeline, RunningServer, free_port, private_env, running_server, users, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -36,29 +36,6 @@ def clone_version(models: Path, source: str, target: str, damage: Callable[[Path
     if damage:
         damage(directory)
     return target
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return False
-
-
-def private_env(pipeline: Pipeline, name: str, **server: object) -> tuple[dict[str, str], Path]:
-    """A copy of the pipeline's prepared data and models (tests promote versions) and server settings."""
-    work = pipeline.root / name
-    shutil.copytree(pipeline.work_dir, work)
-    env = {**pipeline.env, "PROPENSITY_WORK_DIR": str(work)}
-    env.update({f"PROPENSITY_SERVER__{key.upper()}": value if isinstance(value, str) else json.dumps(value) for key, value in server.items()})
-    return env, work
-
-
-def users(pipeline: Pipeline, n: int) -> list[str]:
-    events = pd.read_parquet(pipeline.work_dir / "prepared" / "events.parquet", columns=["user_id"])
-    return events["user_id"].value_counts().index[:n].astype(str).tolist()
 
 
 @pytest.fixture(scope="module")

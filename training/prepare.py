@@ -67,16 +67,31 @@ def prepare(
     *,
     as_of: datetime | None = None,
     rebase_to: datetime | None = None,
+    extra_events: pd.DataFrame | None = None,
     progress: Callable[[str], None] = print,
 ) -> PreparedData:
-    """Load and validate source_dir, shift it so as_of lands on rebase_to's day, write prepared_dir."""
+    """Load and validate source_dir, shift it so as_of lands on rebase_to's day, write prepared_dir.
+
+    extra_events are events ingested by the server (already on the serving clock, so never shifted);
+    they join the log after the shift, duplicates by event_id dropped.
+    """
     dataset = load_raw_dataset(source_dir)
     progress(dataset.report.summary())
     if dataset.events.empty:
         raise ValueError(f"{source_dir}: no usable events")
     original_as_of = floor_day(as_of) if as_of is not None else default_as_of(dataset.events["event_time"].max())
-    shift_days = (floor_day(rebase_to) - original_as_of).days if rebase_to is not None else 0
+    shift_days = 0
+    if rebase_to is not None:
+        today = floor_day(rebase_to)
+        if as_of is None and original_as_of > today:
+            original_as_of = today  # a current log: build up to today's midnight, later events wait for the next build
+        shift_days = max(0, (today - original_as_of).days)  # only historical logs move
     shifted = _shift(dataset, timedelta(days=shift_days))
+    if extra_events is not None and len(extra_events):
+        events = pd.concat([shifted.events, extra_events[shifted.events.columns]], ignore_index=True)
+        events = events.drop_duplicates("event_id", keep="first").sort_values("event_time", kind="stable").reset_index(drop=True)
+        progress(f"added {len(events) - len(shifted.events):,} ingested events from the event log")
+        shifted = RawDataset(events=events, items=shifted.items, users=shifted.users, report=shifted.report)
     prepared_dir.mkdir(parents=True, exist_ok=True)
     write_raw_dataset(shifted, prepared_dir)
     prepared = PreparedData(
@@ -85,9 +100,9 @@ def prepare(
         as_of=original_as_of + timedelta(days=shift_days),
         original_as_of=original_as_of,
         shift_days=shift_days,
-        event_types=dataset.event_types_present,
-        n_events=len(dataset.events),
-        n_users=dataset.events["user_id"].nunique(),
+        event_types=frozenset(shifted.events["event_type"].unique()),
+        n_events=len(shifted.events),
+        n_users=shifted.events["user_id"].nunique(),
         n_items=len(dataset.items),
     )
     (prepared_dir / MANIFEST).write_text(json.dumps(prepared.to_json(), indent=2))

@@ -1,7 +1,14 @@
-"""Train the user propensity model and the (user, item) ranker, evaluate on the latest cut-off, save a version."""
+"""Train the user propensity model and the (user, item) ranker on time-ordered periods, save a version.
+
+Cut-offs split into train < validation < test (training/models.py): early stopping, objective
+choice and calibration use validation only; test metrics are recorded as `test_*`.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -9,19 +16,20 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import version as package_version
 
-import lightgbm as lgb
-import numpy as np
+import duckdb
 import pandas as pd
-from sklearn.metrics import average_precision_score, log_loss, roc_auc_score
+from feast import FeatureStore
 
 from propensity.assembly import RANKER_FEATURES, USER_MODEL_FEATURES
+from propensity.catalog import Catalog
 from propensity.feature_store import open_store, service_fingerprint
-from propensity.model_registry import RANKER_MODEL, USER_MODEL, load_version, new_version_id, promote, save_version
+from propensity.model_registry import RANKER_MODEL, USER_MODEL, check_continuation, load_version, new_version_id, promote, save_version
 from propensity.settings import Settings
-from training.datasets import TrainingSet, assemble, cutoff_times, entity_rows, historical_catalogs, historical_user_features
+from training.datasets import CutoffData, assemble, cutoff_times, entity_rows, historical_catalogs, historical_user_features
+from training.models import RANKER_OBJECTIVES, FittedModel, Periods, fit_model
 from training.prepare import PreparedData
 from training.report import write_training_report
-
+from training.tuning import TuningBudget
 
 @dataclass(frozen=True)
 class TrainingResult:
@@ -30,13 +38,39 @@ class TrainingResult:
     seconds: float
 
 
-def train(settings: Settings, prepared: PreparedData, promote_to_current: bool = True, progress: Callable[[str], None] = print) -> TrainingResult:
-    """Build point-in-time training rows from Feast, fit both models, save (and promote) a new version."""
+@dataclass
+class TrainingData:
+    """Everything built before fitting: cut-offs and their periods, entity rows, point-in-time features, model inputs."""
+
+    store: FeatureStore
+    cutoffs: list[datetime]
+    periods: Periods
+    rows: pd.DataFrame
+    user_features: pd.DataFrame
+    catalogs: dict[pd.Timestamp, Catalog]
+    data: CutoffData
+
+
+def default_budget(settings: Settings) -> TuningBudget | None:
+    """Tuning budget from settings.training.tuning_trials / tuning_seconds when present, else PROPENSITY_TUNING_TRIALS / _SECONDS; 0 trials = off."""
+    trials = getattr(settings.training, "tuning_trials", None)
+    seconds = getattr(settings.training, "tuning_seconds", None)
+    trials = int(os.environ.get("PROPENSITY_TUNING_TRIALS", 0)) if trials is None else trials
+    seconds = float(os.environ.get("PROPENSITY_TUNING_SECONDS", 60)) if seconds is None else seconds
+    return TuningBudget(n_trials=trials, seconds=seconds, seed=settings.training.seed) if trials > 0 else None
+
+
+def build_training_data(settings: Settings, prepared: PreparedData, progress: Callable[[str], None] = print) -> TrainingData:
+    """Cut-offs -> entity rows and labels -> point-in-time features from Feast -> model inputs (serving code path)."""
     started = time.perf_counter()
     store = open_store(settings.feature_repo, settings.feature_store_yaml)
     events = pd.read_parquet(prepared.directory / "events.parquet", columns=["event_time"])
     cutoffs = cutoff_times(prepared.as_of, events["event_time"].min().to_pydatetime(), settings.training)
-    progress(f"training: {len(cutoffs)} cut-offs {cutoffs[0]:%Y-%m-%d} .. {cutoffs[-1]:%Y-%m-%d}, horizon {settings.training.horizon_days} days")
+    periods = Periods.split(cutoffs, settings.training.validation_cutoffs)
+    progress(
+        f"training: {len(cutoffs)} cut-offs {cutoffs[0]:%Y-%m-%d} .. {cutoffs[-1]:%Y-%m-%d}, horizon {settings.training.horizon_days} days "
+        f"({len(periods.train)} train, {len(periods.validation)} validation, {len(periods.test)} test)"
+    )
     rows = entity_rows(prepared.directory, cutoffs, settings.training)
     progress(f"  {len(rows):,} user rows, {rows['label'].mean():.1%} bought within the horizon")
     user_features = historical_user_features(store, rows, settings.user_feature_service)
@@ -45,42 +79,98 @@ def train(settings: Settings, prepared: PreparedData, promote_to_current: bool =
     progress(f"  point-in-time features joined ({time.perf_counter() - started:.1f}s)")
     data = assemble(rows, user_features, catalogs, settings.candidates, settings.training, progress)
     progress(f"  ranker rows: {len(data.pairs.labels):,}; candidates cover {data.candidate_recall:.1%} of items bought")
+    return TrainingData(store, cutoffs, periods, rows, user_features, catalogs, data)
 
-    n_validation = settings.training.validation_cutoffs
-    validation_from = np.datetime64(pd.Timestamp(cutoffs[-n_validation]).tz_convert(None))
-    user_booster, user_metrics = _fit("user_propensity", data.users, USER_MODEL_FEATURES, validation_from, settings, progress)
-    ranker, ranker_metrics = _fit("item_ranker", data.pairs, RANKER_FEATURES, validation_from, settings, progress)
-    ranker_metrics["candidate_recall"] = data.candidate_recall
-    ranker_metrics.update(_ranking_metrics(ranker, data.pairs, validation_from))
+
+def fit_models(settings: Settings, built: TrainingData, budget: TuningBudget | None, progress: Callable[[str], None] = print) -> dict[str, FittedModel]:
+    """Both models, fitted the one way training and evaluation share."""
+    user = fit_model("user_propensity", built.data.users, USER_MODEL_FEATURES, built.periods, settings.training, budget, ("binary",), progress)
+    ranker = fit_model("item_ranker", built.data.pairs, RANKER_FEATURES, built.periods, settings.training, budget, RANKER_OBJECTIVES, progress)
+    ranker.metrics.update(ranker.alternatives.get(ranker.objective, {}))  # validation recall@10 / NDCG@10 within candidates
+    ranker.metrics["candidate_recall"] = built.data.candidate_recall
+    return {USER_MODEL: user, RANKER_MODEL: ranker}
+
+
+def current_services(settings: Settings, store: FeatureStore) -> dict[str, dict[str, str]]:
+    return {
+        "user": {"name": settings.user_feature_service, "fingerprint": service_fingerprint(store, settings.user_feature_service)},
+        "item": {"name": settings.item_feature_service, "fingerprint": service_fingerprint(store, settings.item_feature_service)},
+    }
+
+
+def data_fingerprint(prepared: PreparedData) -> dict:
+    """Count, time range, per-type counts and an order-independent content hash of the prepared events."""
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")
+    path = prepared.directory / "events.parquet"
+    n, first, last, content = con.execute(
+        f"SELECT count(*), min(event_time), max(event_time), sum(hash(user_id, item_id, event_type, epoch_us(event_time)) % 1000000007) "
+        f"FROM read_parquet('{path}')"
+    ).fetchone()
+    by_type = dict(con.execute(f"SELECT event_type, count(*) FROM read_parquet('{path}') GROUP BY 1 ORDER BY 1").fetchall())
+    con.close()
+    summary = {
+        "source": prepared.source,
+        "n_events": int(n),
+        "min_event_time": pd.Timestamp(first).isoformat() if first is not None else None,
+        "max_event_time": pd.Timestamp(last).isoformat() if last is not None else None,
+        "events_by_type": {k: int(v) for k, v in by_type.items()},
+        "shift_days": prepared.shift_days,
+        "content_hash": int(content or 0),
+    }
+    summary["fingerprint"] = hashlib.sha256(json.dumps(summary, sort_keys=True).encode()).hexdigest()[:16]
+    return summary
+
+
+def train(
+    settings: Settings,
+    prepared: PreparedData,
+    promote_to_current: bool = True,
+    progress: Callable[[str], None] = print,
+    continue_from: str | None = None,
+    budget: TuningBudget | None = None,
+) -> TrainingResult:
+    """Build point-in-time training rows from Feast, fit both models, save (and promote) a new version.
+
+    continue_from names an earlier version this one replaces; training refuses it (ContinuationError)
+    when that version's feature services or their fingerprints differ from the current ones.
+    """
+    started = time.perf_counter()
+    store = open_store(settings.feature_repo, settings.feature_store_yaml)
+    services = current_services(settings, store)
+    if continue_from:
+        check_continuation(settings.model_dir, continue_from, services)
+    built = build_training_data(settings, prepared, progress)
+    models = fit_models(settings, built, budget if budget is not None else default_budget(settings), progress)
+    user, ranker = models[USER_MODEL], models[RANKER_MODEL]
+    periods = built.periods
 
     version = new_version_id()
     metadata = {
         "version": version,
         "trained_at": datetime.now(timezone.utc).isoformat(),
         "horizon_days": settings.training.horizon_days,
-        "train_window": {"start": cutoffs[0].isoformat(), "end": cutoffs[-n_validation - 1].isoformat()},
-        "validation_window": {"start": cutoffs[-n_validation].isoformat(), "end": cutoffs[-1].isoformat()},
-        "cutoffs": [c.isoformat() for c in cutoffs],
+        **periods.to_json(),
+        "cutoffs": [c.isoformat() for c in built.cutoffs],
+        "continues": continue_from,
         "data": {**prepared.to_json(), "directory": None},
-        "feature_services": {
-            "user": {"name": settings.user_feature_service, "fingerprint": service_fingerprint(store, settings.user_feature_service)},
-            "item": {"name": settings.item_feature_service, "fingerprint": service_fingerprint(store, settings.item_feature_service)},
-        },
+        "data_fingerprint": data_fingerprint(prepared),
+        "feature_services": services,
         "models": {
-            USER_MODEL: {
-                "feature_names": list(USER_MODEL_FEATURES),
-                "metrics": user_metrics,
-                "base_rate": float(data.users.labels.mean()),
-                "params": _params(settings),
-                "best_iteration": user_booster.best_iteration,
-            },
-            RANKER_MODEL: {
-                "feature_names": list(RANKER_FEATURES),
-                "metrics": ranker_metrics,
-                "base_rate": float(data.pairs.labels.mean()),
-                "params": _params(settings),
-                "best_iteration": ranker.best_iteration,
-            },
+            name: {
+                "feature_names": list(features),
+                "metrics": model.metrics,
+                "base_rate": float(data.labels.mean()),
+                "objective": model.objective,
+                "params": model.params,
+                "calibration": model.calibration,
+                "objective_selection": model.alternatives,
+                "best_iteration": model.booster.best_iteration,
+            }
+            for name, model, features, data in (
+                (USER_MODEL, user, USER_MODEL_FEATURES, built.data.users),
+                (RANKER_MODEL, ranker, RANKER_FEATURES, built.data.pairs),
+            )
         },
         "candidates": settings.candidates.model_dump(),
         "library_versions": {
@@ -88,8 +178,8 @@ def train(settings: Settings, prepared: PreparedData, promote_to_current: bool =
         }
         | {"python": platform.python_version()},
     }
-    directory = save_version(settings.model_dir, version, {USER_MODEL: user_booster, RANKER_MODEL: ranker}, metadata)
-    write_training_report(directory, metadata, {USER_MODEL: (user_booster, data.users), RANKER_MODEL: (ranker, data.pairs)}, validation_from)
+    directory = save_version(settings.model_dir, version, {USER_MODEL: user.booster, RANKER_MODEL: ranker.booster}, metadata)
+    write_training_report(directory, metadata, {USER_MODEL: (user, built.data.users), RANKER_MODEL: (ranker, built.data.pairs)}, periods)
     if settings.server.scoring_backend != "lightgbm":
         # Build the compiled predictors now, so servers load them from disk instead of compiling.
         t0 = time.perf_counter()
@@ -103,75 +193,9 @@ def train(settings: Settings, prepared: PreparedData, promote_to_current: bool =
         promote(settings.model_dir, version)
     seconds = time.perf_counter() - started
     progress(
-        f"trained {version} in {seconds:.1f}s: user propensity AUC {user_metrics['auc']:.3f}, "
-        f"item ranker AUC {ranker_metrics['auc']:.3f}, recall@10 {ranker_metrics.get('recall_at_10', float('nan')):.3f} "
-        f"(validation cut-off {cutoffs[-1]:%Y-%m-%d}); report: {directory / 'report.md'}"
+        f"trained {version} in {seconds:.1f}s: user propensity AUC {user.metrics['auc']:.3f}, "
+        f"item ranker ({ranker.objective}) AUC {ranker.metrics['auc']:.3f}, recall@10 {ranker.metrics.get('recall_at_10', float('nan')):.3f} "
+        f"(validation {periods.validation[-1]:%Y-%m-%d}"
+        + (f", test {periods.test[-1]:%Y-%m-%d}" if periods.test else ", no test period") + f"); report: {directory / 'report.md'}"
     )
-    return TrainingResult(version, {USER_MODEL: user_metrics, RANKER_MODEL: ranker_metrics}, seconds)
-
-
-def _params(settings: Settings) -> dict:
-    t = settings.training
-    return {
-        "objective": "binary",
-        "learning_rate": t.learning_rate,
-        "num_leaves": t.num_leaves,
-        "min_data_in_leaf": t.min_data_in_leaf,
-        "feature_fraction": 0.9,
-        "bagging_fraction": 0.9,
-        "bagging_freq": 1,
-        "seed": t.seed,
-        "deterministic": True,
-        "num_threads": 2,
-        "verbosity": -1,
-    }
-
-
-def _split(data: TrainingSet, validation_from: np.datetime64) -> tuple[np.ndarray, np.ndarray]:
-    cut = pd.DatetimeIndex(data.cutoffs).tz_convert(None).to_numpy() if len(data.cutoffs) else np.empty(0, dtype="datetime64[ns]")
-    validation = cut >= validation_from
-    return ~validation, validation
-
-
-def _fit(name: str, data: TrainingSet, features: tuple[str, ...], validation_from: np.datetime64, settings: Settings, progress: Callable[[str], None]) -> tuple[lgb.Booster, dict[str, float]]:
-    train_mask, valid_mask = _split(data, validation_from)
-    y_train, y_valid = data.labels[train_mask], data.labels[valid_mask]
-    for part, y in (("training", y_train), ("validation", y_valid)):
-        if len(np.unique(y)) < 2:
-            raise ValueError(f"{name}: the {part} period has only one label class ({len(y)} rows); use a longer log or other cut-offs")
-    train_set = lgb.Dataset(data.features[train_mask], y_train, feature_name=list(features), free_raw_data=True)
-    valid_set = lgb.Dataset(data.features[valid_mask], y_valid, reference=train_set)
-    booster = lgb.train(
-        _params(settings),
-        train_set,
-        num_boost_round=settings.training.num_boost_round,
-        valid_sets=[valid_set],
-        valid_names=["validation"],
-        callbacks=[lgb.early_stopping(settings.training.early_stopping_rounds, verbose=False)],
-    )
-    predicted = booster.predict(data.features[valid_mask], num_iteration=booster.best_iteration)
-    metrics = {
-        "auc": float(roc_auc_score(y_valid, predicted)),
-        "pr_auc": float(average_precision_score(y_valid, predicted)),
-        "logloss": float(log_loss(y_valid, predicted, labels=[0, 1])),
-        "positive_rate": float(y_valid.mean()),
-        "train_rows": int(train_mask.sum()),
-        "validation_rows": int(valid_mask.sum()),
-        "best_iteration": int(booster.best_iteration),
-    }
-    progress(f"  {name}: validation AUC {metrics['auc']:.3f}, PR-AUC {metrics['pr_auc']:.3f} ({metrics['validation_rows']:,} rows, {metrics['best_iteration']} trees)")
-    return booster, metrics
-
-
-def _ranking_metrics(ranker: lgb.Booster, pairs: TrainingSet, validation_from: np.datetime64, k: int = 10) -> dict[str, float]:
-    """Recall@k and hit rate@k over validation users who bought a candidate."""
-    _, valid = _split(pairs, validation_from)
-    scores = ranker.predict(pairs.features[valid], num_iteration=ranker.best_iteration)
-    frame = pd.DataFrame({"group": pairs.groups[valid], "label": pairs.labels[valid], "score": scores})
-    frame = frame[frame.groupby("group")["label"].transform("sum") > 0]
-    if frame.empty:
-        return {}
-    frame["rank"] = frame.groupby("group")["score"].rank(ascending=False, method="first")
-    hits = frame[frame["rank"] <= k].groupby("group")["label"].sum()
-    totals = frame.groupby("group")["label"].sum()
-    return {f"recall_at_{k}": float((hits / totals).mean()), f"hit_rate_at_{k}": float((hits > 0).mean()), "ranking_users": int(len(totals))}
+    return TrainingResult(version, {USER_MODEL: user.metrics, RANKER_MODEL: ranker.metrics}, seconds)

@@ -1,0 +1,155 @@
+"""Real-time feature updates: validate a streamed event, and apply events to a user's online feature rows.
+
+The update rule mirrors the batch SQL (training/user_features.py) for the features it maintains,
+so that a batch rebuild over the same events lands on the same values: window counts grow by the
+events since the last build (expiry waits for the next build), the recent-item list moves the item
+to the front with its per-item counts, and "in cart" follows cart and purchase events. Sessions,
+browsing time, spend averages and category shares are left to the batch build.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+
+from propensity.event_log import StreamEvent
+from propensity.raw_data import EVENT_TYPES
+
+ACTIVITY_VIEW = "user_activity"
+INTERESTS_VIEW = "user_interests"
+DAY_MS = 86_400_000
+_EPOCH_MS = re.compile(r"^-?\d+$")
+_COUNTED = {"view": "views", "add_to_cart": "carts", "purchase": "purchases"}
+# Features the stream keeps exact (compared with a batch rebuild in the tests).
+MAINTAINED_ACTIVITY = (
+    "views_1d", "views_7d", "views_30d", "carts_1d", "carts_7d", "carts_30d",
+    "purchases_1d", "purchases_7d", "purchases_30d", "returns_30d", "purchases_total",
+    "spend_30d", "last_event_ts", "last_purchase_ts", "first_event_ts",
+)
+MAINTAINED_INTERESTS = (
+    "recent_item_ids", "recent_item_views_7d", "recent_item_carts_7d",
+    "recent_item_purchases_30d", "recent_item_in_cart", "recent_item_last_ts",
+)
+
+
+class InvalidEvent(ValueError):
+    """A streamed event that cannot be used; names the field."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+def parse_event(event_id: str, event_time: str, user_id: str, item_id: str, event_type: str,
+                session_id: str = "", price: float | None = None, quantity: float | None = None) -> StreamEvent:
+    """Check one event against the raw schema (same rules as the file loader) and normalise it."""
+    for field, value in (("event_id", event_id), ("user_id", user_id), ("item_id", item_id)):
+        if not value or not value.strip():
+            raise InvalidEvent(field, "empty id")
+    if event_type not in EVENT_TYPES:
+        raise InvalidEvent("event_type", f"unknown event type {event_type!r} (expected one of {', '.join(EVENT_TYPES)})")
+    if price is not None and not (math.isfinite(price) and price >= 0):
+        raise InvalidEvent("price", f"must be a number >= 0, got {price!r}")
+    if quantity is not None and not (math.isfinite(quantity) and quantity > 0):
+        raise InvalidEvent("quantity", f"must be a number > 0, got {quantity!r}")
+    return StreamEvent(
+        event_id=event_id.strip(), event_time_ms=_parse_time_ms(event_time), user_id=user_id.strip(),
+        item_id=item_id.strip(), event_type=event_type, session_id=session_id.strip() or None,
+        price=price, quantity=1.0 if quantity is None else quantity,
+    )
+
+
+def _parse_time_ms(text: str) -> int:
+    text = (text or "").strip()
+    if not text:
+        raise InvalidEvent("event_time", "missing time")
+    if _EPOCH_MS.match(text):
+        return int(text)
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidEvent("event_time", f"unparsable time {text!r} (ISO-8601 or epoch milliseconds)") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)  # naive means UTC, as in the file loader
+    return int(moment.timestamp() * 1000)
+
+
+def apply_events(
+    current: Mapping[str, object], events: Sequence[StreamEvent], recent_items: int, recorded_types: frozenset[str] = frozenset(EVENT_TYPES)
+) -> tuple[dict, dict]:
+    """New user_activity and user_interests rows (feature name -> value) after the user's events, oldest first.
+
+    recorded_types are the event types the shop records: their counts start at 0 for a new user, as
+    in the batch build; counts of types it does not record stay null until such an event arrives.
+    """
+    activity = {name: current.get(name) for name in _ACTIVITY_FIELDS}
+    for kind, columns in _COUNT_COLUMNS.items():
+        if kind in recorded_types:
+            for column in columns:
+                if activity.get(column) is None:
+                    activity[column] = 0
+    interests = {name: list(current.get(name) or []) for name in _INTEREST_FIELDS}
+    for event in sorted(events, key=lambda e: e.event_time_ms):
+        ts = event.event_time_ms // 1000
+        kind = _COUNTED.get(event.event_type)
+        if kind:
+            for window in ("1d", "7d", "30d"):
+                _add(activity, f"{kind}_{window}", 1)
+        if event.event_type == "return":
+            _add(activity, "returns_30d", 1)
+        if event.event_type == "purchase":
+            _add(activity, "purchases_total", 1)
+            _add(activity, "spend_30d", (event.price or 0.0) * event.quantity)
+            activity["last_purchase_ts"] = max(activity.get("last_purchase_ts") or ts, ts)
+        activity["last_event_ts"] = max(activity.get("last_event_ts") or ts, ts)
+        activity["first_event_ts"] = min(activity.get("first_event_ts") or ts, ts)
+        _touch_item(interests, event, ts, recent_items)
+    return activity, interests
+
+
+def _add(row: dict, name: str, amount: float) -> None:
+    row[name] = (row.get(name) or 0) + amount
+
+
+def _touch_item(lists: dict, event: StreamEvent, ts: int, cap: int) -> None:
+    ids = lists["recent_item_ids"]
+    if event.item_id in ids:
+        position = ids.index(event.item_id)
+        entry = {name: lists[name].pop(position) if position < len(lists[name]) else 0 for name in _INTEREST_FIELDS}
+    else:
+        entry = {name: 0 for name in _INTEREST_FIELDS}
+        entry["recent_item_ids"] = event.item_id
+    if event.event_type == "view":
+        entry["recent_item_views_7d"] = (entry["recent_item_views_7d"] or 0) + 1
+    elif event.event_type == "add_to_cart":
+        entry["recent_item_carts_7d"] = (entry["recent_item_carts_7d"] or 0) + 1
+        entry["recent_item_in_cart"] = 1
+    elif event.event_type == "purchase":
+        entry["recent_item_purchases_30d"] = (entry["recent_item_purchases_30d"] or 0) + 1
+        entry["recent_item_in_cart"] = 0
+    entry["recent_item_last_ts"] = ts
+    for name in _INTEREST_FIELDS:  # most recent first, as the batch build orders them
+        lists[name].insert(0, entry[name])
+        del lists[name][cap:]
+
+
+_ACTIVITY_FIELDS = (
+    "views_1d", "views_7d", "views_30d", "carts_1d", "carts_7d", "carts_30d", "purchases_1d", "purchases_7d",
+    "purchases_30d", "returns_30d", "purchases_total", "spend_30d", "avg_purchase_price_30d",
+    "cart_to_purchase_rate_30d", "distinct_items_30d", "active_days_30d", "sessions_7d", "sessions_30d",
+    "browsing_minutes_7d", "browsing_minutes_30d", "last_event_ts", "last_purchase_ts", "first_event_ts",
+)
+_COUNT_COLUMNS = {
+    "view": ("views_1d", "views_7d", "views_30d"),
+    "add_to_cart": ("carts_1d", "carts_7d", "carts_30d"),
+    "purchase": ("purchases_1d", "purchases_7d", "purchases_30d", "purchases_total"),
+    "return": ("returns_30d",),
+}
+_INTEREST_FIELDS = (
+    "recent_item_ids", "recent_item_views_7d", "recent_item_carts_7d", "recent_item_purchases_30d",
+    "recent_item_in_cart", "recent_item_last_ts",
+)
+INTEREST_PASSTHROUGH = ("top_category_ids", "top_category_shares")

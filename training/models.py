@@ -1,0 +1,207 @@
+"""Fit both models on time-ordered periods: train < validation < test, early stopping and calibration on validation only.
+
+Shared by `propensity train` (training/train.py) and `propensity evaluate` (training/evaluate.py),
+so the evaluated models are fitted exactly as the served ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+from sklearn.metrics import average_precision_score, log_loss, roc_auc_score
+
+from propensity.model_registry import apply_calibration
+from propensity.settings import TrainingSettings
+from training.calibration import choose_calibration
+from training.datasets import TrainingSet
+from training.tuning import TuningBudget, tune
+
+RANKER_OBJECTIVES = ("binary", "lambdarank")
+
+
+@dataclass(frozen=True)
+class Periods:
+    """Cut-offs of each period, oldest first; test is empty when there are too few cut-offs."""
+
+    train: list[datetime]
+    validation: list[datetime]
+    test: list[datetime]
+
+    @classmethod
+    def split(cls, cutoffs: list[datetime], validation_cutoffs: int = 1, test_cutoffs: int = 1) -> Periods:
+        """Last cut-off(s) = test, the ones before = validation, the rest = train (no test with fewer than 3 cut-offs)."""
+        if len(cutoffs) < validation_cutoffs + test_cutoffs + 1:
+            test_cutoffs = 0
+        n_test = len(cutoffs) - test_cutoffs
+        n_valid = n_test - validation_cutoffs
+        if n_valid < 1:
+            raise ValueError(f"{len(cutoffs)} cut-offs leave no training period; use more cut-offs")
+        return cls(cutoffs[:n_valid], cutoffs[n_valid:n_test], cutoffs[n_test:])
+
+    def masks(self, data: TrainingSet) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Boolean row masks (train, validation, test) of data."""
+        cut = _naive(data.cutoffs)
+        return tuple(np.isin(cut, _naive(np.asarray(part))) for part in (self.train, self.validation, self.test))  # type: ignore[return-value]
+
+    def to_json(self) -> dict:
+        def window(part: list[datetime]) -> dict | None:
+            return {"start": part[0].isoformat(), "end": part[-1].isoformat()} if part else None
+
+        return {"train_window": window(self.train), "validation_window": window(self.validation), "test_window": window(self.test)}
+
+
+@dataclass
+class FittedModel:
+    """A booster, its calibration map, and what was chosen on the way."""
+
+    booster: lgb.Booster
+    calibration: dict
+    params: dict
+    metrics: dict[str, float]
+    objective: str = "binary"
+    alternatives: dict[str, dict[str, float]] = field(default_factory=dict)  # validation ranking metrics per objective tried
+    boosters: dict[str, lgb.Booster] = field(default_factory=dict)  # every objective's booster (evaluation compares them)
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities, exactly as ModelBundle serves them."""
+        return apply_calibration(self.calibration, self.raw(features))
+
+    def raw(self, features: np.ndarray) -> np.ndarray:
+        return self.booster.predict(features, num_iteration=self.booster.best_iteration)
+
+
+def base_params(training: TrainingSettings, objective: str = "binary") -> dict:
+    params = {
+        "objective": objective,
+        "learning_rate": training.learning_rate,
+        "num_leaves": training.num_leaves,
+        "min_data_in_leaf": training.min_data_in_leaf,
+        "feature_fraction": 0.9,
+        "bagging_fraction": 0.9,
+        "bagging_freq": 1,
+        "seed": training.seed,
+        "deterministic": True,
+        "num_threads": 2,
+        "verbosity": -1,
+    }
+    if objective == "lambdarank":
+        params.update(metric="ndcg", eval_at=[10])
+    return params
+
+
+def group_sizes(groups: np.ndarray) -> np.ndarray:
+    """Sizes of consecutive runs of equal group ids (LightGBM query groups)."""
+    if not len(groups):
+        return np.empty(0, dtype=int)
+    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1], True])
+    return np.diff(starts)
+
+
+def train_booster(params: dict, data: TrainingSet, train: np.ndarray, valid: np.ndarray, features: tuple[str, ...], training: TrainingSettings) -> lgb.Booster:
+    """One LightGBM fit on the train rows with early stopping on the validation rows only."""
+    ranking = params["objective"] == "lambdarank"
+    train_set = lgb.Dataset(data.features[train], data.labels[train], feature_name=list(features), group=group_sizes(data.groups[train]) if ranking else None, free_raw_data=True)
+    valid_set = lgb.Dataset(data.features[valid], data.labels[valid], reference=train_set, group=group_sizes(data.groups[valid]) if ranking else None)
+    return lgb.train(
+        params,
+        train_set,
+        num_boost_round=training.num_boost_round,
+        valid_sets=[valid_set],
+        valid_names=["validation"],
+        callbacks=[lgb.early_stopping(training.early_stopping_rounds, first_metric_only=True, verbose=False)],
+    )
+
+
+def classification_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    p = np.clip(p, 1e-15, 1 - 1e-15)
+    return {
+        "auc": float(roc_auc_score(y, p)),
+        "pr_auc": float(average_precision_score(y, p)),
+        "logloss": float(log_loss(y, p, labels=[0, 1])),
+        "brier": float(np.mean((p - y) ** 2)),
+        "positive_rate": float(np.mean(y)),
+    }
+
+
+def candidate_ranking(scores: np.ndarray, data: TrainingSet, mask: np.ndarray, k: int = 10) -> dict[str, float]:
+    """NDCG@k / recall@k / hit rate@k within candidates over users with a bought candidate (model selection only)."""
+    frame = pd.DataFrame({"group": data.groups[mask], "label": data.labels[mask], "score": scores})
+    frame = frame[frame.groupby("group")["label"].transform("sum") > 0]
+    if frame.empty:
+        return {}
+    frame = frame.sort_values(["group", "score"], ascending=[True, False], kind="stable")
+    frame["rank"] = frame.groupby("group").cumcount()
+    top = frame[frame["rank"] < k]
+    gain = (top["label"] / np.log2(top["rank"] + 2)).groupby(top["group"]).sum()
+    totals = frame.groupby("group")["label"].sum()
+    ideal = totals.clip(upper=k).map(lambda n: float((1 / np.log2(np.arange(2, n + 2))).sum()))
+    hits = top.groupby("group")["label"].sum().reindex(totals.index, fill_value=0)
+    return {
+        f"ndcg_at_{k}": float((gain.reindex(totals.index, fill_value=0) / ideal).mean()),
+        f"recall_at_{k}": float((hits / totals).mean()),
+        f"hit_rate_at_{k}": float((hits > 0).mean()),
+        "ranking_users": int(len(totals)),
+    }
+
+
+def fit_model(
+    name: str,
+    data: TrainingSet,
+    features: tuple[str, ...],
+    periods: Periods,
+    training: TrainingSettings,
+    budget: TuningBudget | None = None,
+    objectives: tuple[str, ...] = ("binary",),
+    progress: Callable[[str], None] = print,
+) -> FittedModel:
+    """Tune (optional, train+validation folds), fit per objective, keep the best on validation, calibrate on validation."""
+    train, valid, test = periods.masks(data)
+    for part, mask in (("training", train), ("validation", valid)):
+        if len(np.unique(data.labels[mask])) < 2:
+            raise ValueError(f"{name}: the {part} period has only one label class ({int(mask.sum())} rows); use a longer log or other cut-offs")
+    candidates: dict[str, tuple[lgb.Booster, dict, dict]] = {}
+    for objective in objectives:
+        params = base_params(training, objective)
+        tuned = {}
+        if budget and budget.n_trials > 0:
+            tuned = tune(name, data, features, periods, params, training, budget, progress)
+            params = {**params, **tuned}
+        booster = train_booster(params, data, train, valid, features, training)
+        raw_valid = booster.predict(data.features[valid], num_iteration=booster.best_iteration)
+        selection = candidate_ranking(raw_valid, data, valid) if len(objectives) > 1 else {}
+        candidates[objective] = (booster, params, selection)
+        if len(objectives) > 1:
+            progress(f"  {name} [{objective}]: validation NDCG@10 {selection.get('ndcg_at_10', float('nan')):.3f} within candidates ({booster.best_iteration} trees)")
+    objective = max(candidates, key=lambda o: candidates[o][2].get("ndcg_at_10", 0.0)) if len(candidates) > 1 else objectives[0]
+    booster, params, _ = candidates[objective]
+    raw_valid = booster.predict(data.features[valid], num_iteration=booster.best_iteration)
+    calibration, _ = choose_calibration(data.labels[valid], raw_valid, raw=objective == "lambdarank", seed=training.seed)
+    model = FittedModel(booster, calibration, params, {}, objective, {o: c[2] for o, c in candidates.items()}, {o: c[0] for o, c in candidates.items()})
+    p_valid = model.predict(data.features[valid])
+    metrics = {
+        **classification_metrics(data.labels[valid], p_valid),
+        "train_rows": int(train.sum()),
+        "validation_rows": int(valid.sum()),
+        "best_iteration": int(booster.best_iteration),
+    }
+    if objective == "binary":
+        metrics["uncalibrated_logloss"] = classification_metrics(data.labels[valid], raw_valid)["logloss"]
+    if test.any() and len(np.unique(data.labels[test])) == 2:
+        metrics.update({f"test_{k}": v for k, v in classification_metrics(data.labels[test], model.predict(data.features[test])).items()})
+        metrics["test_rows"] = int(test.sum())
+    model.metrics = metrics
+    progress(
+        f"  {name}: validation AUC {metrics['auc']:.3f}, PR-AUC {metrics['pr_auc']:.3f}"
+        + (f"; test AUC {metrics['test_auc']:.3f}" if "test_auc" in metrics else "")
+        + f" ({metrics['validation_rows']:,} rows, {metrics['best_iteration']} trees, {objective}, calibration {calibration['method']})"
+    )
+    return model
+
+
+def _naive(values: np.ndarray) -> np.ndarray:
+    return pd.DatetimeIndex(pd.to_datetime(values, utc=True)).tz_convert(None).to_numpy()
