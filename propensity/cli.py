@@ -85,7 +85,8 @@ def cmd_build_features(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_materialize(args: argparse.Namespace) -> int:
+def cmd_publish(args: argparse.Namespace) -> int:
+    """Pipeline stage: feast apply, then load every view up to the run's as-of time."""
     from training.prepare import load_prepared
     from training.publish import publish_features
 
@@ -94,12 +95,29 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_materialize(args: argparse.Namespace) -> int:
+    """feast apply + incremental materialization up to now, once or every N minutes."""
+    from propensity.feature_store import feast_apply
+    from training.publish import materialize_incremental
+
+    settings = _settings(args)
+    feast_apply(settings.feature_repo, settings.feature_store_yaml)
+    while True:
+        started = time.perf_counter()
+        print(f"materialize-incremental at {datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC", flush=True)
+        report = materialize_incremental(settings.feature_repo, yaml_file=settings.feature_store_yaml)
+        print(f"{sum(rows for rows, _ in report.values()):,} rows into the online store in {time.perf_counter() - started:.1f}s", flush=True)
+        if not args.every:
+            return 0
+        time.sleep(max(0.0, args.every * 60 - (time.perf_counter() - started)))
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from training.prepare import load_prepared
     from training.train import train
 
     settings = _settings(args)
-    train(settings, load_prepared(settings.prepared_dir), promote_to_current=not args.no_promote)
+    train(settings, load_prepared(settings.prepared_dir), promote_to_current=not args.no_promote, continue_from=getattr(args, "continue_from", None))
     return 0
 
 
@@ -138,7 +156,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     steps = []
     if args.demo:
         steps.append(("demo data", cmd_demo_data))
-    steps += [("prepare", cmd_prepare), ("build features", cmd_build_features), ("feast apply + materialize", cmd_materialize), ("train", cmd_train)]
+    steps += [("prepare", cmd_prepare), ("build features", cmd_build_features), ("feast apply + materialize", cmd_publish), ("train", cmd_train)]
     for number, (name, step) in enumerate(steps, start=1):
         print(f"\n== [{number}/{len(steps)}] {name}", flush=True)
         step(args)
@@ -238,14 +256,30 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, text in (
         ("prepare", cmd_prepare, "validate the raw log and rebase its clock"),
         ("build-features", cmd_build_features, "raw events -> offline feature tables"),
-        ("materialize", cmd_materialize, "feast apply + materialize into the online store"),
+        ("publish", cmd_publish, "feast apply + materialize every view up to the run's as-of time"),
+        ("materialize", cmd_materialize, "feast apply + incremental materialization up to now, with rows and freshness per view"),
         ("train", cmd_train, "train both models from point-in-time features"),
     ):
         p = sub.add_parser(name, help=text)
         paths(p)
         if name == "train":
             p.add_argument("--no-promote", action="store_true", help="save the version without making it current")
+            p.add_argument("--continue-from", help="the version this one replaces; refused if its feature services changed since")
+        if name == "materialize":
+            p.add_argument("--every", type=float, help="keep running: materialize every this many minutes")
         p.set_defaults(func=func)
+
+    from training.commands import add_evaluate_arguments, add_score_batch_arguments, cmd_evaluate, cmd_score_batch
+
+    p = sub.add_parser("evaluate", help="fit as train does, score the held-out test period against baselines, write the report")
+    paths(p)
+    add_evaluate_arguments(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("score-batch", help="score every active user (and top-N items) from the offline store at a timestamp")
+    paths(p)
+    add_score_batch_arguments(p)
+    p.set_defaults(func=cmd_score_batch)
 
     p = sub.add_parser("serve", help="start the gRPC server")
     paths(p)

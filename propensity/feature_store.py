@@ -11,6 +11,8 @@ from pathlib import Path
 
 from feast import FeatureStore
 
+from propensity.store_profiles import apply_defaults, check_reachable
+
 
 class FeatureContractError(RuntimeError):
     """A model and a feature service disagree about the features."""
@@ -21,11 +23,15 @@ def open_store(repo: Path, yaml_file: Path | None = None) -> FeatureStore:
     config = yaml_file or repo / "feature_store.yaml"
     if not config.exists():
         raise FileNotFoundError(f"{config}: no such feature_store.yaml (is {repo} the Feast repository?)")
+    apply_defaults()  # profiles read ${PROPENSITY_*} connection variables
+    if yaml_file is not None:
+        check_reachable(config)  # "Redis at host:port is not accepting connections" instead of a late Feast error
     return FeatureStore(repo_path=str(repo), fs_yaml_file=config.resolve())
 
 
 def feast_apply(repo: Path, yaml_file: Path | None = None) -> str:
     """Run the plain `feast apply` a feature engineer would run, so both paths stay identical."""
+    apply_defaults()  # the feast subprocess expands the profile's ${PROPENSITY_*} variables itself
     feast = Path(sys.executable).with_name("feast")
     profile = ["--feature-store-yaml", str(yaml_file.resolve())] if yaml_file else []
     result = subprocess.run(

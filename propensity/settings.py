@@ -63,6 +63,8 @@ class TrainingSettings(_Section):
     num_leaves: int = Field(31, description="LightGBM leaves per tree.")
     min_data_in_leaf: int = Field(20, description="LightGBM minimum rows per leaf.")
     seed: int = Field(13, description="LightGBM seed.")
+    tuning_trials: int = Field(0, description="Optuna trials per model (time-series folds inside train + validation); 0 turns tuning off.")
+    tuning_seconds: float = Field(60.0, description="Wall-time budget of the search per model (a running trial always finishes).")
 
 
 class ServerSettings(_Section):

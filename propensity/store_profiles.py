@@ -107,7 +107,7 @@ def check_reachable(yaml_file: Path) -> None:
 def ensure_database(yaml_file: Path) -> bool:
     """Create the PostgreSQL database of a profile's SQL registry if it does not exist; True if it was created."""
     url = _registry_url(_load(yaml_file))
-    if url is None:
+    if url is None or not url.database:
         return False
     import psycopg
     from psycopg import sql
@@ -115,7 +115,7 @@ def ensure_database(yaml_file: Path) -> bool:
     with psycopg.connect(_libpq(url.set(database="postgres")), autocommit=True, connect_timeout=int(_TIMEOUT_SECONDS)) as conn:
         if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (url.database,)).fetchone():
             return False
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(url.database)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(str(url.database))))
     return True
 
 
@@ -131,7 +131,7 @@ def _check_database(yaml_file: Path, endpoint: Endpoint) -> None:
         raise StoreUnreachableError(
             f"{yaml_file.name}: {endpoint.role} at {endpoint.address}, database {endpoint.database!r}: "
             f"{str(error).strip()}; create it with `createdb -h {endpoint.host} -p {endpoint.port} -U {url.username or 'postgres'} "
-            f"{endpoint.database}` or propensity.store_profiles.ensure_database()"
+            f"{endpoint.database}`, scripts/services.sh or `python -m propensity.store_profiles --create-database {yaml_file.stem}`"
         ) from error
 
 

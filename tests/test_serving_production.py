@@ -15,10 +15,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pandas as pd
 import pytest
 
-from propensity.model_registry import current_version, promote
+from propensity.model_registry import RANKER_MODEL, apply_calibration, current_version, load_version, promote
 from propensity.v1 import recommendation_service_pb2 as pb
 from propensity.v1 import recommendation_service_pb2_grpc as pb_grpc
 from tests.conftest import SHOPPER, Pipeline, RunningServer, free_port, private_env, running_server, users, wait_for
@@ -52,13 +53,18 @@ def prod(pipeline: Pipeline) -> Iterator[tuple[RunningServer, pb_grpc.Recommenda
 
 
 def test_explanations_sum_to_the_raw_score(prod) -> None:
-    _, stub, _, _ = prod
+    _, stub, work, _ = prod
     response = stub.Recommend(pb.RecommendRequest(user_id=SHOPPER, num_items=5, explain=True), timeout=5)
     assert response.items
+    bundle = load_version(work / "models", response.model_version)
+    ranking_objective = "lambdarank" in bundle.ranker.dump_model()["objective"]
     for item in response.items:
         total = item.base_value + sum(c.contribution for c in item.contributions)
         assert total == pytest.approx(item.raw_score, abs=1e-6)
-        assert 1 / (1 + math.exp(-item.raw_score)) == pytest.approx(item.score, abs=1e-9)
+        # The score is the model's own output for that raw score (a probability for the binary objective,
+        # the raw score for lambdarank), after the calibration stored with the model.
+        native = item.raw_score if ranking_objective else 1 / (1 + math.exp(-item.raw_score))
+        assert apply_calibration(bundle.calibration(RANKER_MODEL), np.array([native]))[0] == pytest.approx(item.score, abs=1e-9)
         magnitudes = [abs(c.contribution) for c in item.contributions]
         assert magnitudes == sorted(magnitudes, reverse=True)
     top_reasons = {c.feature for c in response.items[0].contributions[:5]}

@@ -49,6 +49,13 @@ def copy_repo_with_profiles(destination: Path) -> Path:
     return repo
 
 
+def profile(name: str, repo: Path) -> Path:
+    """The yaml file of a server profile (never None, unlike "local")."""
+    path = profile_yaml(name, repo)
+    assert path is not None
+    return path
+
+
 def _unreachable(reason: str) -> None:
     """Skip with the reason; in CI (CI=true) the servers are part of the job, so fail instead."""
     if os.environ.get("CI", "").lower() == "true":
@@ -100,12 +107,12 @@ def test_profiles_expand_variables_and_resolve_paths_against_the_repository(tmp_
     monkeypatch.setenv("PROPENSITY_REDIS_DB", "9")
     monkeypatch.setenv("PROPENSITY_PG_DATABASE", "somewhere")
     apply_defaults()
-    redis = load_repo_config(repo, profile_yaml("redis", repo))
+    redis = load_repo_config(repo, profile("redis", repo))
     assert redis.online_store.connection_string.endswith(",db=9")
     assert redis.repo_path == repo and redis.registry.path == "data/registry-redis.db"  # joined to repo_path by Feast
-    production = load_repo_config(repo, profile_yaml("production", repo))
+    production = load_repo_config(repo, profile("production", repo))
     assert production.registry.path.endswith("@127.0.0.1:5432/somewhere")
-    assert [e.role for e in endpoints(profile_yaml("production", repo))] == ["online store (Redis)", "registry (PostgreSQL)"]
+    assert [e.role for e in endpoints(profile("production", repo))] == ["online store (Redis)", "registry (PostgreSQL)"]
     assert endpoints(repo / "feature_store.yaml") == []
 
 
@@ -114,10 +121,10 @@ def test_check_reachable_names_the_server_that_is_down(tmp_path: Path, monkeypat
     port = free_port()
     monkeypatch.setenv("PROPENSITY_REDIS_ADDRESS", f"127.0.0.1:{port}")
     with pytest.raises(StoreUnreachableError, match=rf"redis.yaml: online store \(Redis\) at 127.0.0.1:{port} is not accepting"):
-        check_reachable(profile_yaml("redis", repo))
+        check_reachable(profile("redis", repo))
     monkeypatch.setenv("PROPENSITY_PG_URL", f"postgresql+psycopg://postgres@127.0.0.1:{port}")
     with pytest.raises(StoreUnreachableError, match=rf"postgres.yaml: registry \(PostgreSQL\) at 127.0.0.1:{port} is not accepting"):
-        check_reachable(profile_yaml("postgres", repo))
+        check_reachable(profile("postgres", repo))
 
 
 # --- against the real servers ------------------------------------------------------------------
@@ -133,7 +140,7 @@ class Services:
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
     """Two private Redis databases and two new PostgreSQL databases; the local servers must be up."""
     apply_defaults()
-    probe = profile_yaml("production", PROJECT_ROOT / "feature_repo")
+    probe = profile("production", PROJECT_ROOT / "feature_repo")
     with pytest.MonkeyPatch.context() as env:
         env.setenv("PROPENSITY_PG_DATABASE", "postgres")  # the servers, not the default registry database
         try:
@@ -211,9 +218,9 @@ def redis_store(services: Services, shop: Shop):
     """The shop published (feast apply + materialize) through the redis profile into a private Redis database."""
     with pytest.MonkeyPatch.context() as env:
         env.setenv("PROPENSITY_REDIS_DB", str(services.redis_dbs[0]))
-        profile = profile_yaml("redis", shop.repo)
-        publish_features(shop.repo, shop.as_of, progress=_quiet, yaml_file=profile)
-        yield open_store(shop.repo, profile)
+        redis_yaml = profile("redis", shop.repo)
+        publish_features(shop.repo, shop.as_of, progress=_quiet, yaml_file=redis_yaml)
+        yield open_store(shop.repo, redis_yaml)
 
 
 @pytest.mark.slow
@@ -260,7 +267,7 @@ def test_push_to_redis_is_visible_to_online_reads(shop: Shop, redis_store) -> No
 
 def _online_from_new_store(repo: Path, view: str, feature: str, user: str, connection: str) -> object:
     """Read through a separately opened store, as another server process would."""
-    store = open_store(repo, profile_yaml("redis", repo))
+    store = open_store(repo, profile("redis", repo))
     assert store.config.online_store.connection_string == connection
     return store.get_online_features(features=[f"{view}:{feature}"], entity_rows=[{"user_id": user}]).to_dict()[feature][0]
 
@@ -269,14 +276,14 @@ def _online_from_new_store(repo: Path, view: str, feature: str, user: str, conne
 def test_sql_registry_is_shared_between_repository_copies(services: Services, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PROPENSITY_PG_DATABASE", services.pg_databases[0])
     first, second = copy_repo_with_profiles(tmp_path / "first"), copy_repo_with_profiles(tmp_path / "second")
-    check_reachable(profile_yaml("postgres", first))
-    watcher = open_store(second, profile_yaml("postgres", second))  # opened before anything is registered
+    check_reachable(profile("postgres", first))
+    watcher = open_store(second, profile("postgres", second))  # opened before anything is registered
     assert watcher.list_feature_views() == [] and watcher.list_feature_services() == []
 
-    feast_apply(first, profile_yaml("postgres", first))
+    feast_apply(first, profile("postgres", first))
 
-    applier = open_store(first, profile_yaml("postgres", first))
-    late = open_store(second, profile_yaml("postgres", second))
+    applier = open_store(first, profile("postgres", first))
+    late = open_store(second, profile("postgres", second))
     watcher.refresh_registry()  # a server would see it after cache_ttl_seconds (60 in the profile)
     expected = sorted(v.name for v in applier.list_feature_views())
     assert expected == ["item_neighbors", "item_stats", "user_activity", "user_interests", "user_profile"]
@@ -293,11 +300,11 @@ def test_production_profile_serves_another_copy_from_one_publish(services: Servi
     """Redis + SQL registry: one copy applies and materializes, a copy without any data serves the same values as SQLite."""
     monkeypatch.setenv("PROPENSITY_REDIS_DB", str(services.redis_dbs[1]))
     monkeypatch.setenv("PROPENSITY_PG_DATABASE", services.pg_databases[1])
-    check_reachable(profile_yaml("production", shop.repo))
-    publish_features(shop.repo, shop.as_of, progress=_quiet, yaml_file=profile_yaml("production", shop.repo))
+    check_reachable(profile("production", shop.repo))
+    publish_features(shop.repo, shop.as_of, progress=_quiet, yaml_file=profile("production", shop.repo))
 
     server_copy = copy_repo_with_profiles(tmp_path / "server")
-    served = open_store(server_copy, profile_yaml("production", server_copy))
+    served = open_store(server_copy, profile("production", server_copy))
     sqlite_store = open_store(shop.repo)
     for service, key, ids in ((USER_SERVICE, "user_id", shop.users), (ITEM_SERVICE, "item_id", shop.items)):
         assert _online(served, service, key, ids) == _online(sqlite_store, service, key, ids), service

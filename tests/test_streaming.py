@@ -3,6 +3,7 @@ and a batch rebuild over the same events landing on the same online values."""
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -18,7 +19,7 @@ from propensity.realtime import MAINTAINED_ACTIVITY, MAINTAINED_INTERESTS
 from propensity.settings import FeatureSettings
 from propensity.v1 import recommendation_service_pb2 as pb
 from propensity.v1 import recommendation_service_pb2_grpc as pb_grpc
-from tests.conftest import Pipeline, RunningServer, private_env, running_server, users
+from tests.conftest import BIN, Pipeline, RunningServer, private_env, running_server, users
 from training.feature_build import build_features
 from training.prepare import prepare
 from training.publish import publish_features
@@ -130,3 +131,13 @@ def test_batch_rebuild_over_the_same_events_gives_the_streamed_online_values(str
     publish_features(repo, tomorrow, progress=lambda _: None)
     rebuilt = online()
     assert rebuilt == streamed
+
+
+def test_materialize_command_reports_rows_and_freshness_per_view(streaming) -> None:
+    _, _, env, _ = streaming
+    result = subprocess.run([str(BIN / "propensity"), "materialize"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for view in ("item_neighbors", "item_stats", "user_activity", "user_interests", "user_profile"):
+        line = next(l for l in result.stdout.splitlines() if l.strip().startswith(f"{view}:"))
+        assert "new rows" in line and "newest value" in line, line
+    assert "rows into the online store" in result.stdout

@@ -27,6 +27,7 @@ from propensity.feature_store import check_service, open_store
 from propensity.model_registry import RANKER_MODEL, USER_MODEL, load_version
 from propensity.settings import Settings
 from propensity.user_state import UserState
+from training.commands import add_score_batch_arguments
 from training.datasets import HISTORY_DAYS, historical_catalogs
 
 SCHEMA = pa.schema([("user_id", pa.string()), ("propensity", pa.float64()), ("rank", pa.int32()), ("item_id", pa.string()), ("item_score", pa.float64())])
@@ -120,14 +121,6 @@ def _top_n(users: list[str], propensity: np.ndarray, candidates: list[np.ndarray
     return pa.table({"user_id": out_user, "propensity": out_p, "rank": out_rank, "item_id": out_item, "item_score": out_score}, schema=SCHEMA)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--at", help="scoring timestamp (ISO-8601, UTC if no offset); default: the prepared data's as-of time")
-    parser.add_argument("--out", required=True, help="output Parquet file")
-    parser.add_argument("--top-n", type=int, default=10, help="items per user")
-    parser.add_argument("--chunk-size", type=int, default=5000, help="users per offline-store read and ranker call")
-    parser.add_argument("--version", help="model version (default: current)")
-
-
 def cmd_score_batch(args: argparse.Namespace, settings: Settings) -> int:
     from training.prepare import load_prepared
 
@@ -146,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", dest="data_dir")
     parser.add_argument("--work-dir")
     parser.add_argument("--feature-repo")
-    add_arguments(parser)
+    add_score_batch_arguments(parser)
     args = parser.parse_args(argv)
     return cmd_score_batch(args, _settings(args))
 

@@ -28,6 +28,7 @@ from training.models import group_sizes
 from training.prepare import load_prepared
 from training.train import build_training_data, fit_models
 from training.tuning import TuningBudget
+from training.commands import add_evaluate_arguments
 
 K = 10
 
@@ -279,17 +280,6 @@ def write_summary(out_dir: Path) -> Path:
     return path
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `propensity evaluate` (the --data/--work-dir/--feature-repo options come from the CLI's paths())."""
-    parser.add_argument("--out", default="docs/evaluation", help="report directory (default docs/evaluation)")
-    parser.add_argument("--label", required=True, help="dataset label, e.g. demo_h7 or uci_h30 (one sub-directory per label)")
-    parser.add_argument("--horizon-days", type=int, help="override settings.training.horizon_days")
-    parser.add_argument("--n-cutoffs", type=int, help="override settings.training.n_cutoffs (>= 3: train, validation, test)")
-    parser.add_argument("--trials", type=int, default=15, help="Optuna trials per model; 0 turns tuning off")
-    parser.add_argument("--tuning-seconds", type=float, default=60.0, help="wall-time cap of each model's search")
-    parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for CIs")
-
-
 def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     """Entry point: settings come from the CLI's _settings(args)."""
     updates = {k: v for k, v in (("horizon_days", args.horizon_days), ("n_cutoffs", args.n_cutoffs)) if v}
@@ -311,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir")
     parser.add_argument("--feature-repo")
     parser.add_argument("--as-of")
-    add_arguments(parser)
+    add_evaluate_arguments(parser)
     args = parser.parse_args(argv)
     return cmd_evaluate(args, _settings(args))
 

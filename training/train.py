@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import time
 from collections.abc import Callable
@@ -52,11 +51,8 @@ class TrainingData:
 
 
 def default_budget(settings: Settings) -> TuningBudget | None:
-    """Tuning budget from settings.training.tuning_trials / tuning_seconds when present, else PROPENSITY_TUNING_TRIALS / _SECONDS; 0 trials = off."""
-    trials = getattr(settings.training, "tuning_trials", None)
-    seconds = getattr(settings.training, "tuning_seconds", None)
-    trials = int(os.environ.get("PROPENSITY_TUNING_TRIALS", 0)) if trials is None else trials
-    seconds = float(os.environ.get("PROPENSITY_TUNING_SECONDS", 60)) if seconds is None else seconds
+    """The search budget from settings.training (PROPENSITY_TRAINING__TUNING_TRIALS / _SECONDS); 0 trials = off."""
+    trials, seconds = settings.training.tuning_trials, settings.training.tuning_seconds
     return TuningBudget(n_trials=trials, seconds=seconds, seed=settings.training.seed) if trials > 0 else None
 
 

@@ -1,0 +1,43 @@
+"""CLI entry points of the offline-evaluation stages, light to import (heavy modules load only when a command runs).
+
+propensity/cli.py wires them as `propensity evaluate` and `propensity score-batch`:
+    p = sub.add_parser("evaluate", ...); paths(p); add_evaluate_arguments(p); p.set_defaults(func=cmd_evaluate)
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `propensity evaluate` (--data/--work-dir/--feature-repo/--as-of come from the CLI's paths())."""
+    parser.add_argument("--out", default="docs/evaluation", help="report directory (default docs/evaluation)")
+    parser.add_argument("--label", required=True, help="dataset label, e.g. demo_h7 or uci_online_retail_h30 (one sub-directory each)")
+    parser.add_argument("--horizon-days", type=int, help="override settings.training.horizon_days")
+    parser.add_argument("--n-cutoffs", type=int, help="override settings.training.n_cutoffs (>= 3: train, validation, test)")
+    parser.add_argument("--trials", type=int, default=15, help="Optuna trials per model and objective; 0 turns tuning off")
+    parser.add_argument("--tuning-seconds", type=float, default=60.0, help="wall-time cap of each search (a running trial finishes)")
+    parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the CIs")
+
+
+def add_score_batch_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `propensity score-batch`."""
+    parser.add_argument("--at", help="scoring timestamp (ISO-8601, UTC if no offset); default: the prepared data's as-of time")
+    parser.add_argument("--out", required=True, help="output Parquet file (user_id, propensity, rank, item_id, item_score)")
+    parser.add_argument("--top-n", type=int, default=10, help="items per user")
+    parser.add_argument("--chunk-size", type=int, default=5000, help="users per offline-store read and ranker call")
+    parser.add_argument("--version", help="model version (default: current)")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from propensity.cli import _settings
+    from training.evaluate import cmd_evaluate as run
+
+    return run(args, _settings(args))
+
+
+def cmd_score_batch(args: argparse.Namespace) -> int:
+    from propensity.cli import _settings
+    from training.batch_scoring import cmd_score_batch as run
+
+    return run(args, _settings(args))
