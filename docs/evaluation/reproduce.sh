@@ -2,10 +2,10 @@
 # Reproduces docs/evaluation/ (run from the repository root; ~25 min on 2 shared cores).
 # Each dataset: import -> full pipeline in a private work dir -> `evaluate` (fits exactly as `train` does,
 # scores the held-out test cut-off, writes <label>/report.md + PNGs and merges metrics.json / README.md).
-# Until `propensity evaluate` is wired into propensity/cli.py, `python -m training.evaluate` takes the same options.
+# `propensity evaluate` (or `python -m training.evaluate`) takes the options below; ROOT is where the work dirs go.
 set -euo pipefail
 ROOT=${ROOT:-/tmp/propensity-eval}
-EVALUATE=${EVALUATE:-".venv/bin/python -m training.evaluate"}
+EVALUATE=${EVALUATE:-".venv/bin/propensity evaluate"}
 
 pipeline() {  # NAME RAW_DIR -> $ROOT/NAME/{var,feature_repo}
   local dir=$ROOT/$1
