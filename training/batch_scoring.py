@@ -129,20 +129,3 @@ def cmd_score_batch(args: argparse.Namespace, settings: Settings) -> int:
         at = at.replace(tzinfo=timezone.utc)
     score_batch(settings, at, Path(args.out).resolve(), top_n=args.top_n, chunk_size=args.chunk_size, version=args.version)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m training.batch_scoring ...` until `propensity score-batch` is wired into propensity/cli.py."""
-    from propensity.cli import _settings
-
-    parser = argparse.ArgumentParser(prog="python -m training.batch_scoring", description=__doc__)
-    parser.add_argument("--data", dest="data_dir")
-    parser.add_argument("--work-dir")
-    parser.add_argument("--feature-repo")
-    add_score_batch_arguments(parser)
-    args = parser.parse_args(argv)
-    return cmd_score_batch(args, _settings(args))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

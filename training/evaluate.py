@@ -290,21 +290,3 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     command = " ".join(shlex.quote(str(a)) for a in ["propensity", "evaluate", "--work-dir", settings.work_dir, "--feature-repo", settings.feature_repo, *argv])
     evaluate(settings, Path(args.out).resolve(), args.label, budget, n_boot=args.bootstrap, command=command)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m training.evaluate ...` until the `propensity evaluate` subcommand is wired into propensity/cli.py."""
-    from propensity.cli import _settings
-
-    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__)
-    parser.add_argument("--data", dest="data_dir")
-    parser.add_argument("--work-dir")
-    parser.add_argument("--feature-repo")
-    parser.add_argument("--as-of")
-    add_evaluate_arguments(parser)
-    args = parser.parse_args(argv)
-    return cmd_evaluate(args, _settings(args))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

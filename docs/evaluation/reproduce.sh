@@ -2,7 +2,7 @@
 # Reproduces docs/evaluation/ (run from the repository root; ~25 min on 2 shared cores).
 # Each dataset: import -> full pipeline in a private work dir -> `evaluate` (fits exactly as `train` does,
 # scores the held-out test cut-off, writes <label>/report.md + PNGs and merges metrics.json / README.md).
-# `propensity evaluate` (or `python -m training.evaluate`) takes the options below; ROOT is where the work dirs go.
+# `propensity evaluate` takes the options below; ROOT is where the work dirs go.
 set -euo pipefail
 ROOT=${ROOT:-/tmp/propensity-eval}
 EVALUATE=${EVALUATE:-".venv/bin/propensity evaluate"}
