@@ -286,7 +286,6 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     if updates:
         settings = settings.model_copy(update={"training": settings.training.model_copy(update=updates)})
     budget = TuningBudget(n_trials=args.trials, seconds=args.tuning_seconds, seed=settings.training.seed) if args.trials > 0 else None
-    argv = [a for a in sys.argv[1:] if a != "evaluate"]
-    command = " ".join(shlex.quote(str(a)) for a in ["propensity", "evaluate", "--work-dir", settings.work_dir, "--feature-repo", settings.feature_repo, *argv])
+    command = " ".join(shlex.quote(str(a)) for a in ["propensity", *sys.argv[1:]])  # exactly what was run
     evaluate(settings, Path(args.out).resolve(), args.label, budget, n_boot=args.bootstrap, command=command)
     return 0
