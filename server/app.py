@@ -24,6 +24,7 @@ from propensity.v1 import recommendation_service_pb2 as pb
 from propensity.v1 import recommendation_service_pb2_grpc as pb_grpc
 from propensity.event_log import EventLog
 from propensity.raw_data import EVENT_TYPES
+from server.errors import IngestionUnavailable
 from server.ingest import EventIngestor
 from server.item_cache import FreshnessTracker, ItemCache
 from server.model_pool import ModelPool
@@ -55,7 +56,7 @@ class Components:
     models: ModelPool
     items: ItemCache
     store: object
-    ingestor: EventIngestor
+    ingestor: EventIngestor | IngestionUnavailable
     freshness: FreshnessTracker
 
 
@@ -86,8 +87,14 @@ def build_components(settings: Settings, observability: Observability | None = N
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     as_of = manifest.get("as_of", "")
     recorded = frozenset(manifest.get("event_types", EVENT_TYPES))
-    ingestor = EventIngestor(store, EventLog(settings.event_log_dir), settings.features.recent_items_per_user, recorded)
-    freshness = FreshnessTracker(store, lambda: dict(ingestor.last_push))
+    try:
+        ingestor: EventIngestor | IngestionUnavailable = EventIngestor(
+            store, EventLog(settings.event_log_dir), settings.features.recent_items_per_user, recorded
+        )
+    except IngestionUnavailable as error:  # serve recommendations anyway; IngestEvents explains why it is off
+        log.warning("%s", error)
+        ingestor = error
+    freshness = FreshnessTracker(store, lambda: dict(getattr(ingestor, "last_push", {})))
     recommender = Recommender(
         models,
         OnlineUserFeatures(store, settings.user_feature_service),

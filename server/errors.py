@@ -21,3 +21,7 @@ class UnknownModelVersion(RecommendationError):
 
 class ModelUnavailable(RecommendationError):
     """A model version exists but cannot be served (failed to load or violates its feature contract)."""
+
+
+class IngestionUnavailable(RecommendationError):
+    """Events cannot be ingested by this server (for example the registry lacks the push sources)."""

@@ -14,9 +14,11 @@ from feast.data_source import PushMode
 
 from propensity.event_log import EventLog, StreamEvent
 from propensity.realtime import ACTIVITY_VIEW, INTEREST_PASSTHROUGH, INTERESTS_VIEW, InvalidEvent, apply_events, parse_event
+from server.errors import IngestionUnavailable
 
 log = logging.getLogger(__name__)
 MAX_REPORTED_REJECTIONS = 1000
+PUSH_SOURCES = (f"{ACTIVITY_VIEW}_push", f"{INTERESTS_VIEW}_push")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,13 @@ class EventIngestor:
         self._recent_items = recent_items
         self._recorded_types = recorded_types
         self.last_push: dict[str, float] = {}  # feature view -> epoch seconds of its latest real-time push
+        registered = {source.name for source in store.list_data_sources()}
+        missing = [name for name in PUSH_SOURCES if name not in registered]
+        if missing:
+            raise IngestionUnavailable(
+                f"IngestEvents: the Feast registry has no push source {', '.join(map(repr, missing))}; "
+                f"run `feast apply` in the feature repository (or `propensity publish`) with the current definitions"
+            )
         self._activity_refs = [f"{ACTIVITY_VIEW}:{f.name}" for f in store.get_feature_view(ACTIVITY_VIEW).features]
         self._interest_refs = [f"{INTERESTS_VIEW}:{f.name}" for f in store.get_feature_view(INTERESTS_VIEW).features]
 
@@ -85,8 +94,8 @@ class EventIngestor:
             activity_rows.append({"user_id": user, "event_timestamp": moment, **activity})
             passthrough = {name: list(row.get(name) or []) for name in INTEREST_PASSTHROUGH}
             interest_rows.append({"user_id": user, "event_timestamp": moment, **interests, **passthrough})
-        self._store.push(f"{ACTIVITY_VIEW}_push", _typed(pd.DataFrame(activity_rows), self._store, ACTIVITY_VIEW), to=PushMode.ONLINE)
-        self._store.push(f"{INTERESTS_VIEW}_push", _typed(pd.DataFrame(interest_rows), self._store, INTERESTS_VIEW), to=PushMode.ONLINE)
+        self._store.push(PUSH_SOURCES[0], _typed(pd.DataFrame(activity_rows), self._store, ACTIVITY_VIEW), to=PushMode.ONLINE)
+        self._store.push(PUSH_SOURCES[1], _typed(pd.DataFrame(interest_rows), self._store, INTERESTS_VIEW), to=PushMode.ONLINE)
         now = time.time()
         self.last_push.update({ACTIVITY_VIEW: now, INTERESTS_VIEW: now})
         log.info("ingested %d events for %d users in %.1f ms", len(events), len(users), (time.perf_counter() - started) * 1000)

@@ -13,7 +13,7 @@ from propensity.settings import ServerSettings
 from propensity.v1 import recommendation_service_pb2 as pb
 from propensity.v1 import recommendation_service_pb2_grpc as pb_grpc
 from server import validation
-from server.errors import InvalidArgument, ModelUnavailable, RecommendationError, UnknownModelVersion
+from server.errors import IngestionUnavailable, InvalidArgument, ModelUnavailable, RecommendationError, UnknownModelVersion
 from server.ingest import EventIngestor, IngestReport
 from server.interceptors import current_request_id
 from server.queries import ItemScores, ModelsInfo, Recommendation, RecommendQuery, ScoredItem, UserScores
@@ -26,6 +26,7 @@ _STATUS = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     UnknownModelVersion: grpc.StatusCode.NOT_FOUND,
     ModelUnavailable: grpc.StatusCode.FAILED_PRECONDITION,
+    IngestionUnavailable: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 
@@ -48,10 +49,10 @@ def _handle_errors(method: Callable[..., Awaitable[Response]]) -> Callable[..., 
 class RecommendationServicer(pb_grpc.RecommendationServiceServicer):
     """Thin adapter over Recommender."""
 
-    def __init__(self, recommender: Recommender, limits: ServerSettings, ingestor: EventIngestor | None = None) -> None:
+    def __init__(self, recommender: Recommender, limits: ServerSettings, ingestor: EventIngestor | IngestionUnavailable | None = None) -> None:
         self._recommender = recommender
         self._limits = limits
-        self._ingestor = ingestor
+        self._ingestor = ingestor  # or why ingestion is off
 
     @_handle_errors
     async def Recommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext) -> pb.RecommendResponse:
@@ -81,7 +82,9 @@ class RecommendationServicer(pb_grpc.RecommendationServiceServicer):
     @_handle_errors
     async def IngestEvents(self, request_iterator: AsyncIterator[pb.IngestEventsRequest], context: grpc.aio.ServicerContext) -> pb.IngestEventsResponse:
         if self._ingestor is None:
-            raise ModelUnavailable("IngestEvents: this server was started without an event log")
+            raise IngestionUnavailable("IngestEvents: this server was started without an event log")
+        if isinstance(self._ingestor, IngestionUnavailable):
+            raise self._ingestor
         report = IngestReport()
         seen = 0
         async for message in request_iterator:

@@ -19,7 +19,7 @@ from propensity.model_registry import RANKER_MODEL, USER_MODEL, promote, save_ve
 from propensity.settings import CandidateSettings, ServerSettings
 from propensity.v1 import recommendation_service_pb2 as pb
 from propensity.v1 import recommendation_service_pb2_grpc as pb_grpc
-from server.errors import InvalidArgument, ModelUnavailable, RecommendationError, UnknownModelVersion
+from server.errors import IngestionUnavailable, InvalidArgument, ModelUnavailable, RecommendationError, UnknownModelVersion
 from server.item_cache import StaticCatalog
 from server.model_pool import ModelPool
 from server.queries import ItemScores, ModelsInfo, Recommendation, RecommendQuery, ScoredItem, UserScores
@@ -303,3 +303,23 @@ def test_real_model_info(real_stub: pb_grpc.RecommendationServiceStub) -> None:
     assert list(by_name[USER_MODEL].feature_names) == list(USER_MODEL_FEATURES)
     assert by_name[RANKER_MODEL].feature_service == "users_v1+items_v1"
     assert [(m.name, m.value) for m in by_name[USER_MODEL].metrics] == [("auc", pytest.approx(0.7))]
+
+
+@pytest.mark.parametrize(
+    ("ingestor", "expected"),
+    [
+        (None, "without an event log"),
+        (IngestionUnavailable("IngestEvents: the Feast registry has no push source 'user_activity_push'; run `feast apply`"), "push source"),
+    ],
+)
+def test_ingest_events_says_why_ingestion_is_off(ingestor, expected: str) -> None:
+    server = _Server(RecommendationServicer(_Scripted(), LIMITS, ingestor))  # type: ignore[arg-type]
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.RecommendationServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as error:
+                stub.IngestEvents(iter([pb.IngestEventsRequest(events=[pb.Event(event_id="e1")])]), timeout=5)
+    finally:
+        server.stop()
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert expected in error.value.details()
