@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from server.interceptors import ObservabilityInterceptor, current_request_id
 from server.metrics import Metrics
+from tests.aio_server import ThreadedAioServer
 
 SERVICE = "test.Probe"
 
@@ -44,20 +45,10 @@ async def _slow(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
     return b"late"
 
 
-class _Server:
-    """A grpc.aio server with the interceptor on a free port, on its own event loop in a background thread."""
+def _Server(interceptor: ObservabilityInterceptor) -> ThreadedAioServer:
+    """Test handlers, health and reflection behind the interceptor on a real grpc.aio server."""
 
-    def __init__(self, interceptor: ObservabilityInterceptor) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
-        self.port = self._run(self._start(interceptor))
-
-    def _run(self, coroutine):
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=10)
-
-    async def _start(self, interceptor: ObservabilityInterceptor) -> int:
-        self._server = grpc.aio.server(interceptors=[interceptor])
+    async def configure(server: grpc.aio.Server) -> None:
         handlers = {
             "Echo": _echo_request_id,
             "Reject": _reject,
@@ -65,22 +56,15 @@ class _Server:
             "NotFound": _not_found_without_abort,
             "Slow": _slow,
         }
-        self._server.add_generic_rpc_handlers(
+        server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE, {k: grpc.unary_unary_rpc_method_handler(v) for k, v in handlers.items()}),)
         )
         health = health_async.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
         await health.set("", health_pb2.HealthCheckResponse.SERVING)
-        reflection.enable_server_reflection((SERVICE, reflection.SERVICE_NAME), self._server)
-        port = self._server.add_insecure_port("127.0.0.1:0")
-        await self._server.start()
-        return port
+        reflection.enable_server_reflection((SERVICE, reflection.SERVICE_NAME), server)
 
-    def stop(self) -> None:
-        self._run(self._server.stop(None))
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        self._loop.close()
+    return ThreadedAioServer(configure, interceptors=[interceptor])
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,35 +23,15 @@ from server.model_pool import ModelPool
 from server.queries import ItemScores, ModelsInfo, Recommendation, RecommendQuery, ScoredItem, UserScores
 from server.recommender import Recommender
 from server.servicer import RecommendationServicer
+from tests.aio_server import ThreadedAioServer
 
 LIMITS = ServerSettings()  # max_num_items 100, max_request_ids 1000, max_score_users 10_000
 NOW = 1_700_000_000
 
 
-class _Server:
-    """A grpc.aio server on a free port, running on its own event loop in a background thread."""
-
-    def __init__(self, servicer: RecommendationServicer) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
-        self.port = self._run(self._start(servicer))
-
-    def _run(self, coroutine):
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=10)
-
-    async def _start(self, servicer: RecommendationServicer) -> int:
-        self._server = grpc.aio.server()
-        pb_grpc.add_RecommendationServiceServicer_to_server(servicer, self._server)
-        port = self._server.add_insecure_port("127.0.0.1:0")
-        await self._server.start()
-        return port
-
-    def stop(self) -> None:
-        self._run(self._server.stop(None))
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        self._loop.close()
+def _Server(servicer: RecommendationServicer) -> ThreadedAioServer:
+    """The servicer on a real grpc.aio server (no interceptors)."""
+    return ThreadedAioServer(lambda server: pb_grpc.add_RecommendationServiceServicer_to_server(servicer, server))
 
 
 class _Scripted:
