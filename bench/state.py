@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from propensity.feature_store import copy_definitions
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 N_ITEMS = 1500  # enough that most users fill the 200-candidate cap
 N_USERS = 5000
@@ -69,11 +71,7 @@ def ensure_state(root: Path, rebuild: bool = False, progress=print) -> BenchStat
     progress(f"bench state: building {root} ({N_ITEMS} items, {N_USERS} users)")
     t0 = time.perf_counter()
     shutil.rmtree(root, ignore_errors=True)
-    state.feature_repo.mkdir(parents=True)
-    source = PROJECT_ROOT / "feature_repo"
-    for path in [*source.glob("*.py"), source / "feature_store.yaml", source / ".feastignore"]:
-        if path.exists():
-            shutil.copy2(path, state.feature_repo / path.name)
+    copy_definitions(state.feature_repo)
     cli = Path(sys.executable).with_name("propensity")
     log = root / "build.log"
     with log.open("w") as out:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from feast import FeatureStore
+from feast import FeatureStore, FeatureView
 
+from propensity.settings import PROJECT_ROOT
 from propensity.store_profiles import apply_defaults, check_reachable
 
 
@@ -41,6 +43,22 @@ def feast_apply(repo: Path, yaml_file: Path | None = None) -> str:
     if result.returncode != 0:
         raise RuntimeError(f"feast apply failed in {repo}:\n{result.stdout}\n{result.stderr}")
     return result.stdout
+
+
+def copy_definitions(destination: Path, source: Path | None = None) -> Path:
+    """A private Feast repository: the definitions and feature_store.yaml of source (default the project's), no data."""
+    source = source or PROJECT_ROOT / "feature_repo"
+    destination.mkdir(parents=True, exist_ok=True)
+    for path in [*source.glob("*.py"), source / "feature_store.yaml", source / ".feastignore"]:
+        if path.exists():
+            shutil.copy2(path, destination / path.name)
+    return destination
+
+
+def offline_table(store: FeatureStore, view: FeatureView) -> Path:
+    """The Parquet table behind a feature view's batch source (relative paths are relative to the repository)."""
+    path = Path(view.batch_source.path)
+    return path if path.is_absolute() else Path(store.repo_path) / path
 
 
 def service_schema(store: FeatureStore, service_name: str) -> list[tuple[str, str, str]]:

@@ -78,20 +78,26 @@ def _parse_time_ms(text: str) -> int:
 
 
 def apply_events(
-    current: Mapping[str, object], events: Sequence[StreamEvent], recent_items: int, recorded_types: frozenset[str] = frozenset(EVENT_TYPES)
+    activity_row: Mapping[str, object],
+    interests_row: Mapping[str, object],
+    events: Sequence[StreamEvent],
+    recent_items: int,
+    recorded_types: frozenset[str] = frozenset(EVENT_TYPES),
 ) -> tuple[dict, dict]:
-    """New user_activity and user_interests rows (feature name -> value) after the user's events, oldest first.
+    """New user_activity and user_interests rows after the user's events, from the current online rows.
 
-    recorded_types are the event types the shop records: their counts start at 0 for a new user, as
-    in the batch build; counts of types it does not record stay null until such an event arrives.
+    The rows carry every feature of their view (what Feast returned, None where absent); features the
+    stream does not maintain pass through unchanged. recorded_types are the event types the shop
+    records: their counts start at 0 for a new user, as in the batch build; counts of types it does not
+    record stay null until such an event arrives.
     """
-    activity = {name: current.get(name) for name in _ACTIVITY_FIELDS}
+    activity = dict(activity_row)
     for kind, columns in _COUNT_COLUMNS.items():
         if kind in recorded_types:
             for column in columns:
                 if activity.get(column) is None:
                     activity[column] = 0
-    interests = {name: list(current.get(name) or []) for name in _INTEREST_FIELDS}
+    interests = {name: list(value or []) for name, value in interests_row.items()}  # every interests feature is a list
     for event in sorted(events, key=lambda e: e.event_time_ms):
         ts = event.event_time_ms // 1000
         kind = _COUNTED.get(event.event_type)
@@ -118,9 +124,9 @@ def _touch_item(lists: dict, event: StreamEvent, ts: int, cap: int) -> None:
     ids = lists["recent_item_ids"]
     if event.item_id in ids:
         position = ids.index(event.item_id)
-        entry = {name: lists[name].pop(position) if position < len(lists[name]) else 0 for name in _INTEREST_FIELDS}
+        entry = {name: lists[name].pop(position) if position < len(lists[name]) else 0 for name in MAINTAINED_INTERESTS}
     else:
-        entry = {name: 0 for name in _INTEREST_FIELDS}
+        entry = {name: 0 for name in MAINTAINED_INTERESTS}
         entry["recent_item_ids"] = event.item_id
     if event.event_type == "view":
         entry["recent_item_views_7d"] = (entry["recent_item_views_7d"] or 0) + 1
@@ -131,25 +137,14 @@ def _touch_item(lists: dict, event: StreamEvent, ts: int, cap: int) -> None:
         entry["recent_item_purchases_30d"] = (entry["recent_item_purchases_30d"] or 0) + 1
         entry["recent_item_in_cart"] = 0
     entry["recent_item_last_ts"] = ts
-    for name in _INTEREST_FIELDS:  # most recent first, as the batch build orders them
+    for name in MAINTAINED_INTERESTS:  # most recent first, as the batch build orders them
         lists[name].insert(0, entry[name])
         del lists[name][cap:]
 
 
-_ACTIVITY_FIELDS = (
-    "views_1d", "views_7d", "views_30d", "carts_1d", "carts_7d", "carts_30d", "purchases_1d", "purchases_7d",
-    "purchases_30d", "returns_30d", "purchases_total", "spend_30d", "avg_purchase_price_30d",
-    "cart_to_purchase_rate_30d", "distinct_items_30d", "active_days_30d", "sessions_7d", "sessions_30d",
-    "browsing_minutes_7d", "browsing_minutes_30d", "last_event_ts", "last_purchase_ts", "first_event_ts",
-)
 _COUNT_COLUMNS = {
     "view": ("views_1d", "views_7d", "views_30d"),
     "add_to_cart": ("carts_1d", "carts_7d", "carts_30d"),
     "purchase": ("purchases_1d", "purchases_7d", "purchases_30d", "purchases_total"),
     "return": ("returns_30d",),
 }
-_INTEREST_FIELDS = (
-    "recent_item_ids", "recent_item_views_7d", "recent_item_carts_7d", "recent_item_purchases_30d",
-    "recent_item_in_cart", "recent_item_last_ts",
-)
-INTEREST_PASSTHROUGH = ("top_category_ids", "top_category_shares")

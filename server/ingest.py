@@ -13,7 +13,7 @@ from feast import FeatureStore
 from feast.data_source import PushMode
 
 from propensity.event_log import EventLog, StreamEvent
-from propensity.realtime import ACTIVITY_VIEW, INTEREST_PASSTHROUGH, INTERESTS_VIEW, InvalidEvent, apply_events, parse_event
+from propensity.realtime import ACTIVITY_VIEW, INTERESTS_VIEW, InvalidEvent, apply_events, parse_event
 from server.errors import IngestionUnavailable
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,10 @@ class EventIngestor:
                 f"IngestEvents: the Feast registry has no push source {', '.join(map(repr, missing))}; "
                 f"run `feast apply` in the feature repository (or `propensity publish`) with the current definitions"
             )
-        self._activity_refs = [f"{ACTIVITY_VIEW}:{f.name}" for f in store.get_feature_view(ACTIVITY_VIEW).features]
-        self._interest_refs = [f"{INTERESTS_VIEW}:{f.name}" for f in store.get_feature_view(INTERESTS_VIEW).features]
+        # The pushed rows must carry every feature of their view: read the schemas from the registry.
+        self._activity_names = [f.name for f in store.get_feature_view(ACTIVITY_VIEW).features]
+        self._interest_names = [f.name for f in store.get_feature_view(INTERESTS_VIEW).features]
+        self._refs = [f"{ACTIVITY_VIEW}:{n}" for n in self._activity_names] + [f"{INTERESTS_VIEW}:{n}" for n in self._interest_names]
 
     def ingest(self, raw_events: Iterable[dict], report: IngestReport, first_index: int) -> None:
         """Validate and apply one message's events; bad events are reported and skipped, the rest proceed."""
@@ -84,16 +86,18 @@ class EventIngestor:
             by_user[event.user_id].append(event)
         users = sorted(by_user)
         current = self._store.get_online_features(
-            features=self._activity_refs + self._interest_refs, entity_rows=[{"user_id": u} for u in users]
+            features=self._refs, entity_rows=[{"user_id": u} for u in users]
         ).to_dict()
         activity_rows, interest_rows = [], []
         for i, user in enumerate(users):
-            row = {ref.split(":", 1)[1]: current[ref.split(":", 1)[1]][i] for ref in self._activity_refs + self._interest_refs}
-            activity, interests = apply_events(row, by_user[user], self._recent_items, self._recorded_types)
+            activity, interests = apply_events(
+                {name: current[name][i] for name in self._activity_names},
+                {name: current[name][i] for name in self._interest_names},
+                by_user[user], self._recent_items, self._recorded_types,
+            )
             moment = pd.Timestamp(max(e.event_time_ms for e in by_user[user]), unit="ms", tz="UTC")
             activity_rows.append({"user_id": user, "event_timestamp": moment, **activity})
-            passthrough = {name: list(row.get(name) or []) for name in INTEREST_PASSTHROUGH}
-            interest_rows.append({"user_id": user, "event_timestamp": moment, **interests, **passthrough})
+            interest_rows.append({"user_id": user, "event_timestamp": moment, **interests})
         self._store.push(PUSH_SOURCES[0], _typed(pd.DataFrame(activity_rows), self._store, ACTIVITY_VIEW), to=PushMode.ONLINE)
         self._store.push(PUSH_SOURCES[1], _typed(pd.DataFrame(interest_rows), self._store, INTERESTS_VIEW), to=PushMode.ONLINE)
         now = time.time()

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import pandas as pd
 from feast import FeatureStore
 
 from propensity.catalog import Catalog
+from propensity.feature_store import offline_table
 
 _CATALOG_CHUNK = 1000
 _TS = "__ts"  # feast.online_response.TIMESTAMP_POSTFIX
@@ -52,10 +52,7 @@ class OnlineUserFeatures:
 
 def item_ids_in_offline_store(store: FeatureStore, feature_view: str = "item_stats") -> list[str]:
     """Every item the item feature table knows, from the source Feast's registry names."""
-    source = store.get_feature_view(feature_view).batch_source
-    path = Path(source.path)
-    if not path.is_absolute():
-        path = Path(store.repo_path) / path
+    path = offline_table(store, store.get_feature_view(feature_view))
     return pd.read_parquet(path, columns=["item_id"])["item_id"].astype(str).unique().tolist()
 
 

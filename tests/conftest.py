@@ -21,6 +21,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from propensity.demo_data import DemoDataConfig, generate_demo_data
+from propensity.feature_store import copy_definitions
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -41,16 +42,6 @@ class Pipeline:
     env: dict[str, str]
     shopper_item: str
     run_output: str
-
-
-def copy_feature_repo(destination: Path) -> Path:
-    """A private copy of the Feast repository definitions (no data)."""
-    destination.mkdir(parents=True, exist_ok=True)
-    source = PROJECT_ROOT / "feature_repo"
-    for path in source.iterdir():
-        if path.suffix == ".py" or path.name in ("feature_store.yaml", ".feastignore"):
-            shutil.copy(path, destination / path.name)
-    return destination
 
 
 def free_port() -> int:
@@ -91,7 +82,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
     """Generate a small historical demo log and run every stage through the real CLI."""
     root = tmp_path_factory.mktemp("pipeline")
     data_dir, work_dir = root / "raw", root / "var"
-    feature_repo = copy_feature_repo(root / "feature_repo")
+    feature_repo = copy_definitions(root / "feature_repo")
     generate_demo_data(data_dir, DemoDataConfig(n_users=700, n_items=150, n_categories=8, n_days=45, seed=11, end_time=HISTORICAL_END), progress=None)
     item = _add_scripted_shopper(data_dir)
     env = {

@@ -27,7 +27,8 @@ from propensity.store_profiles import (
     ensure_database,
     profile_yaml,
 )
-from tests.conftest import PROJECT_ROOT, copy_feature_repo, free_port
+from propensity.feature_store import copy_definitions
+from tests.conftest import PROJECT_ROOT, free_port
 from training.feature_build import build_features
 from training.prepare import prepare
 from training.publish import publish_features
@@ -44,7 +45,7 @@ def _quiet(_message: str) -> None:
 
 
 def copy_repo_with_profiles(destination: Path) -> Path:
-    repo = copy_feature_repo(destination)
+    repo = copy_definitions(destination)
     shutil.copytree(PROFILE_DIR, repo / "profiles")
     return repo
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from propensity.feature_store import feast_apply, open_store
+from propensity.feature_store import feast_apply, offline_table, open_store
 
 # Reaches back past every TTL (the profile view keeps ten years), so one call loads the latest
 # row of every entity; later runs can use `feast materialize-incremental`.
@@ -28,10 +28,8 @@ def publish_features(repo: Path, as_of: datetime, progress: Callable[[str], None
         t0 = time.perf_counter()
         # end is exclusive in Feast's window, and the as-of snapshots sit exactly at as_of.
         store.materialize(start_date=as_of - _LOOKBACK, end_date=as_of + timedelta(seconds=1), feature_views=[view.name])
-        path = Path(view.batch_source.path)
-        source = path if path.is_absolute() else repo / path
         keys = [column.name for column in view.entity_columns]
-        entities[view.name] = int(pd.read_parquet(source, columns=list(keys)).drop_duplicates().shape[0])
+        entities[view.name] = int(pd.read_parquet(offline_table(store, view), columns=keys).drop_duplicates().shape[0])
         progress(f"  materialized {view.name}: {entities[view.name]:,} entities in {time.perf_counter() - t0:.1f}s")
     progress(f"online store ready in {time.perf_counter() - started:.1f}s")
     return entities
@@ -50,8 +48,7 @@ def materialize_incremental(repo: Path, progress: Callable[[str], None] = print,
         previous = max((i[1] for i in view.materialization_intervals), default=None)
         t0 = time.perf_counter()
         store.materialize_incremental(end_date=end, feature_views=[view.name])
-        path = Path(view.batch_source.path)
-        stamps = pd.read_parquet(path if path.is_absolute() else repo / path, columns=["event_timestamp"])["event_timestamp"]
+        stamps = pd.read_parquet(offline_table(store, view), columns=["event_timestamp"])["event_timestamp"]
         stamps = stamps[stamps <= _utc(end)]
         new = stamps[stamps > _utc(previous)] if previous is not None else stamps
         newest = stamps.max() if len(stamps) else None
