@@ -157,7 +157,7 @@ async def serve(
 
     observe_freshness()
     tasks = [
-        asyncio.create_task(components.items.refresh_forever(settings.server.item_cache_refresh_seconds)),
+        asyncio.create_task(_every(settings.server.item_cache_refresh_seconds, components.items.refresh)),
         asyncio.create_task(_every(settings.server.model_poll_seconds, components.models.refresh)),
         asyncio.create_task(_every(min(15.0, settings.server.item_cache_refresh_seconds), observe_freshness)),
     ]

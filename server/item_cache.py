@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -58,11 +57,6 @@ class ItemCache:
             return
         self.catalog, self.loaded_at = catalog, time.time()
 
-    async def refresh_forever(self, every_seconds: float) -> None:
-        """Background task: refresh off the event loop so requests keep flowing."""
-        while True:
-            await asyncio.sleep(every_seconds)
-            await asyncio.to_thread(self.refresh)
 
 
 def feature_freshness(store: FeatureStore, pushed: dict[str, float] | None = None) -> dict[str, tuple[float, float]]:
