@@ -33,6 +33,14 @@ user_interests_source = FileSource(
     tags={"owner": "propensity-team"},
 )
 
+user_purchase_history_source = FileSource(
+    name="user_purchase_history_source",
+    path=str(OFFLINE_DIR / "user_purchase_history.parquet"),
+    timestamp_field="event_timestamp",
+    description="The items a user has bought over the whole log, most bought first.",
+    tags={"owner": "propensity-team"},
+)
+
 item_stats_source = FileSource(
     name="item_stats_source",
     path=str(OFFLINE_DIR / "item_stats.parquet"),
@@ -62,5 +70,12 @@ user_interests_push = PushSource(
     name="user_interests_push",
     batch_source=user_interests_source,
     description="Real-time recent-item and in-cart updates from ingested events.",
+    tags={"owner": "propensity-team"},
+)
+
+user_purchase_history_push = PushSource(
+    name="user_purchase_history_push",
+    batch_source=user_purchase_history_source,
+    description="Real-time bought-item updates from ingested purchases.",
     tags={"owner": "propensity-team"},
 )

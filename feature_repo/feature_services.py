@@ -6,12 +6,20 @@ the service they were trained with.
 
 from feast import FeatureService
 
-from feature_views import item_neighbors, item_stats, user_activity, user_interests, user_profile
+from feature_views import item_neighbors, item_stats, user_activity, user_interests, user_profile, user_purchase_history
 
 propensity_user_v1 = FeatureService(
     name="propensity_user_v1",
     features=[user_activity, user_profile, user_interests],
     description="User features read per request by the server and per cut-off by training.",
+    tags={"owner": "propensity-team"},
+)
+
+# v2 adds the whole purchase history: buy-again candidates and per-(user, item) purchase counts.
+propensity_user_v2 = FeatureService(
+    name="propensity_user_v2",
+    features=[user_activity, user_profile, user_interests, user_purchase_history],
+    description="v1 plus the user's most bought items over the whole history (repeat-buying shops).",
     tags={"owner": "propensity-team"},
 )
 

@@ -10,6 +10,7 @@ from data_sources import (
     item_stats_source,
     user_activity_push,
     user_interests_push,
+    user_purchase_history_push,
     user_profile_source,
 )
 from entities import item, user
@@ -86,6 +87,23 @@ user_interests = FeatureView(
     source=user_interests_push,
     online=True,
     description="User x category affinity and the user's recent items (per-(user, item) state).",
+    tags=OWNER,
+)
+
+# Repeat buying (wholesale, groceries): the whole purchase history, not only the last 30 days.
+# A year without a purchase lets the row expire: a lapsed customer's old basket is no guide.
+user_purchase_history = FeatureView(
+    name="user_purchase_history",
+    entities=[user],
+    ttl=timedelta(days=365),
+    schema=[
+        Field(name="bought_item_ids", dtype=Array(String), description="Items bought since the log began, most often bought first (ties: most recent)."),
+        Field(name="bought_item_counts", dtype=Array(Int64), description="Purchase events per bought item."),
+        Field(name="bought_item_last_ts", dtype=Array(Int64), description="Epoch seconds of the latest purchase of each item."),
+    ],
+    source=user_purchase_history_push,
+    online=True,
+    description="The user's most bought items over the whole history (buy-again candidates and features).",
     tags=OWNER,
 )
 

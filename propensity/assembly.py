@@ -38,6 +38,8 @@ PAIR_FEATURES: tuple[str, ...] = (
     "ui_price_ratio",
     "ui_covisit_score",
     "item_popularity_rank",
+    "ui_times_bought",
+    "ui_days_since_bought",
 )
 RANKER_FEATURES: tuple[str, ...] = USER_MODEL_FEATURES + ITEM_FEATURES + PAIR_FEATURES
 
@@ -87,32 +89,15 @@ def pair_matrix(user: UserState, catalog: Catalog, item_idx: np.ndarray, as_of_t
 def _pair_columns(user: UserState, catalog: Catalog, item_idx: np.ndarray, as_of_ts: float) -> np.ndarray:
     n = len(item_idx)
     cols = np.full((n, len(PAIR_FEATURES)), np.nan)
-    # Per-(user, item) state: position of each candidate in the user's recent list.
-    views = np.zeros(n)
-    carts = np.zeros(n)
-    bought = np.zeros(n)
-    in_cart = np.zeros(n)
-    since = np.full(n, np.nan)
-    rank = np.full(n, np.nan)
-    if len(user.recent_idx):
-        order = np.argsort(user.recent_idx, kind="stable")
-        sorted_recent = user.recent_idx[order]
-        pos = np.searchsorted(sorted_recent, item_idx)
-        pos = np.minimum(pos, len(sorted_recent) - 1)
-        hit = (sorted_recent[pos] == item_idx) & (item_idx != UNKNOWN)
-        src = order[pos[hit]]
-        views[hit] = user.recent_views_7d[src]
-        carts[hit] = user.recent_carts_7d[src]
-        bought[hit] = user.recent_purchases_30d[src]
-        in_cart[hit] = user.recent_in_cart[src]
-        since[hit] = (as_of_ts - user.recent_last_ts[src]) / DAY_SECONDS
-        rank[hit] = src
-    cols[:, 0] = views
-    cols[:, 1] = carts
-    cols[:, 2] = bought
-    cols[:, 3] = in_cart
-    cols[:, 4] = since
-    cols[:, 5] = rank
+    # Per-(user, item) state: where each candidate sits in the user's recent list (counts 0 when absent).
+    cols[:, 0:4] = 0.0
+    hit, src = _positions(user.recent_idx, item_idx)
+    cols[hit, 0] = user.recent_views_7d[src]
+    cols[hit, 1] = user.recent_carts_7d[src]
+    cols[hit, 2] = user.recent_purchases_30d[src]
+    cols[hit, 3] = user.recent_in_cart[src]
+    cols[hit, 4] = (as_of_ts - user.recent_last_ts[src]) / DAY_SECONDS
+    cols[hit, 5] = src
     # User x category affinity for each candidate's category.
     categories = catalog.categories[item_idx]
     share = np.zeros(n)
@@ -131,7 +116,23 @@ def _pair_columns(user: UserState, catalog: Catalog, item_idx: np.ndarray, as_of
     known = item_idx != UNKNOWN
     popularity_rank[known] = catalog.popularity_rank[item_idx[known]]
     cols[:, 10] = popularity_rank
+    # Whole purchase history (propensity_user_v2; empty under v1): how often and how long ago it was bought.
+    cols[:, 11] = 0.0
+    hit, src = _positions(user.bought_idx, item_idx)
+    cols[hit, 11] = user.bought_counts[src]
+    cols[hit, 12] = (as_of_ts - user.bought_last_ts[src]) / DAY_SECONDS
     return cols
+
+
+def _positions(source_idx: np.ndarray, item_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each candidate: whether it is in source_idx (a per-user item list) and its position there."""
+    if not len(source_idx):
+        return np.zeros(len(item_idx), dtype=bool), np.empty(0, dtype=np.int64)
+    order = np.argsort(source_idx, kind="stable")
+    sorted_source = source_idx[order]
+    pos = np.minimum(np.searchsorted(sorted_source, item_idx), len(sorted_source) - 1)
+    hit = (sorted_source[pos] == item_idx) & (item_idx != UNKNOWN)
+    return hit, order[pos[hit]]
 
 
 def _covisit_scores(user: UserState, catalog: Catalog, item_idx: np.ndarray, max_sources: int = 10) -> np.ndarray:

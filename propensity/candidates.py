@@ -20,8 +20,8 @@ class CandidateSet:
 
 
 def generate_candidates(user: UserState, catalog: Catalog, settings: CandidateSettings) -> CandidateSet:
-    """The user's recent items, their co-visited items, popular items in favourite categories, then overall."""
-    parts: list[tuple[str, np.ndarray]] = [("recent", user.recent_idx)]
+    """The user's recent items, most bought items, co-visited items, popular items in favourite categories, then overall."""
+    parts: list[tuple[str, np.ndarray]] = [("recent", user.recent_idx), ("bought_before", user.bought_idx[: settings.bought_before])]
     neighbours = [catalog.neighbors[i][0][: settings.per_neighbor_source] for i in user.recent_idx[:10]]
     parts.append(("covisited", np.concatenate(neighbours) if neighbours else np.empty(0, dtype=np.int64)))
     by_category = [

@@ -70,7 +70,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     settings = _settings(args)
     ingested = EventLog(settings.event_log_dir).to_frame() if (settings.event_log_dir / "events.db").exists() else None
     prepare(settings.data_dir, settings.prepared_dir, as_of=settings.as_of, rebase_to=_today() if settings.rebase_to_now else None,
-            extra_events=ingested)
+            extra_events=ingested, memory_limit_gb=settings.features.memory_limit_gb)
     return 0
 
 

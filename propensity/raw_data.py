@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -15,6 +17,8 @@ import pyarrow.parquet as pq
 EVENT_TYPES: tuple[str, ...] = ("view", "add_to_cart", "purchase", "return")
 
 _SUFFIXES = (".csv", ".csv.gz", ".parquet")
+# Events are validated this many rows at a time: memory stays flat however long the log is.
+CHUNK_ROWS = 1_000_000
 _MAX_EXAMPLES = 5
 _TZ_SUFFIX = r"(?:Z|[+-]\d\d:?\d\d)$"
 _TRUE = frozenset({"true", "t", "1", "yes", "y"})
@@ -113,64 +117,161 @@ class RawDataset:
 def load_raw_dataset(
     directory: Path, *, strict: bool = False, max_rejected_fraction: float = 0.05
 ) -> RawDataset:
-    """Load and validate the raw tables in `directory`."""
-    directory = Path(directory)
-    events_path = _find_table(directory, "events")
-    if events_path is None:
-        raise RawDataError(
-            f"{directory}: missing required file events ({' / '.join('events' + s for s in _SUFFIXES)})"
-        )
-    items_path = _find_table(directory, "items")
-    users_path = _find_table(directory, "users")
+    """Load and validate the raw tables in `directory` into memory (events de-duplicated and sorted by time)."""
+    paths = _TablePaths.find(Path(directory))
+    validation = EventValidation(paths.events, strict)
+    events = pd.concat(list(validation.chunks()))  # at least one chunk, maybe empty
+    duplicated = events["event_id"].duplicated(keep="first")
+    events = events[~duplicated].sort_values("event_time", kind="stable").reset_index(drop=True)
+    validation.check(int(duplicated.sum()), max_rejected_fraction)
+    items, users, report = _finish(paths, validation, events["item_id"], len(events), int(duplicated.sum()), strict)
+    return RawDataset(events, items, users, report)
 
-    events, read_events, rejected, duplicates = _load_events(events_path, strict)
-    n_rejected = read_events - len(events) - duplicates
-    if read_events == 0:
-        raise RawDataError(f"{events_path.name}: no event rows")
-    if n_rejected / read_events > max_rejected_fraction:
-        report = LoadReport({"events": events_path.name}, {"events": read_events},
-                            {"events": len(events)}, rejected, duplicates)
-        raise RawDataError(
-            f"{events_path.name}: {n_rejected} of {read_events} event rows rejected "
-            f"({n_rejected / read_events:.1%} > max_rejected_fraction {max_rejected_fraction:.1%}); "
-            f"the input is probably not in the raw schema\n{report.summary()}"
-        )
-    items, read_items, item_rejects, added = _load_items(items_path, events["item_id"], strict)
-    users, read_users, user_rejects = _load_users(users_path, strict)
 
-    files = {"events": events_path.name}
-    rows_read = {"events": read_events}
-    if items_path is not None:
-        files["items"] = items_path.name
+@dataclass(frozen=True)
+class StagedDataset:
+    """Validated events in a Parquet file (source order, duplicates kept, with each row's position), items and users."""
+
+    events_path: Path
+    items: pd.DataFrame
+    users: pd.DataFrame
+    report: LoadReport = field(repr=False)
+
+
+def stage_raw_dataset(
+    directory: Path,
+    staged_events: Path,
+    *,
+    strict: bool = False,
+    max_rejected_fraction: float = 0.05,
+    progress: Callable[[str], None] = print,
+) -> StagedDataset:
+    """Validate the raw tables like load_raw_dataset, but stream the events chunk by chunk into staged_events.
+
+    Only one chunk of events is ever in memory. De-duplication by event_id (first kept, by the
+    `source_row` column) and sorting are left to the caller, who does them out of core.
+    """
+    paths = _TablePaths.find(Path(directory))
+    validation = EventValidation(paths.events, strict)
+    schema = _SCHEMAS["events"].append(pa.field("source_row", pa.int64()))
+    tmp = staged_events.with_suffix(".tmp")
+    with pq.ParquetWriter(tmp, schema) as writer:
+        for events in validation.chunks():
+            table = pa.Table.from_pandas(events.assign(source_row=events.index.to_numpy(np.int64)), schema=schema, preserve_index=False)
+            writer.write_table(table)
+            progress(f"  validated {validation.rows_read:,} event rows")
+    tmp.replace(staged_events)
+    con = duckdb.connect()
+    try:
+        rows, unique = con.execute(f"SELECT count(*), count(DISTINCT event_id) FROM read_parquet('{staged_events}')").fetchone()
+        validation.check(rows - unique, max_rejected_fraction)
+        item_ids = con.execute(f"SELECT DISTINCT item_id FROM read_parquet('{staged_events}')").df()["item_id"]
+    finally:
+        con.close()
+    items, users, report = _finish(paths, validation, item_ids, unique, rows - unique, strict)
+    return StagedDataset(staged_events, items, users, report)
+
+
+@dataclass(frozen=True)
+class _TablePaths:
+    directory: Path
+    events: Path
+    items: Path | None
+    users: Path | None
+
+    @classmethod
+    def find(cls, directory: Path) -> _TablePaths:
+        events = _find_table(directory, "events")
+        if events is None:
+            raise RawDataError(
+                f"{directory}: missing required file events ({' / '.join('events' + s for s in _SUFFIXES)})"
+            )
+        return cls(directory, events, _find_table(directory, "items"), _find_table(directory, "users"))
+
+
+class EventValidation:
+    """Validates an events file chunk by chunk; rows read and rejections accumulate as the chunks go by."""
+
+    def __init__(self, path: Path, strict: bool, chunk_rows: int | None = None) -> None:
+        self.path = path
+        self.strict = strict
+        self.chunk_rows = chunk_rows or CHUNK_ROWS
+        self.rows_read = 0
+        self.rows_valid = 0
+        self.rejected: list[RejectedRows] = []
+
+    def chunks(self) -> Iterator[pd.DataFrame]:
+        """Valid events per chunk, indexed by their 0-based position in the file; duplicates not yet dropped."""
+        for raw in _read_chunks(self.path, self.chunk_rows):
+            _require(raw, self.path, _EVENT_COLUMNS)
+            events, found = _validate_events(raw, self.path, self.rows_read, self.strict)
+            self.rows_read += len(raw)
+            self.rows_valid += len(events)
+            self.rejected = _merge_rejections(self.rejected + found)
+            yield events
+
+    def check(self, duplicates: int, max_rejected_fraction: float) -> None:
+        """Refuse a file that is mostly not in the raw schema."""
+        n_rejected = self.rows_read - self.rows_valid
+        if self.rows_read == 0:
+            raise RawDataError(f"{self.path.name}: no event rows")
+        if n_rejected / self.rows_read > max_rejected_fraction:
+            report = LoadReport({"events": self.path.name}, {"events": self.rows_read},
+                                {"events": self.rows_valid - duplicates}, self.rejected, duplicates)
+            raise RawDataError(
+                f"{self.path.name}: {n_rejected} of {self.rows_read} event rows rejected "
+                f"({n_rejected / self.rows_read:.1%} > max_rejected_fraction {max_rejected_fraction:.1%}); "
+                f"the input is probably not in the raw schema\n{report.summary()}"
+            )
+
+
+def _finish(
+    paths: _TablePaths, validation: EventValidation, event_items: pd.Series, n_events: int, duplicates: int, strict: bool
+) -> tuple[pd.DataFrame, pd.DataFrame, LoadReport]:
+    """Items (with every item the events mention) and users, and the load report."""
+    items, read_items, item_rejects, added = _load_items(paths.items, event_items, strict)
+    users, read_users, user_rejects = _load_users(paths.users, strict)
+    files = {"events": paths.events.name}
+    rows_read = {"events": validation.rows_read}
+    if paths.items is not None:
+        files["items"] = paths.items.name
         rows_read["items"] = read_items
-    if users_path is not None:
-        files["users"] = users_path.name
+    if paths.users is not None:
+        files["users"] = paths.users.name
         rows_read["users"] = read_users
     report = LoadReport(
         files=files,
         rows_read=rows_read,
-        rows_loaded={"events": len(events), "items": len(items), "users": len(users)},
-        rejected=rejected + item_rejects + user_rejects,
+        rows_loaded={"events": n_events, "items": len(items), "users": len(users)},
+        rejected=validation.rejected + item_rejects + user_rejects,
         duplicates_dropped=duplicates,
         items_added_from_events=added,
     )
-    return RawDataset(events, items, users, report)
+    return items, users, report
 
 
 def write_raw_dataset(dataset: RawDataset, directory: Path) -> None:
     """Write events, items and users as Parquet files in the raw schema."""
+    for table in _SCHEMAS:
+        write_table(table, getattr(dataset, table), directory)
+
+
+def raw_schema(table: str) -> pa.Schema:
+    """The Arrow schema of a raw table ("events", "items" or "users") as written to Parquet."""
+    return _SCHEMAS[table]
+
+
+def write_table(table: str, frame: pd.DataFrame, directory: Path) -> None:
+    """Write one raw table as <directory>/<table>.parquet in the raw schema."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    for table in _SCHEMAS:
-        # A leftover events.csv next to the new events.parquet would make the directory ambiguous.
-        clashes = [directory / f"{table}{s}" for s in _SUFFIXES if s != ".parquet"]
-        existing = [p.name for p in clashes if p.exists()]
-        if existing:
-            raise RawDataError(f"{directory}: {', '.join(existing)} would clash with {table}.parquet")
-    for table, schema in _SCHEMAS.items():
-        frame = getattr(dataset, table)[schema.names]
-        pq.write_table(pa.Table.from_pandas(frame, schema=schema, preserve_index=False),
-                       directory / f"{table}.parquet")
+    # A leftover events.csv next to the new events.parquet would make the directory ambiguous.
+    clashes = [directory / f"{table}{s}" for s in _SUFFIXES if s != ".parquet"]
+    existing = [p.name for p in clashes if p.exists()]
+    if existing:
+        raise RawDataError(f"{directory}: {', '.join(existing)} would clash with {table}.parquet")
+    schema = _SCHEMAS[table]
+    pq.write_table(pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False), directory / f"{table}.parquet")
 
 
 # --- files -----------------------------------------------------------------------------------
@@ -183,14 +284,32 @@ def _find_table(directory: Path, table: str) -> Path | None:
 
 
 def _read_table(path: Path) -> pd.DataFrame:
+    frames = list(_read_chunks(path, None))
+    return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+
+
+def _read_chunks(path: Path, chunk_rows: int | None) -> Iterator[pd.DataFrame]:
+    """The file as DataFrames of at most chunk_rows rows (None: one frame); at least one, maybe empty."""
     if path.name.endswith(".parquet"):
-        frame = pq.read_table(path).to_pandas()
+        source = pq.ParquetFile(path)
+        batches = source.iter_batches(batch_size=chunk_rows) if chunk_rows else iter([source.read()])
+        frames = (batch.to_pandas() for batch in batches)
+        empty = source.schema_arrow.empty_table().to_pandas()
     else:
         # Everything as text, nothing turned into NaN: ids keep leading zeros, "NA" stays an id,
         # and every conversion below can point at the line it failed on.
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
-    frame.columns = [str(c).strip() for c in frame.columns]
-    return frame.reset_index(drop=True)
+        options = dict(dtype=str, keep_default_na=False, na_filter=False)
+        frames = pd.read_csv(path, chunksize=chunk_rows, **options) if chunk_rows else iter([pd.read_csv(path, **options)])
+        empty = None
+    any_rows = False
+    for frame in frames:
+        any_rows = True
+        frame.columns = [str(c).strip() for c in frame.columns]
+        yield frame.reset_index(drop=True)
+    if not any_rows:  # a header-only file still has columns to check
+        frame = empty if empty is not None else pd.read_csv(path, nrows=0, dtype=str)
+        frame.columns = [str(c).strip() for c in frame.columns]
+        yield frame
 
 
 def _require(frame: pd.DataFrame, path: Path, columns: tuple[str, ...]) -> None:
@@ -201,10 +320,22 @@ def _require(frame: pd.DataFrame, path: Path, columns: tuple[str, ...]) -> None:
             )
 
 
-def _row_numbers(path: Path, n: int) -> np.ndarray:
+def _row_numbers(path: Path, n: int, first: int = 0) -> np.ndarray:
     # CSV: the line in the file (header is line 1), assuming no line breaks inside quoted values.
-    # Parquet: the 1-based row index.
-    return np.arange(n) + (1 if path.name.endswith(".parquet") else 2)
+    # Parquet: the 1-based row index. first: rows of the file before this chunk.
+    return np.arange(first, first + n) + (1 if path.name.endswith(".parquet") else 2)
+
+
+def _merge_rejections(found: list[RejectedRows]) -> list[RejectedRows]:
+    """One entry per (file, column, reason) across chunks: counts added, the first examples kept."""
+    merged: dict[tuple[str, str, str], RejectedRows] = {}
+    for r in found:
+        key = (r.file, r.column, r.reason)
+        if key in merged:
+            old = merged[key]
+            r = RejectedRows(r.file, r.column, r.reason, old.count + r.count, (old.examples + r.examples)[:_MAX_EXAMPLES])
+        merged[key] = r
+    return list(merged.values())
 
 
 def _describe(rejected: RejectedRows, row: int, value: str) -> str:
@@ -217,9 +348,9 @@ def _describe(rejected: RejectedRows, row: int, value: str) -> str:
 class _Problems:
     """Collects rejected rows of one file, per column and reason."""
 
-    def __init__(self, path: Path, n: int) -> None:
+    def __init__(self, path: Path, n: int, first: int = 0) -> None:
         self.file = path.name
-        self.rows = _row_numbers(path, n)
+        self.rows = _row_numbers(path, n, first)
         self.mask = np.zeros(n, dtype=bool)
         self.found: list[RejectedRows] = []
 
@@ -327,11 +458,11 @@ def _checked_number(raw: pd.DataFrame, column: str, problems: _Problems) -> tupl
 
 # --- tables ----------------------------------------------------------------------------------
 
-def _load_events(path: Path, strict: bool) -> tuple[pd.DataFrame, int, list[RejectedRows], int]:
-    raw = _read_table(path)
-    _require(raw, path, _EVENT_COLUMNS)
+def _validate_events(raw: pd.DataFrame, path: Path, first: int, strict: bool) -> tuple[pd.DataFrame, list[RejectedRows]]:
+    """Valid rows of one chunk (first: rows of the file before it) in the raw schema, indexed by file position."""
     n = len(raw)
-    problems = _Problems(path, n)
+    raw = raw.set_axis(pd.RangeIndex(first, first + n))
+    problems = _Problems(path, n, first)
 
     times, bad_time, missing_time = _parse_time(raw["event_time"])
     problems.flag(missing_time, "event_time", "missing time", raw["event_time"])
@@ -365,9 +496,7 @@ def _load_events(path: Path, strict: bool) -> tuple[pd.DataFrame, int, list[Reje
         "event_type": event_type, "event_id": event_id.astype(object),
         "session_id": session_id, "price": price, "quantity": quantity,
     })[~problems.mask]
-    duplicated = events["event_id"].duplicated(keep="first")
-    events = events[~duplicated].sort_values("event_time", kind="stable").reset_index(drop=True)
-    return events, n, problems.found, int(duplicated.sum())
+    return events, problems.found
 
 
 def _load_items(

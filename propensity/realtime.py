@@ -3,7 +3,9 @@
 The update rule mirrors the batch SQL (training/user_features.py) for the features it maintains,
 so that a batch rebuild over the same events lands on the same values: window counts grow by the
 events since the last build (expiry waits for the next build), the recent-item list moves the item
-to the front with its per-item counts, and "in cart" follows cart and purchase events. Sessions,
+to the front with its per-item counts, "in cart" follows cart and purchase events, and a purchase
+counts towards the item in the purchase history (an item outside the kept top-N starts again at 1
+until the next build). Sessions,
 browsing time, spend averages and category shares are left to the batch build.
 """
 
@@ -19,6 +21,8 @@ from propensity.raw_data import EVENT_TYPES
 
 ACTIVITY_VIEW = "user_activity"
 INTERESTS_VIEW = "user_interests"
+HISTORY_VIEW = "user_purchase_history"
+MAINTAINED_VIEWS = (ACTIVITY_VIEW, INTERESTS_VIEW, HISTORY_VIEW)
 DAY_MS = 86_400_000
 _EPOCH_MS = re.compile(r"^-?\d+$")
 _COUNTED = {"view": "views", "add_to_cart": "carts", "purchase": "purchases"}
@@ -32,6 +36,7 @@ MAINTAINED_INTERESTS = (
     "recent_item_ids", "recent_item_views_7d", "recent_item_carts_7d",
     "recent_item_purchases_30d", "recent_item_in_cart", "recent_item_last_ts",
 )
+MAINTAINED_HISTORY = ("bought_item_ids", "bought_item_counts", "bought_item_last_ts")
 
 
 class InvalidEvent(ValueError):
@@ -78,26 +83,30 @@ def _parse_time_ms(text: str) -> int:
 
 
 def apply_events(
-    activity_row: Mapping[str, object],
-    interests_row: Mapping[str, object],
+    rows: Mapping[str, Mapping[str, object]],
     events: Sequence[StreamEvent],
     recent_items: int,
+    bought_items: int,
     recorded_types: frozenset[str] = frozenset(EVENT_TYPES),
-) -> tuple[dict, dict]:
-    """New user_activity and user_interests rows after the user's events, from the current online rows.
+) -> dict[str, dict]:
+    """New rows of the maintained views (MAINTAINED_VIEWS) the user's events changed, from the current online rows.
 
-    The rows carry every feature of their view (what Feast returned, None where absent); features the
-    stream does not maintain pass through unchanged. recorded_types are the event types the shop
-    records: their counts start at 0 for a new user, as in the batch build; counts of types it does not
-    record stay null until such an event arrives.
+    Every event changes user_activity and user_interests; only a purchase changes user_purchase_history.
+    rows maps each view to its row as Feast returned it (every feature of the view, None where absent);
+    features the stream does not maintain pass through unchanged. recorded_types are the event types the
+    shop records: their counts start at 0 for a new user, as in the batch build; counts of types it does
+    not record stay null until such an event arrives.
     """
-    activity = dict(activity_row)
+    activity = dict(rows[ACTIVITY_VIEW])
     for kind, columns in _COUNT_COLUMNS.items():
         if kind in recorded_types:
             for column in columns:
                 if activity.get(column) is None:
                     activity[column] = 0
-    interests = {name: list(value or []) for name, value in interests_row.items()}  # every interests feature is a list
+    # Every interests and history feature is a list.
+    interests = {name: list(value or []) for name, value in rows[INTERESTS_VIEW].items()}
+    history = {name: list(value or []) for name, value in rows[HISTORY_VIEW].items()}
+    bought = False
     for event in sorted(events, key=lambda e: e.event_time_ms):
         ts = event.event_time_ms // 1000
         kind = _COUNTED.get(event.event_type)
@@ -110,10 +119,24 @@ def apply_events(
             _add(activity, "purchases_total", 1)
             _add(activity, "spend_30d", (event.price or 0.0) * event.quantity)
             activity["last_purchase_ts"] = max(activity.get("last_purchase_ts") or ts, ts)
+            _count_purchase(history, event.item_id, ts, bought_items)
+            bought = True
         activity["last_event_ts"] = max(activity.get("last_event_ts") or ts, ts)
         activity["first_event_ts"] = min(activity.get("first_event_ts") or ts, ts)
         _touch_item(interests, event, ts, recent_items)
-    return activity, interests
+    updated = {ACTIVITY_VIEW: activity, INTERESTS_VIEW: interests}
+    return {**updated, HISTORY_VIEW: history} if bought else updated
+
+
+def _count_purchase(history: dict, item_id: str, ts: int, cap: int) -> None:
+    counts = dict(zip(history["bought_item_ids"], zip(history["bought_item_counts"], history["bought_item_last_ts"])))
+    count, last = counts.get(item_id, (0, ts))
+    counts[item_id] = (count + 1, max(last, ts))
+    # The batch build's order: most bought first, then most recently bought, then item id.
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1][0], -kv[1][1], kv[0]))[:cap]
+    history["bought_item_ids"] = [item for item, _ in ranked]
+    history["bought_item_counts"] = [count for _, (count, _) in ranked]
+    history["bought_item_last_ts"] = [last for _, (_, last) in ranked]
 
 
 def _add(row: dict, name: str, amount: float) -> None:

@@ -34,8 +34,10 @@ class FeatureSettings(_Section):
     """How raw events become feature tables."""
 
     recent_items_per_user: int = Field(30, description="How many of a user's most recent items are kept as per-(user, item) state.")
+    bought_items_per_user: int = Field(50, description="How many of a user's most bought items (whole history) are kept: buy-again candidates.")
     top_categories_per_user: int = Field(5, description="How many of a user's favourite categories are kept.")
     neighbors_per_item: int = Field(20, description="Co-visited items kept per item (candidate source).")
+    memory_limit_gb: float = Field(4.0, description="DuckDB's memory cap in prepare and the feature build; beyond it, it spills to disk.")
     session_gap_minutes: int = Field(30, description="Inactivity gap that starts a new session when events carry no session_id.")
 
 
@@ -43,6 +45,7 @@ class CandidateSettings(_Section):
     """Candidate generation, shared by training and serving."""
 
     max_candidates: int = Field(200, description="Upper bound on candidates scored per request.")
+    bought_before: int = Field(50, description="The user's most bought items (whole history) taken as buy-again candidates.")
     per_neighbor_source: int = Field(10, description="Co-visited items taken per recent item.")
     popular_per_category: int = Field(20, description="Popular items taken from each favourite category.")
     popular_overall: int = Field(50, description="Globally popular items added to every candidate set.")
@@ -118,7 +121,7 @@ class Settings(BaseSettings):
         description="A feature_store.yaml to use instead of the repository's own, e.g. feature_repo/profiles/redis.yaml (store profiles).",
     )
     stream_dir: Path | None = Field(None, description="Where ingested events are logged durably; default <work_dir>/stream.")
-    user_feature_service: str = Field("propensity_user_v1", description="Feast feature service read per request (user features).")
+    user_feature_service: str = Field("propensity_user_v2", description="Feast feature service read per request (user features).")
     item_feature_service: str = Field("propensity_item_v1", description="Feast feature service cached in the server (item features).")
     demo: DemoSettings = DemoSettings()
     features: FeatureSettings = FeatureSettings()

@@ -41,7 +41,10 @@ _PRESENCE = ("last_event_ts", "signup_ts")
 
 @dataclass(frozen=True)
 class UserState:
-    """Scalars, timestamps, favourite categories and recent items (as catalog indices) of one user."""
+    """Scalars, timestamps, favourite categories, recent and most bought items (as catalog indices) of one user.
+
+    The bought_* arrays are empty when the feature service has no purchase history (propensity_user_v1).
+    """
 
     user_id: str
     known: bool
@@ -55,6 +58,9 @@ class UserState:
     recent_purchases_30d: np.ndarray
     recent_in_cart: np.ndarray
     recent_last_ts: np.ndarray
+    bought_idx: np.ndarray  # catalog indices, most often bought first
+    bought_counts: np.ndarray
+    bought_last_ts: np.ndarray
 
     @property
     def has_history(self) -> bool:
@@ -68,12 +74,14 @@ class UserState:
         recent_ids = as_list(row.get("recent_item_ids"))
         recent_idx = catalog.lookup(recent_ids)
         keep = recent_idx >= 0
+        bought_idx = catalog.lookup(as_list(row.get("bought_item_ids")))
+        keep_bought = bought_idx >= 0
 
-        def aligned(name: str) -> np.ndarray:
+        def aligned(name: str, idx: np.ndarray = recent_idx, kept: np.ndarray = keep) -> np.ndarray:
             values = np.asarray(as_list(row.get(name)), dtype=float)
-            if len(values) != len(recent_idx):  # absent for this shop (or malformed): missing, never 0
-                values = np.full(len(recent_idx), np.nan)
-            return values[keep]
+            if len(values) != len(idx):  # absent for this shop (or malformed): missing, never 0
+                values = np.full(len(idx), np.nan)
+            return values[kept]
 
         return cls(
             user_id=user_id,
@@ -88,6 +96,9 @@ class UserState:
             recent_purchases_30d=aligned("recent_item_purchases_30d"),
             recent_in_cart=aligned("recent_item_in_cart"),
             recent_last_ts=aligned("recent_item_last_ts"),
+            bought_idx=bought_idx[keep_bought],
+            bought_counts=aligned("bought_item_counts", bought_idx, keep_bought),
+            bought_last_ts=aligned("bought_item_last_ts", bought_idx, keep_bought),
         )
 
 

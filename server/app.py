@@ -89,7 +89,8 @@ def build_components(settings: Settings, observability: Observability | None = N
     recorded = frozenset(manifest.get("event_types", EVENT_TYPES))
     try:
         ingestor: EventIngestor | IngestionUnavailable = EventIngestor(
-            store, EventLog(settings.event_log_dir), settings.features.recent_items_per_user, recorded
+            store, EventLog(settings.event_log_dir), settings.features.recent_items_per_user,
+            settings.features.bought_items_per_user, recorded,
         )
     except IngestionUnavailable as error:  # serve recommendations anyway; IngestEvents explains why it is off
         log.warning("%s", error)

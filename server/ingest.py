@@ -13,12 +13,12 @@ from feast import FeatureStore
 from feast.data_source import PushMode
 
 from propensity.event_log import EventLog, StreamEvent
-from propensity.realtime import ACTIVITY_VIEW, INTERESTS_VIEW, InvalidEvent, apply_events, parse_event
+from propensity.realtime import MAINTAINED_VIEWS, InvalidEvent, apply_events, parse_event
 from server.errors import IngestionUnavailable
 
 log = logging.getLogger(__name__)
 MAX_REPORTED_REJECTIONS = 1000
-PUSH_SOURCES = (f"{ACTIVITY_VIEW}_push", f"{INTERESTS_VIEW}_push")
+PUSH_SOURCES = {view: f"{view}_push" for view in MAINTAINED_VIEWS}
 
 
 @dataclass(frozen=True)
@@ -47,23 +47,23 @@ class IngestReport:
 class EventIngestor:
     """Applies batches of raw events: log first (durable, idempotent), then push real-time features."""
 
-    def __init__(self, store: FeatureStore, event_log: EventLog, recent_items: int, recorded_types: frozenset[str]) -> None:
+    def __init__(self, store: FeatureStore, event_log: EventLog, recent_items: int, bought_items: int, recorded_types: frozenset[str]) -> None:
         self._store = store
         self._log = event_log
         self._recent_items = recent_items
+        self._bought_items = bought_items
         self._recorded_types = recorded_types
         self.last_push: dict[str, float] = {}  # feature view -> epoch seconds of its latest real-time push
         registered = {source.name for source in store.list_data_sources()}
-        missing = [name for name in PUSH_SOURCES if name not in registered]
+        missing = [name for name in PUSH_SOURCES.values() if name not in registered]
         if missing:
             raise IngestionUnavailable(
                 f"IngestEvents: the Feast registry has no push source {', '.join(map(repr, missing))}; "
                 f"run `feast apply` in the feature repository (or `propensity publish`) with the current definitions"
             )
         # The pushed rows must carry every feature of their view: read the schemas from the registry.
-        self._activity_names = [f.name for f in store.get_feature_view(ACTIVITY_VIEW).features]
-        self._interest_names = [f.name for f in store.get_feature_view(INTERESTS_VIEW).features]
-        self._refs = [f"{ACTIVITY_VIEW}:{n}" for n in self._activity_names] + [f"{INTERESTS_VIEW}:{n}" for n in self._interest_names]
+        self._names = {view: [f.name for f in store.get_feature_view(view).features] for view in MAINTAINED_VIEWS}
+        self._refs = [f"{view}:{name}" for view, names in self._names.items() for name in names]
 
     def ingest(self, raw_events: Iterable[dict], report: IngestReport, first_index: int) -> None:
         """Validate and apply one message's events; bad events are reported and skipped, the rest proceed."""
@@ -88,20 +88,21 @@ class EventIngestor:
         current = self._store.get_online_features(
             features=self._refs, entity_rows=[{"user_id": u} for u in users]
         ).to_dict()
-        activity_rows, interest_rows = [], []
+        pushed: dict[str, list[dict]] = {view: [] for view in MAINTAINED_VIEWS}
         for i, user in enumerate(users):
-            activity, interests = apply_events(
-                {name: current[name][i] for name in self._activity_names},
-                {name: current[name][i] for name in self._interest_names},
-                by_user[user], self._recent_items, self._recorded_types,
+            updated = apply_events(
+                {view: {name: current[name][i] for name in names} for view, names in self._names.items()},
+                by_user[user], self._recent_items, self._bought_items, self._recorded_types,
             )
             moment = pd.Timestamp(max(e.event_time_ms for e in by_user[user]), unit="ms", tz="UTC")
-            activity_rows.append({"user_id": user, "event_timestamp": moment, **activity})
-            interest_rows.append({"user_id": user, "event_timestamp": moment, **interests})
-        self._store.push(PUSH_SOURCES[0], _typed(pd.DataFrame(activity_rows), self._store, ACTIVITY_VIEW), to=PushMode.ONLINE)
-        self._store.push(PUSH_SOURCES[1], _typed(pd.DataFrame(interest_rows), self._store, INTERESTS_VIEW), to=PushMode.ONLINE)
+            for view, row in updated.items():
+                pushed[view].append({"user_id": user, "event_timestamp": moment, **row})
+        for view, rows in pushed.items():
+            if not rows:
+                continue
+            self._store.push(PUSH_SOURCES[view], _typed(pd.DataFrame(rows), self._store, view), to=PushMode.ONLINE)
         now = time.time()
-        self.last_push.update({ACTIVITY_VIEW: now, INTERESTS_VIEW: now})
+        self.last_push.update({view: now for view, rows in pushed.items() if rows})
         log.info("ingested %d events for %d users in %.1f ms", len(events), len(users), (time.perf_counter() - started) * 1000)
 
 

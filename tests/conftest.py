@@ -21,7 +21,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from propensity.demo_data import DemoDataConfig, generate_demo_data
-from propensity.feature_store import copy_definitions
+from propensity.feature_store import copy_definitions, feast_apply
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -163,7 +163,10 @@ def private_env(pipeline: Pipeline, name: str, copy_repo: bool = False, **server
     env = {**pipeline.env, "PROPENSITY_WORK_DIR": str(work)}
     if copy_repo:
         repo = pipeline.root / f"{name}-feature_repo"
-        shutil.copytree(pipeline.feature_repo, repo)
+        # Not the registry: its infra records name the original's SQLite tables by absolute path, and the
+        # copy's next `feast apply` would drop those tables as "removed" (Feast's infra diff).
+        shutil.copytree(pipeline.feature_repo, repo, ignore=shutil.ignore_patterns("registry.db"))
+        feast_apply(repo)
         env["PROPENSITY_FEATURE_REPO"] = str(repo)
     env.update({f"PROPENSITY_SERVER__{key.upper()}": value if isinstance(value, str) else json.dumps(value) for key, value in server.items()})
     return env, work

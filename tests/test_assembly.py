@@ -129,6 +129,15 @@ def test_recent_carted_item_gets_its_per_item_state(catalog: Catalog, user: User
     np.testing.assert_array_equal(_col(matrix, "ui_recent_rank"), [0.0, 1.0, np.nan])
 
 
+def test_times_bought_and_days_since_bought_come_from_the_whole_history(catalog: Catalog) -> None:
+    row = _row(bought_item_ids=["d", "a"], bought_item_counts=[6, 1], bought_item_last_ts=[NOW - 45 * DAY, NOW - 5 * DAY])
+    matrix = pair_matrix(UserState.from_row("u1", row, catalog), catalog, np.array([D, A, B, UNKNOWN]), NOW)
+    assert _col(matrix, "ui_times_bought").tolist() == [6.0, 1.0, 0.0, 0.0]
+    np.testing.assert_allclose(_col(matrix, "ui_days_since_bought"), [45.0, 5.0, np.nan, np.nan])
+    # d was bought 45 days ago: outside the 30-day recent list, so only the history knows it.
+    assert _col(matrix, "ui_purchases_30d")[0] == 0.0
+
+
 def test_days_since_last_is_measured_from_the_as_of_time(catalog: Catalog, user: UserState) -> None:
     idx = np.array([B, A, D])
     np.testing.assert_allclose(_col(pair_matrix(user, catalog, idx, NOW), "ui_days_since_last"), [1.0, 5.0, np.nan])

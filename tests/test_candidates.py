@@ -27,8 +27,9 @@ def catalog() -> Catalog:
     )
 
 
-def _user(catalog: Catalog, recent: list[str], categories: list[str]) -> UserState:
+def _user(catalog: Catalog, recent: list[str], categories: list[str], bought: list[str] | None = None) -> UserState:
     row = {
+        "bought_item_ids": bought or [],
         "last_event_ts": 1_700_000_000,
         "recent_item_ids": recent,
         "top_category_ids": categories,
@@ -47,21 +48,31 @@ def test_sources_in_priority_order_deduplicated_without_unavailable_items(catalo
     # recent b, (c sold out), a; co-visited: b->a (seen), c->e, a->b (seen), d; category c1: a, f, b; c2: d;
     # popular: a, f, b, d, e.
     assert _ids(catalog, result.item_idx) == ["b", "a", "e", "d", "f"]
-    assert result.sources == {"recent": 2, "covisited": 2, "category_popular": 1, "popular": 0}
+    assert result.sources == {"recent": 2, "bought_before": 0, "covisited": 2, "category_popular": 1, "popular": 0}
     assert len(set(result.item_idx.tolist())) == len(result.item_idx)
     assert catalog.available[result.item_idx].all()
     assert result.item_idx.dtype == np.int64
+
+
+def test_most_bought_items_come_right_after_recent_ones(catalog: Catalog) -> None:
+    # d and e were bought long ago (not recent): they outrank co-visited and popular items.
+    user = _user(catalog, ["b"], [], bought=["e", "c", "b", "d", "ghost"])
+    result = generate_candidates(user, catalog, CandidateSettings(popular_overall=1))
+    assert _ids(catalog, result.item_idx) == ["b", "e", "d", "a"]  # c sold out, b already recent, ghost unknown
+    assert result.sources == {"recent": 1, "bought_before": 2, "covisited": 1, "category_popular": 0, "popular": 0}
+    capped = generate_candidates(user, catalog, CandidateSettings(popular_overall=0, bought_before=1))
+    assert _ids(catalog, capped.item_idx) == ["b", "e", "a"]
 
 
 def test_cap_cuts_within_a_source_and_zeroes_later_sources(catalog: Catalog) -> None:
     user = _user(catalog, ["b", "c", "a"], ["c1", "c2"])
     result = generate_candidates(user, catalog, CandidateSettings(max_candidates=3))
     assert _ids(catalog, result.item_idx) == ["b", "a", "e"]
-    assert result.sources == {"recent": 2, "covisited": 1, "category_popular": 0, "popular": 0}
+    assert result.sources == {"recent": 2, "bought_before": 0, "covisited": 1, "category_popular": 0, "popular": 0}
 
     result = generate_candidates(user, catalog, CandidateSettings(max_candidates=1))
     assert _ids(catalog, result.item_idx) == ["b"]
-    assert result.sources == {"recent": 1, "covisited": 0, "category_popular": 0, "popular": 0}
+    assert result.sources == {"recent": 1, "bought_before": 0, "covisited": 0, "category_popular": 0, "popular": 0}
 
 
 def test_per_neighbor_source_limits_neighbours_per_recent_item(catalog: Catalog) -> None:
@@ -70,7 +81,7 @@ def test_per_neighbor_source_limits_neighbours_per_recent_item(catalog: Catalog)
     assert _ids(catalog, wide.item_idx) == ["a", "b", "d"]
     narrow = generate_candidates(user, catalog, CandidateSettings(per_neighbor_source=1, popular_overall=0))
     assert _ids(catalog, narrow.item_idx) == ["a", "b"]
-    assert narrow.sources == {"recent": 1, "covisited": 1, "category_popular": 0, "popular": 0}
+    assert narrow.sources == {"recent": 1, "bought_before": 0, "covisited": 1, "category_popular": 0, "popular": 0}
 
 
 def test_popular_per_category_and_unknown_categories(catalog: Catalog) -> None:
@@ -85,14 +96,14 @@ def test_user_without_history_gets_popular_items(catalog: Catalog) -> None:
     user = UserState.from_row("stranger", {}, catalog)
     result = generate_candidates(user, catalog, CandidateSettings(popular_overall=3))
     assert _ids(catalog, result.item_idx) == ["a", "f", "b"]
-    assert result.sources == {"recent": 0, "covisited": 0, "category_popular": 0, "popular": 3}
+    assert result.sources == {"recent": 0, "bought_before": 0, "covisited": 0, "category_popular": 0, "popular": 3}
 
 
 def test_repeated_recent_item_appears_once(catalog: Catalog) -> None:
     user = _user(catalog, ["d", "d", "b", "d"], [])
     result = generate_candidates(user, catalog, CandidateSettings(popular_overall=0))
     assert _ids(catalog, result.item_idx) == ["d", "b", "a"]
-    assert result.sources == {"recent": 2, "covisited": 1, "category_popular": 0, "popular": 0}
+    assert result.sources == {"recent": 2, "bought_before": 0, "covisited": 1, "category_popular": 0, "popular": 0}
 
 
 def test_nothing_to_offer_gives_an_empty_set() -> None:

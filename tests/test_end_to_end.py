@@ -58,7 +58,7 @@ def test_viewed_and_carted_item_is_ranked_near_the_top(pipeline: Pipeline, stub:
     scores = [item.score for item in response.items]
     assert scores == sorted(scores, reverse=True)
     assert response.purchase_propensity > 0
-    assert response.model_version and response.feature_service == "propensity_user_v1"
+    assert response.model_version and response.feature_service == "propensity_user_v2"
 
 
 def test_the_carted_item_scores_higher_for_the_shopper_than_for_a_stranger(pipeline: Pipeline, stub: pb_grpc.RecommendationServiceStub) -> None:

@@ -27,7 +27,7 @@ from training.prepare import prepare
 UTC = timezone.utc
 A = datetime(2024, 3, 1, tzinfo=UTC)
 FEATURE_REPO = Path(__file__).resolve().parents[1] / "feature_repo"
-TABLES = ("user_activity", "user_profile", "user_interests", "item_stats", "item_neighbors")
+TABLES = ("user_activity", "user_profile", "user_interests", "user_purchase_history", "item_stats", "item_neighbors")
 
 
 def at(days_before: int, hour: int = 0, minute: int = 0) -> datetime:
@@ -283,6 +283,37 @@ def test_top_categories_are_capped(tmp_path: Path) -> None:
     assert list(r.top_category_ids) == ["b", "a"]
     assert list(r.top_category_shares) == pytest.approx([0.5, 0.25])
     assert list(r.recent_item_ids) == ["i3", "i2", "i1"]
+
+
+# --- user_purchase_history -------------------------------------------------------------------
+
+def test_purchase_history_changes_only_the_day_after_a_purchase(tables) -> None:
+    history = tables["user_purchase_history"]
+    assert boundaries(history, "user_id", "u1") == {at(9)}
+    assert boundaries(history, "user_id", "u2") == {at(1)}
+    r = row(history, "user_id", "u1", at(9))
+    assert (list(r.bought_item_ids), list(r.bought_item_counts), list(r.bought_item_last_ts)) == (["i1"], [1], [ts(at(10, 10, 2))])
+
+
+def test_purchase_history_spans_the_whole_log_most_bought_first_and_is_capped(tmp_path: Path) -> None:
+    # i1 bought twice 60 days back (outside every 30-day window), i2 and i3 once each, i3 last.
+    events = [
+        (at(60, 10, 0), "u1", "i1", "purchase", "s1", 1.0, 1.0),
+        (at(60, 10, 1), "u1", "i1", "purchase", "s1", 1.0, 1.0),
+        (at(5, 10, 0), "u1", "i2", "purchase", "s2", 1.0, 1.0),
+        (at(2, 10, 0), "u1", "i3", "purchase", "s3", 1.0, 1.0),
+    ]
+    prepared = prepare(_write_raw(tmp_path / "raw", events), tmp_path / "prepared", progress=_quiet)
+    build_features(tmp_path / "prepared", tmp_path / "offline", prepared.as_of, prepared.event_types,
+                   FeatureSettings(bought_items_per_user=2), progress=_quiet)
+    history = pd.read_parquet(tmp_path / "offline" / "user_purchase_history.parquet")
+    assert prepared.as_of == at(1)  # the day after the last purchase: its snapshot is the latest
+    assert boundaries(history, "user_id", "u1") == {at(59), at(4), at(1)}
+    before_i3 = row(history, "user_id", "u1", at(4))
+    assert (list(before_i3.bought_item_ids), list(before_i3.bought_item_counts)) == (["i1", "i2"], [2, 1])
+    latest = row(history, "user_id", "u1", at(1))
+    assert (list(latest.bought_item_ids), list(latest.bought_item_counts)) == (["i1", "i3"], [2, 1])  # i2 is older: capped out
+    assert list(latest.bought_item_last_ts) == [ts(at(60, 10, 1)), ts(at(2, 10, 0))]
 
 
 # --- item_stats ------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 
 UTC = timezone.utc
 FEATURE_REPO = Path(__file__).resolve().parents[1] / "feature_repo"
-SERVICE = "propensity_user_v1"
+SERVICE = "propensity_user_v2"
 RAW_AS_OF = datetime(2023, 6, 1, tzinfo=UTC)  # the log's own calendar, before rebasing
 
 
@@ -134,6 +134,9 @@ def test_purchase_after_a_cutoff_never_reaches_that_cutoffs_row(world: World) ->
     assert (late.purchases_7d, late.purchases_30d, late.purchases_total) == (1, 2, 2)
     assert late.last_purchase_ts == world.ts(12, 15)
     assert late.last_event_ts == world.ts(12, 15)
+    # The whole purchase history follows the same rule.
+    assert (list(early.bought_item_ids), list(early.bought_item_counts)) == (["i1"], [1])
+    assert (list(late.bought_item_ids), list(late.bought_item_counts)) == (["i1"], [2])
 
 
 def test_purchase_exactly_at_the_cutoff_belongs_to_the_future(world: World) -> None:
@@ -198,6 +201,8 @@ def test_online_store_serves_the_as_of_snapshot(world: World) -> None:
     assert online["purchases_total"] == [2, 1, None]
     assert online["purchases_7d"] == [0, 0, None]
     assert online["purchases_30d"] == [2, 1, None]
+    assert online["bought_item_ids"] == [["i1"], ["i2"], None]
+    assert online["bought_item_counts"] == [[2], [1], None]
     assert online["views_1d"] == [1, 0, None]
     assert online["last_purchase_ts"] == [world.ts(12, 15), world.ts(14), None]
     assert online["last_event_ts"] == [world.ts(1, 10), world.ts(14), None]

@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from propensity import raw_data
 from propensity.raw_data import RawDataError
 from training.prepare import MANIFEST, default_as_of, load_prepared, prepare
 
@@ -121,6 +122,26 @@ def test_ingested_events_join_after_the_shift_and_duplicates_are_dropped(tmp_pat
     assert (events["event_id"] == "stream-1").sum() == 1
     assert events.loc[events["event_id"] == "stream-1", "event_time"].iloc[0] == pd.Timestamp("2024-03-14T09:00:00Z")  # not shifted
     assert prepared.shift_days > 0 and prepared.n_events == len(events)
+
+
+def test_the_log_is_streamed_in_chunks_with_the_same_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ties in time and a repeated event_id in a later chunk: order and "first kept" must not depend on chunking.
+    events = pd.DataFrame({
+        "event_time": pd.to_datetime(["2024-03-02T00:00:00Z", "2024-03-01T00:00:00Z", "2024-03-01T00:00:00Z", "2024-03-01T00:00:00Z"], utc=True),
+        "user_id": ["u1", "u1", "u2", "u3"], "item_id": ["i1", "i2", "i1", "i2"], "event_type": ["view"] * 4,
+        "event_id": ["a", "b", "c", "a"],
+    })
+    source = tmp_path / "raw"
+    source.mkdir()
+    events.to_parquet(source / "events.parquet", index=False)
+    whole = prepare(source, tmp_path / "whole", progress=_quiet)
+    monkeypatch.setattr(raw_data, "CHUNK_ROWS", 1)
+    chunked = prepare(source, tmp_path / "chunked", progress=_quiet)
+    expected = pd.read_parquet(tmp_path / "whole" / "events.parquet")
+    assert expected["event_id"].tolist() == ["b", "c", "a"] and expected["user_id"].tolist() == ["u1", "u2", "u1"]
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "chunked" / "events.parquet"), expected)
+    assert (whole.n_events, whole.n_users) == (chunked.n_events, chunked.n_users) == (3, 2)
+    assert sorted(p.name for p in (tmp_path / "chunked").iterdir()) == ["events.parquet", "items.parquet", MANIFEST, "users.parquet"]
 
 
 def test_manifest_records_the_shift_and_round_trips(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from propensity import raw_data
 from propensity.raw_data import (
     EVENT_TYPES,
     RawDataError,
@@ -205,3 +206,29 @@ def test_events_are_sorted_by_time_stably(tmp_path: Path) -> None:
         "2024-01-01T00:00:00Z,u,i,view,tie2,,,\n",
     ])
     assert load_raw_dataset(tmp_path).events["event_id"].tolist() == ["tie1", "tie2", "late"]
+
+
+@pytest.mark.parametrize("suffix", ["csv", "parquet"])
+def test_chunked_validation_numbers_rows_across_chunks_and_merges_rejections(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str) -> None:
+    rows = _good_rows(5) + ["2024-01-04T00:00:00Z,u,i,click,x1,,,\n"] + _good_rows(2) + ["2024-01-04T00:00:00Z,u,i,click,x2,,,\n"]
+    _events_csv(tmp_path / "csv", rows)
+    if suffix == "parquet":  # the same text columns, as Parquet
+        (tmp_path / "parquet").mkdir()
+        pd.read_csv(tmp_path / "csv" / "events.csv", dtype=str, keep_default_na=False).to_parquet(tmp_path / "parquet" / "events.parquet", index=False)
+    whole = load_raw_dataset(tmp_path / suffix, max_rejected_fraction=0.5)
+    monkeypatch.setattr(raw_data, "CHUNK_ROWS", 3)  # the bad rows fall in the second and third chunks
+    chunked = load_raw_dataset(tmp_path / suffix, max_rejected_fraction=0.5)
+    pd.testing.assert_frame_equal(chunked.events, whole.events)
+    first = 2 if suffix == "csv" else 1  # CSV lines count the header; Parquet rows start at 1
+    assert [(r.reason, r.count, r.examples) for r in chunked.report.rejected] == [
+        ("unknown event type", 2, [(5 + first, "click"), (8 + first, "click")])
+    ]
+    assert chunked.report.summary() == whole.report.summary()
+
+
+def test_duplicates_in_different_chunks_keep_the_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(raw_data, "CHUNK_ROWS", 2)
+    _events_csv(tmp_path, ROWS + ["2024-01-05T00:00:00Z,other,007,view,e1,,,\n"])
+    data = load_raw_dataset(tmp_path)
+    assert data.report.duplicates_dropped == 1
+    assert data.events.set_index("event_id").loc["e1", "user_id"] == "00123"

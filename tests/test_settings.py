@@ -28,7 +28,7 @@ def test_defaults() -> None:
     assert settings.server.port == 50051
     assert settings.server.max_num_items == 100
     assert settings.candidates.max_candidates == 200
-    assert settings.user_feature_service == "propensity_user_v1"
+    assert settings.user_feature_service == "propensity_user_v2"
     assert settings.work_dir == PROJECT_ROOT / "var"
     assert settings.model_dir == PROJECT_ROOT / "var" / "models"
     assert settings.as_of is None

@@ -15,7 +15,7 @@ import pytest
 
 from propensity.event_log import EventLog
 from propensity.feature_store import open_store
-from propensity.realtime import MAINTAINED_ACTIVITY, MAINTAINED_INTERESTS
+from propensity.realtime import MAINTAINED_ACTIVITY, MAINTAINED_HISTORY, MAINTAINED_INTERESTS
 from propensity.settings import FeatureSettings
 from propensity.v1 import recommendation_service_pb2 as pb
 from propensity.v1 import recommendation_service_pb2_grpc as pb_grpc
@@ -114,15 +114,17 @@ def test_batch_rebuild_over_the_same_events_gives_the_streamed_online_values(str
         event("nc-5", user, "i00004", "purchase", start + timedelta(seconds=40), price=7.0, quantity=2),
     ])
     repo = Path(env["PROPENSITY_FEATURE_REPO"])
-    refs = [f"user_activity:{f}" for f in MAINTAINED_ACTIVITY] + [f"user_interests:{f}" for f in MAINTAINED_INTERESTS]
+    maintained = {"user_activity": MAINTAINED_ACTIVITY, "user_interests": MAINTAINED_INTERESTS, "user_purchase_history": MAINTAINED_HISTORY}
+    refs = [f"{view}:{name}" for view, names in maintained.items() for name in names]
 
     def online() -> dict[str, object]:
         values = open_store(repo).get_online_features(features=refs, entity_rows=[{"user_id": user}]).to_dict()
-        return {name: values[name][0] for name in [*MAINTAINED_ACTIVITY, *MAINTAINED_INTERESTS]}
+        return {name: values[name][0] for names in maintained.values() for name in names}
 
     streamed = online()
     assert streamed["carts_7d"] == 2 and streamed["recent_item_ids"] == ["i00004", "i00005"]
     assert streamed["recent_item_in_cart"] == [0, 1]  # i00004 bought after its cart, i00005 still in the cart
+    assert (streamed["bought_item_ids"], streamed["bought_item_counts"]) == (["i00004"], [1])
     # The next nightly build: every logged event, as-of the coming midnight, materialized.
     tomorrow = start.replace(hour=0, minute=0, second=0) + timedelta(days=1)
     prepared = prepare(Path(env["PROPENSITY_DATA_DIR"]), tmp_path / "prepared", rebase_to=datetime.now(timezone.utc),
@@ -137,7 +139,7 @@ def test_materialize_command_reports_rows_and_freshness_per_view(streaming) -> N
     _, _, env, _ = streaming
     result = subprocess.run([str(BIN / "propensity"), "materialize"], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    for view in ("item_neighbors", "item_stats", "user_activity", "user_interests", "user_profile"):
+    for view in ("item_neighbors", "item_stats", "user_activity", "user_interests", "user_profile", "user_purchase_history"):
         line = next(l for l in result.stdout.splitlines() if l.strip().startswith(f"{view}:"))
         assert "new rows" in line and "newest value" in line, line
     assert "rows into the online store" in result.stdout

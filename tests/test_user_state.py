@@ -68,6 +68,19 @@ def test_unknown_recent_items_are_dropped_and_per_item_arrays_stay_aligned(catal
     assert user.recent_last_ts.tolist() == [NOW - DAY, NOW - 3 * DAY, NOW - 5 * DAY]
 
 
+def test_most_bought_items_keep_their_counts_and_times_aligned(catalog: Catalog) -> None:
+    row = _row(bought_item_ids=["c", "ghost", "a"], bought_item_counts=[5, 4, 2], bought_item_last_ts=[NOW - 40 * DAY, NOW, NOW - 90 * DAY])
+    user = UserState.from_row("u1", row, catalog)
+    assert catalog.item_ids[user.bought_idx].tolist() == ["c", "a"]
+    assert user.bought_counts.tolist() == [5, 2]
+    assert user.bought_last_ts.tolist() == [NOW - 40 * DAY, NOW - 90 * DAY]
+
+
+def test_without_purchase_history_features_the_bought_lists_are_empty(catalog: Catalog) -> None:
+    user = UserState.from_row("u1", _row(), catalog)  # a propensity_user_v1 row
+    assert len(user.bought_idx) == len(user.bought_counts) == len(user.bought_last_ts) == 0
+
+
 def test_per_item_array_of_the_wrong_length_becomes_missing_not_shifted(catalog: Catalog) -> None:
     user = UserState.from_row("u1", _row(recent_item_views_7d=[9, 9]), catalog)
     assert np.isnan(user.recent_views_7d).all() and len(user.recent_views_7d) == 3

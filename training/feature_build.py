@@ -8,6 +8,7 @@ a point-in-time join at any midnight sees exact window values without a row per 
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import duckdb
 
 from propensity.settings import FeatureSettings
 from training import item_features, user_features
+from training.duck import connect
 from training.feature_sql import DAY_SECONDS
 
 
@@ -50,13 +52,14 @@ def build_features(
     """Compute every feature table from the prepared raw events and write them under offline_dir."""
     started = time.perf_counter()
     offline_dir.mkdir(parents=True, exist_ok=True)
-    con = duckdb.connect()
-    con.execute("SET TimeZone = 'UTC'")
+    spill_dir = offline_dir.parent / "duckdb-spill"
+    con = connect(settings.memory_limit_gb, spill_dir)
     _load_inputs(con, prepared_dir, day_index(as_of), settings)
     builders: list[tuple[str, Callable[[duckdb.DuckDBPyConnection, frozenset[str], FeatureSettings], None]]] = [
         ("user_activity", user_features.user_activity),
         ("user_profile", user_features.user_profile),
         ("user_interests", user_features.user_interests),
+        ("user_purchase_history", user_features.user_purchase_history),
         ("item_stats", item_features.item_stats),
         ("item_neighbors", item_features.item_neighbors),
     ]
@@ -73,6 +76,7 @@ def build_features(
         files[name] = path
         progress(f"  features [{step}/{len(builders)}] {name}: {rows[name]:,} rows in {time.perf_counter() - t0:.1f}s")
     con.close()
+    shutil.rmtree(spill_dir, ignore_errors=True)
     return FeatureBuildSummary(rows=rows, files=files, seconds=time.perf_counter() - started, as_of=as_of)
 
 

@@ -5,19 +5,27 @@ so a log that ended in 2011 would materialize nothing. Instead of bending TTLs, 
 shifted by whole days so that its as-of time becomes today's midnight (UTC). Gaps, times of
 day, windows and labels are unchanged; only the calendar moves. The shift
 is recorded in the manifest so reports can map dates back.
+
+The log is never held in memory: it is validated chunk by chunk into a staging file, and
+DuckDB de-duplicates, shifts and sorts it out of core into the prepared events.parquet.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import duckdb
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from propensity.raw_data import RawDataset, load_raw_dataset, write_raw_dataset
+from propensity.raw_data import RawDataError, StagedDataset, raw_schema, stage_raw_dataset, write_table
+from training.duck import connect
 
 DAY = timedelta(days=1)
 MANIFEST = "manifest.json"
@@ -68,6 +76,7 @@ def prepare(
     as_of: datetime | None = None,
     rebase_to: datetime | None = None,
     extra_events: pd.DataFrame | None = None,
+    memory_limit_gb: float = 4.0,
     progress: Callable[[str], None] = print,
 ) -> PreparedData:
     """Load and validate source_dir, shift it so as_of lands on rebase_to's day, write prepared_dir.
@@ -75,34 +84,40 @@ def prepare(
     extra_events are events ingested by the server (already on the serving clock, so never shifted);
     they join the log after the shift, duplicates by event_id dropped.
     """
-    dataset = load_raw_dataset(source_dir)
-    progress(dataset.report.summary())
-    if dataset.events.empty:
-        raise ValueError(f"{source_dir}: no usable events")
-    original_as_of = floor_day(as_of) if as_of is not None else default_as_of(dataset.events["event_time"].max())
-    shift_days = 0
-    if rebase_to is not None:
-        today = floor_day(rebase_to)
-        if as_of is None and original_as_of > today:
-            original_as_of = today  # a current log: build up to today's midnight, later events wait for the next build
-        shift_days = max(0, (today - original_as_of).days)  # only historical logs move
-    shifted = _shift(dataset, timedelta(days=shift_days))
-    if extra_events is not None and len(extra_events):
-        events = pd.concat([shifted.events, extra_events[shifted.events.columns]], ignore_index=True)
-        events = events.drop_duplicates("event_id", keep="first").sort_values("event_time", kind="stable").reset_index(drop=True)
-        progress(f"added {len(events) - len(shifted.events):,} ingested events from the event log")
-        shifted = RawDataset(events=events, items=shifted.items, users=shifted.users, report=shifted.report)
     prepared_dir.mkdir(parents=True, exist_ok=True)
-    write_raw_dataset(shifted, prepared_dir)
+    staged_path = prepared_dir / "events.staged.parquet"
+    try:
+        dataset = stage_raw_dataset(source_dir, staged_path, progress=progress)
+        progress(dataset.report.summary())
+        con = connect(memory_limit_gb, prepared_dir / "duckdb-spill")
+        last_event = con.execute(f"SELECT max(event_time) FROM read_parquet('{staged_path}')").fetchone()[0]
+        if last_event is None:
+            raise RawDataError(f"{source_dir}: no usable events")
+        original_as_of = floor_day(as_of) if as_of is not None else default_as_of(pd.Timestamp(last_event))
+        shift_days = 0
+        if rebase_to is not None:
+            today = floor_day(rebase_to)
+            if as_of is None and original_as_of > today:
+                original_as_of = today  # a current log: build up to today's midnight, later events wait for the next build
+            shift_days = max(0, (today - original_as_of).days)  # only historical logs move
+        stats = _write_events(con, dataset, extra_events, shift_days, prepared_dir / "events.parquet")
+        con.close()
+    finally:
+        staged_path.unlink(missing_ok=True)
+        shutil.rmtree(prepared_dir / "duckdb-spill", ignore_errors=True)
+    if stats.n_extra:
+        progress(f"added {stats.n_extra:,} ingested events from the event log")
+    write_table("items", dataset.items, prepared_dir)
+    write_table("users", _shift_users(dataset.users, timedelta(days=shift_days)), prepared_dir)
     prepared = PreparedData(
         directory=prepared_dir,
         source=str(source_dir),
         as_of=original_as_of + timedelta(days=shift_days),
         original_as_of=original_as_of,
         shift_days=shift_days,
-        event_types=frozenset(shifted.events["event_type"].unique()),
-        n_events=len(shifted.events),
-        n_users=shifted.events["user_id"].nunique(),
+        event_types=stats.event_types,
+        n_events=stats.n_events,
+        n_users=stats.n_users,
         n_items=len(dataset.items),
     )
     (prepared_dir / MANIFEST).write_text(json.dumps(prepared.to_json(), indent=2))
@@ -132,11 +147,46 @@ def load_prepared(prepared_dir: Path) -> PreparedData:
     )
 
 
-def _shift(dataset: RawDataset, offset: timedelta) -> RawDataset:
-    if not offset:
-        return dataset
-    events = dataset.events.assign(event_time=dataset.events["event_time"] + offset)
-    users = dataset.users.copy()
-    if "signup_time" in users:
-        users["signup_time"] = users["signup_time"] + offset
-    return RawDataset(events=events, items=dataset.items, users=users, report=dataset.report)
+@dataclass(frozen=True)
+class _EventStats:
+    n_events: int
+    n_users: int
+    n_extra: int
+    event_types: frozenset[str]
+
+
+def _write_events(con: duckdb.DuckDBPyConnection, dataset: StagedDataset, extra_events: pd.DataFrame | None,
+                  shift_days: int, out: Path) -> _EventStats:
+    """Shift, add the ingested events, drop repeated event_ids (first kept) and sort by time, out of core."""
+    columns = raw_schema("events").names
+    con.execute(f"CREATE TEMP VIEW staged AS SELECT * FROM read_parquet('{dataset.events_path}')")
+    extra = extra_events[columns] if extra_events is not None and len(extra_events) else pd.DataFrame(columns=columns)
+    con.register("extra_events", pa.Table.from_pandas(extra, schema=raw_schema("events"), preserve_index=False))
+    select = ", ".join(columns[1:])
+    tmp = out.with_suffix(".parquet.tmp")
+    con.execute(
+        f"""
+        COPY (
+            WITH combined AS (
+                SELECT event_time + INTERVAL ({shift_days}) DAY AS event_time, {select}, 0 AS origin, source_row AS position FROM staged
+                UNION ALL
+                -- Ingested events are on the serving clock already: never shifted.
+                SELECT event_time, {select}, 1 AS origin, row_number() OVER () AS position FROM extra_events
+            )
+            SELECT event_time, {select} FROM combined
+            QUALIFY row_number() OVER (PARTITION BY event_id ORDER BY origin, position) = 1
+            ORDER BY event_time, origin, position
+        ) TO '{tmp}' (FORMAT PARQUET)
+        """
+    )
+    tmp.replace(out)
+    n_events, n_users, types = con.execute(
+        f"SELECT count(*), count(DISTINCT user_id), list(DISTINCT event_type) FROM read_parquet('{out}')"
+    ).fetchone()
+    return _EventStats(n_events, n_users, n_events - dataset.report.rows_loaded["events"], frozenset(types))
+
+
+def _shift_users(users: pd.DataFrame, offset: timedelta) -> pd.DataFrame:
+    if not offset or "signup_time" not in users:
+        return users
+    return users.assign(signup_time=users["signup_time"] + offset)

@@ -196,3 +196,37 @@ def user_interests(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], 
         LEFT JOIN f USING (user_id, b)
         """
     )
+
+
+def user_purchase_history(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], settings: FeatureSettings) -> None:
+    # The history only changes the day after a purchase, so those are the only snapshots it needs.
+    n_items = settings.bought_items_per_user
+    con.execute(
+        """
+        CREATE TEMP TABLE bought_days AS
+        SELECT user_id, item_id, day, purchases, last_purchase_ts FROM user_item_day WHERE purchases > 0
+        """
+    )
+    con.execute(
+        f"""
+        CREATE TEMP TABLE bought AS
+        WITH snapshots AS (
+            SELECT DISTINCT d.user_id, d.day + 1 AS b FROM bought_days d, params WHERE d.day + 1 <= params.as_of_day
+        )
+        SELECT s.user_id, s.b, d.item_id, sum(d.purchases)::BIGINT AS n, max(d.last_purchase_ts)::BIGINT AS last_ts
+        FROM snapshots s
+        JOIN bought_days d ON d.user_id = s.user_id AND d.day < s.b
+        GROUP BY s.user_id, s.b, d.item_id
+        QUALIFY row_number() OVER (PARTITION BY s.user_id, s.b ORDER BY sum(d.purchases) DESC, max(d.last_purchase_ts) DESC, d.item_id) <= {n_items}
+        """
+    )
+    con.execute(
+        f"""
+        CREATE TEMP TABLE user_purchase_history AS
+        SELECT user_id, to_timestamp(b * {DAY_SECONDS}) AS event_timestamp,
+               list(item_id ORDER BY n DESC, last_ts DESC, item_id) AS bought_item_ids,
+               list(n ORDER BY n DESC, last_ts DESC, item_id) AS bought_item_counts,
+               list(last_ts ORDER BY n DESC, last_ts DESC, item_id) AS bought_item_last_ts
+        FROM bought GROUP BY user_id, b
+        """
+    )
