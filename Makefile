@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO_FILES := $(wildcard protos/propensity/v1/*.proto)
 
-.PHONY: help venv proto proto-check run demo test test-fast clean bench
+.PHONY: help venv proto proto-check run demo test test-fast clean bench bench-scale
 
 help:
 	@echo "make run          build everything from demo data and serve on localhost:50051"
@@ -47,3 +47,7 @@ clean:
 bench: $(STAMP)
 	@command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
 	$(BIN)/python -m bench.run
+
+# The offline pipeline on ~20 million generated events: time and peak memory per stage (docs/benchmarks/scale.md).
+bench-scale: $(STAMP)
+	$(BIN)/python -m bench.scale

@@ -60,6 +60,9 @@ class TrainingSettings(_Section):
     validation_cutoffs: int = Field(1, description="How many of the latest cut-offs form the validation period.")
     max_users_per_cutoff: int = Field(50_000, description="Sample cap of users per cut-off (keeps training bounded).")
     ranker_non_buyer_share: float = Field(0.3, description="Share of non-buying users whose candidates join the ranker's training rows.")
+    ranker_max_users_per_cutoff: int = Field(
+        5_000, description="Cap on users whose candidates become ranker rows, per cut-off (buyers first): about 200 rows each."
+    )
     num_boost_round: int = Field(400, description="Upper bound on boosting rounds (early stopping picks the best).")
     early_stopping_rounds: int = Field(30, description="Stop when validation loss has not improved for this many rounds.")
     learning_rate: float = Field(0.05, description="LightGBM learning rate.")

@@ -109,6 +109,25 @@ def historical_catalogs(store: FeatureStore, item_ids: list[str], cutoffs: list[
     return {pd.Timestamp(ts): Catalog.from_frame(group) for ts, group in frame.groupby("event_timestamp")}
 
 
+def ranker_users(rows: pd.DataFrame, training: TrainingSettings) -> np.ndarray:
+    """Which entity rows also give ranker rows: buyers, and a share of non-buyers (they only add negatives).
+
+    At most ranker_max_users_per_cutoff per cut-off, buyers first, so that the ranker's row count (about
+    200 candidates per user) stays bounded however many users a cut-off has. Deterministic for a seed.
+    """
+    rng = np.random.default_rng(training.seed)
+    draw = rng.random(len(rows))
+    buyer = rows["label"].to_numpy().astype(bool)
+    wanted = buyer | (draw < training.ranker_non_buyer_share)
+    # Within a cut-off: buyers before non-buyers, each in random order; keep the first N wanted rows.
+    order = pd.DataFrame({"cut": rows["event_timestamp"].to_numpy(), "non_buyer": ~buyer, "draw": draw, "wanted": wanted})
+    order = order[order["wanted"]].sort_values(["cut", "non_buyer", "draw"])
+    keep = order.groupby("cut", sort=False).head(training.ranker_max_users_per_cutoff).index
+    chosen = np.zeros(len(rows), dtype=bool)
+    chosen[keep] = True
+    return chosen
+
+
 def assemble(
     rows: pd.DataFrame,
     user_features: pd.DataFrame,
@@ -118,12 +137,12 @@ def assemble(
     progress: Callable[[str], None] = print,
 ) -> CutoffData:
     """Model inputs for both models, built with the serving code path."""
-    rng = np.random.default_rng(training.seed)
+    for_ranker = ranker_users(rows, training)
     records = user_features.to_dict("records")
     user_x, user_y, user_cut = [], [], []
     pair_x, pair_y, pair_cut, pair_group = [], [], [], []
     bought_total = bought_covered = buyers = 0
-    for i, (record, bought, label) in enumerate(zip(records, rows["bought_items"], rows["label"])):
+    for i, (record, bought, label, ranked) in enumerate(zip(records, rows["bought_items"], rows["label"], for_ranker)):
         cutoff = pd.Timestamp(record["event_timestamp"])
         catalog = catalogs[cutoff]
         as_of_ts = cutoff.timestamp()
@@ -132,8 +151,7 @@ def assemble(
         user_x.append(row)
         user_y.append(label)
         user_cut.append(cutoff)
-        # Ranker rows: every buyer, and a sample of non-buyers (they only add negatives).
-        if not label and rng.random() > training.ranker_non_buyer_share:
+        if not ranked:
             continue
         candidates = generate_candidates(user, catalog, candidate_settings).item_idx
         if not len(candidates):

@@ -64,12 +64,28 @@ def user_activity(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], s
         GROUP BY s.user_id, s.b
         """
     )
+    # Per (snapshot, item) over the 30 days before it: the one large join, shared by user_interests.
     con.execute(
         f"""
-        CREATE TEMP TABLE activity_items AS
-        SELECT s.user_id, s.b, count(DISTINCT d.item_id)::BIGINT AS distinct_items_30d
+        CREATE TEMP TABLE snapshot_items AS
+        SELECT s.user_id, s.b, d.item_id,
+               coalesce(sum(d.views) FILTER (WHERE d.day >= s.b - 7), 0)::BIGINT AS views_7d,
+               coalesce(sum(d.carts) FILTER (WHERE d.day >= s.b - 7), 0)::BIGINT AS carts_7d,
+               sum(d.purchases)::BIGINT AS purchases_30d,
+               (coalesce(max(d.last_cart_ts), 0) > coalesce(max(d.last_purchase_ts), 0))::BIGINT AS in_cart,
+               max(d.last_ts) AS last_ts,
+               sum(d.events) AS events
         FROM user_snapshots s
-        LEFT JOIN user_item_day d ON d.user_id = s.user_id AND d.day < s.b AND d.day >= s.b - {longest}
+        JOIN user_item_day d ON d.user_id = s.user_id AND d.day < s.b AND d.day >= s.b - {longest}
+        GROUP BY s.user_id, s.b, d.item_id
+        """
+    )
+    con.execute(
+        """
+        CREATE TEMP TABLE activity_items AS
+        SELECT s.user_id, s.b, count(i.item_id)::BIGINT AS distinct_items_30d
+        FROM user_snapshots s
+        LEFT JOIN snapshot_items i ON i.user_id = s.user_id AND i.b = s.b
         GROUP BY s.user_id, s.b
         """
     )
@@ -136,26 +152,18 @@ def user_interests(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], 
     con.execute(
         f"""
         CREATE TEMP TABLE recent AS
-        SELECT s.user_id, s.b, d.item_id,
-               coalesce(sum(d.views) FILTER (WHERE d.day >= s.b - 7), 0)::BIGINT AS views_7d,
-               coalesce(sum(d.carts) FILTER (WHERE d.day >= s.b - 7), 0)::BIGINT AS carts_7d,
-               sum(d.purchases)::BIGINT AS purchases_30d,
-               (coalesce(max(d.last_cart_ts), 0) > coalesce(max(d.last_purchase_ts), 0))::BIGINT AS in_cart,
-               max(d.last_ts) AS last_ts
-        FROM user_snapshots s
-        JOIN user_item_day d ON d.user_id = s.user_id AND d.day < s.b AND d.day >= s.b - 30
-        GROUP BY s.user_id, s.b, d.item_id
-        QUALIFY row_number() OVER (PARTITION BY s.user_id, s.b ORDER BY max(d.last_ts) DESC, d.item_id) <= {n_items}
+        SELECT user_id, b, item_id, views_7d, carts_7d, purchases_30d, in_cart, last_ts
+        FROM snapshot_items
+        QUALIFY row_number() OVER (PARTITION BY user_id, b ORDER BY last_ts DESC, item_id) <= {n_items}
         """
     )
     con.execute(
         f"""
         CREATE TEMP TABLE favourite AS
         WITH per_cat AS (
-            SELECT s.user_id, s.b, i.category_id, sum(d.events) AS n
-            FROM user_snapshots s
-            JOIN user_item_day d ON d.user_id = s.user_id AND d.day < s.b AND d.day >= s.b - 30
-            JOIN items i ON i.item_id = d.item_id
+            SELECT s.user_id, s.b, i.category_id, sum(s.events) AS n
+            FROM snapshot_items s
+            JOIN items i ON i.item_id = s.item_id
             WHERE i.category_id IS NOT NULL
             GROUP BY ALL
         )
