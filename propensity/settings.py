@@ -37,7 +37,10 @@ class FeatureSettings(_Section):
     bought_items_per_user: int = Field(50, description="How many of a user's most bought items (whole history) are kept: buy-again candidates.")
     top_categories_per_user: int = Field(5, description="How many of a user's favourite categories are kept.")
     neighbors_per_item: int = Field(20, description="Co-visited items kept per item (candidate source).")
-    memory_limit_gb: float = Field(4.0, description="DuckDB's memory cap in prepare and the feature build; beyond it, it spills to disk.")
+    events_per_user_bucket: int = Field(
+        2_500_000, description="User feature tables are built for one bucket of users at a time, about this many events each."
+    )
+    memory_limit_gb: float = Field(6.0, description="DuckDB's memory cap in prepare and the feature build; beyond it, it spills to disk.")
     session_gap_minutes: int = Field(30, description="Inactivity gap that starts a new session when events carry no session_id.")
 
 

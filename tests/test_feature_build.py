@@ -412,6 +412,22 @@ def test_item_without_catalog_price_gets_the_unit_price_paid(tmp_path: Path) -> 
     assert row(stats, "item_id", "i2", A).item_price == 6.0
 
 
+def test_user_tables_built_in_buckets_equal_the_one_pass_build(tables, tmp_path: Path) -> None:
+    extra = [(at(5, 11, k), f"x{k}", f"i{1 + k % 3}", "purchase" if k % 2 else "view", None, 2.0, 1.0) for k in range(6)]
+    one = _build(tmp_path / "one", EVENTS + extra, ITEMS, USERS)
+    prepared = tmp_path / "one" / "prepared"
+    build_features(prepared, tmp_path / "bucketed", at(0), frozenset({"view", "add_to_cart", "purchase"}),
+                   FeatureSettings(events_per_user_bucket=4), progress=_quiet)  # 19 events -> 5 buckets
+    assert sorted(p.name for p in (tmp_path / "bucketed").iterdir()) == sorted(f"{name}.parquet" for name in TABLES)
+    for name in TABLES:
+        key = "item_id" if name.startswith("item") else "user_id"
+        bucketed = pd.read_parquet(tmp_path / "bucketed" / f"{name}.parquet")
+        expected = one[name]
+        assert bucketed[key].nunique() == expected[key].nunique() and len(bucketed) == len(expected), name
+        order = [key, "event_timestamp"]
+        pd.testing.assert_frame_equal(bucketed.sort_values(order).reset_index(drop=True), expected.sort_values(order).reset_index(drop=True), obj=name)
+
+
 def test_as_of_must_be_a_day_boundary() -> None:
     assert day_index(A) == ts(A) // 86_400
     with pytest.raises(ValueError, match="not a UTC day boundary"):

@@ -16,6 +16,8 @@ from datetime import datetime
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from propensity.settings import FeatureSettings
 from training import item_features, user_features
@@ -41,6 +43,20 @@ def day_index(moment: datetime) -> int:
     return seconds // DAY_SECONDS
 
 
+Builder = Callable[[duckdb.DuckDBPyConnection, frozenset[str], FeatureSettings], None]
+# Item tables need every user's events; user tables need only their own user's (so they can go in buckets).
+ITEM_BUILDERS: list[tuple[str, Builder]] = [
+    ("item_stats", item_features.item_stats),
+    ("item_neighbors", item_features.item_neighbors),
+]
+USER_BUILDERS: list[tuple[str, Builder]] = [
+    ("user_activity", user_features.user_activity),
+    ("user_profile", user_features.user_profile),
+    ("user_interests", user_features.user_interests),
+    ("user_purchase_history", user_features.user_purchase_history),
+]
+
+
 def build_features(
     prepared_dir: Path,
     offline_dir: Path,
@@ -54,33 +70,65 @@ def build_features(
     offline_dir.mkdir(parents=True, exist_ok=True)
     spill_dir = offline_dir.parent / "duckdb-spill"
     con = connect(settings.memory_limit_gb, spill_dir)
-    _load_inputs(con, prepared_dir, day_index(as_of), settings)
-    builders: list[tuple[str, Callable[[duckdb.DuckDBPyConnection, frozenset[str], FeatureSettings], None]]] = [
-        ("user_activity", user_features.user_activity),
-        ("user_profile", user_features.user_profile),
-        ("user_interests", user_features.user_interests),
-        ("user_purchase_history", user_features.user_purchase_history),
-        ("item_stats", item_features.item_stats),
-        ("item_neighbors", item_features.item_neighbors),
-    ]
+    n_events = _load_inputs(con, prepared_dir, day_index(as_of), settings)
     rows: dict[str, int] = {}
     files: dict[str, Path] = {}
-    for step, (name, build) in enumerate(builders, start=1):
+    step = 0
+
+    def build_and_write(name: str, build: Builder, bucket: int, n_buckets: int) -> None:
+        nonlocal step
         t0 = time.perf_counter()
         build(con, event_types, settings)
-        path = offline_dir / f"{name}.parquet"
-        tmp = path.with_suffix(".parquet.tmp")
-        con.execute(f"COPY (SELECT * FROM {name} ORDER BY event_timestamp) TO '{tmp}' (FORMAT PARQUET)")
-        tmp.replace(path)  # readers never see a half-written table
-        rows[name] = con.execute(f"SELECT count(*) FROM {name}").fetchone()[0]
-        files[name] = path
-        progress(f"  features [{step}/{len(builders)}] {name}: {rows[name]:,} rows in {time.perf_counter() - t0:.1f}s")
+        part = offline_dir / f"{name}.part{bucket}.parquet"
+        con.execute(f"COPY (SELECT * FROM {name} ORDER BY event_timestamp) TO '{part}' (FORMAT PARQUET)")
+        rows[name] = rows.get(name, 0) + con.execute(f"SELECT count(*) FROM {name}").fetchone()[0]
+        if bucket == n_buckets - 1:
+            files[name] = _concatenate([offline_dir / f"{name}.part{k}.parquet" for k in range(n_buckets)], offline_dir / f"{name}.parquet")
+            step += 1
+            progress(f"  features [{step}/{len(ITEM_BUILDERS) + len(USER_BUILDERS)}] {name}: {rows[name]:,} rows"
+                     + (f" ({n_buckets} user buckets)" if n_buckets > 1 else "") + f" in {time.perf_counter() - t0:.1f}s")
+
+    for name, build in ITEM_BUILDERS:  # every user's events at once
+        build_and_write(name, build, 0, 1)
+    # User tables one bucket of users at a time: memory follows the bucket, not the log.
+    n_buckets = max(1, -(-n_events // settings.events_per_user_bucket))
+    con.execute("ALTER TABLE ev RENAME TO ev_all")
+    con.execute("ALTER TABLE user_item_day RENAME TO user_item_day_all")
+    con.execute("ALTER VIEW users RENAME TO users_all")
+    for bucket in range(n_buckets):
+        mine = f"hash(user_id) % {n_buckets} = {bucket}"
+        con.execute(f"CREATE OR REPLACE TEMP TABLE ev AS SELECT * FROM ev_all WHERE {mine}")
+        con.execute(f"CREATE OR REPLACE TEMP TABLE user_item_day AS SELECT * FROM user_item_day_all WHERE {mine}")
+        con.execute(f"CREATE OR REPLACE TEMP VIEW users AS SELECT * FROM users_all WHERE {mine}")
+        for name, build in USER_BUILDERS:
+            build_and_write(name, build, bucket, n_buckets)
+        if n_buckets > 1:
+            progress(f"  user bucket {bucket + 1}/{n_buckets} done ({time.perf_counter() - started:.0f}s)")
     con.close()
     shutil.rmtree(spill_dir, ignore_errors=True)
     return FeatureBuildSummary(rows=rows, files=files, seconds=time.perf_counter() - started, as_of=as_of)
 
 
-def _load_inputs(con: duckdb.DuckDBPyConnection, prepared_dir: Path, as_of_day: int, settings: FeatureSettings) -> None:
+def _concatenate(parts: list[Path], path: Path) -> Path:
+    """One Parquet file from the parts, row group by row group; readers never see a half-written table."""
+    tmp = path.with_suffix(".parquet.tmp")
+    if len(parts) == 1:
+        parts[0].replace(tmp)
+    else:
+        # DuckDB marks a column NOT NULL when a part happens to have no nulls: the table's schema may not.
+        schema = pq.read_schema(parts[0])
+        schema = pa.schema([field.with_nullable(True) for field in schema], metadata=schema.metadata)
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for part in parts:
+                source = pq.ParquetFile(part)
+                for group in range(source.num_row_groups):
+                    writer.write_table(source.read_row_group(group).cast(schema))
+                part.unlink()
+    tmp.replace(path)
+    return path
+
+
+def _load_inputs(con: duckdb.DuckDBPyConnection, prepared_dir: Path, as_of_day: int, settings: FeatureSettings) -> int:
     gap = settings.session_gap_minutes * 60
     con.execute(f"CREATE TEMP TABLE params AS SELECT {as_of_day}::BIGINT AS as_of_day")
     con.execute(f"CREATE TEMP VIEW raw_events AS SELECT * FROM read_parquet('{prepared_dir / 'events.parquet'}')")
@@ -126,3 +174,6 @@ def _load_inputs(con: duckdb.DuckDBPyConnection, prepared_dir: Path, as_of_day: 
         FROM ev GROUP BY ALL
         """
     )
+    con.execute("ALTER TABLE params ADD COLUMN first_day BIGINT")
+    con.execute("UPDATE params SET first_day = (SELECT min(day) FROM user_item_day)")
+    return con.execute("SELECT count(*) FROM ev").fetchone()[0]

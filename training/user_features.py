@@ -14,11 +14,11 @@ def user_activity(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], s
     # An active day d enters every window at boundary d+1 and leaves window w at d+1+w.
     offsets = (1, *(w + 1 for w in windows))
     con.execute(
-        f"CREATE TEMP TABLE user_snapshots AS {snapshot_boundaries('user_item_day', 'user_id', offsets, 'SELECT DISTINCT user_id FROM user_item_day')}"
+        f"CREATE OR REPLACE TEMP TABLE user_snapshots AS {snapshot_boundaries('user_item_day', 'user_id', offsets, 'SELECT DISTINCT user_id FROM user_item_day')}"
     )
     con.execute(
         """
-        CREATE TEMP TABLE user_day AS
+        CREATE OR REPLACE TEMP TABLE user_day AS
         SELECT user_id, day, sum(views) AS views, sum(carts) AS carts, sum(purchases) AS purchases,
                sum(returns) AS returns, sum(spend) AS spend, sum(units) AS units, max(last_ts) AS last_ts, min(first_ts) AS first_ts,
                max(last_purchase_ts) AS last_purchase_ts
@@ -27,7 +27,7 @@ def user_activity(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], s
     )
     con.execute(
         """
-        CREATE TEMP TABLE user_running AS
+        CREATE OR REPLACE TEMP TABLE user_running AS
         SELECT user_id, day,
                sum(purchases) OVER w AS purchases_total,
                min(first_ts) OVER w AS first_event_ts,
@@ -39,7 +39,7 @@ def user_activity(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], s
     )
     con.execute(
         f"""
-        CREATE TEMP TABLE session_days AS
+        CREATE OR REPLACE TEMP TABLE session_days AS
         SELECT user_id, session_key, day, min(ts) AS first_ts, max(ts) AS last_ts
         FROM ev GROUP BY ALL
         """
@@ -52,7 +52,7 @@ def user_activity(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], s
     carts_ok = "add_to_cart" in event_types
     con.execute(
         f"""
-        CREATE TEMP TABLE activity AS
+        CREATE OR REPLACE TEMP TABLE activity AS
         SELECT s.user_id, s.b, {', '.join(counts)},
                {count_expr('returns', event_types, longest)} AS returns_{longest}d,
                {'coalesce(sum(d.spend) FILTER (WHERE d.day >= s.b - %d), 0)' % longest if purchases_ok else 'NULL'}::DOUBLE AS spend_30d,
@@ -67,7 +67,7 @@ def user_activity(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], s
     # Per (snapshot, item) over the 30 days before it: the one large join, shared by user_interests.
     con.execute(
         f"""
-        CREATE TEMP TABLE snapshot_items AS
+        CREATE OR REPLACE TEMP TABLE snapshot_items AS
         SELECT s.user_id, s.b, d.item_id,
                coalesce(sum(d.views) FILTER (WHERE d.day >= s.b - 7), 0)::BIGINT AS views_7d,
                coalesce(sum(d.carts) FILTER (WHERE d.day >= s.b - 7), 0)::BIGINT AS carts_7d,
@@ -82,7 +82,7 @@ def user_activity(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], s
     )
     con.execute(
         """
-        CREATE TEMP TABLE activity_items AS
+        CREATE OR REPLACE TEMP TABLE activity_items AS
         SELECT s.user_id, s.b, count(i.item_id)::BIGINT AS distinct_items_30d
         FROM user_snapshots s
         LEFT JOIN snapshot_items i ON i.user_id = s.user_id AND i.b = s.b
@@ -91,7 +91,7 @@ def user_activity(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], s
     )
     con.execute(
         f"""
-        CREATE TEMP TABLE activity_sessions AS
+        CREATE OR REPLACE TEMP TABLE activity_sessions AS
         -- A session that runs past midnight counts, at that midnight, only the part before it.
         WITH per_session AS (
             SELECT s.user_id, s.b, x.session_key, min(x.day) AS start_day, max(x.last_ts) - min(x.first_ts) AS seconds
@@ -111,7 +111,7 @@ def user_activity(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], s
     )
     con.execute(
         f"""
-        CREATE TEMP TABLE user_activity AS
+        CREATE OR REPLACE TEMP TABLE user_activity AS
         SELECT a.user_id, to_timestamp(a.b * {DAY_SECONDS}) AS event_timestamp,
                a.* EXCLUDE (user_id, b),
                {'r.purchases_total' if purchases_ok else 'NULL'}::BIGINT AS purchases_total,
@@ -129,9 +129,9 @@ def user_profile(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], se
     # Profile attributes have no history: one row per user, valid from sign-up (or the log's start).
     con.execute(
         f"""
-        CREATE TEMP TABLE user_profile AS
+        CREATE OR REPLACE TEMP TABLE user_profile AS
         SELECT u.user_id,
-               coalesce(u.signup_time, to_timestamp((SELECT min(day) FROM user_item_day) * {DAY_SECONDS})) AS event_timestamp,
+               coalesce(u.signup_time, to_timestamp((SELECT first_day FROM params) * {DAY_SECONDS})) AS event_timestamp,
                u.age::DOUBLE AS age, u.gender::VARCHAR AS gender, u.region::VARCHAR AS region,
                epoch(u.signup_time)::BIGINT AS signup_ts
         FROM users u
@@ -151,7 +151,7 @@ def user_interests(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], 
     n_categories = settings.top_categories_per_user
     con.execute(
         f"""
-        CREATE TEMP TABLE recent AS
+        CREATE OR REPLACE TEMP TABLE recent AS
         SELECT user_id, b, item_id, views_7d, carts_7d, purchases_30d, in_cart, last_ts
         FROM snapshot_items
         QUALIFY row_number() OVER (PARTITION BY user_id, b ORDER BY last_ts DESC, item_id) <= {n_items}
@@ -159,7 +159,7 @@ def user_interests(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], 
     )
     con.execute(
         f"""
-        CREATE TEMP TABLE favourite AS
+        CREATE OR REPLACE TEMP TABLE favourite AS
         WITH per_cat AS (
             SELECT s.user_id, s.b, i.category_id, sum(s.events) AS n
             FROM snapshot_items s
@@ -174,7 +174,7 @@ def user_interests(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], 
     )
     con.execute(
         f"""
-        CREATE TEMP TABLE user_interests AS
+        CREATE OR REPLACE TEMP TABLE user_interests AS
         WITH r AS (
             SELECT user_id, b,
                    list(item_id ORDER BY last_ts DESC, item_id) AS recent_item_ids,
@@ -211,13 +211,13 @@ def user_purchase_history(con: duckdb.DuckDBPyConnection, event_types: frozenset
     n_items = settings.bought_items_per_user
     con.execute(
         """
-        CREATE TEMP TABLE bought_days AS
+        CREATE OR REPLACE TEMP TABLE bought_days AS
         SELECT user_id, item_id, day, purchases, last_purchase_ts FROM user_item_day WHERE purchases > 0
         """
     )
     con.execute(
         f"""
-        CREATE TEMP TABLE bought AS
+        CREATE OR REPLACE TEMP TABLE bought AS
         WITH snapshots AS (
             SELECT DISTINCT d.user_id, d.day + 1 AS b FROM bought_days d, params WHERE d.day + 1 <= params.as_of_day
         )
@@ -230,7 +230,7 @@ def user_purchase_history(con: duckdb.DuckDBPyConnection, event_types: frozenset
     )
     con.execute(
         f"""
-        CREATE TEMP TABLE user_purchase_history AS
+        CREATE OR REPLACE TEMP TABLE user_purchase_history AS
         SELECT user_id, to_timestamp(b * {DAY_SECONDS}) AS event_timestamp,
                list(item_id ORDER BY n DESC, last_ts DESC, item_id) AS bought_item_ids,
                list(n ORDER BY n DESC, last_ts DESC, item_id) AS bought_item_counts,
