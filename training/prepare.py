@@ -22,7 +22,6 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from propensity.raw_data import RawDataError, StagedDataset, raw_schema, stage_raw_dataset, write_table
 from training.duck import connect
@@ -76,7 +75,7 @@ def prepare(
     as_of: datetime | None = None,
     rebase_to: datetime | None = None,
     extra_events: pd.DataFrame | None = None,
-    memory_limit_gb: float = 4.0,
+    memory_limit_gb: float = 6.0,
     progress: Callable[[str], None] = print,
 ) -> PreparedData:
     """Load and validate source_dir, shift it so as_of lands on rebase_to's day, write prepared_dir.
