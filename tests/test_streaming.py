@@ -29,7 +29,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def streaming(pipeline: Pipeline) -> Iterator[tuple[RunningServer, pb_grpc.RecommendationServiceStub, dict[str, str], Path]]:
-    env, work = private_env(pipeline, "streaming", copy_repo=True)
+    # Every candidate (up to 200) can be ranked: a rank change anywhere in the list is visible.
+    env, work = private_env(pipeline, "streaming", copy_repo=True, max_num_items=200)
     with running_server(env, pipeline.root / "streaming.log") as server, grpc.insecure_channel(server.target) as channel:
         yield server, pb_grpc.RecommendationServiceStub(channel), env, work
 
@@ -44,14 +45,18 @@ def ingest(stub: pb_grpc.RecommendationServiceStub, *batches: list[pb.Event]) ->
 
 
 def rank_of(stub: pb_grpc.RecommendationServiceStub, user: str, item: str) -> int | None:
-    items = stub.Recommend(pb.RecommendRequest(user_id=user, num_items=100), timeout=5).items
+    items = stub.Recommend(pb.RecommendRequest(user_id=user, num_items=200), timeout=5).items
     return next((i.rank for i in items if i.item_id == item), None)
 
 
 def test_add_to_cart_raises_the_item_for_that_user_within_a_second(pipeline: Pipeline, streaming) -> None:
     _, stub, _, work = streaming
     user = users(pipeline, 40)[25]
-    catalog = pd.read_parquet(work / "prepared" / "items.parquet", columns=["item_id"])["item_id"].tolist()
+    # Candidates only: never a sold-out item or one the user bought (the repurchase rule hides those).
+    items = pd.read_parquet(work / "prepared" / "items.parquet", columns=["item_id", "available"])
+    events = pd.read_parquet(work / "prepared" / "events.parquet", columns=["user_id", "item_id", "event_type"])
+    bought = set(events.loc[(events["user_id"] == user) & (events["event_type"] == "purchase"), "item_id"])
+    catalog = [i for i in items.loc[items["available"], "item_id"] if i not in bought]
     before = stub.ScoreItems(pb.ScoreItemsRequest(user_id=user, item_ids=catalog), timeout=5)
     # An item the model does not expect this user to buy: the interaction must be what moves it.
     item = min(before.scores, key=lambda s: s.score).item_id
