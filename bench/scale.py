@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--days", type=int, default=60)
     parser.add_argument("--root", type=Path, default=PROJECT_ROOT / "var" / "scale", help="work directory (data, repo, models)")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--resume", action="store_true", help="keep the stages already measured under --root, run the rest")
     args = parser.parse_args(argv)
 
     root = args.root.resolve()
@@ -63,12 +64,19 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "PROPENSITY_DATA_DIR": str(root / "raw"), "PROPENSITY_WORK_DIR": str(root / "var"),
            "PROPENSITY_FEATURE_REPO": str(repo), "FEAST_USAGE": "False"}
     demo = ["--users", str(args.users), "--items", str(args.items), "--days", str(args.days)]
+    measured = root / "stages.json"
+    done = {r["stage"]: StageResult(**r) for r in json.loads(measured.read_text())} if args.resume and measured.exists() else {}
     results: list[StageResult] = []
     for stage in STAGES:
+        if stage in done:
+            print(f"[scale] {stage}: kept from the earlier run ({done[stage].seconds:.0f}s)", flush=True)
+            results.append(done[stage])
+            continue
         print(f"[scale] {stage} ...", flush=True)
         result = run_stage(stage, demo if stage == "demo-data" else [], env, root / f"{stage}.log")
         print(f"[scale] {stage}: {result.seconds:.0f}s, peak RSS {result.peak_rss_gb:.2f} GB\n{result.log_tail}", flush=True)
         results.append(result)
+        measured.write_text(json.dumps([asdict(r) for r in results], indent=2))
     manifest = json.loads((root / "var" / "prepared" / "manifest.json").read_text())
     write_report(args.out, results, manifest, args)
     return 0

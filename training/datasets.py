@@ -116,12 +116,14 @@ def ranker_users(rows: pd.DataFrame, training: TrainingSettings) -> np.ndarray:
     200 candidates per user) stays bounded however many users a cut-off has. Deterministic for a seed.
     """
     rng = np.random.default_rng(training.seed)
-    draw = rng.random(len(rows))
     buyer = rows["label"].to_numpy().astype(bool)
-    wanted = buyer | (draw < training.ranker_non_buyer_share)
+    draw = np.zeros(len(rows))
+    draw[~buyer] = rng.random(int((~buyer).sum()))  # one draw per non-buyer, in row order
+    wanted = buyer | (draw <= training.ranker_non_buyer_share)
     # Within a cut-off: buyers before non-buyers, each in random order; keep the first N wanted rows.
-    order = pd.DataFrame({"cut": rows["event_timestamp"].to_numpy(), "non_buyer": ~buyer, "draw": draw, "wanted": wanted})
-    order = order[order["wanted"]].sort_values(["cut", "non_buyer", "draw"])
+    priority = np.random.default_rng(training.seed + 1).random(len(rows))
+    order = pd.DataFrame({"cut": rows["event_timestamp"].to_numpy(), "non_buyer": ~buyer, "priority": priority, "wanted": wanted})
+    order = order[order["wanted"]].sort_values(["cut", "non_buyer", "priority"], kind="stable")
     keep = order.groupby("cut", sort=False).head(training.ranker_max_users_per_cutoff).index
     chosen = np.zeros(len(rows), dtype=bool)
     chosen[keep] = True

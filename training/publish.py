@@ -7,13 +7,10 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import duckdb
 import pandas as pd
 
 from propensity.feature_store import feast_apply, offline_table, open_store
-
-# Reaches back past every TTL (the profile view keeps ten years), so one call loads the latest
-# row of every entity; later runs can use `feast materialize-incremental`.
-_LOOKBACK = timedelta(days=3660)
 
 
 def publish_features(repo: Path, as_of: datetime, progress: Callable[[str], None] = print, yaml_file: Path | None = None) -> dict[str, int]:
@@ -27,9 +24,11 @@ def publish_features(repo: Path, as_of: datetime, progress: Callable[[str], None
     for view in views:
         t0 = time.perf_counter()
         # end is exclusive in Feast's window, and the as-of snapshots sit exactly at as_of.
-        store.materialize(start_date=as_of - _LOOKBACK, end_date=as_of + timedelta(seconds=1), feature_views=[view.name])
-        keys = [column.name for column in view.entity_columns]
-        entities[view.name] = int(pd.read_parquet(offline_table(store, view), columns=keys).drop_duplicates().shape[0])
+        entities[view.name], oldest_latest = _latest_rows(offline_table(store, view), [c.name for c in view.entity_columns], as_of)
+        # Only rows from the oldest "latest row" on: older ones are superseded for every entity. Snapshot
+        # tables hold an as-of row per entity, so this loads one row each instead of the whole history.
+        if entities[view.name]:
+            store.materialize(start_date=oldest_latest - timedelta(seconds=1), end_date=as_of + timedelta(seconds=1), feature_views=[view.name])
         progress(f"  materialized {view.name}: {entities[view.name]:,} entities in {time.perf_counter() - t0:.1f}s")
     progress(f"online store ready in {time.perf_counter() - started:.1f}s")
     return entities
@@ -61,3 +60,21 @@ def materialize_incremental(repo: Path, progress: Callable[[str], None] = print,
 def _utc(moment: datetime) -> pd.Timestamp:
     stamp = pd.Timestamp(moment)
     return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+
+
+def _latest_rows(table: Path, keys: list[str], as_of: datetime) -> tuple[int, datetime]:
+    """Entities in the offline table up to as_of, and the oldest of their latest snapshot times."""
+    con = duckdb.connect()
+    try:
+        count, oldest = con.execute(
+            f"""
+            SELECT count(*), min(latest) FROM (
+                SELECT max(event_timestamp) AS latest FROM read_parquet('{table}')
+                WHERE event_timestamp <= ?::TIMESTAMPTZ GROUP BY {', '.join(keys)}
+            )
+            """,
+            [as_of],
+        ).fetchone()
+    finally:
+        con.close()
+    return int(count), pd.Timestamp(oldest).to_pydatetime() if count else as_of
