@@ -135,6 +135,7 @@ class StagedDataset:
     events_path: Path
     items: pd.DataFrame
     users: pd.DataFrame
+    last_event_time: pd.Timestamp | None  # None when no row survived validation
     report: LoadReport = field(repr=False)
 
 
@@ -163,13 +164,15 @@ def stage_raw_dataset(
     tmp.replace(staged_events)
     con = duckdb.connect()
     try:
-        rows, unique = con.execute(f"SELECT count(*), count(DISTINCT event_id) FROM read_parquet('{staged_events}')").fetchone()
+        rows, unique, last = con.execute(
+            f"SELECT count(*), count(DISTINCT event_id), max(event_time) FROM read_parquet('{staged_events}')"
+        ).fetchone()
         validation.check(rows - unique, max_rejected_fraction)
         item_ids = con.execute(f"SELECT DISTINCT item_id FROM read_parquet('{staged_events}')").df()["item_id"]
     finally:
         con.close()
     items, users, report = _finish(paths, validation, item_ids, unique, rows - unique, strict)
-    return StagedDataset(staged_events, items, users, report)
+    return StagedDataset(staged_events, items, users, pd.Timestamp(last) if last is not None else None, report)
 
 
 @dataclass(frozen=True)

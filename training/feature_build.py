@@ -135,7 +135,6 @@ def _concatenate(parts: list[Path], path: Path) -> Path:
 
 def _load_inputs(con: duckdb.DuckDBPyConnection, prepared_dir: Path, as_of_day: int, settings: FeatureSettings) -> int:
     gap = settings.session_gap_minutes * 60
-    con.execute(f"CREATE TEMP TABLE params AS SELECT {as_of_day}::BIGINT AS as_of_day")
     con.execute(f"CREATE TEMP VIEW raw_events AS SELECT * FROM read_parquet('{prepared_dir / 'events.parquet'}')")
     con.execute(f"CREATE TEMP VIEW items AS SELECT * FROM read_parquet('{prepared_dir / 'items.parquet'}')")
     con.execute(f"CREATE TEMP VIEW users AS SELECT * FROM read_parquet('{prepared_dir / 'users.parquet'}')")
@@ -179,6 +178,5 @@ def _load_inputs(con: duckdb.DuckDBPyConnection, prepared_dir: Path, as_of_day: 
         FROM ev GROUP BY ALL
         """
     )
-    con.execute("ALTER TABLE params ADD COLUMN first_day BIGINT")
-    con.execute("UPDATE params SET first_day = (SELECT min(day) FROM user_item_day)")
+    con.execute(f"CREATE TEMP TABLE params AS SELECT {as_of_day}::BIGINT AS as_of_day, (SELECT min(day) FROM user_item_day) AS first_day")
     return con.execute("SELECT count(*) FROM ev").fetchone()[0]

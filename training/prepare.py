@@ -24,6 +24,7 @@ import pandas as pd
 import pyarrow as pa
 
 from propensity.raw_data import RawDataError, StagedDataset, raw_schema, stage_raw_dataset, write_table
+from propensity.settings import FeatureSettings
 from training.duck import connect
 
 DAY = timedelta(days=1)
@@ -75,7 +76,7 @@ def prepare(
     as_of: datetime | None = None,
     rebase_to: datetime | None = None,
     extra_events: pd.DataFrame | None = None,
-    memory_limit_gb: float = 6.0,
+    memory_limit_gb: float | None = None,
     progress: Callable[[str], None] = print,
 ) -> PreparedData:
     """Load and validate source_dir, shift it so as_of lands on rebase_to's day, write prepared_dir.
@@ -88,19 +89,20 @@ def prepare(
     try:
         dataset = stage_raw_dataset(source_dir, staged_path, progress=progress)
         progress(dataset.report.summary())
-        con = connect(memory_limit_gb, prepared_dir / "duckdb-spill")
-        last_event = con.execute(f"SELECT max(event_time) FROM read_parquet('{staged_path}')").fetchone()[0]
-        if last_event is None:
+        if dataset.last_event_time is None:
             raise RawDataError(f"{source_dir}: no usable events")
-        original_as_of = floor_day(as_of) if as_of is not None else default_as_of(pd.Timestamp(last_event))
+        original_as_of = floor_day(as_of) if as_of is not None else default_as_of(dataset.last_event_time)
         shift_days = 0
         if rebase_to is not None:
             today = floor_day(rebase_to)
             if as_of is None and original_as_of > today:
                 original_as_of = today  # a current log: build up to today's midnight, later events wait for the next build
             shift_days = max(0, (today - original_as_of).days)  # only historical logs move
-        stats = _write_events(con, dataset, extra_events, shift_days, prepared_dir / "events.parquet")
-        con.close()
+        con = connect(memory_limit_gb or FeatureSettings().memory_limit_gb, prepared_dir / "duckdb-spill")
+        try:
+            stats = _write_events(con, dataset, extra_events, shift_days, prepared_dir / "events.parquet")
+        finally:
+            con.close()
     finally:
         staged_path.unlink(missing_ok=True)
         shutil.rmtree(prepared_dir / "duckdb-spill", ignore_errors=True)

@@ -140,6 +140,7 @@ def user_profile(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], se
 
 
 def user_interests(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], settings: FeatureSettings) -> None:
+    # Reads snapshot_items, which user_activity builds (USER_BUILDERS runs it first).
     n_items = settings.recent_items_per_user
 
     def per_item(column: str, event_type: str) -> str:
