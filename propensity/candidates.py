@@ -13,10 +13,11 @@ from propensity.user_state import UserState
 
 @dataclass(frozen=True)
 class CandidateSet:
-    """Catalog indices to score, in source priority order, and how many came from each source."""
+    """Catalog indices to score, in source priority order, the source each came from, and how many came from each source."""
 
     item_idx: np.ndarray
     sources: dict[str, int]
+    item_sources: np.ndarray  # per item, the name of the first source that proposed it (object array, same length as item_idx)
 
 
 def generate_candidates(user: UserState, catalog: Catalog, settings: CandidateSettings) -> CandidateSet:
@@ -34,6 +35,7 @@ def generate_candidates(user: UserState, catalog: Catalog, settings: CandidateSe
 
     seen = np.zeros(catalog.size, dtype=bool)
     chosen: list[np.ndarray] = []
+    chosen_from: list[str] = []
     sources: dict[str, int] = {}
     budget = settings.max_candidates
     for name, idx in parts:
@@ -46,7 +48,8 @@ def generate_candidates(user: UserState, catalog: Catalog, settings: CandidateSe
         idx = idx[~seen[idx] & catalog.available[idx]][:budget]
         seen[idx] = True
         chosen.append(idx)
+        chosen_from.extend([name] * len(idx))
         sources[name] = len(idx)
         budget -= len(idx)
     item_idx = np.concatenate(chosen) if chosen else np.empty(0, dtype=np.int64)
-    return CandidateSet(item_idx=item_idx, sources=sources)
+    return CandidateSet(item_idx=item_idx, sources=sources, item_sources=np.asarray(chosen_from, dtype=object))
