@@ -40,23 +40,31 @@ def available() -> bool:
     return True
 
 
-def compile_model(model_file: Path, booster: lgb.Booster, cache_dir: Path) -> CompiledModel | None:
-    """Compile (or load the cached build of) model_file; None when lleaves is missing or outputs differ."""
+def cache_path(model_file: Path, cache_dir: Path, raw_score: bool = False) -> Path:
+    """Where the compiled build of model_file is cached (raw-score builds under their own name)."""
+    return cache_dir / f"{model_file.stem}{'.raw' if raw_score else ''}.so"
+
+
+def compile_model(model_file: Path, booster: lgb.Booster, cache_dir: Path, raw_score: bool = False) -> CompiledModel | None:
+    """Compile (or load the cached build of) model_file; None when lleaves is missing or outputs differ.
+
+    raw_score=True builds a predictor of raw scores (LightGBM's predict(raw_score=True)), without the objective's transform.
+    """
     if not available():
         return None
     import lleaves
 
     cache_dir.mkdir(parents=True, exist_ok=True)
-    target = cache_dir / f"{model_file.stem}.so"
+    target = cache_path(model_file, cache_dir, raw_score)
     started = time.perf_counter()
     if not target.exists():
         # Build under a private name and rename: concurrent workers never load a half-written library.
-        partial = cache_dir / f".{model_file.stem}.{os.getpid()}.so"
-        lleaves.Model(model_file=str(model_file)).compile(cache=str(partial))
+        partial = cache_dir / f".{target.stem}.{os.getpid()}.so"
+        lleaves.Model(model_file=str(model_file)).compile(cache=str(partial), raw_score=raw_score)
         os.replace(partial, target)
     model = lleaves.Model(model_file=str(model_file))
-    model.compile(cache=str(target))
-    difference = _max_difference(booster, model)
+    model.compile(cache=str(target), raw_score=raw_score)
+    difference = _max_difference(booster, model, raw_score)
     if not difference <= MAX_ABS_DIFFERENCE:
         log.warning("compiled %s differs from LightGBM by %.3g; keeping LightGBM", model_file, difference)
         return None
@@ -64,10 +72,10 @@ def compile_model(model_file: Path, booster: lgb.Booster, cache_dir: Path) -> Co
     return CompiledModel(model, difference, target)
 
 
-def _max_difference(booster: lgb.Booster, model: object) -> float:
+def _max_difference(booster: lgb.Booster, model: object, raw_score: bool = False) -> float:
     rng = np.random.default_rng(0)
     probe = rng.lognormal(sigma=2.0, size=(_PROBE_ROWS, booster.num_feature())) * rng.choice([-1.0, 1.0], size=(_PROBE_ROWS, booster.num_feature()))
     probe[rng.random(probe.shape) < 0.2] = np.nan
-    expected = booster.predict(probe, num_threads=1)
+    expected = booster.predict(probe, raw_score=raw_score, num_threads=1)
     actual = model.predict(probe, n_jobs=1)
     return float(np.max(np.abs(expected - actual)))

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,6 +30,20 @@ CURRENT = "CURRENT"
 
 class ModelLoadError(RuntimeError):
     """A model version is missing, unreadable or does not match the code's feature layout."""
+
+
+@dataclass(frozen=True)
+class RankerScores:
+    """The ranker's scores for a batch of items, from one model call.
+
+    raw is LightGBM's raw score (log-odds for the binary objective, the ranking score for lambdarank):
+    it is the ranking order. calibrated is the served probability: the objective's output transform and
+    the stored calibration applied to raw, both non-decreasing, so calibrated never reverses the raw order
+    (an isotonic map can tie items whose raw scores differ, which is why ranking uses raw).
+    """
+
+    raw: np.ndarray
+    calibrated: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -51,11 +67,17 @@ class ModelBundle:
         return apply_calibration(self.calibration(USER_MODEL), raw)
 
     def predict_items(self, features: np.ndarray) -> np.ndarray:
+        """Calibrated purchase probabilities per (user, item) row."""
+        return self.score_items(features).calibrated
+
+    def score_items(self, features: np.ndarray) -> RankerScores:
+        """Raw and calibrated ranker scores per (user, item) row, from one model call (compiled or LightGBM)."""
         if not len(features):
-            return np.empty(0)
-        fast = self.compiled.get(RANKER_MODEL)
-        raw = fast.predict(features) if fast else self.ranker.predict(features, num_threads=self.num_threads)
-        return apply_calibration(self.calibration(RANKER_MODEL), raw)
+            return RankerScores(np.empty(0), np.empty(0))
+        fast = self.compiled.get(RANKER_MODEL)  # compiled with raw_score=True (see compile)
+        raw = fast.predict(features) if fast else self.ranker.predict(features, raw_score=True, num_threads=self.num_threads)
+        raw = np.asarray(raw, dtype=float)
+        return RankerScores(raw, apply_calibration(self.calibration(RANKER_MODEL), self._ranker_output(raw)))
 
     def calibration(self, name: str) -> dict | None:
         """The calibration map stored with a model (None: its outputs are used as they are)."""
@@ -72,17 +94,27 @@ class ModelBundle:
             return False
         for name, booster in ((USER_MODEL, self.user_model), (RANKER_MODEL, self.ranker)):
             if name not in self.compiled:
-                model = compiled_trees.compile_model(self.directory / f"{name}.txt", booster, self.directory / "compiled")
+                model = compiled_trees.compile_model(
+                    self.directory / f"{name}.txt", booster, self.directory / "compiled", raw_score=name in _RAW_COMPILED
+                )
                 if model is not None:
                     self.compiled[name] = model
         return self.backend == "compiled"
 
     def has_compiled_cache(self) -> bool:
-        return self.directory is not None and all((self.directory / "compiled" / f"{name}.so").exists() for name in EXPECTED_FEATURES)
+        return self.directory is not None and all(
+            compiled_trees.cache_path(self.directory / f"{name}.txt", self.directory / "compiled", raw_score=name in _RAW_COMPILED).exists()
+            for name in EXPECTED_FEATURES
+        )
 
     def contributions(self, features: np.ndarray) -> np.ndarray:
         """Per-input ranker contributions in log-odds; the last column is the baseline, rows sum to the raw score."""
         return self.ranker.predict(features, pred_contrib=True, num_threads=self.num_threads)
+
+    @cached_property
+    def _ranker_output(self) -> Callable[[np.ndarray], np.ndarray]:
+        """The ranker objective's transform of raw scores into its native output (what calibration was fitted on)."""
+        return output_transform(self.ranker)
 
     @property
     def base_rate(self) -> float:
@@ -96,6 +128,40 @@ class ModelBundle:
     @property
     def item_feature_service(self) -> str:
         return self.metadata["feature_services"]["item"]["name"]
+
+
+# The ranker is compiled to return raw scores: score_items needs them, and derives probabilities itself.
+_RAW_COMPILED = frozenset({RANKER_MODEL})
+_IDENTITY_OBJECTIVES = frozenset({"lambdarank", "rank_xendcg", "regression", "regression_l1", "huber", "fair", "quantile", "mape"})
+_EXP_OBJECTIVES = frozenset({"poisson", "gamma", "tweedie"})
+
+
+def output_transform(booster: lgb.Booster) -> Callable[[np.ndarray], np.ndarray]:
+    """What LightGBM's predict applies to raw scores for the booster's objective (non-decreasing for every supported one)."""
+    header = next((line for line in booster.model_to_string(num_iteration=1).splitlines() if line.startswith("objective=")), "objective=")
+    name, *options = header.removeprefix("objective=").split()
+    settings = dict(option.split(":", 1) for option in options if ":" in option)
+    if name == "binary":
+        slope = float(settings.get("sigmoid", 1.0))
+        return lambda raw: 1.0 / (1.0 + np.exp(-slope * raw))
+    if name in ("cross_entropy", "xentropy"):
+        return lambda raw: 1.0 / (1.0 + np.exp(-raw))
+    if name in _EXP_OBJECTIVES:
+        return np.exp
+    if name in _IDENTITY_OBJECTIVES:
+        return lambda raw: raw
+    raise ModelLoadError(f"ranker objective {name or '(none)'!r} is not supported for serving (its output transform is unknown)")
+
+
+def check_monotone_calibration(calibration: dict | None) -> None:
+    """Refuse a calibration map that can decrease: served scores must never reverse the ranker's order."""
+    if not calibration or calibration.get("method", "none") == "none":
+        return
+    method = calibration["method"]
+    if method == "platt" and calibration["a"] < 0:
+        raise ModelLoadError(f"ranker Platt calibration has a negative slope ({calibration['a']}): it would reverse the ranking")
+    if method == "isotonic" and (np.any(np.diff(calibration["x"]) < 0) or np.any(np.diff(calibration["y"]) < 0)):
+        raise ModelLoadError("ranker isotonic calibration is not non-decreasing: it would reverse the ranking")
 
 
 def apply_calibration(calibration: dict | None, scores: np.ndarray) -> np.ndarray:
@@ -220,4 +286,7 @@ def load_version(root: Path, version: str | None = None, num_threads: int = 1) -
                 f"{directory}: model {name} was trained on a different feature layout ({detail}); retrain it with this code"
             )
         boosters[name] = booster
-    return ModelBundle(version, metadata, boosters[USER_MODEL], boosters[RANKER_MODEL], num_threads, directory)
+    check_monotone_calibration(metadata["models"][RANKER_MODEL].get("calibration"))
+    bundle = ModelBundle(version, metadata, boosters[USER_MODEL], boosters[RANKER_MODEL], num_threads, directory)
+    bundle._ranker_output  # noqa: B018 - an unsupported ranker objective is refused at load, not on a request
+    return bundle

@@ -96,7 +96,11 @@ class ServerSettings(_Section):
         description="A/B split of unpinned traffic, version -> weight (stable per user id hash); empty: all to the current version.",
     )
     shadow_version: str = Field("", description="A version scored alongside the served one; its results are logged, never returned.")
-    repurchase_window_days: float = Field(30.0, description="Items the user bought within this many days are not recommended again; 0 allows repurchase.")
+    repurchase_window_days: float = Field(
+        0.0,
+        description="Opt-in rule: items the user bought within this many days are not recommended. 0 (default) turns it off: "
+        "the ranker judges re-buys from its own features (ui_times_bought, ui_days_since_bought).",
+    )
     max_items_per_category: int = Field(0, description="Diversity cap on returned items per category; 0 means no cap.")
     deadline_floor_ms: float = Field(5.0, description="If less client deadline than this remains before scoring, answer from the fallback.")
     explain_top_features: int = Field(5, description="Contributions returned per item when a request sets explain.")

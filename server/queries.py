@@ -40,11 +40,12 @@ class Contribution:
 @dataclass(frozen=True)
 class ScoredItem:
     item_id: str
-    score: float
+    score: float  # calibrated probability
     known: bool = True
     contributions: tuple[Contribution, ...] = ()
     raw_score: float = 0.0
     base_value: float = 0.0
+    candidate_source: str = ""  # which candidate source proposed the item (Recommend only)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -32,9 +33,13 @@ from server.queries import (
     UserScores,
     ViewFreshness,
 )
+from server.ranking import best_positions, non_increasing, top_k
 
 log = logging.getLogger(__name__)
 DAY_SECONDS = 86_400.0
+# Candidate sources of items the generator did not propose: the caller's candidate_item_ids, the fallback's pool.
+REQUEST_SOURCE = "request"
+FALLBACK_SOURCE = "popular"
 
 
 class Observer(Protocol):
@@ -66,10 +71,16 @@ class _Silent:
 
 @dataclass(frozen=True)
 class _Cold:
-    """Popular items in popularity order with their scores for an anonymous user, per model and catalog."""
+    """The fallback pool of one model version and catalog: popular items ranked for an anonymous shopper.
+
+    order holds catalog indices best first (by the ranker's raw score, ties in popularity order); raw, scores
+    (calibrated) and features (the anonymous shopper's ranker inputs, for explain) are parallel to it.
+    """
 
     order: np.ndarray
+    raw: np.ndarray
     scores: np.ndarray
+    features: np.ndarray
 
 
 class Recommender:
@@ -116,21 +127,22 @@ class Recommender:
         if not query.candidate_item_ids and not user.has_history:
             return self._fallback(query, model, catalog, Fallback.NO_HISTORY if user.known else Fallback.UNKNOWN_USER, propensity)
         with self._observer.stage("candidates"):
-            idx, ids = self._candidate_items(query, user, catalog, now)
+            idx, ids, sources = self._candidate_items(query, user, catalog, now)
         if not len(idx):
             return self._fallback(query, model, catalog, Fallback.NO_CANDIDATES, propensity)
         if self._out_of_time(query, started):
             return self._fallback(query, model, catalog, Fallback.DEADLINE, propensity)
         with self._observer.stage("scoring"):
             features = pair_matrix(user, catalog, idx, now, user_row=user_row)
-            scores = model.predict_items(features)
-            top = self._top(scores, catalog.categories[idx], query.num_items)
-        items = [ScoredItem(str(ids[i]), float(scores[i]), bool(idx[i] >= 0)) for i in top]
+            scored = model.score_items(features)
+            top = self._top(scored.raw, catalog.categories[idx], query.num_items)
+        scores = non_increasing(scored.calibrated[top])
+        items = [ScoredItem(str(ids[i]), float(s), bool(idx[i] >= 0), candidate_source=str(sources[i])) for i, s in zip(top, scores)]
         if query.explain:
             with self._observer.stage("explain"):
                 items = self._explain(model, features[top], items)
         if self._served_log is not None:
-            self._served_log.maybe_log(query.request_id, query.user_id, model.version, list(RANKER_FEATURES), features[top], ids[top], scores[top])
+            self._served_log.maybe_log(query.request_id, query.user_id, model.version, list(RANKER_FEATURES), features[top], ids[top], scores)
         self._shadow(query, model, features, ids)
         return self._answer(query, model, propensity, items, Fallback.NONE)
 
@@ -158,6 +170,7 @@ class Recommender:
         return UserScores(user_ids, scores, unknown, model.version, model.user_feature_service)
 
     def score_items(self, user_id: str, item_ids: list[str], model_version: str = "") -> ItemScores:
+        """Calibrated scores for the caller's items, in the caller's order (not a ranking)."""
         model = self._models.choose(user_id, model_version)
         catalog = self._items.catalog
         now = time.time()
@@ -181,22 +194,26 @@ class Recommender:
 
     # -- stages ---------------------------------------------------------------------------------
 
-    def _candidate_items(self, query: RecommendQuery, user: UserState, catalog: Catalog, now: float) -> tuple[np.ndarray, np.ndarray]:
+    def _candidate_items(self, query: RecommendQuery, user: UserState, catalog: Catalog, now: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Catalog indices, item ids and candidate source names (parallel arrays) of the items to score."""
         if query.candidate_item_ids:  # the caller's list: ranked exactly, only exclusions apply
             idx = catalog.lookup(query.candidate_item_ids)
             ids = np.asarray(query.candidate_item_ids, dtype=object)
+            sources = np.full(len(ids), REQUEST_SOURCE, dtype=object)
         else:
-            idx = generate_candidates(user, catalog, self._candidates).item_idx
-            idx = idx[~np.isin(idx, self._recently_bought(user, now))]
+            candidates = generate_candidates(user, catalog, self._candidates)
+            keep = ~np.isin(candidates.item_idx, self._recently_bought(user, now))
+            idx, sources = candidates.item_idx[keep], candidates.item_sources[keep]
             ids = catalog.item_ids[idx]
         if query.exclude_item_ids:
             keep = ~np.isin(ids, np.asarray(query.exclude_item_ids, dtype=object))
-            idx, ids = idx[keep], ids[keep]
+            idx, ids, sources = idx[keep], ids[keep], sources[keep]
         _, first = np.unique(ids, return_index=True)  # a repeated id is ranked once
         order = np.sort(first)
-        return idx[order], ids[order]
+        return idx[order], ids[order], sources[order]
 
     def _recently_bought(self, user: UserState, now: float) -> np.ndarray:
+        """Items bought within repurchase_window_days (an opt-in rule; by default the ranker judges re-buys)."""
         window = self._rules.repurchase_window_days
         if window <= 0 or not len(user.recent_idx):
             return np.empty(0, dtype=np.int64)
@@ -204,21 +221,8 @@ class Recommender:
         recent = (now - user.recent_last_ts) <= window * DAY_SECONDS
         return user.recent_idx[bought & recent]
 
-    def _top(self, scores: np.ndarray, categories: np.ndarray, k: int) -> np.ndarray:
-        cap = self._rules.max_items_per_category
-        if cap <= 0:
-            return top_k(scores, k)
-        chosen: list[int] = []
-        per_category: dict[object, int] = {}
-        for i in np.argsort(-scores, kind="stable"):
-            category = categories[i]
-            if category is not None and per_category.get(category, 0) >= cap:
-                continue
-            per_category[category] = per_category.get(category, 0) + 1
-            chosen.append(int(i))
-            if len(chosen) == k:
-                break
-        return np.asarray(chosen, dtype=np.int64)
+    def _top(self, raw: np.ndarray, categories: np.ndarray, k: int) -> np.ndarray:
+        return best_positions(raw, categories, k, self._rules.max_items_per_category)
 
     def _explain(self, model: ModelBundle, features: np.ndarray, items: list[ScoredItem]) -> list[ScoredItem]:
         contributions = model.contributions(features)  # (k, n_features + 1), last column is the baseline
@@ -228,8 +232,8 @@ class Recommender:
             per_feature = row[:-1]
             strongest = np.argsort(-np.abs(per_feature), kind="stable")[:top_n]
             explained.append(
-                ScoredItem(
-                    item.item_id, item.score, item.known,
+                dataclasses.replace(
+                    item,
                     contributions=tuple(Contribution(RANKER_FEATURES[j], float(values[j]), float(per_feature[j])) for j in strongest),
                     raw_score=float(row.sum()), base_value=float(row[-1]),
                 )
@@ -240,34 +244,42 @@ class Recommender:
         shadow = self._models.shadow
         if shadow is None or shadow.version == served.version:
             return
-        scores = shadow.predict_items(features)
-        top = top_k(scores, query.num_items)
+        scored = shadow.score_items(features)
+        top = top_k(scored.raw, query.num_items)
         log.info(
             "shadow scoring",
             extra={"shadow_version": shadow.version, "served_version": served.version, "user_id": query.user_id,
-                   "shadow_items": [str(ids[i]) for i in top], "shadow_scores": [round(float(scores[i]), 6) for i in top]},
+                   "shadow_items": [str(ids[i]) for i in top], "shadow_scores": [round(float(s), 6) for s in non_increasing(scored.calibrated[top])]},
         )
 
     def _fallback(self, query: RecommendQuery, model: ModelBundle, catalog: Catalog, reason: Fallback, propensity: float) -> Recommendation:
-        """Popular items in popularity order, scored for an anonymous user (no per-request model call)."""
+        """Popular items ranked by the ranker's raw score for an anonymous shopper (cached: no per-request model call)."""
         self._observer.count_fallback(reason.name)
         cold = self._cold_start(model, catalog)
-        order, scores = cold.order, cold.scores
+        order, raw, scores, features = cold.order, cold.raw, cold.scores, cold.features
         if query.exclude_item_ids:
             keep = ~np.isin(catalog.item_ids[order], np.asarray(query.exclude_item_ids, dtype=object))
-            order, scores = order[keep], scores[keep]
-        picked = self._top(np.arange(len(order), 0, -1, dtype=float), catalog.categories[order], query.num_items)
-        items = [ScoredItem(str(catalog.item_ids[order[i]]), float(scores[i])) for i in picked]
+            order, raw, scores, features = order[keep], raw[keep], scores[keep], features[keep]
+        picked = self._top(raw, catalog.categories[order], query.num_items)
+        items = [
+            ScoredItem(str(catalog.item_ids[order[i]]), float(s), candidate_source=FALLBACK_SOURCE)
+            for i, s in zip(picked, non_increasing(scores[picked]))
+        ]
+        if query.explain:
+            with self._observer.stage("explain"):
+                items = self._explain(model, features[picked], items)
         return self._answer(query, model, propensity, items, reason)
 
     def _cold_start(self, model: ModelBundle, catalog: Catalog) -> _Cold:
         key = (model.version, id(catalog))
         cold = self._cold.get(key)
         if cold is None:
-            order = catalog.popular_order[: max(self._candidates.max_candidates, self._rules.max_num_items)]
+            pool = catalog.popular_order[: max(self._candidates.max_candidates, self._rules.max_num_items)]
             anonymous = UserState.from_row("", {}, catalog)
-            scores = model.predict_items(pair_matrix(anonymous, catalog, order, time.time()))
-            cold = _Cold(order, scores)
+            features = pair_matrix(anonymous, catalog, pool, time.time())
+            scored = model.score_items(features)
+            best = np.argsort(-scored.raw, kind="stable")  # ties keep popularity order
+            cold = _Cold(pool[best], scored.raw[best], scored.calibrated[best], features[best])
             self._cold = {k: v for k, v in self._cold.items() if k[1] == id(catalog)}  # drop stale catalogs
             self._cold[key] = cold
         return cold
@@ -289,14 +301,6 @@ class Recommender:
             fallback=fallback,
             request_id=query.request_id,
         )
-
-
-def top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k highest scores, best first (partial sort: O(n) + O(k log k))."""
-    if len(scores) <= k:
-        return np.argsort(-scores, kind="stable")
-    part = np.argpartition(-scores, k - 1)[:k]
-    return part[np.argsort(-scores[part], kind="stable")]
 
 
 def _describe(bundle: ModelBundle, name: str) -> ModelDescription:

@@ -133,6 +133,7 @@ def _ranked_item(item: ScoredItem, rank: int) -> pb.RankedItem:
         contributions=[pb.FeatureContribution(feature=c.feature, value=c.value, contribution=c.contribution) for c in item.contributions],
         raw_score=item.raw_score,
         base_value=item.base_value,
+        candidate_source=item.candidate_source,
     )
 
 

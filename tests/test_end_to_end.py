@@ -57,6 +57,7 @@ def test_viewed_and_carted_item_is_ranked_near_the_top(pipeline: Pipeline, stub:
     assert [item.rank for item in response.items] == list(range(1, len(ranked) + 1))
     scores = [item.score for item in response.items]
     assert scores == sorted(scores, reverse=True)
+    assert all(item.candidate_source for item in response.items)
     assert response.purchase_propensity > 0
     assert response.model_version and response.feature_service == "propensity_user_v2"
 
@@ -74,6 +75,9 @@ def test_unknown_user_gets_a_popularity_fallback(stub: pb_grpc.RecommendationSer
     assert response.fallback_used
     assert response.fallback_reason == pb.FALLBACK_REASON_UNKNOWN_USER
     assert len(response.items) == 10
+    scores = [item.score for item in response.items]
+    assert scores == sorted(scores, reverse=True)  # ranked for an anonymous shopper, not listed by popularity
+    assert {item.candidate_source for item in response.items} == {"popular"}
     info = stub.ScoreUsers(pb.ScoreUsersRequest(user_ids=["someone-new"]), timeout=5).scores[0]
     assert info.unknown_user and info.purchase_propensity == pytest.approx(response.purchase_propensity)
 
@@ -86,6 +90,7 @@ def test_exclusions_and_explicit_candidates(pipeline: Pipeline, stub: pb_grpc.Re
     chosen = stub.Recommend(pb.RecommendRequest(user_id=SHOPPER, candidate_item_ids=[*others, item, "not-an-item"]), timeout=5)
     assert sorted(i.item_id for i in chosen.items) == sorted([*others, item, "not-an-item"])
     assert chosen.items[0].item_id == item
+    assert {i.candidate_source for i in chosen.items} == {"request"}
 
 
 def test_score_users_keeps_request_order(pipeline: Pipeline, stub: pb_grpc.RecommendationServiceStub) -> None:

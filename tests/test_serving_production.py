@@ -19,7 +19,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from propensity.model_registry import RANKER_MODEL, apply_calibration, current_version, load_version, promote
+from propensity.candidates import generate_candidates
+from propensity.feature_store import open_store
+from propensity.model_registry import RANKER_MODEL, apply_calibration, current_version, load_version, output_transform, promote
+from propensity.settings import CandidateSettings, Settings
+from propensity.user_state import UserState
+from server.item_cache import ItemCache
+from server.online_features import OnlineUserFeatures
 from propensity.v1 import recommendation_service_pb2 as pb
 from propensity.v1 import recommendation_service_pb2_grpc as pb_grpc
 from tests.conftest import SHOPPER, Pipeline, RunningServer, free_port, private_env, running_server, users, wait_for
@@ -70,6 +76,76 @@ def test_explanations_sum_to_the_raw_score(prod) -> None:
     top_reasons = {c.feature for c in response.items[0].contributions[:5]}
     assert top_reasons & {"ui_views_7d", "ui_carts_7d", "ui_in_cart", "ui_days_since_last", "ui_recent_rank", "ui_covisit_score"}
     plain = stub.Recommend(pb.RecommendRequest(user_id=SHOPPER, num_items=5), timeout=5)
+    assert all(not item.contributions for item in plain.items)
+
+
+def generator_sources(pipeline: Pipeline, user_ids: list[str]) -> set[str]:
+    """The source names the candidate generator gives these users' candidates, from the features the servers read."""
+    defaults = Settings.model_fields
+    catalog = ItemCache(lambda: open_store(pipeline.feature_repo), defaults["item_feature_service"].default).catalog
+    rows = OnlineUserFeatures(open_store(pipeline.feature_repo), defaults["user_feature_service"].default).fetch(user_ids)
+    names: set[str] = set()
+    for user, row in zip(user_ids, rows):
+        candidates = generate_candidates(UserState.from_row(user, row, catalog), catalog, CandidateSettings())
+        names.update(str(name) for name in candidates.item_sources)
+    return names
+
+
+def profile_only_user(pipeline: Pipeline) -> str:
+    """A user with a profile (signup time) but no events: the NO_HISTORY fallback."""
+    events = set(pd.read_parquet(pipeline.work_dir / "prepared" / "events.parquet", columns=["user_id"])["user_id"].astype(str))
+    profiles = pd.read_parquet(pipeline.work_dir / "prepared" / "users.parquet", columns=["user_id", "signup_time"]).sort_values("signup_time")
+    return next(u for u in profiles["user_id"].astype(str) if u not in events)
+
+
+def assert_reads_right(response: pb.RecommendResponse, sources: set[str]) -> None:
+    """Ranks 1..n, scores non-increasing with rank, every item names a candidate source among `sources`."""
+    assert response.items
+    assert [item.rank for item in response.items] == list(range(1, len(response.items) + 1))
+    scores = [item.score for item in response.items]
+    assert scores == sorted(scores, reverse=True), scores
+    if response.items[0].contributions:  # explain: raw scores (sums of contributions, to rounding) are the ranking order
+        raws = [item.raw_score for item in response.items]
+        assert all(a >= b - 1e-9 for a, b in zip(raws, raws[1:])), raws
+    named = [item.candidate_source for item in response.items]
+    assert all(named) and set(named) <= sources, named
+
+
+def test_every_recommend_answer_falls_in_score_with_rank_and_names_its_sources(prod, pipeline: Pipeline) -> None:
+    _, stub, _, _ = prod
+    generated = generator_sources(pipeline, [SHOPPER])
+    assert "recent" in generated and len(generated) >= 2
+    newcomer = profile_only_user(pipeline)
+    for explain in (False, True):
+        personal = stub.Recommend(pb.RecommendRequest(user_id=SHOPPER, num_items=20, explain=explain), timeout=5)
+        assert not personal.fallback_used
+        assert_reads_right(personal, generated)
+        assert len({item.candidate_source for item in personal.items}) >= 2
+        for user, reason in (("nobody-at-all", pb.FALLBACK_REASON_UNKNOWN_USER), (newcomer, pb.FALLBACK_REASON_NO_HISTORY)):
+            fallback = stub.Recommend(pb.RecommendRequest(user_id=user, num_items=20, explain=explain), timeout=5)
+            assert fallback.fallback_reason == reason, user
+            assert_reads_right(fallback, {"popular"})
+        late = stub.Recommend(pb.RecommendRequest(user_id=SHOPPER, num_items=20, explain=explain), timeout=0.25)  # floor is 300 ms
+        assert late.fallback_reason == pb.FALLBACK_REASON_DEADLINE
+        assert_reads_right(late, {"popular"})
+        chosen = [item.item_id for item in personal.items[:6]][::-1] + ["not-an-item"]
+        requested = stub.Recommend(pb.RecommendRequest(user_id=SHOPPER, candidate_item_ids=chosen, explain=explain), timeout=5)
+        assert_reads_right(requested, {"request"})
+        assert sorted(item.item_id for item in requested.items) == sorted(chosen)
+
+
+def test_explanations_of_a_fallback_answer_sum_to_its_raw_scores(prod) -> None:
+    _, stub, work, _ = prod
+    response = stub.Recommend(pb.RecommendRequest(user_id="nobody-at-all", num_items=10, explain=True), timeout=5)
+    assert response.fallback_reason == pb.FALLBACK_REASON_UNKNOWN_USER and len(response.items) == 10
+    bundle = load_version(work / "models", response.model_version)
+    native = output_transform(bundle.ranker)
+    for item in response.items:
+        assert item.contributions and item.candidate_source == "popular"
+        assert item.base_value + sum(c.contribution for c in item.contributions) == pytest.approx(item.raw_score, abs=1e-6)
+        assert apply_calibration(bundle.calibration(RANKER_MODEL), native(np.array([item.raw_score])))[0] == pytest.approx(item.score, abs=1e-9)
+    plain = stub.Recommend(pb.RecommendRequest(user_id="nobody-at-all", num_items=10), timeout=5)
+    assert [i.item_id for i in plain.items] == [i.item_id for i in response.items]
     assert all(not item.contributions for item in plain.items)
 
 
@@ -207,9 +283,19 @@ def test_traffic_split_is_stable_per_user_shadow_is_logged_and_categories_are_ca
         pinned = stub.Recommend(pb.RecommendRequest(user_id=shoppers[0], model_version=base), timeout=5)
         assert pinned.model_version == base
         catalog = pd.read_parquet(work / "prepared" / "items.parquet", columns=["item_id", "category_id"]).set_index("item_id")["category_id"]
+        generated = generator_sources(pipeline, shoppers[:10])
         for user in shoppers[:10]:
-            items = [i.item_id for i in stub.Recommend(pb.RecommendRequest(user_id=user, num_items=5), timeout=5).items]
+            response = stub.Recommend(pb.RecommendRequest(user_id=user, num_items=5, explain=user in shoppers[:3]), timeout=5)
+            items = [i.item_id for i in response.items]
             assert len(set(catalog[items])) == len(items), items
+            assert_reads_right(response, generated)
+        for user, reason in (("nobody-at-all", pb.FALLBACK_REASON_UNKNOWN_USER), (profile_only_user(pipeline), pb.FALLBACK_REASON_NO_HISTORY)):
+            for explain in (False, True):
+                fallback = stub.Recommend(pb.RecommendRequest(user_id=user, num_items=5, explain=explain), timeout=5)
+                assert fallback.fallback_reason == reason
+                items = [i.item_id for i in fallback.items]
+                assert len(set(catalog[items])) == len(items), items
+                assert_reads_right(fallback, {"popular"})
         assert wait_for(lambda: "shadow scoring" in server.log.read_text(), 5)
 
 

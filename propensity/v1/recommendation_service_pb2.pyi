@@ -47,20 +47,22 @@ class FeatureContribution(_message.Message):
     def __init__(self, feature: _Optional[str] = ..., value: _Optional[float] = ..., contribution: _Optional[float] = ...) -> None: ...
 
 class RankedItem(_message.Message):
-    __slots__ = ("item_id", "score", "rank", "contributions", "raw_score", "base_value")
+    __slots__ = ("item_id", "score", "rank", "contributions", "raw_score", "base_value", "candidate_source")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
     RAW_SCORE_FIELD_NUMBER: _ClassVar[int]
     BASE_VALUE_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_SOURCE_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     score: float
     rank: int
     contributions: _containers.RepeatedCompositeFieldContainer[FeatureContribution]
     raw_score: float
     base_value: float
-    def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., rank: _Optional[int] = ..., contributions: _Optional[_Iterable[_Union[FeatureContribution, _Mapping]]] = ..., raw_score: _Optional[float] = ..., base_value: _Optional[float] = ...) -> None: ...
+    candidate_source: str
+    def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., rank: _Optional[int] = ..., contributions: _Optional[_Iterable[_Union[FeatureContribution, _Mapping]]] = ..., raw_score: _Optional[float] = ..., base_value: _Optional[float] = ..., candidate_source: _Optional[str] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
     __slots__ = ("user_id", "purchase_propensity", "items", "model_version", "feature_service", "fallback_used", "fallback_reason", "item_feature_service", "request_id")

@@ -69,7 +69,8 @@ class RecommendationServiceServicer:
     """
 
     def Recommend(self, request, context):
-        """Recommend returns the user's purchase propensity and a ranked list of items.
+        """Recommend returns the user's purchase propensity and a ranked list of items (best first; scores never
+        increase with rank).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -83,7 +84,8 @@ class RecommendationServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ScoreItems(self, request, context):
-        """ScoreItems returns the purchase propensity of one user for each given item.
+        """ScoreItems returns the purchase propensity of one user for each given item, in the caller's order: it is
+        not a ranking (use Recommend with candidate_item_ids to rank given items).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
