@@ -33,7 +33,7 @@ def _today() -> datetime:
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
-    from propensity.demo_data import DemoDataConfig, generate_demo_data
+    from propensity.demo import DemoDataConfig, generate_demo_data
 
     settings = _settings(args)
     out = Path(args.out).resolve() if args.out else settings.data_dir
@@ -46,6 +46,10 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
         seed=args.seed if args.seed is not None else demo.seed,
         end_time=_today(),
         file_format=args.format,
+        # The oracle's horizon defaults to the evaluation's, so its cut-off is a test cut-off.
+        oracle=getattr(args, "oracle", False),
+        oracle_horizon_days=getattr(args, "oracle_horizon_days", None) or settings.training.horizon_days,
+        oracle_replicates=getattr(args, "oracle_replicates", None) or DemoDataConfig.oracle_replicates,
     )
     summary = generate_demo_data(out, config)
     print(f"demo data: {summary.n_events:,} events, {summary.n_users:,} users, {summary.n_items:,} items in {out}")
@@ -240,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--days", type=int, help="demo days of history")
         p.add_argument("--seed", type=int, help="demo random seed")
         p.add_argument("--format", choices=("parquet", "csv"), default="parquet")
+        p.add_argument("--oracle", action="store_true",
+                       help="also write <out>/oracle/: each user's (and user-item's) true P(buy) in the last horizon days")
+        p.add_argument("--oracle-horizon-days", type=int, help="the oracle's window (default: the training horizon, 7)")
+        p.add_argument("--oracle-replicates", type=int, help="Monte Carlo continuations behind each probability (default 200)")
 
     p = sub.add_parser("demo-data", help="generate a synthetic shop's event log")
     paths(p)

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from propensity.demo_data import DemoDataConfig, generate_demo_data
+from propensity.demo import DemoDataConfig, generate_demo_data
 from propensity.feature_store import copy_definitions, feast_apply
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

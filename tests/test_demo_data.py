@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -12,8 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from propensity.demo_data import (
+from propensity.demo import (
     EVENTS_SCHEMA,
+    Behaviour,
     DemoDataConfig,
     DemoDataSummary,
     generate_demo_data,
@@ -34,6 +36,19 @@ def shop(tmp_path_factory: pytest.TempPathFactory) -> tuple[DemoDataSummary, Pat
 @pytest.fixture(scope="module")
 def events(shop: tuple[DemoDataSummary, Path, list[str]]) -> pd.DataFrame:
     return pd.read_parquet(shop[1] / "events.parquet")
+
+
+@pytest.fixture(scope="module")
+def without(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., pd.DataFrame]:
+    """The default shop's events with one behaviour switched off: the baseline a behaviour is measured against."""
+
+    def generate(**off: float) -> pd.DataFrame:
+        out = tmp_path_factory.mktemp("without")
+        config = DemoDataConfig(end_time=END, behaviour=replace(Behaviour(), **off))
+        generate_demo_data(out, config, progress=None)
+        return pd.read_parquet(out / "events.parquet")
+
+    return generate
 
 
 def _generate(tmp_path: Path, name: str, config: DemoDataConfig) -> pd.DataFrame:
@@ -154,6 +169,77 @@ def test_users_stick_to_favourite_categories(events: pd.DataFrame,
         "user_id"].value_counts()
     heavy = views["user_id"].value_counts().index[:200]
     assert share[heavy].mean() > 0.75  # 20 categories: uniform browsing would give ~0.2
+
+
+def test_carts_are_abandoned_silently(events: pd.DataFrame) -> None:
+    carts = events[events["event_type"] == "add_to_cart"].groupby(["user_id", "item_id"])["event_time"].max()
+    bought = events[events["event_type"] == "purchase"].groupby(["user_id", "item_id"])["event_time"].max()
+    pairs = carts.to_frame("cart").join(bought.rename("bought"))
+    abandoned = pairs[pairs["bought"].isna() | (pairs["bought"] < pairs["cart"])]
+    assert 0.4 < len(abandoned) / len(pairs) < 0.9
+    # Not just shoppers who left: most of them keep shopping a week later without buying or removing it.
+    last_seen = events.groupby("user_id")["event_time"].max()
+    later = last_seen.reindex(abandoned.index.get_level_values("user_id")).to_numpy() > (
+        abandoned["cart"] + pd.Timedelta(days=7)).to_numpy()
+    assert later.mean() > 0.5
+
+
+def _price_response(events: pd.DataFrame) -> float:
+    """Buy rate of viewed (user, item) pairs at >= 2x the user's median viewed price, over the rate at <= it.
+
+    Viewing does not depend on price, so the median viewed price stands in for the shopper's reference.
+    """
+    views = events[events["event_type"] == "view"]
+    pairs = views.groupby(["user_id", "item_id"], as_index=False)["price"].first()
+    relative = pairs["price"] / pairs["user_id"].map(views.groupby("user_id")["price"].median())
+    purchases = events[events["event_type"] == "purchase"]
+    bought = pd.MultiIndex.from_frame(pairs[["user_id", "item_id"]]).isin(
+        pd.MultiIndex.from_frame(purchases[["user_id", "item_id"]]))
+    return bought[relative.to_numpy() >= 2].mean() / bought[relative.to_numpy() <= 1].mean()
+
+
+def test_buying_falls_with_price_above_the_shoppers_reference(
+        events: pd.DataFrame, without: Callable[..., pd.DataFrame]) -> None:
+    response, flat = _price_response(events), _price_response(without(sensitivity_mean=0.0))
+    assert response < 0.7 and flat > 0.8, (response, flat)
+
+
+def _repeat_purchases(events: pd.DataFrame) -> tuple[int, float]:
+    """(user, item) pairs bought on two or more days, and the median days between such purchases."""
+    purchases = events[events["event_type"] == "purchase"].assign(day=lambda f: f["event_time"].dt.floor("D"))
+    days = purchases.drop_duplicates(["user_id", "item_id", "day"]).sort_values("day")
+    gaps = days.groupby(["user_id", "item_id"])["day"].diff().dropna().dt.days
+    return int((days.groupby(["user_id", "item_id"]).size() >= 2).sum()), float(gaps.median())
+
+
+def test_consumables_are_bought_again(events: pd.DataFrame, without: Callable[..., pd.DataFrame]) -> None:
+    repeats, median_gap = _repeat_purchases(events)
+    flat_repeats, _ = _repeat_purchases(without(consumable_share=0.0))
+    # Without consumables, repeats are only a shopper stumbling on the same item again.
+    assert repeats > 1.6 * flat_repeats, (repeats, flat_repeats)
+    assert 5 <= median_gap <= 30
+
+
+def _category_drift(events: pd.DataFrame, items: pd.DataFrame) -> float:
+    """Mean total-variation distance between a shopper's category shares of views in the first and last two weeks."""
+    views = events[events["event_type"] == "view"].merge(items[["item_id", "category_id"]])
+    start, end = views["event_time"].min().floor("D"), views["event_time"].max().ceil("D")
+    shares = []
+    for first, last in ((start, start + pd.Timedelta(days=14)), (end - pd.Timedelta(days=14), end)):
+        window = views[(views["event_time"] >= first) & (views["event_time"] < last)]
+        counts = window.groupby(["user_id", "category_id"]).size().unstack(fill_value=0)
+        shares.append(counts[counts.sum(axis=1) >= 20])
+    early, late = (s.reindex(index=shares[0].index.intersection(shares[1].index),
+                             columns=items["category_id"].unique(), fill_value=0) for s in shares)
+    assert len(early) >= 100
+    return float((0.5 * (early.div(early.sum(axis=1), axis=0) - late.div(late.sum(axis=1), axis=0)).abs().sum(axis=1)).mean())
+
+
+def test_favourite_categories_drift(events: pd.DataFrame, shop: tuple[DemoDataSummary, Path, list[str]],
+                                    without: Callable[..., pd.DataFrame]) -> None:
+    items = pd.read_parquet(shop[1] / "items.parquet")
+    drift, flat = _category_drift(events, items), _category_drift(without(drift_per_day=0.0), items)
+    assert drift > 1.5 * flat, (drift, flat)
 
 
 def test_signup_precedes_first_event(events: pd.DataFrame,

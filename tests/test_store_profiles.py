@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from propensity.demo_data import DemoDataConfig, generate_demo_data
+from propensity.demo import DemoDataConfig, generate_demo_data
 from propensity.feature_store import feast_apply, open_store
 from propensity.settings import FeatureSettings
 from propensity.store_profiles import (
