@@ -26,8 +26,9 @@ def recommend_in_process(shop: Shop, user_id: str, row: dict[str, object], k: in
     user = UserState.from_row(user_id, row, shop.catalog)
     user_row = user_vector(user, now)
     shop.user_model.predict(user_row[None, :], num_threads=1)
-    idx = generate_candidates(user, shop.catalog, shop.settings.candidates).item_idx
-    scores = shop.ranker.predict(pair_matrix(user, shop.catalog, idx, now, user_row=user_row), num_threads=1)
+    candidates = generate_candidates(user, shop.catalog, shop.settings.candidates, now, shop.retrieval_weights)
+    idx = candidates.item_idx
+    scores = shop.ranker.predict(pair_matrix(user, shop.catalog, idx, now, user_row=user_row, signals=candidates.signals), num_threads=1)
     top = np.argpartition(-scores, min(k, len(scores)) - 1)[:k]
     return idx[top[np.argsort(-scores[top])]]
 

@@ -32,10 +32,9 @@ from propensity.settings import CandidateSettings
 from propensity.v1 import recommendation_service_pb2 as pb
 from propensity.v1 import recommendation_service_pb2_grpc as pb_grpc
 
-# Serving-time settings for both servers and the in-process floor. With the default
-# popular_overall=50, demo users get ~100 candidates and none reaches the 200 cap; filling the
-# candidate set from popular items makes every Recommend score exactly max_candidates=200 items.
-SERVE_OVERRIDES = {"PROPENSITY_CANDIDATES__POPULAR_OVERALL": "200"}
+# Serving-time settings for both servers and the in-process floor. The candidate generator fills its
+# budget from the whole catalog by retrieval score, so every Recommend scores max_candidates=200 items as is.
+SERVE_OVERRIDES: dict[str, str] = {}
 RECOMMEND = "/propensity.v1.RecommendationService/Recommend"
 HEALTH = "/grpc.health.v1.Health/Check"
 _T0 = time.monotonic()

@@ -7,6 +7,7 @@ counts and the compute floor describe exactly the work a Recommend call does.
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ import pandas as pd
 
 from bench.state import BenchState
 from propensity.candidates import generate_candidates
+from propensity.retrieval import stored_weights
 from propensity.catalog import Catalog
 from propensity.settings import CandidateSettings, Settings
 from propensity.user_state import UserState
@@ -37,6 +39,7 @@ class Shop:
     user_model: lgb.Booster
     ranker: lgb.Booster
     model_dir: Path
+    retrieval_weights: dict[str, float] | None = None  # the served version's (model metadata)
 
     def fetch_users(self, user_ids: Sequence[str]) -> list[dict[str, object]]:
         """One online row per user through the user feature service (what the server reads per request)."""
@@ -74,11 +77,13 @@ def open_shop(state: BenchState, serve_env: dict[str, str] | None = None) -> Sho
     ]
     catalog = Catalog.from_frame(pd.concat(frames, ignore_index=True))
     model_dir = state.current_model_dir()
+    metadata = json.loads((model_dir / "metadata.json").read_text())
     return Shop(
         settings, store, user_service, item_service, catalog,
         lgb.Booster(model_file=str(model_dir / "user_propensity.txt")),
         lgb.Booster(model_file=str(model_dir / "item_ranker.txt")),
         model_dir,
+        stored_weights(metadata),
     )
 
 
@@ -104,6 +109,6 @@ def candidate_counts(shop: Shop, user_ids: Sequence[str], rows: Sequence[dict[st
     """Candidates generate_candidates gives each user (default: the shop's serving settings)."""
     settings = settings or shop.settings.candidates
     return np.array([
-        len(generate_candidates(UserState.from_row(u, r, shop.catalog), shop.catalog, settings).item_idx)
+        len(generate_candidates(UserState.from_row(u, r, shop.catalog), shop.catalog, settings, weights=shop.retrieval_weights).item_idx)
         for u, r in zip(user_ids, rows)
     ])

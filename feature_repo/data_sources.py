@@ -57,6 +57,30 @@ item_neighbors_source = FileSource(
     tags={"owner": "propensity-team"},
 )
 
+item_factors_source = FileSource(
+    name="item_factors_source",
+    path=str(OFFLINE_DIR / "item_factors.parquet"),
+    timestamp_field="event_timestamp",
+    description="ALS item factors fitted on the interactions before each weekly snapshot.",
+    tags={"owner": "propensity-team"},
+)
+
+item_copurchase_source = FileSource(
+    name="item_copurchase_source",
+    path=str(OFFLINE_DIR / "item_copurchase.parquet"),
+    timestamp_field="event_timestamp",
+    description="Items bought or carted by the same shoppers, time-decayed and BM25-weighted (weekly).",
+    tags={"owner": "propensity-team"},
+)
+
+item_content_source = FileSource(
+    name="item_content_source",
+    path=str(OFFLINE_DIR / "item_content.parquet"),
+    timestamp_field="event_timestamp",
+    description="Most similar items by title words, category, brand and price band.",
+    tags={"owner": "propensity-team"},
+)
+
 # Streaming: the server pushes real-time updates of these views as events arrive (IngestEvents).
 # A push source names its batch source, so history and materialization still read the Parquet tables.
 user_activity_push = PushSource(

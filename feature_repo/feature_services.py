@@ -6,7 +6,7 @@ the service they were trained with.
 
 from feast import FeatureService
 
-from feature_views import item_neighbors, item_stats, user_activity, user_interests, user_profile, user_purchase_history
+from feature_views import item_content, item_copurchase, item_factors, item_neighbors, item_stats, user_activity, user_interests, user_profile, user_purchase_history
 
 propensity_user_v1 = FeatureService(
     name="propensity_user_v1",
@@ -27,5 +27,13 @@ propensity_item_v1 = FeatureService(
     name="propensity_item_v1",
     features=[item_stats, item_neighbors],
     description="Item features cached by the server and joined per cut-off by training.",
+    tags={"owner": "propensity-team"},
+)
+
+# v2 adds the retrieval tables: ALS item factors, time-decayed co-purchase and content neighbours.
+propensity_item_v2 = FeatureService(
+    name="propensity_item_v2",
+    features=[item_stats, item_neighbors, item_factors, item_copurchase, item_content],
+    description="v1 plus the retrieval tables behind ALS, co-purchase and content candidates (and their ranker features).",
     tags={"owner": "propensity-team"},
 )

@@ -6,6 +6,9 @@ from feast import FeatureView, Field
 from feast.types import Array, Float64, Int64, String
 
 from data_sources import (
+    item_content_source,
+    item_copurchase_source,
+    item_factors_source,
     item_neighbors_source,
     item_stats_source,
     user_activity_push,
@@ -142,5 +145,48 @@ item_neighbors = FeatureView(
     source=item_neighbors_source,
     online=True,
     description="Item-to-item co-visitation (a candidate source).",
+    tags=OWNER,
+)
+
+item_factors = FeatureView(
+    name="item_factors",
+    entities=[item],
+    ttl=timedelta(days=90),
+    schema=[
+        Field(name="als_factors", dtype=Array(Float64), description="ALS item vector; null for items nobody had touched before the snapshot."),
+        Field(name="als_alpha", dtype=Float64, description="The fit's confidence scale (user vectors are folded in with it)."),
+        Field(name="als_regularization", dtype=Float64, description="The fit's L2 regularisation (user vectors are folded in with it)."),
+    ],
+    source=item_factors_source,
+    online=True,
+    description="Matrix factorisation of user x item interactions (weekly): the ALS candidate source.",
+    tags=OWNER,
+)
+
+item_copurchase = FeatureView(
+    name="item_copurchase",
+    entities=[item],
+    ttl=timedelta(days=90),
+    schema=[
+        Field(name="copurchase_item_ids", dtype=Array(String), description="Items bought or carted by the same shoppers, strongest first."),
+        Field(name="copurchase_scores", dtype=Array(Float64), description="BM25 item-item similarity of time-decayed interactions."),
+    ],
+    source=item_copurchase_source,
+    online=True,
+    description="Item-to-item co-purchase across shoppers, with time decay (a candidate source).",
+    tags=OWNER,
+)
+
+item_content = FeatureView(
+    name="item_content",
+    entities=[item],
+    ttl=timedelta(days=3650),
+    schema=[
+        Field(name="content_item_ids", dtype=Array(String), description="Most similar items by content, strongest first."),
+        Field(name="content_scores", dtype=Array(Float64), description="TF-IDF cosine of title words, category, brand and price band."),
+    ],
+    source=item_content_source,
+    online=True,
+    description="Content similarity for items with little history (a candidate source).",
     tags=OWNER,
 )

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from propensity.catalog import ITEM_FEATURES, UNKNOWN, Catalog
+from propensity.retrieval import SIGNALS, UserSignals, user_signals
 from propensity.user_state import USER_SCALARS, USER_TIMESTAMPS, UserState
 
 DAY_SECONDS = 86_400.0
@@ -40,6 +41,10 @@ PAIR_FEATURES: tuple[str, ...] = (
     "item_popularity_rank",
     "ui_times_bought",
     "ui_days_since_bought",
+    # Retrieval signals (propensity.retrieval; item feature service propensity_item_v2): each source's score.
+    "ui_als_score",
+    "ui_copurchase_score",
+    "ui_content_score",
 )
 RANKER_FEATURES: tuple[str, ...] = USER_MODEL_FEATURES + ITEM_FEATURES + PAIR_FEATURES
 
@@ -72,21 +77,31 @@ def user_matrix(users: Sequence[UserState], as_of_ts: float | Sequence[float]) -
     return np.vstack([user_vector(u, t) for u, t in zip(users, times)])
 
 
-def pair_matrix(user: UserState, catalog: Catalog, item_idx: np.ndarray, as_of_ts: float, user_row: np.ndarray | None = None) -> np.ndarray:
-    """The ranker's inputs (RANKER_FEATURES) for one user and candidate items (catalog indices, UNKNOWN allowed)."""
+def pair_matrix(
+    user: UserState, catalog: Catalog, item_idx: np.ndarray, as_of_ts: float, user_row: np.ndarray | None = None, signals: UserSignals | None = None
+) -> np.ndarray:
+    """The ranker's inputs (RANKER_FEATURES) for one user and candidate items (catalog indices, UNKNOWN allowed).
+
+    signals: the user's retrieval signals when the caller has them already (CandidateSet.signals); computed otherwise.
+    """
     n = len(item_idx)
     if user_row is None:
         user_row = user_vector(user, as_of_ts)
+    if signals is None:
+        signals = user_signals(user, catalog, as_of_ts)
     out = np.empty((n, len(RANKER_FEATURES)))
     n_user = len(USER_MODEL_FEATURES)
     n_item = len(ITEM_FEATURES)
     out[:, :n_user] = user_row
     out[:, n_user : n_user + n_item] = catalog.features[item_idx]
-    out[:, n_user + n_item :] = _pair_columns(user, catalog, item_idx, as_of_ts)
+    out[:, n_user + n_item :] = _pair_columns(user, catalog, item_idx, as_of_ts, signals.at(np.asarray(item_idx)))
     return out
 
 
-def _pair_columns(user: UserState, catalog: Catalog, item_idx: np.ndarray, as_of_ts: float) -> np.ndarray:
+_SIGNAL = {name: j for j, name in enumerate(SIGNALS)}
+
+
+def _pair_columns(user: UserState, catalog: Catalog, item_idx: np.ndarray, as_of_ts: float, signals: np.ndarray) -> np.ndarray:
     n = len(item_idx)
     cols = np.full((n, len(PAIR_FEATURES)), np.nan)
     # Per-(user, item) state: where each candidate sits in the user's recent list (counts 0 when absent).
@@ -111,7 +126,7 @@ def _pair_columns(user: UserState, catalog: Catalog, item_idx: np.ndarray, as_of
     cols[:, 7] = cat_rank
     avg_price = user.scalars[_AVG_PRICE]
     cols[:, 8] = catalog.features[item_idx, _PRICE] / avg_price if avg_price and avg_price > 0 else np.nan
-    cols[:, 9] = _covisit_scores(user, catalog, item_idx)
+    cols[:, 9] = signals[:, _SIGNAL["covisited"]]
     popularity_rank = np.full(n, np.nan)
     known = item_idx != UNKNOWN
     popularity_rank[known] = catalog.popularity_rank[item_idx[known]]
@@ -121,6 +136,9 @@ def _pair_columns(user: UserState, catalog: Catalog, item_idx: np.ndarray, as_of
     hit, src = _positions(user.bought_idx, item_idx)
     cols[hit, 11] = user.bought_counts[src]
     cols[hit, 12] = (as_of_ts - user.bought_last_ts[src]) / DAY_SECONDS
+    cols[:, 13] = signals[:, _SIGNAL["als"]]
+    cols[:, 14] = signals[:, _SIGNAL["copurchase"]]
+    cols[:, 15] = signals[:, _SIGNAL["content"]]
     return cols
 
 
@@ -133,12 +151,3 @@ def _positions(source_idx: np.ndarray, item_idx: np.ndarray) -> tuple[np.ndarray
     pos = np.minimum(np.searchsorted(sorted_source, item_idx), len(sorted_source) - 1)
     hit = (sorted_source[pos] == item_idx) & (item_idx != UNKNOWN)
     return hit, order[pos[hit]]
-
-
-def _covisit_scores(user: UserState, catalog: Catalog, item_idx: np.ndarray, max_sources: int = 10) -> np.ndarray:
-    """Sum of co-visitation scores from the user's most recent items to each candidate."""
-    scores = np.zeros(catalog.size + 1)
-    for source in user.recent_idx[:max_sources]:
-        neighbours, weights = catalog.neighbors[source]
-        np.add.at(scores, neighbours, weights)
-    return scores[item_idx]

@@ -1,55 +1,65 @@
-"""Candidate generation: which items are worth scoring for a user. Shared by training and serving."""
+"""Candidate generation: which items are worth scoring for a user. Shared by training and serving.
+
+The user's recent items always come first (most recent first): they carry the in-cart state and
+nothing cheaper predicts the next purchase better. The rest of the budget goes to the catalog's
+items with the highest retrieval score, a weighted sum of every source's signal (propensity.retrieval):
+purchase history, ALS, co-purchase, co-visitation, content, category affinity and popularity. The
+weights are fitted per model version on training cut-offs (training/retrieval_fit.py).
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
 from propensity.catalog import Catalog
+from propensity.retrieval import RetrievalWeights, UserSignals, user_signals
 from propensity.settings import CandidateSettings
 from propensity.user_state import UserState
 
 
 @dataclass(frozen=True)
 class CandidateSet:
-    """Catalog indices to score, in source priority order, the source each came from, and how many came from each source."""
+    """Catalog indices to score, the source each came from, how many came from each source, and the user's signals."""
 
     item_idx: np.ndarray
     sources: dict[str, int]
-    item_sources: np.ndarray  # per item, the name of the first source that proposed it (object array, same length as item_idx)
+    item_sources: np.ndarray  # per item, the name of the source that proposed it (object array, same length as item_idx)
+    signals: UserSignals  # every retrieval signal of every catalog item for this user (ranker features reuse them)
 
 
-def generate_candidates(user: UserState, catalog: Catalog, settings: CandidateSettings) -> CandidateSet:
-    """The user's recent items, most bought items, co-visited items, popular items in favourite categories, then overall."""
-    parts: list[tuple[str, np.ndarray]] = [("recent", user.recent_idx), ("bought_before", user.bought_idx[: settings.bought_before])]
-    neighbours = [catalog.neighbors[i][0][: settings.per_neighbor_source] for i in user.recent_idx[:10]]
-    parts.append(("covisited", np.concatenate(neighbours) if neighbours else np.empty(0, dtype=np.int64)))
-    by_category = [
-        catalog.popular_by_category[c][: settings.popular_per_category]
-        for c in user.top_categories
-        if c in catalog.popular_by_category
-    ]
-    parts.append(("category_popular", np.concatenate(by_category) if by_category else np.empty(0, dtype=np.int64)))
-    parts.append(("popular", catalog.popular_order[: settings.popular_overall]))
-
-    seen = np.zeros(catalog.size, dtype=bool)
-    chosen: list[np.ndarray] = []
-    chosen_from: list[str] = []
-    sources: dict[str, int] = {}
+def generate_candidates(
+    user: UserState,
+    catalog: Catalog,
+    settings: CandidateSettings,
+    as_of_ts: float | None = None,
+    weights: Mapping[str, Mapping[str, float]] | None = None,
+) -> CandidateSet:
+    """The user's recent items, then the best of the catalog by retrieval score, up to settings.max_candidates (available items only)."""
+    as_of_ts = time.time() if as_of_ts is None else as_of_ts
+    signals = user_signals(user, catalog, as_of_ts)
+    retrieval = RetrievalWeights.from_json(weights)
     budget = settings.max_candidates
-    for name, idx in parts:
-        idx = np.asarray(idx, dtype=np.int64)
-        if budget <= 0 or not len(idx):
-            sources[name] = 0
-            continue
-        _, first = np.unique(idx, return_index=True)
-        idx = idx[np.sort(first)]  # de-duplicate, keep priority order
-        idx = idx[~seen[idx] & catalog.available[idx]][:budget]
-        seen[idx] = True
-        chosen.append(idx)
-        chosen_from.extend([name] * len(idx))
-        sources[name] = len(idx)
-        budget -= len(idx)
-    item_idx = np.concatenate(chosen) if chosen else np.empty(0, dtype=np.int64)
-    return CandidateSet(item_idx=item_idx, sources=sources, item_sources=np.asarray(chosen_from, dtype=object))
+    recent = user.recent_idx[catalog.available[user.recent_idx]][: min(budget, settings.recent_items)] if len(user.recent_idx) else user.recent_idx
+    _, first = np.unique(recent, return_index=True)
+    recent = recent[np.sort(first)]
+    score = retrieval.score(signals.values[: catalog.size])
+    eligible = catalog.available.copy()
+    eligible[recent] = False
+    pool = np.flatnonzero(eligible)
+    room = max(budget - len(recent), 0)
+    if room and len(pool):
+        take = min(room, len(pool))
+        best = pool[np.argpartition(-score[pool], take - 1)[:take]] if take < len(pool) else pool
+        best = best[np.lexsort((best, -score[best]))]  # best first, ties by index: deterministic
+    else:
+        best = np.empty(0, dtype=np.int64)
+    item_idx = np.concatenate([recent, best]).astype(np.int64)
+    names = np.concatenate([np.full(len(recent), "recent", dtype=object), retrieval.sources(signals.values[best])])
+    sources: dict[str, int] = {}
+    for name in names:
+        sources[name] = sources.get(name, 0) + 1
+    return CandidateSet(item_idx=item_idx, sources=sources, item_sources=names, signals=signals)

@@ -1,4 +1,4 @@
-"""The item catalog as arrays: item features, popularity orderings and co-visitation neighbours.
+"""The item catalog as arrays: item features, popularity orderings, neighbour lists and ALS item factors.
 
 Built from one DataFrame of the item feature service's columns, whether the rows come from
 Feast's online store (serving) or a point-in-time join at a cut-off (training).
@@ -42,7 +42,18 @@ class Catalog:
     popularity_rank: np.ndarray  # 0 for the most popular item .. 1 for the least, length n
     popular_order: np.ndarray  # item indices, most popular first (available items only)
     popular_by_category: dict[str, np.ndarray]
-    neighbors: list[tuple[np.ndarray, np.ndarray]]  # per item: (neighbour indices, scores)
+    neighbors: list[tuple[np.ndarray, np.ndarray]]  # per item: co-visited (neighbour indices, scores)
+    copurchase: list[tuple[np.ndarray, np.ndarray]]  # per item: co-purchased (indices, scores), time-decayed
+    content: list[tuple[np.ndarray, np.ndarray]]  # per item: most similar by title, category, brand, price band
+    popularity_signals: np.ndarray  # (n, 3): log1p of popularity, purchases in 7 days and buyers in 30 days
+    category_names: tuple[str, ...]
+    category_code_of: dict[str, int]
+    category_codes: np.ndarray  # per item, index into category_names; len(category_names) when unknown
+    item_factors: np.ndarray | None = None  # (n + 1, k) ALS factors, zero rows where an item has none; None without any
+    has_factors: np.ndarray | None = None  # bool, length n + 1
+    factor_gram: np.ndarray | None = None  # item_factors' Y'Y (k, k), for folding in user vectors
+    als_alpha: float = 0.0  # the fit's confidence scale and regularisation, read with the factors
+    als_regularization: float = 0.0
 
     @property
     def size(self) -> int:
@@ -78,7 +89,10 @@ class Catalog:
             category = categories[i]
             if category is not None:
                 by_category.setdefault(category, []).append(int(i))
-        neighbors = _neighbors(frame, index, n)
+        names = tuple(sorted({c for c in categories[:n] if c is not None}))
+        code_of = {c: i for i, c in enumerate(names)}
+        codes = np.fromiter((code_of.get(c, len(names)) if c is not None else len(names) for c in categories[:n]), dtype=np.int64, count=n)
+        factors = _factors(frame, n)
         return cls(
             item_ids=item_ids,
             index=index,
@@ -89,7 +103,18 @@ class Catalog:
             popularity_rank=popularity_rank,
             popular_order=popular_order,
             popular_by_category={c: np.asarray(ix, dtype=np.int64) for c, ix in by_category.items()},
-            neighbors=neighbors,
+            neighbors=_neighbors(frame, index, n, "neighbor_item_ids", "neighbor_scores"),
+            copurchase=_neighbors(frame, index, n, "copurchase_item_ids", "copurchase_scores"),
+            content=_neighbors(frame, index, n, "content_item_ids", "content_scores"),
+            popularity_signals=np.log1p(np.maximum(np.column_stack([
+                popularity,
+                np.nan_to_num(matrix[:n, ITEM_FEATURES.index("item_purchases_7d")]),
+                np.nan_to_num(matrix[:n, ITEM_FEATURES.index("item_buyers_30d")]),
+            ]), 0.0)),
+            category_names=names,
+            category_code_of=code_of,
+            category_codes=codes,
+            **factors,
         )
 
 
@@ -106,12 +131,37 @@ def _popularity(matrix: np.ndarray) -> np.ndarray:
     )
 
 
-def _neighbors(frame: pd.DataFrame, index: dict[str, int], n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def _factors(frame: pd.DataFrame, n: int) -> dict:
+    """ALS item factors as a dense matrix plus what folding in a user needs; {} when the service has none."""
+    if "als_factors" not in frame:
+        return {}
+    vectors = [v for v in frame["als_factors"] if _is_list(v)]
+    if not vectors:
+        return {}
+    k = len(vectors[0])
+    matrix = np.zeros((n + 1, k))
+    has = np.zeros(n + 1, dtype=bool)
+    for i, v in enumerate(frame["als_factors"]):
+        if _is_list(v) and len(v) == k:
+            matrix[i] = np.asarray(v, dtype=float)
+            has[i] = True
+
+    def scalar(name: str) -> float:
+        values = pd.to_numeric(frame[name], errors="coerce").dropna() if name in frame else pd.Series(dtype=float)
+        return float(values.iloc[0]) if len(values) else 0.0
+
+    return {
+        "item_factors": matrix, "has_factors": has, "factor_gram": matrix.T @ matrix,
+        "als_alpha": scalar("als_alpha"), "als_regularization": scalar("als_regularization"),
+    }
+
+
+def _neighbors(frame: pd.DataFrame, index: dict[str, int], n: int, ids_column: str, scores_column: str) -> list[tuple[np.ndarray, np.ndarray]]:
     empty = (np.empty(0, dtype=np.int64), np.empty(0))
-    if "neighbor_item_ids" not in frame:
-        return [empty] * n
+    if ids_column not in frame:
+        return [empty] * (n + 1)
     result: list[tuple[np.ndarray, np.ndarray]] = []
-    for ids, scores in zip(frame["neighbor_item_ids"], frame["neighbor_scores"]):
+    for ids, scores in zip(frame[ids_column], frame[scores_column]):
         if not _is_list(ids):
             result.append(empty)
             continue
@@ -119,6 +169,7 @@ def _neighbors(frame: pd.DataFrame, index: dict[str, int], n: int) -> list[tuple
         values = np.asarray(scores if _is_list(scores) else [0.0] * len(ids), dtype=float)
         keep = idx >= 0
         result.append((idx[keep], values[keep]))
+    result.append(empty)  # UNKNOWN (-1) reads this
     return result
 
 

@@ -194,7 +194,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     print(f"user {response.user_id}: P(buy within horizon) = {response.purchase_propensity:.3f}{fallback}")
     print(f"model {response.model_version}, features {response.feature_service} + {response.item_feature_service}")
     for item in response.items:
-        print(f"  {item.rank:>3}. {item.item_id:<16} {item.score:.4f}")
+        print(f"  {item.rank:>3}. {item.item_id:<16} {item.score:.4f}  {item.candidate_source}")
     return 0
 
 

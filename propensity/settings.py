@@ -34,9 +34,17 @@ class FeatureSettings(_Section):
     """How raw events become feature tables."""
 
     recent_items_per_user: int = Field(30, description="How many of a user's most recent items are kept as per-(user, item) state.")
-    bought_items_per_user: int = Field(50, description="How many of a user's most bought items (whole history) are kept: buy-again candidates.")
+    bought_items_per_user: int = Field(200, description="How many of a user's most bought items (whole history) are kept: buy-again signals.")
     top_categories_per_user: int = Field(5, description="How many of a user's favourite categories are kept.")
-    neighbors_per_item: int = Field(20, description="Co-visited items kept per item (candidate source).")
+    neighbors_per_item: int = Field(20, description="Neighbours kept per item in each neighbour table (co-visited, co-purchased, content).")
+    retrieval_snapshots: int = Field(
+        16, description="Weekly snapshots (ending at as-of) of the ALS factors and co-purchase neighbours; older cut-offs see none."
+    )
+    retrieval_half_life_days: float = Field(60.0, description="Half-life of an interaction's weight in the ALS and co-purchase matrices.")
+    als_factors: int = Field(64, description="ALS item-factor dimension.")
+    als_regularization: float = Field(0.05, description="ALS L2 regularisation (also used when a user's vector is folded in at request time).")
+    als_alpha: float = Field(5.0, description="ALS confidence scale: confidence = alpha x interaction weight (implicit's convention).")
+    als_iterations: int = Field(15, description="ALS sweeps per snapshot.")
     events_per_user_bucket: int = Field(
         2_500_000, description="User feature tables are built for one bucket of users at a time, about this many events each."
     )
@@ -48,10 +56,7 @@ class CandidateSettings(_Section):
     """Candidate generation, shared by training and serving."""
 
     max_candidates: int = Field(200, description="Upper bound on candidates scored per request.")
-    bought_before: int = Field(50, description="The user's most bought items (whole history) taken as buy-again candidates.")
-    per_neighbor_source: int = Field(10, description="Co-visited items taken per recent item.")
-    popular_per_category: int = Field(20, description="Popular items taken from each favourite category.")
-    popular_overall: int = Field(50, description="Globally popular items added to every candidate set.")
+    recent_items: int = Field(30, description="The user's most recent items always taken first (the rest of the budget goes by retrieval score).")
 
 
 class TrainingSettings(_Section):
@@ -132,7 +137,7 @@ class Settings(BaseSettings):
     )
     stream_dir: Path | None = Field(None, description="Where ingested events are logged durably; default <work_dir>/stream.")
     user_feature_service: str = Field("propensity_user_v2", description="Feast feature service read per request (user features).")
-    item_feature_service: str = Field("propensity_item_v1", description="Feast feature service cached in the server (item features).")
+    item_feature_service: str = Field("propensity_item_v2", description="Feast feature service cached in the server (item features).")
     demo: DemoSettings = DemoSettings()
     features: FeatureSettings = FeatureSettings()
     candidates: CandidateSettings = CandidateSettings()

@@ -15,6 +15,7 @@ import numpy as np
 
 from propensity.assembly import RANKER_FEATURES, pair_matrix, user_matrix, user_vector
 from propensity.candidates import generate_candidates
+from propensity.retrieval import UserSignals, stored_weights
 from propensity.catalog import Catalog
 from propensity.model_registry import RANKER_MODEL, USER_MODEL, ModelBundle
 from propensity.settings import CandidateSettings, ServerSettings
@@ -127,13 +128,13 @@ class Recommender:
         if not query.candidate_item_ids and not user.has_history:
             return self._fallback(query, model, catalog, Fallback.NO_HISTORY if user.known else Fallback.UNKNOWN_USER, propensity)
         with self._observer.stage("candidates"):
-            idx, ids, sources = self._candidate_items(query, user, catalog, now)
+            idx, ids, sources, signals = self._candidate_items(query, user, catalog, now, model)
         if not len(idx):
             return self._fallback(query, model, catalog, Fallback.NO_CANDIDATES, propensity)
         if self._out_of_time(query, started):
             return self._fallback(query, model, catalog, Fallback.DEADLINE, propensity)
         with self._observer.stage("scoring"):
-            features = pair_matrix(user, catalog, idx, now, user_row=user_row)
+            features = pair_matrix(user, catalog, idx, now, user_row=user_row, signals=signals)
             scored = model.score_items(features)
             top = self._top(scored.raw, catalog.categories[idx], query.num_items)
         scores = non_increasing(scored.calibrated[top])
@@ -194,14 +195,18 @@ class Recommender:
 
     # -- stages ---------------------------------------------------------------------------------
 
-    def _candidate_items(self, query: RecommendQuery, user: UserState, catalog: Catalog, now: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Catalog indices, item ids and candidate source names (parallel arrays) of the items to score."""
+    def _candidate_items(
+        self, query: RecommendQuery, user: UserState, catalog: Catalog, now: float, model: ModelBundle
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, UserSignals | None]:
+        """Catalog indices, item ids and candidate source names (parallel arrays) of the items to score, and the user's retrieval signals."""
+        signals = None
         if query.candidate_item_ids:  # the caller's list: ranked exactly, only exclusions apply
             idx = catalog.lookup(query.candidate_item_ids)
             ids = np.asarray(query.candidate_item_ids, dtype=object)
             sources = np.full(len(ids), REQUEST_SOURCE, dtype=object)
         else:
-            candidates = generate_candidates(user, catalog, self._candidates)
+            candidates = generate_candidates(user, catalog, self._candidates, now, stored_weights(model.metadata))
+            signals = candidates.signals
             keep = ~np.isin(candidates.item_idx, self._recently_bought(user, now))
             idx, sources = candidates.item_idx[keep], candidates.item_sources[keep]
             ids = catalog.item_ids[idx]
@@ -210,7 +215,7 @@ class Recommender:
             idx, ids, sources = idx[keep], ids[keep], sources[keep]
         _, first = np.unique(ids, return_index=True)  # a repeated id is ranked once
         order = np.sort(first)
-        return idx[order], ids[order], sources[order]
+        return idx[order], ids[order], sources[order], signals
 
     def _recently_bought(self, user: UserState, now: float) -> np.ndarray:
         """Items bought within repurchase_window_days (an opt-in rule; by default the ranker judges re-buys)."""

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from propensity.assembly import pair_matrix, user_vector
 from propensity.candidates import generate_candidates
+from propensity.retrieval import stored_weights
 from propensity.feature_store import check_service, open_store
 from propensity.model_registry import RANKER_MODEL, USER_MODEL, load_version
 from propensity.settings import Settings
@@ -78,6 +79,7 @@ def score_batch(
     progress(f"score-batch: {len(users):,} users at {at.isoformat()} with model {bundle.version}, {catalog.size:,} items")
     out.parent.mkdir(parents=True, exist_ok=True)
     as_of_ts = at.timestamp()
+    weights = stored_weights(bundle.metadata)
     written = 0
     with pq.ParquetWriter(out, SCHEMA) as writer:
         for start in range(0, len(users), chunk_size):
@@ -89,9 +91,10 @@ def score_batch(
             rows = np.vstack([user_vector(s, as_of_ts) for s in states])
             propensity = np.where([s.known for s in states], bundle.predict_users(rows), bundle.base_rate)
             # All candidates of the chunk in one ranker call (vectorised), then top-N per user.
-            candidate_sets = [generate_candidates(s, catalog, settings.candidates).item_idx for s in states]
+            generated = [generate_candidates(s, catalog, settings.candidates, as_of_ts, weights) for s in states]
+            candidate_sets = [g.item_idx for g in generated]
             sizes = np.array([len(c) for c in candidate_sets])
-            matrices = [pair_matrix(s, catalog, c, as_of_ts, user_row=r) for s, c, r in zip(states, candidate_sets, rows) if len(c)]
+            matrices = [pair_matrix(s, catalog, g.item_idx, as_of_ts, user_row=r, signals=g.signals) for s, g, r in zip(states, generated, rows) if len(g.item_idx)]
             scores = bundle.predict_items(np.vstack(matrices)) if matrices else np.empty(0)
             table = _top_n(chunk, propensity, candidate_sets, sizes, scores, catalog.item_ids, top_n)
             writer.write_table(table)

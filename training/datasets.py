@@ -7,7 +7,7 @@ Candidate generation and assembly are the serving code (propensity.candidates, p
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -137,8 +137,9 @@ def assemble(
     candidate_settings: CandidateSettings,
     training: TrainingSettings,
     progress: Callable[[str], None] = print,
+    retrieval_weights: Mapping[str, Mapping[str, float]] | None = None,
 ) -> CutoffData:
-    """Model inputs for both models, built with the serving code path."""
+    """Model inputs for both models, built with the serving code path (candidates picked with retrieval_weights)."""
     for_ranker = ranker_users(rows, training)
     records = user_features.to_dict("records")
     user_x, user_y, user_cut = [], [], []
@@ -155,7 +156,8 @@ def assemble(
         user_cut.append(cutoff)
         if not ranked:
             continue
-        candidates = generate_candidates(user, catalog, candidate_settings).item_idx
+        candidate_set = generate_candidates(user, catalog, candidate_settings, as_of_ts, retrieval_weights)
+        candidates = candidate_set.item_idx
         if not len(candidates):
             continue
         bought_idx = catalog.lookup(bought)
@@ -164,7 +166,7 @@ def assemble(
             buyers += 1
             bought_total += len(bought)
             bought_covered += int(target.sum())
-        pair_x.append(pair_matrix(user, catalog, candidates, as_of_ts, user_row=row).astype(np.float32))
+        pair_x.append(pair_matrix(user, catalog, candidates, as_of_ts, user_row=row, signals=candidate_set.signals).astype(np.float32))
         pair_y.append(target)
         pair_cut.extend([cutoff] * len(candidates))
         pair_group.extend([i] * len(candidates))

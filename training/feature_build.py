@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from propensity.settings import FeatureSettings
-from training import item_features, user_features
+from training import item_features, item_retrieval, user_features
 from training.duck import connect
 from training.feature_sql import DAY_SECONDS
 
@@ -51,6 +51,9 @@ Builder = Callable[[duckdb.DuckDBPyConnection, frozenset[str], FeatureSettings],
 ITEM_BUILDERS: list[tuple[str, Builder]] = [
     ("item_stats", item_features.item_stats),
     ("item_neighbors", item_features.item_neighbors),
+    ("item_factors", item_retrieval.item_factors),
+    ("item_copurchase", item_retrieval.item_copurchase),
+    ("item_content", item_retrieval.item_content),
 ]
 USER_BUILDERS: list[tuple[str, Builder]] = [
     ("user_activity", user_features.user_activity),

@@ -28,6 +28,7 @@ from training.datasets import CutoffData, assemble, cutoff_times, entity_rows, h
 from training.models import RANKER_OBJECTIVES, FittedModel, Periods, fit_model
 from training.prepare import PreparedData
 from training.report import write_training_report
+from training.retrieval_fit import fit_retrieval_weights
 from training.tuning import TuningBudget
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class TrainingData:
     user_features: pd.DataFrame
     catalogs: dict[pd.Timestamp, Catalog]
     data: CutoffData
+    retrieval: dict  # the fitted retrieval weights and what they were fitted on (training/retrieval_fit.py)
 
 
 def default_budget(settings: Settings) -> TuningBudget | None:
@@ -73,9 +75,10 @@ def build_training_data(settings: Settings, prepared: PreparedData, progress: Ca
     item_ids = pd.read_parquet(prepared.directory / "items.parquet", columns=["item_id"])["item_id"].astype(str).tolist()
     catalogs = historical_catalogs(store, item_ids, cutoffs, settings.item_feature_service)
     progress(f"  point-in-time features joined ({time.perf_counter() - started:.1f}s)")
-    data = assemble(rows, user_features, catalogs, settings.candidates, settings.training, progress)
+    retrieval = fit_retrieval_weights(rows, user_features, catalogs, periods.train, settings.training.seed, progress)
+    data = assemble(rows, user_features, catalogs, settings.candidates, settings.training, progress, retrieval["weights"])
     progress(f"  ranker rows: {len(data.pairs.labels):,}; candidates cover {data.candidate_recall:.1%} of items bought")
-    return TrainingData(store, cutoffs, periods, rows, user_features, catalogs, data)
+    return TrainingData(store, cutoffs, periods, rows, user_features, catalogs, data, retrieval)
 
 
 def fit_models(settings: Settings, built: TrainingData, budget: TuningBudget | None, progress: Callable[[str], None] = print) -> dict[str, FittedModel]:
@@ -169,6 +172,7 @@ def train(
             )
         },
         "candidates": settings.candidates.model_dump(),
+        "retrieval": built.retrieval,
         "library_versions": {
             name: package_version(name) for name in ("lightgbm", "feast", "numpy", "pandas", "scikit-learn")
         }

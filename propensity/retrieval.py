@@ -1,0 +1,219 @@
+"""Retrieval signals: how strongly each catalog item is suggested for a user, by every candidate source.
+
+One row of signals per catalog item, computed once per user (request or training row) and used twice:
+their weighted sum picks the candidates (propensity.candidates), and the same values become ranker
+features (propensity.assembly). Shared by training and serving, so both see identical numbers.
+
+Sources: the user's recent items and cart, their purchase history, ALS (the user's vector is folded in
+from their items against the catalog's item factors, so real-time events count at once), time-decayed
+co-purchase neighbours, co-visitation neighbours, content neighbours, category affinity and popularity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from propensity.catalog import UNKNOWN, Catalog
+from propensity.user_state import UserState
+
+DAY_SECONDS = 86_400.0
+SIGNALS: tuple[str, ...] = (
+    "recent",  # 1 for the user's recent items (30 days)
+    "in_cart",  # 1 while carted and not bought since
+    "recent_recency",  # 0.5 ** (days since the last interaction / 7)
+    "bought",  # log(1 + times bought, whole history)
+    "bought_recency",  # 0.5 ** (days since last bought / 60)
+    "bought_decayed",  # log(1 + times bought x bought_recency): frequent and recent
+    "als",  # folded-in user vector . item factors
+    "copurchase",  # log(1 + co-purchase scores from the user's items, weighted by interaction)
+    "covisited",  # log(1 + summed co-visitation scores from the user's recent items)
+    "content",  # log(1 + content similarity from the user's items, weighted by interaction)
+    "category",  # the user's share of events in the item's category
+    "popularity",  # log(1 + the catalog's popularity score)
+    "purchases_7d",  # log(1 + the item's purchases in 7 days): what is selling now
+    "buyers_30d",  # log(1 + the item's distinct buyers in 30 days)
+)
+# Which candidate source a signal speaks for (what `explain` shows as the item's source).
+SOURCE_OF_SIGNAL: dict[str, str] = {
+    "recent": "recent", "in_cart": "recent", "recent_recency": "recent",
+    "bought": "bought_before", "bought_recency": "bought_before", "bought_decayed": "bought_before",
+    "als": "als", "copurchase": "copurchase", "covisited": "covisited", "content": "content",
+    "category": "category_popular", "popularity": "popular", "purchases_7d": "popular", "buyers_30d": "popular",
+}
+# Used when a model version carries no fitted weights (models trained before retrieval was learned).
+DEFAULT_WEIGHTS: dict[str, float] = {
+    "recent": 2.0, "in_cart": 1.0, "recent_recency": 1.0, "bought": 0.5, "bought_recency": 1.0, "bought_decayed": 0.5, "als": 1.0,
+    "copurchase": 0.3, "covisited": 0.3, "content": 0.3, "category": 1.0, "popularity": 0.4, "purchases_7d": 0.0, "buyers_30d": 0.0,
+}
+KNOWN, NEW = "known", "new"  # items the user has interacted with (recent or bought), and all others
+_RECENT_HALF_LIFE_DAYS = 7.0
+_BOUGHT_HALF_LIFE_DAYS = 60.0
+_SEED_RECENT = 10  # most recent items whose co-visited neighbours are suggested
+# Fold-in confidence per interaction (the offline ALS matrix uses the same weights: training/item_retrieval.py).
+_VIEW, _CART, _PURCHASE = 1.0, 3.0, 5.0
+
+
+@dataclass(frozen=True)
+class UserSignals:
+    """values[i, j] = signal SIGNALS[j] of catalog item i; the extra last row (UNKNOWN items) is all zero."""
+
+    values: np.ndarray
+
+    def at(self, item_idx: np.ndarray) -> np.ndarray:
+        """Rows for catalog indices (UNKNOWN allowed)."""
+        return self.values[np.where(item_idx == UNKNOWN, len(self.values) - 1, item_idx)]
+
+
+@dataclass(frozen=True)
+class RetrievalWeights:
+    """Two linear scores on the signals, one for items the user knows (recent or bought) and one for new items.
+
+    Each is a fitted log-odds of "bought within the horizon" (training/retrieval_fit.py), so the two
+    segments compare on one scale: a rebuy and a discovery compete for the candidate budget by probability.
+    """
+
+    known: np.ndarray
+    known_intercept: float
+    new: np.ndarray
+    new_intercept: float
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Mapping[str, float]] | None) -> RetrievalWeights:
+        """From {"known": {signal: w, "intercept": b}, "new": {...}} (missing signals weigh 0); None gives the defaults."""
+        if data is None:
+            data = {KNOWN: {**DEFAULT_WEIGHTS, "intercept": 0.0}, NEW: {**DEFAULT_WEIGHTS, "intercept": -2.0}}
+
+        def vector(segment: Mapping[str, float]) -> np.ndarray:
+            return np.array([float(segment.get(name, 0.0)) for name in SIGNALS])
+
+        return cls(vector(data[KNOWN]), float(data[KNOWN].get("intercept", 0.0)), vector(data[NEW]), float(data[NEW].get("intercept", 0.0)))
+
+    def to_json(self) -> dict[str, dict[str, float]]:
+        return {
+            segment: {**{n: round(float(v), 6) for n, v in zip(SIGNALS, w)}, "intercept": round(b, 6)}
+            for segment, w, b in ((KNOWN, self.known, self.known_intercept), (NEW, self.new, self.new_intercept))
+        }
+
+    def score(self, values: np.ndarray) -> np.ndarray:
+        """Retrieval log-odds of each row of signals."""
+        known = known_items(values)
+        return np.where(known, values @ self.known + self.known_intercept, values @ self.new + self.new_intercept)
+
+    def sources(self, values: np.ndarray) -> np.ndarray:
+        """Per row: the source whose weighted signals contribute most (object array of source names)."""
+        weights = np.where(known_items(values)[:, None], self.known, self.new)
+        return _strongest_source(values * weights)
+
+
+def known_items(values: np.ndarray) -> np.ndarray:
+    """Rows of signals for items the user has interacted with (recent) or bought."""
+    return (values[:, _COLUMN["recent"]] > 0) | (values[:, _COLUMN["bought"]] > 0)
+
+
+def stored_weights(metadata: Mapping[str, object]) -> Mapping[str, Mapping[str, float]] | None:
+    """The retrieval weights a model version was trained with (None for versions trained before they were fitted)."""
+    retrieval = metadata.get("retrieval")
+    return retrieval.get("weights") if isinstance(retrieval, Mapping) else None
+
+
+def user_signals(user: UserState, catalog: Catalog, as_of_ts: float) -> UserSignals:
+    """Every signal for every catalog item, for one user at as_of_ts (epoch seconds)."""
+    n = catalog.size
+    values = np.zeros((n + 1, len(SIGNALS)))
+    column = {name: j for j, name in enumerate(SIGNALS)}
+    recent = user.recent_idx
+    if len(recent):
+        values[recent, column["recent"]] = 1.0
+        values[recent, column["in_cart"]] = np.nan_to_num(user.recent_in_cart)
+        age = np.maximum(as_of_ts - user.recent_last_ts, 0.0) / DAY_SECONDS
+        values[recent, column["recent_recency"]] = np.nan_to_num(0.5 ** (age / _RECENT_HALF_LIFE_DAYS))
+    bought = user.bought_idx
+    if len(bought):
+        values[bought, column["bought"]] = np.log1p(np.nan_to_num(user.bought_counts))
+        age = np.maximum(as_of_ts - user.bought_last_ts, 0.0) / DAY_SECONDS
+        decay = np.nan_to_num(0.5 ** (age / _BOUGHT_HALF_LIFE_DAYS))
+        values[bought, column["bought_recency"]] = decay
+        values[bought, column["bought_decayed"]] = np.log1p(np.nan_to_num(user.bought_counts) * decay)
+    seeds, seed_weights = _interactions(user, as_of_ts)
+    values[:n, column["als"]] = _als_scores(catalog, seeds, seed_weights)
+    values[:n, column["copurchase"]] = np.log1p(_neighbour_sum(catalog.copurchase, seeds, seed_weights, n))
+    recent_seeds = recent[:_SEED_RECENT]
+    values[:n, column["covisited"]] = np.log1p(_neighbour_sum(catalog.neighbors, recent_seeds, np.ones(len(recent_seeds)), n))
+    values[:n, column["content"]] = np.log1p(_neighbour_sum(catalog.content, seeds, seed_weights, n))
+    values[:n, column["category"]] = _category_share(user, catalog)
+    values[:n, column["popularity"] : column["buyers_30d"] + 1] = catalog.popularity_signals
+    return UserSignals(values)
+
+
+_SOURCES = tuple(dict.fromkeys(SOURCE_OF_SIGNAL.values()))
+_SOURCE_GROUP = np.array([_SOURCES.index(SOURCE_OF_SIGNAL[name]) for name in SIGNALS])
+_COLUMN = {name: j for j, name in enumerate(SIGNALS)}
+
+
+def _strongest_source(contributions: np.ndarray) -> np.ndarray:
+    if not len(contributions):
+        return np.empty(0, dtype=object)
+    per_source = np.zeros((len(contributions), len(_SOURCES)))
+    np.add.at(per_source.T, _SOURCE_GROUP, contributions.T)
+    return np.asarray(_SOURCES, dtype=object)[np.argmax(per_source, axis=1)]
+
+
+def fold_in(catalog: Catalog, idx: np.ndarray, weight: np.ndarray) -> np.ndarray | None:
+    """A user's ALS vector from their items and interaction weights (Hu, Koren & Volinsky's implicit update); None without one."""
+    factors = catalog.item_factors
+    if factors is None:
+        return None
+    has_vector = catalog.has_factors[idx] if len(idx) else np.zeros(0, dtype=bool)
+    idx, weight = idx[has_vector], weight[has_vector]
+    if not len(idx):
+        return None
+    y = factors[idx]
+    confidence = catalog.als_alpha * weight  # implicit's convention: confidence = alpha x interaction weight
+    # (Y'Y + Y_u'(C_u - I)Y_u + lambda I) x = Y_u' C_u p_u, with p = 1 on the user's items (implicit's exact user update).
+    a = catalog.factor_gram + (y.T * (confidence - 1.0)) @ y + catalog.als_regularization * np.eye(y.shape[1])
+    return np.linalg.solve(a, y.T @ confidence)
+
+
+def _als_scores(catalog: Catalog, idx: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    vector = fold_in(catalog, idx, weight)
+    if vector is None:
+        return np.zeros(catalog.size)
+    return catalog.item_factors[: catalog.size] @ vector
+
+
+def _interactions(user: UserState, as_of_ts: float) -> tuple[np.ndarray, np.ndarray]:
+    """The user's items and interaction weights (recent views and carts, purchases decayed by age), one entry per item."""
+    recent_weight = (
+        _VIEW * np.nan_to_num(user.recent_views_7d) + _CART * np.nan_to_num(user.recent_carts_7d) + _PURCHASE * np.nan_to_num(user.recent_purchases_30d)
+    )
+    recent_weight = np.maximum(recent_weight, _VIEW)  # an interaction older than 7 days still says something
+    age = np.maximum(as_of_ts - user.bought_last_ts, 0.0) / DAY_SECONDS
+    bought_weight = _PURCHASE * np.nan_to_num(user.bought_counts) * np.nan_to_num(0.5 ** (age / _BOUGHT_HALF_LIFE_DAYS))
+    idx = np.concatenate([user.recent_idx, user.bought_idx]).astype(np.int64)
+    weight = np.concatenate([recent_weight, bought_weight])
+    if not len(idx):
+        return idx, weight
+    unique, inverse = np.unique(idx, return_inverse=True)
+    return unique, np.bincount(inverse, weights=weight)
+
+
+def _neighbour_sum(neighbours: list[tuple[np.ndarray, np.ndarray]], seeds: np.ndarray, seed_weights: np.ndarray, n: int) -> np.ndarray:
+    """Sum over the seed items of (seed weight x neighbour score) for every catalog item."""
+    scores = np.zeros(n + 1)
+    for seed, weight in zip(seeds, seed_weights):
+        ids, similarity = neighbours[seed]
+        if len(ids):
+            np.add.at(scores, ids, weight * similarity)
+    return scores[:n]
+
+
+def _category_share(user: UserState, catalog: Catalog) -> np.ndarray:
+    share_by_code = np.zeros(len(catalog.category_names) + 1)  # last slot: items without a category
+    for category, share in zip(user.top_categories, user.top_category_shares):
+        code = catalog.category_code_of.get(category)
+        if code is not None:
+            share_by_code[code] = share
+    return share_by_code[catalog.category_codes]

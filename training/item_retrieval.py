@@ -1,0 +1,155 @@
+"""Item tables for retrieval: ALS item factors, time-decayed co-purchase neighbours, content neighbours.
+
+Collaborative tables are weekly snapshots ending at as-of (like item_neighbors): snapshot k is
+valid from day as_of - 7k and is fitted only on events before it, so a point-in-time join at any
+cut-off reads a fit that never saw the cut-off's future. Every snapshot holds a row for every item
+of the catalog, so one catalog never mixes factors from two fits. Content neighbours come from the
+item table alone (titles, categories, brands, price bands) and have one snapshot.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import scipy.sparse as sp
+
+from propensity.settings import FeatureSettings
+from training.feature_sql import DAY_SECONDS
+
+# Interaction weights of the user x item matrix behind ALS and co-purchase (a purchase says most).
+EVENT_WEIGHTS = {"views": 1.0, "carts": 3.0, "purchases": 5.0}
+
+
+def item_factors(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], settings: FeatureSettings) -> None:
+    """ALS (implicit) item factors per weekly snapshot; a user's vector is folded in at request time from their items."""
+    from implicit.als import AlternatingLeastSquares
+    from threadpoolctl import threadpool_limits
+
+    items, snapshots = _catalog_and_snapshots(con, settings)
+    rows = []
+    for b in snapshots:
+        matrix = _interactions(con, items, b, settings.retrieval_half_life_days)
+        if matrix.nnz == 0:
+            continue
+        model = AlternatingLeastSquares(
+            factors=settings.als_factors, regularization=settings.als_regularization, alpha=settings.als_alpha,
+            iterations=settings.als_iterations, random_state=0,
+        )
+        with threadpool_limits(1, "blas"):  # implicit's own threads do the work; nested BLAS threads only slow it down
+            model.fit(matrix, show_progress=False)
+        factors = np.asarray(model.item_factors, dtype=np.float64)
+        # Items nobody touched before this snapshot keep ALS's random start: give them no vector instead.
+        seen = np.asarray(matrix.getnnz(axis=0)) > 0
+        rows.append(pd.DataFrame({
+            "item_id": items, "b": b, "als_factors": [f.tolist() if s else None for f, s in zip(factors, seen)],
+            # Folding a user in must use the fit's own hyper-parameters: they travel with the factors.
+            "als_alpha": settings.als_alpha, "als_regularization": settings.als_regularization,
+        }))
+    _register(con, "item_factors", rows, {"als_factors": pa.list_(pa.float64()), "als_alpha": pa.float64(), "als_regularization": pa.float64()})
+
+
+def item_copurchase(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], settings: FeatureSettings) -> None:
+    """Items bought (or carted) by the same shoppers, time-decayed and BM25-weighted, per weekly snapshot."""
+    from implicit.nearest_neighbours import BM25Recommender
+
+    items, snapshots = _catalog_and_snapshots(con, settings)
+    kinds = ("carts", "purchases") if "purchase" in event_types or "add_to_cart" in event_types else ("views",)
+    rows = []
+    for b in snapshots:
+        matrix = _interactions(con, items, b, settings.retrieval_half_life_days, kinds)
+        if matrix.nnz == 0:
+            continue
+        model = BM25Recommender(K=settings.neighbors_per_item + 1)
+        with warnings.catch_warnings():  # implicit warns that its own BM25 weighting hands it COO input
+            warnings.simplefilter("ignore")
+            model.fit(matrix, show_progress=False)
+        ids, scores = _top_lists(model.similarity.tocsr(), items, settings.neighbors_per_item)
+        rows.append(pd.DataFrame({"item_id": items, "b": b, "copurchase_item_ids": ids, "copurchase_scores": scores}))
+    _register(con, "item_copurchase", rows, {"copurchase_item_ids": pa.list_(pa.string()), "copurchase_scores": pa.list_(pa.float64())})
+
+
+def item_content(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], settings: FeatureSettings) -> None:
+    """Most similar items by title words, category, brand and price band (TF-IDF cosine): items with little history."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    frame = con.execute("SELECT * FROM items ORDER BY item_id").df()
+    first_day = con.execute("SELECT first_day FROM params").fetchall()[0][0]
+    documents = content_documents(frame)
+    rows = []
+    if len(frame) and documents.str.len().sum():
+        vectors = TfidfVectorizer(min_df=1, sublinear_tf=True, token_pattern=r"\S+").fit_transform(documents).tocsr()
+        ids, scores = [], []
+        for start in range(0, vectors.shape[0], 2000):  # bounded memory on large catalogs
+            block = (vectors[start : start + 2000] @ vectors.T).tocsr()
+            block_ids, block_scores = _top_lists(block, frame["item_id"].to_numpy(), settings.neighbors_per_item, offset=start)
+            ids += block_ids
+            scores += block_scores
+        rows.append(pd.DataFrame({"item_id": frame["item_id"].to_numpy(), "b": first_day or 0, "content_item_ids": ids, "content_scores": scores}))
+    _register(con, "item_content", rows, {"content_item_ids": pa.list_(pa.string()), "content_scores": pa.list_(pa.float64())})
+
+
+def content_documents(items: pd.DataFrame) -> pd.Series:
+    """One bag of tokens per item: lower-case title words, then cat:/brand:/price: tokens (price in log-spaced bands)."""
+    def column(name: str) -> pd.Series:
+        return items[name] if name in items else pd.Series([None] * len(items), index=items.index)
+
+    words = column("title").fillna("").astype(str).str.lower().map(lambda t: " ".join(re.findall(r"[a-z0-9]+", t)))
+    category = column("category_id").map(lambda c: f"cat:{c}" if pd.notna(c) else "")
+    brand = column("brand").map(lambda v: f"brand:{str(v).lower()}" if pd.notna(v) else "")
+    price = pd.to_numeric(column("price"), errors="coerce")
+    band = np.floor(np.log2(price.where(price > 0))).map(lambda v: f"price:{int(v)}" if pd.notna(v) else "")
+    return (words + " " + category + " " + brand + " " + band).str.strip()
+
+
+def _catalog_and_snapshots(con: duckdb.DuckDBPyConnection, settings: FeatureSettings) -> tuple[np.ndarray, list[int]]:
+    items = con.execute("SELECT item_id FROM items UNION SELECT DISTINCT item_id FROM user_item_day ORDER BY item_id").df()["item_id"].to_numpy()
+    as_of_day, first_day = con.execute("SELECT as_of_day, first_day FROM params").fetchall()[0]
+    snapshots = [as_of_day - 7 * k for k in range(settings.retrieval_snapshots)]
+    return items, [b for b in snapshots if first_day is not None and b > first_day]
+
+
+def _interactions(con: duckdb.DuckDBPyConnection, items: np.ndarray, b: int, half_life_days: float, kinds: tuple[str, ...] = tuple(EVENT_WEIGHTS)) -> sp.csr_matrix:
+    """users x items: weighted event counts per day before day b, each day decayed by its age (half-life in days)."""
+    weight = " + ".join(f"{EVENT_WEIGHTS[k]} * coalesce({k}, 0)" for k in kinds)
+    frame = con.execute(
+        f"""
+        SELECT user_id, item_id, sum(({weight}) * pow(0.5, ({b} - day) / {float(half_life_days)})) AS w
+        FROM user_item_day WHERE day < {b} GROUP BY ALL HAVING w > 0
+        """
+    ).df()
+    users = pd.Index(frame["user_id"].unique())
+    columns = pd.Index(items).get_indexer(frame["item_id"])
+    matrix = sp.csr_matrix((frame["w"].to_numpy(float), (users.get_indexer(frame["user_id"]), columns)), shape=(len(users), len(items)))
+    matrix.sum_duplicates()
+    return matrix
+
+
+def _top_lists(similarity: sp.csr_matrix, item_ids: np.ndarray, k: int, offset: int = 0) -> tuple[list, list]:
+    """Per row: the k most similar other items (ids, scores), strongest first; None for a row without any."""
+    ids, scores = [], []
+    for r in range(similarity.shape[0]):
+        lo, hi = similarity.indptr[r], similarity.indptr[r + 1]
+        cols, vals = similarity.indices[lo:hi], similarity.data[lo:hi]
+        keep = (cols != r + offset) & (vals > 0)
+        cols, vals = cols[keep], vals[keep]
+        order = np.lexsort((cols, -vals))[:k]
+        ids.append(item_ids[cols[order]].tolist() if len(order) else None)
+        scores.append(vals[order].astype(float).tolist() if len(order) else None)
+    return ids, scores
+
+
+def _register(con: duckdb.DuckDBPyConnection, name: str, parts: list[pd.DataFrame], types: dict[str, pa.DataType]) -> None:
+    """Create temp table `name` (item_id, event_timestamp, feature columns) from per-snapshot frames, typed even when empty."""
+    columns = ["item_id", "b", *types]
+    frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({c: [] for c in columns})
+    schema = pa.schema([("item_id", pa.string()), ("b", pa.int64()), *types.items()])
+    table = pa.Table.from_pandas(frame[columns], schema=schema, preserve_index=False)
+    con.register(f"{name}_frame", table)
+    lists = ", ".join(types)
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {name} AS SELECT item_id, to_timestamp(b * {DAY_SECONDS}) AS event_timestamp, {lists} FROM {name}_frame")
+    con.unregister(f"{name}_frame")
