@@ -78,3 +78,38 @@ def test_mlp_baseline_learns_a_simple_signal() -> None:
     from sklearn.metrics import roc_auc_score
 
     assert roc_auc_score(y[1500:], p) > 0.85
+
+
+def _shopper(catalog: Catalog, recent: list[str], in_cart: list[float], views: list[float], last_ts: list[float]) -> UserState:
+    row = {
+        "last_event_ts": 1.0,
+        "recent_item_ids": recent,
+        "recent_item_in_cart": in_cart,
+        "recent_item_views_7d": views,
+        "recent_item_last_ts": last_ts,
+    }
+    return UserState.from_row("u1", row, catalog)
+
+
+def test_recent_interactions_lists_cart_items_by_recency_then_other_items_by_recency_then_views() -> None:
+    catalog = _catalog()
+    # Most recent first, as the feature build lists them: f and d still in the cart (d more recent);
+    # e and b viewed at the same time (b more often), a longest ago.
+    user = _shopper(catalog, ["d", "e", "b", "f", "a"], in_cart=[1, 0, 0, 1, 0], views=[1, 1, 4, 2, 9], last_ts=[50, 40, 40, 30, 10])
+    assert baselines.recent_interactions(user, catalog, 10) == ["d", "f", "b", "e", "a"]
+    assert baselines.recent_interactions(user, catalog, 3) == ["d", "f", "b"]
+
+
+def test_recent_interactions_keeps_list_order_when_times_are_missing_and_skips_unavailable_and_unknown_items() -> None:
+    catalog = Catalog.from_frame(ITEMS.assign(item_available=[1.0, 1.0, 0.0, 1.0, 1.0, 1.0]))  # c no longer sold
+    user = _shopper(catalog, ["e", "c", "zz", "a"], in_cart=[0, 1, 1, 0], views=[1, 1, 1, 1], last_ts=[float("nan")] * 4)
+    assert baselines.recent_interactions(user, catalog, 10) == ["e", "a"]
+    assert baselines.recent_interactions(_user(catalog, [], [], []), catalog, 10) == []
+
+
+def test_recent_interactions_popularity_fill_tops_up_with_popular_items_not_listed() -> None:
+    catalog = _catalog()
+    user = _shopper(catalog, ["c", "a"], in_cart=[0, 0], views=[1, 1], last_ts=[20, 10])
+    assert baselines.recent_interactions_popularity_fill(user, catalog, 4) == ["c", "a", "b", "d"]
+    assert baselines.recent_interactions_popularity_fill(user, catalog, 1) == ["c"]
+    assert baselines.recent_interactions_popularity_fill(_user(catalog, [], [], []), catalog, 3) == ["a", "b", "c"]

@@ -3,7 +3,9 @@
 Ranking baselines return each user's top-k item ids from the catalog as it was at the cut-off
 (whole catalog, not only the candidates); when a baseline has fewer than k items of its own
 (e.g. buy-again for a first-time buyer) the rest is filled with globally popular items, so every
-baseline always recommends k items. The propensity baseline is an MLP on standardised features.
+baseline always recommends k items. The exceptions are the recent-interaction heuristics: the
+plain one lists only what the user touched (so it shows what memory alone is worth), its
+popularity-filled twin tops that up to k. The propensity baseline is an MLP on standardised features.
 """
 
 from __future__ import annotations
@@ -23,7 +25,14 @@ from sklearn.preprocessing import StandardScaler
 from propensity.catalog import Catalog
 from propensity.user_state import UserState
 
-RANKING_BASELINES = ("global_popularity", "category_popularity", "covisitation", "buy_again")
+RANKING_BASELINES = (
+    "global_popularity",
+    "category_popularity",
+    "covisitation",
+    "buy_again",
+    "recent_interactions",
+    "recent_interactions_popularity_fill",
+)
 
 
 def _top_k(scores: np.ndarray, catalog: Catalog, k: int) -> list[str]:
@@ -61,6 +70,33 @@ def buy_again(history: Sequence[str], catalog: Catalog, k: int = 10) -> list[str
     own = [i for i in history if i in catalog.index][:k]
     seen = set(own)
     return own + [i for i in global_popularity(catalog, k + len(own)) if i not in seen][: k - len(own)]
+
+
+def recent_interactions(user: UserState, catalog: Catalog, k: int = 10) -> list[str]:
+    """Items still in the user's cart, most recent first; then the user's other recent items by recency, then view count.
+
+    Only available items, as serving's candidates: an item the shop does not sell cannot be recommended.
+    """
+    idx = user.recent_idx
+    if not len(idx):
+        return []
+    in_cart = np.nan_to_num(user.recent_in_cart, nan=0.0) > 0
+    last = np.nan_to_num(user.recent_last_ts, nan=-np.inf)  # a shop without item times falls back to list order
+    views = np.nan_to_num(user.recent_views_7d, nan=0.0)
+    # lexsort: the last key is the primary one; list position (most recent first) breaks the remaining ties.
+    order = np.lexsort((np.arange(len(idx)), -views, -last, ~in_cart))
+    ranked = idx[order]
+    ranked = ranked[catalog.available[ranked]]
+    _, first = np.unique(ranked, return_index=True)
+    return catalog.item_ids[ranked[np.sort(first)][:k]].tolist()
+
+
+def recent_interactions_popularity_fill(user: UserState, catalog: Catalog, k: int = 10) -> list[str]:
+    """recent_interactions, then the most popular available items not already listed, up to k."""
+    own = recent_interactions(user, catalog, k)
+    seen = set(own)
+    fill = (str(catalog.item_ids[i]) for i in catalog.popular_order if catalog.item_ids[i] not in seen)  # lazy: stops after k
+    return own + [i for _, i in zip(range(k - len(own)), fill)]
 
 
 def purchase_history(prepared_dir: Path, user_ids: Sequence[str], before: datetime) -> dict[str, list[str]]:

@@ -14,7 +14,12 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="docs/evaluation", help="report directory (default docs/evaluation)")
     parser.add_argument("--label", required=True, help="dataset label, e.g. demo_h7 or uci_online_retail_h30 (one sub-directory each)")
     parser.add_argument("--horizon-days", type=int, help="override settings.training.horizon_days")
-    parser.add_argument("--n-cutoffs", type=int, help="override settings.training.n_cutoffs (>= 3: train, validation, test)")
+    parser.add_argument(
+        "--n-cutoffs", type=int, help="all cut-offs to build (train + validation + test); default settings.training.n_cutoffs + test cut-offs - 1"
+    )
+    parser.add_argument(
+        "--test-cutoffs", type=int, default=1, help="pool the last N cut-offs as the test period, for more test users (default 1)"
+    )
     parser.add_argument("--trials", type=int, default=15, help="Optuna trials per model and objective; 0 turns tuning off")
     parser.add_argument("--tuning-seconds", type=float, default=60.0, help="wall-time cap of each search (a running trial finishes)")
     parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the CIs")
@@ -31,7 +36,7 @@ def add_score_batch_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from propensity.cli import _settings
-    from training.evaluate import cmd_evaluate as run
+    from training.evaluation import cmd_evaluate as run
 
     return run(args, _settings(args))
 

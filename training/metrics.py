@@ -1,15 +1,17 @@
 """Evaluation metrics: propensity (probability quality, thresholded, lift) and ranking (per-user top-k), with bootstrap CIs.
 
 Everything here is pure numpy / pandas on arrays of labels and scores, so it is tested against
-scikit-learn where scikit-learn has the same metric.
+scikit-learn where scikit-learn has the same metric. Paired bootstraps resample the same users
+(or rows) for both arms of a comparison, so what is shared between the arms cancels out.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, brier_score_loss, log_loss, roc_auc_score
 
 EPS = 1e-15
@@ -79,7 +81,7 @@ def propensity_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[s
     }
 
 
-def ranking_metrics_per_user(ranked: list[Sequence], relevant: list[set], k: int = 10) -> pd.DataFrame:
+def ranking_metrics_per_user(ranked: Sequence[Sequence], relevant: Sequence[set], k: int = 10) -> pd.DataFrame:
     """Per user: recall@k, NDCG@k, hit@k and reciprocal rank of a ranked item list against the set of items bought.
 
     Only users with at least one bought item belong here; a bought item missing from the ranked list
@@ -133,3 +135,84 @@ def bootstrap_metric(y: np.ndarray, p: np.ndarray, metric: Callable[[np.ndarray,
         if len(np.unique(y[idx])) == 2:
             values.append(metric(y[idx], p[idx]))
     return (float(np.quantile(values, 0.025)), float(np.quantile(values, 0.975))) if values else (np.nan, np.nan)
+
+
+def fast_roc_auc(y: np.ndarray, p: np.ndarray) -> float:
+    """ROC-AUC from average ranks (Mann-Whitney), equal to scikit-learn's; fast enough to call in every bootstrap resample."""
+    y = np.asarray(y).astype(bool)
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    if not n_pos or not n_neg:
+        return np.nan
+    ranks = rankdata(np.asarray(p, dtype=float))
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def clipped_log_loss(y: np.ndarray, p: np.ndarray) -> float:
+    """Mean binary log loss with p clipped to [EPS, 1 - EPS], as propensity_metrics reports it."""
+    y, p = np.asarray(y, dtype=float), np.clip(np.asarray(p, dtype=float), EPS, 1 - EPS)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))
+
+
+def pr_auc(y: np.ndarray, p: np.ndarray) -> float:
+    """Average precision (the PR-AUC of the report)."""
+    return float(average_precision_score(y, p))
+
+
+# Row-level propensity metrics compared between models, with whether higher is better.
+ROW_METRICS: dict[str, tuple[Callable[[np.ndarray, np.ndarray], float], bool]] = {
+    "roc_auc": (fast_roc_auc, True),
+    "pr_auc": (pr_auc, True),
+    "log_loss": (clipped_log_loss, False),
+}
+
+
+def _percentile_ci(values: np.ndarray, alpha: float) -> tuple[float, float]:
+    if not len(values):
+        return np.nan, np.nan
+    low, high = np.quantile(values, [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
+
+
+def paired_bootstrap_means(a: pd.DataFrame, b: pd.DataFrame, n_boot: int = 200, seed: int = 0, alpha: float = 0.05) -> dict[str, tuple[float, float, float]]:
+    """Per column: mean(a) - mean(b) and its percentile CI, each resample drawing the same users (row indices) for both arms.
+
+    a and b are per-user tables of the same users in the same order (e.g. ranking_from_hits of two models).
+    """
+    if list(a.columns) != list(b.columns) or len(a) != len(b):
+        raise ValueError(f"paired tables differ: {a.shape} {list(a.columns)} vs {b.shape} {list(b.columns)}")
+    diff = a.to_numpy(dtype=float) - b.to_numpy(dtype=float)
+    n = len(diff)
+    if n == 0:
+        return {c: (np.nan, np.nan, np.nan) for c in a.columns}
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    result = {}
+    for j, column in enumerate(a.columns):
+        # A mean of differences is the difference of means, so one array per column is enough.
+        result[column] = (float(diff[:, j].mean()), *_percentile_ci(diff[idx, j].mean(axis=1), alpha))
+    return result
+
+
+def paired_bootstrap_rows(
+    y: np.ndarray,
+    a: np.ndarray,
+    b: np.ndarray,
+    metrics: Mapping[str, Callable[[np.ndarray, np.ndarray], float]],
+    n_boot: int = 200,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict[str, tuple[float, float, float]]:
+    """Per metric: metric(y, a) - metric(y, b) and its percentile CI, each resample drawing the same rows for both arms.
+
+    Resamples holding only one class are skipped for both arms alike (no AUC is defined there).
+    """
+    y, a, b = np.asarray(y), np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {name: [] for name in metrics}
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(y), len(y))
+        if len(np.unique(y[idx])) < 2:
+            continue
+        for name, metric in metrics.items():
+            draws[name].append(metric(y[idx], a[idx]) - metric(y[idx], b[idx]))
+    return {name: (float(metric(y, a) - metric(y, b)), *_percentile_ci(np.asarray(draws[name]), alpha)) for name, metric in metrics.items()}
