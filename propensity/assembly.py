@@ -24,6 +24,12 @@ USER_DERIVED: tuple[str, ...] = (
     "n_recent_items",
     "n_items_in_cart",
     "top_category_share",
+    # Intent concentrated on one item says more than the same events spread thin (repeat views before a purchase).
+    "max_item_views_7d",
+    "max_item_carts_7d",
+    "n_items_carted_7d",
+    "in_cart_max_views_7d",
+    "days_since_last_in_cart_item",
 )
 USER_MODEL_FEATURES: tuple[str, ...] = USER_SCALARS + USER_DERIVED
 
@@ -64,9 +70,22 @@ def user_vector(user: UserState, as_of_ts: float) -> np.ndarray:
             float(len(user.recent_idx)),
             float(user.recent_in_cart.sum()) if len(user.recent_in_cart) else 0.0,
             float(user.top_category_shares[0]) if len(user.top_category_shares) else np.nan,
+            *_intent(user, as_of_ts),
         ]
     )
     return np.concatenate([user.scalars, derived])
+
+
+def _intent(user: UserState, as_of_ts: float) -> tuple[float, float, float, float, float]:
+    """Per-item intent summarised per user: the most viewed and carted item, carted items, and the freshest cart."""
+    views, carts = user.recent_views_7d, user.recent_carts_7d
+    in_cart = np.nan_to_num(user.recent_in_cart) > 0
+    top_views = float(np.max(views)) if len(views) and not np.isnan(views).all() else np.nan
+    top_carts = float(np.max(carts)) if len(carts) and not np.isnan(carts).all() else np.nan
+    carted = float((np.nan_to_num(carts) > 0).sum()) if len(carts) and not np.isnan(carts).all() else np.nan
+    cart_views = float(np.nanmax(views[in_cart])) if in_cart.any() and not np.isnan(views[in_cart]).all() else np.nan
+    freshest = float((as_of_ts - np.max(user.recent_last_ts[in_cart])) / DAY_SECONDS) if in_cart.any() else np.nan
+    return top_views, top_carts, carted, cart_views, freshest
 
 
 def user_matrix(users: Sequence[UserState], as_of_ts: float | Sequence[float]) -> np.ndarray:

@@ -51,15 +51,24 @@ def generate_candidates(
     eligible[recent] = False
     pool = np.flatnonzero(eligible)
     room = max(budget - len(recent), 0)
-    if room and len(pool):
-        take = min(room, len(pool))
-        best = pool[np.argpartition(-score[pool], take - 1)[:take]] if take < len(pool) else pool
-        best = best[np.lexsort((best, -score[best]))]  # best first, ties by index: deterministic
-    else:
-        best = np.empty(0, dtype=np.int64)
+    best = _best(pool, score[pool], room)
     item_idx = np.concatenate([recent, best]).astype(np.int64)
     names = np.concatenate([np.full(len(recent), "recent", dtype=object), retrieval.sources(signals.values[best])])
     sources: dict[str, int] = {}
     for name in names:
         sources[name] = sources.get(name, 0) + 1
     return CandidateSet(item_idx=item_idx, sources=sources, item_sources=names, signals=signals)
+
+
+def _best(items: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
+    """The k items with the highest scores, best first; ties go to the lower index, so the choice is deterministic. O(n)."""
+    k = min(k, len(items))
+    if k <= 0:
+        return np.empty(0, dtype=np.int64)
+    if k < len(items):
+        threshold = -np.partition(-scores, k - 1)[k - 1]
+        above = scores > threshold
+        tied = np.flatnonzero(scores == threshold)[: k - int(above.sum())]  # items are in index order
+        keep = np.flatnonzero(above)
+        items, scores = items[np.concatenate([keep, tied])], scores[np.concatenate([keep, tied])]
+    return items[np.lexsort((items, -scores))]

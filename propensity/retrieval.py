@@ -158,7 +158,10 @@ def _strongest_source(contributions: np.ndarray) -> np.ndarray:
         return np.empty(0, dtype=object)
     per_source = np.zeros((len(contributions), len(_SOURCES)))
     np.add.at(per_source.T, _SOURCE_GROUP, contributions.T)
-    return np.asarray(_SOURCES, dtype=object)[np.argmax(per_source, axis=1)]
+    strongest = np.argmax(per_source, axis=1)
+    # An item no source speaks for only fills the budget, as the least popular of the popular ones.
+    strongest[per_source.max(axis=1) <= 0] = _SOURCES.index("popular")
+    return np.asarray(_SOURCES, dtype=object)[strongest]
 
 
 def fold_in(catalog: Catalog, idx: np.ndarray, weight: np.ndarray) -> np.ndarray | None:

@@ -63,7 +63,9 @@ class TrainingSettings(_Section):
     """Label definition, cut-offs and LightGBM parameters."""
 
     horizon_days: int = Field(7, description="A label is 1 if the user buys within this many days after the cut-off.")
-    n_cutoffs: int = Field(4, description="Rolling weekly cut-offs used to build training rows; the last is the test period, the one before it validation.")
+    n_cutoffs: int = Field(
+        8, description="Rolling weekly cut-offs used to build training rows (as many as the log allows); the last is the test period, the one before it validation."
+    )
     cutoff_step_days: int = Field(7, description="Days between consecutive cut-offs.")
     validation_cutoffs: int = Field(1, description="How many of the latest cut-offs form the validation period.")
     max_users_per_cutoff: int = Field(50_000, description="Sample cap of users per cut-off (keeps training bounded).")

@@ -156,9 +156,21 @@ def test_category_share_and_rank_map_each_candidates_category(catalog: Catalog, 
 
 
 def test_covisit_score_sums_over_recent_items(catalog: Catalog, user: UserState) -> None:
-    # recent b -> a 2.0, d 0.5; recent a -> b 3.0, d 1.0.
+    # recent b -> a 2.0, d 0.5; recent a -> b 3.0, d 1.0; the retrieval signal is log(1 + sum).
     matrix = pair_matrix(user, catalog, np.array([A, B, C, D, E]), NOW)
-    assert _col(matrix, "ui_covisit_score").tolist() == [2.0, 3.0, 0.0, 1.5, 0.0]
+    np.testing.assert_allclose(_col(matrix, "ui_covisit_score"), np.log1p([2.0, 3.0, 0.0, 1.5, 0.0]))
+
+
+def test_intent_features_summarise_the_recent_items(catalog: Catalog, user: UserState) -> None:
+    row = dict(zip(USER_MODEL_FEATURES, user_vector(user, NOW)))
+    views, carts, in_cart = user.recent_views_7d, user.recent_carts_7d, user.recent_in_cart > 0
+    assert row["max_item_views_7d"] == views.max() and row["max_item_carts_7d"] == carts.max()
+    assert row["n_items_carted_7d"] == (carts > 0).sum()
+    if in_cart.any():
+        assert row["in_cart_max_views_7d"] == views[in_cart].max()
+        assert row["days_since_last_in_cart_item"] == pytest.approx((NOW - user.recent_last_ts[in_cart].max()) / 86_400)
+    else:
+        assert np.isnan(row["in_cart_max_views_7d"]) and np.isnan(row["days_since_last_in_cart_item"])
 
 
 def test_price_ratio_and_popularity_rank(catalog: Catalog, user: UserState) -> None:

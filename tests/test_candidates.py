@@ -1,4 +1,4 @@
-"""Tests for candidate generation: source order, de-duplication, availability and the cap."""
+"""Tests for candidate generation: recent items first, then the catalog by retrieval score; availability, cap, sources."""
 
 import numpy as np
 import pandas as pd
@@ -6,8 +6,11 @@ import pytest
 
 from propensity.candidates import generate_candidates
 from propensity.catalog import Catalog
+from propensity.retrieval import SIGNALS
 from propensity.settings import CandidateSettings
 from propensity.user_state import UserState
+
+NOW = 1_700_000_000.0
 
 
 @pytest.fixture()
@@ -27,88 +30,93 @@ def catalog() -> Catalog:
     )
 
 
-def _user(catalog: Catalog, recent: list[str], categories: list[str], bought: list[str] | None = None) -> UserState:
+def _user(catalog: Catalog, recent: list[str], categories: list[str] = (), bought: list[str] | None = None) -> UserState:
     row = {
-        "bought_item_ids": bought or [],
-        "last_event_ts": 1_700_000_000,
+        "last_event_ts": NOW - 3600,
         "recent_item_ids": recent,
-        "top_category_ids": categories,
+        "recent_item_last_ts": [NOW - 3600 * (k + 1) for k in range(len(recent))],
+        "top_category_ids": list(categories),
         "top_category_shares": [1.0 / len(categories)] * len(categories) if categories else [],
+        "bought_item_ids": bought or [],
+        "bought_item_counts": [1] * len(bought or []),
+        "bought_item_last_ts": [NOW - 86_400] * len(bought or []),
     }
     return UserState.from_row("u", row, catalog)
+
+
+def _only(signal: str, weight: float = 1.0) -> dict:
+    """Weights that score by one signal, the same for known and new items."""
+    segment = {name: 0.0 for name in SIGNALS} | {signal: weight}
+    return {"known": segment, "new": segment}
 
 
 def _ids(catalog: Catalog, idx: np.ndarray) -> list[str]:
     return catalog.item_ids[idx].tolist()
 
 
-def test_sources_in_priority_order_deduplicated_without_unavailable_items(catalog: Catalog) -> None:
-    user = _user(catalog, ["b", "c", "a"], ["c1", "c2"])
-    result = generate_candidates(user, catalog, CandidateSettings())
-    # recent b, (c sold out), a; co-visited: b->a (seen), c->e, a->b (seen), d; category c1: a, f, b; c2: d;
-    # popular: a, f, b, d, e.
-    assert _ids(catalog, result.item_idx) == ["b", "a", "e", "d", "f"]
-    assert result.sources == {"recent": 2, "bought_before": 0, "covisited": 2, "category_popular": 1, "popular": 0}
-    assert len(set(result.item_idx.tolist())) == len(result.item_idx)
-    assert catalog.available[result.item_idx].all()
-    assert result.item_idx.dtype == np.int64
+def test_recent_items_come_first_most_recent_first_without_sold_out_items(catalog: Catalog) -> None:
+    user = _user(catalog, ["d", "c", "b"])
+    result = generate_candidates(user, catalog, CandidateSettings(), NOW, _only("popularity"))
+    assert _ids(catalog, result.item_idx[:2]) == ["d", "b"]  # c is sold out
+    assert result.item_sources[:2].tolist() == ["recent", "recent"]
+    # The rest of the budget: every other available item, by popularity (a, f, e); never c, never twice.
+    assert _ids(catalog, result.item_idx[2:]) == ["a", "f", "e"]
+    assert result.sources == {"recent": 2, "popular": 3}
 
 
-def test_most_bought_items_come_right_after_recent_ones(catalog: Catalog) -> None:
-    # d and e were bought long ago (not recent): they outrank co-visited and popular items.
-    user = _user(catalog, ["b"], [], bought=["e", "c", "b", "d", "ghost"])
-    result = generate_candidates(user, catalog, CandidateSettings(popular_overall=1))
-    assert _ids(catalog, result.item_idx) == ["b", "e", "d", "a"]  # c sold out, b already recent, ghost unknown
-    assert result.sources == {"recent": 1, "bought_before": 2, "covisited": 1, "category_popular": 0, "popular": 0}
-    capped = generate_candidates(user, catalog, CandidateSettings(popular_overall=0, bought_before=1))
-    assert _ids(catalog, capped.item_idx) == ["b", "e", "a"]
+def test_the_budget_caps_recent_items_and_the_fill(catalog: Catalog) -> None:
+    user = _user(catalog, ["d", "b", "e"])
+    assert _ids(catalog, generate_candidates(user, catalog, CandidateSettings(max_candidates=2), NOW, _only("popularity")).item_idx) == ["d", "b"]
+    capped = generate_candidates(user, catalog, CandidateSettings(max_candidates=4, recent_items=1), NOW, _only("popularity"))
+    assert _ids(catalog, capped.item_idx) == ["d", "a", "f", "b"]  # one recent item, then the three most popular
 
 
-def test_cap_cuts_within_a_source_and_zeroes_later_sources(catalog: Catalog) -> None:
-    user = _user(catalog, ["b", "c", "a"], ["c1", "c2"])
-    result = generate_candidates(user, catalog, CandidateSettings(max_candidates=3))
-    assert _ids(catalog, result.item_idx) == ["b", "a", "e"]
-    assert result.sources == {"recent": 2, "bought_before": 0, "covisited": 1, "category_popular": 0, "popular": 0}
-
-    result = generate_candidates(user, catalog, CandidateSettings(max_candidates=1))
-    assert _ids(catalog, result.item_idx) == ["b"]
-    assert result.sources == {"recent": 1, "bought_before": 0, "covisited": 0, "category_popular": 0, "popular": 0}
-
-
-def test_per_neighbor_source_limits_neighbours_per_recent_item(catalog: Catalog) -> None:
-    user = _user(catalog, ["a"], [])
-    wide = generate_candidates(user, catalog, CandidateSettings(popular_overall=0))
-    assert _ids(catalog, wide.item_idx) == ["a", "b", "d"]
-    narrow = generate_candidates(user, catalog, CandidateSettings(per_neighbor_source=1, popular_overall=0))
-    assert _ids(catalog, narrow.item_idx) == ["a", "b"]
-    assert narrow.sources == {"recent": 1, "bought_before": 0, "covisited": 1, "category_popular": 0, "popular": 0}
+def test_fill_follows_the_weighted_signals(catalog: Catalog) -> None:
+    user = _user(catalog, ["b"], bought=["e"])
+    by_covisit = generate_candidates(user, catalog, CandidateSettings(max_candidates=2, recent_items=1), NOW, _only("covisited"))
+    assert _ids(catalog, by_covisit.item_idx) == ["b", "a"]  # b's co-visited neighbour
+    assert by_covisit.item_sources.tolist() == ["recent", "covisited"]
+    by_history = generate_candidates(user, catalog, CandidateSettings(max_candidates=2, recent_items=1), NOW, _only("bought"))
+    assert _ids(catalog, by_history.item_idx) == ["b", "e"]
+    assert by_history.item_sources.tolist() == ["recent", "bought_before"]
 
 
-def test_popular_per_category_and_unknown_categories(catalog: Catalog) -> None:
-    user = _user(catalog, [], ["c2", "nope", "c1"])
-    result = generate_candidates(user, catalog, CandidateSettings(popular_per_category=2, popular_overall=0))
-    # c2 has only d available; c1's two most popular are a, f.
-    assert _ids(catalog, result.item_idx) == ["d", "a", "f"]
-    assert result.sources["category_popular"] == 3
+def test_known_and_new_items_are_scored_by_their_own_weights(catalog: Catalog) -> None:
+    user = _user(catalog, [], bought=["e"])
+    zero = {name: 0.0 for name in SIGNALS}
+    # The bought item e (known) gets a low intercept, new items a high one: new items win the budget.
+    weights = {"known": zero | {"bought": 1.0, "intercept": -10.0}, "new": zero | {"popularity": 1.0, "intercept": 0.0}}
+    result = generate_candidates(user, catalog, CandidateSettings(max_candidates=2), NOW, weights)
+    assert _ids(catalog, result.item_idx) == ["a", "f"]
+    weights["known"]["intercept"] = 10.0
+    assert _ids(catalog, generate_candidates(user, catalog, CandidateSettings(max_candidates=2), NOW, weights).item_idx) == ["e", "a"]
+
+
+def test_without_fitted_weights_the_defaults_apply_and_the_result_is_deterministic(catalog: Catalog) -> None:
+    user = _user(catalog, ["b"], ["c1"])
+    first = generate_candidates(user, catalog, CandidateSettings(), NOW)
+    again = generate_candidates(user, catalog, CandidateSettings(), NOW)
+    assert first.item_idx.tolist() == again.item_idx.tolist()
+    assert len(first.item_idx) == 5 and 2 not in first.item_idx  # every available item once
+    assert sum(first.sources.values()) == len(first.item_idx) == len(first.item_sources)
+
+
+def test_signals_of_the_candidates_are_returned_for_the_ranker(catalog: Catalog) -> None:
+    user = _user(catalog, ["b"])
+    result = generate_candidates(user, catalog, CandidateSettings(), NOW)
+    assert result.signals.values.shape == (catalog.size + 1, len(SIGNALS))
+    assert result.signals.values[catalog.index["b"], SIGNALS.index("recent")] == 1.0
 
 
 def test_user_without_history_gets_popular_items(catalog: Catalog) -> None:
-    user = UserState.from_row("stranger", {}, catalog)
-    result = generate_candidates(user, catalog, CandidateSettings(popular_overall=3))
+    user = UserState.from_row("new", {}, catalog)
+    result = generate_candidates(user, catalog, CandidateSettings(max_candidates=3), NOW, _only("popularity"))
     assert _ids(catalog, result.item_idx) == ["a", "f", "b"]
-    assert result.sources == {"recent": 0, "bought_before": 0, "covisited": 0, "category_popular": 0, "popular": 3}
+    assert set(result.item_sources) == {"popular"}
 
 
-def test_repeated_recent_item_appears_once(catalog: Catalog) -> None:
-    user = _user(catalog, ["d", "d", "b", "d"], [])
-    result = generate_candidates(user, catalog, CandidateSettings(popular_overall=0))
-    assert _ids(catalog, result.item_idx) == ["d", "b", "a"]
-    assert result.sources == {"recent": 2, "bought_before": 0, "covisited": 1, "category_popular": 0, "popular": 0}
-
-
-def test_nothing_to_offer_gives_an_empty_set() -> None:
-    catalog = Catalog.from_frame(pd.DataFrame({"item_id": ["x"], "item_available": [0]}))
-    user = _user(catalog, ["x"], [])
-    result = generate_candidates(user, catalog, CandidateSettings())
-    assert result.item_idx.tolist() == []
-    assert sum(result.sources.values()) == 0
+def test_empty_catalog_gives_no_candidates() -> None:
+    catalog = Catalog.from_frame(pd.DataFrame({"item_id": []}))
+    user = UserState.from_row("u", {"recent_item_ids": ["x"]}, catalog)
+    result = generate_candidates(user, catalog, CandidateSettings(), NOW)
+    assert len(result.item_idx) == 0 and sum(result.sources.values()) == 0

@@ -83,13 +83,15 @@ def test_neighbours_drop_unknown_items_and_keep_scores_aligned(catalog: Catalog)
     assert idx.tolist() == [1, 3]
     assert scores.tolist() == [3.0, 1.0]
     assert [catalog.neighbors[i][0].tolist() for i in range(6)] == [[1, 3], [0], [], [], [0, 2], [2, 0]]
+    assert catalog.neighbors[UNKNOWN][0].tolist() == []  # an unknown item (index -1) has no neighbours
     assert catalog.neighbors[4][1].tolist() == [0.0, 0.0]  # ids without scores score 0
     assert catalog.neighbors[5][1].tolist() == [4.0, 1.0]
 
 
 def test_frame_without_neighbour_or_category_columns() -> None:
     catalog = Catalog.from_frame(pd.DataFrame({"item_id": ["x", "y"], "item_views_7d": [1, 2]}))
-    assert [n[0].tolist() for n in catalog.neighbors] == [[], []]
+    assert [n[0].tolist() for n in catalog.neighbors] == [[], [], []]  # x, y and the UNKNOWN slot
+    assert catalog.item_factors is None and catalog.factor_gram is None
     assert catalog.categories.tolist() == [None, None, None]
     assert catalog.popular_by_category == {}
     assert catalog.item_ids[catalog.popular_order].tolist() == ["y", "x"]
@@ -120,3 +122,33 @@ def test_as_list_normalises_feast_list_values() -> None:
     assert as_list(float("nan")) == ()
     assert as_list(["a"]) == ["a"]
     assert as_list(np.array([1, 2])).tolist() == [1, 2]
+
+
+def test_retrieval_tables_become_neighbour_lists_and_a_factor_matrix() -> None:
+    frame = pd.DataFrame(
+        {
+            "item_id": ["a", "b", "c"],
+            "category_id": ["k2", "k1", None],
+            "item_purchases_7d": [3.0, 0.0, 1.0],
+            "item_buyers_30d": [2.0, np.nan, 1.0],
+            "copurchase_item_ids": [["b", "gone"], None, ["a"]],
+            "copurchase_scores": [[0.5, 9.0], None, [0.25]],
+            "content_item_ids": [["c"], ["a"], None],
+            "content_scores": [[0.8], [0.1], None],
+            "als_factors": [[1.0, 2.0], None, [0.5, -1.0]],
+            "als_alpha": [5.0, 5.0, 5.0],
+            "als_regularization": [0.1, None, 0.1],
+        }
+    )
+    catalog = Catalog.from_frame(frame)
+    assert catalog.copurchase[0][0].tolist() == [1] and catalog.copurchase[0][1].tolist() == [0.5]  # unknown id dropped
+    assert catalog.copurchase[2][0].tolist() == [0] and catalog.content[1][0].tolist() == [0]
+    assert catalog.content[2][0].tolist() == [] and catalog.copurchase[UNKNOWN][0].tolist() == []
+    np.testing.assert_array_equal(catalog.item_factors, [[1.0, 2.0], [0.0, 0.0], [0.5, -1.0], [0.0, 0.0]])
+    assert catalog.has_factors.tolist() == [True, False, True, False]
+    np.testing.assert_allclose(catalog.factor_gram, catalog.item_factors.T @ catalog.item_factors)
+    assert catalog.als_alpha == 5.0 and catalog.als_regularization == 0.1
+    assert catalog.category_names == ("k1", "k2")
+    assert catalog.category_codes.tolist() == [1, 0, 2]  # no category: the extra code
+    np.testing.assert_allclose(catalog.popularity_signals[:, 1], np.log1p([3.0, 0.0, 1.0]))
+    np.testing.assert_allclose(catalog.popularity_signals[:, 2], np.log1p([2.0, 0.0, 1.0]))

@@ -27,7 +27,7 @@ from training.prepare import prepare
 UTC = timezone.utc
 A = datetime(2024, 3, 1, tzinfo=UTC)
 FEATURE_REPO = Path(__file__).resolve().parents[1] / "feature_repo"
-TABLES = ("user_activity", "user_profile", "user_interests", "user_purchase_history", "item_stats", "item_neighbors")
+TABLES = ("user_activity", "user_profile", "user_interests", "user_purchase_history", "item_stats", "item_neighbors", "item_factors", "item_copurchase", "item_content")
 
 
 def at(days_before: int, hour: int = 0, minute: int = 0) -> datetime:

@@ -287,7 +287,7 @@ def test_sql_registry_is_shared_between_repository_copies(services: Services, tm
     late = open_store(second, profile("postgres", second))
     watcher.refresh_registry()  # a server would see it after cache_ttl_seconds (60 in the profile)
     expected = sorted(v.name for v in applier.list_feature_views())
-    assert expected == ["item_neighbors", "item_stats", "user_activity", "user_interests", "user_profile", "user_purchase_history"]
+    assert expected == ["item_content", "item_copurchase", "item_factors", "item_neighbors", "item_stats", "user_activity", "user_interests", "user_profile", "user_purchase_history"]
     for store in (late, watcher):
         assert sorted(v.name for v in store.list_feature_views()) == expected
         assert sorted(s.name for s in store.list_feature_services()) == sorted(s.name for s in applier.list_feature_services())

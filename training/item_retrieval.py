@@ -40,7 +40,9 @@ def item_factors(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], se
             factors=settings.als_factors, regularization=settings.als_regularization, alpha=settings.als_alpha,
             iterations=settings.als_iterations, random_state=0,
         )
-        with threadpool_limits(1, "blas"):  # implicit's own threads do the work; nested BLAS threads only slow it down
+        # implicit's own threads do the work; nested BLAS threads only slow it down (and make implicit warn).
+        with threadpool_limits(1, "blas"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
             model.fit(matrix, show_progress=False)
         factors = np.asarray(model.item_factors, dtype=np.float64)
         # Items nobody touched before this snapshot keep ALS's random start: give them no vector instead.
@@ -120,6 +122,7 @@ def _interactions(con: duckdb.DuckDBPyConnection, items: np.ndarray, b: int, hal
         f"""
         SELECT user_id, item_id, sum(({weight}) * pow(0.5, ({b} - day) / {float(half_life_days)})) AS w
         FROM user_item_day WHERE day < {b} GROUP BY ALL HAVING w > 0
+        ORDER BY user_id, item_id  -- a fixed row order: ALS's random start follows the user index
         """
     ).df()
     users = pd.Index(frame["user_id"].unique())
@@ -146,9 +149,8 @@ def _top_lists(similarity: sp.csr_matrix, item_ids: np.ndarray, k: int, offset: 
 def _register(con: duckdb.DuckDBPyConnection, name: str, parts: list[pd.DataFrame], types: dict[str, pa.DataType]) -> None:
     """Create temp table `name` (item_id, event_timestamp, feature columns) from per-snapshot frames, typed even when empty."""
     columns = ["item_id", "b", *types]
-    frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({c: [] for c in columns})
     schema = pa.schema([("item_id", pa.string()), ("b", pa.int64()), *types.items()])
-    table = pa.Table.from_pandas(frame[columns], schema=schema, preserve_index=False)
+    table = pa.Table.from_pandas(pd.concat(parts, ignore_index=True)[columns], schema=schema, preserve_index=False) if parts else schema.empty_table()
     con.register(f"{name}_frame", table)
     lists = ", ".join(types)
     con.execute(f"CREATE OR REPLACE TEMP TABLE {name} AS SELECT item_id, to_timestamp(b * {DAY_SECONDS}) AS event_timestamp, {lists} FROM {name}_frame")

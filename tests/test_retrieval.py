@@ -1,0 +1,139 @@
+"""Tests for the retrieval signals, the two-segment retrieval weights and their non-negative fit."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from propensity.catalog import UNKNOWN, Catalog
+from propensity.retrieval import DEFAULT_WEIGHTS, SIGNALS, RetrievalWeights, known_items, stored_weights, user_signals
+from propensity.user_state import UserState
+from training.retrieval_fit import nonnegative_logistic
+
+NOW = 1_700_000_000.0
+DAY = 86_400.0
+
+
+@pytest.fixture()
+def catalog() -> Catalog:
+    return Catalog.from_frame(
+        pd.DataFrame(
+            {
+                "item_id": ["a", "b", "c", "d"],
+                "category_id": ["k1", "k1", "k2", None],
+                "item_purchases_7d": [4.0, 0.0, 1.0, 0.0],
+                "neighbor_item_ids": [["b"], ["c"], None, None],
+                "neighbor_scores": [[2.0], [1.0], None, None],
+                "copurchase_item_ids": [["c"], None, ["d"], None],
+                "copurchase_scores": [[0.5], None, [3.0], None],
+                "content_item_ids": [None, ["d"], None, None],
+                "content_scores": [None, [0.9], None, None],
+                "als_factors": [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], None],
+                "als_alpha": 2.0,
+                "als_regularization": 0.1,
+            }
+        )
+    )
+
+
+@pytest.fixture()
+def user(catalog: Catalog) -> UserState:
+    row = {
+        "last_event_ts": NOW - DAY,
+        "recent_item_ids": ["b", "a"],
+        "recent_item_views_7d": [2, 1],
+        "recent_item_carts_7d": [1, 0],
+        "recent_item_purchases_30d": [0, 0],
+        "recent_item_in_cart": [1, 0],
+        "recent_item_last_ts": [NOW - 7 * DAY, NOW - 14 * DAY],
+        "bought_item_ids": ["c"],
+        "bought_item_counts": [3],
+        "bought_item_last_ts": [NOW - 60 * DAY],
+        "top_category_ids": ["k1", "k2"],
+        "top_category_shares": [0.75, 0.25],
+    }
+    return UserState.from_row("u", row, catalog)
+
+
+def _signal(values: np.ndarray, item: int, name: str) -> float:
+    return float(values[item, SIGNALS.index(name)])
+
+
+def test_signals_of_the_users_own_items(catalog: Catalog, user: UserState) -> None:
+    values = user_signals(user, catalog, NOW).values
+    a, b, c, d = range(4)
+    assert _signal(values, b, "recent") == 1.0 and _signal(values, c, "recent") == 0.0
+    assert _signal(values, b, "in_cart") == 1.0 and _signal(values, a, "in_cart") == 0.0
+    assert _signal(values, b, "recent_recency") == pytest.approx(0.5)  # 7 days at a 7-day half-life
+    assert _signal(values, a, "recent_recency") == pytest.approx(0.25)
+    assert _signal(values, c, "bought") == pytest.approx(np.log1p(3))
+    assert _signal(values, c, "bought_recency") == pytest.approx(0.5)  # 60 days at a 60-day half-life
+    assert _signal(values, c, "bought_decayed") == pytest.approx(np.log1p(1.5))
+    assert _signal(values, a, "category") == 0.75 and _signal(values, c, "category") == 0.25 and _signal(values, d, "category") == 0.0
+    assert _signal(values, a, "purchases_7d") == pytest.approx(np.log1p(4.0))
+    assert not values[UNKNOWN].any()  # the UNKNOWN row stays empty
+
+
+def test_neighbour_signals_are_weighted_by_the_users_interactions(catalog: Catalog, user: UserState) -> None:
+    values = user_signals(user, catalog, NOW).values
+    a, b, c, d = range(4)
+    # Co-visitation from recent items b (-> c 1.0) and a (-> b 2.0), unweighted.
+    assert _signal(values, c, "covisited") == pytest.approx(np.log1p(1.0))
+    assert _signal(values, b, "covisited") == pytest.approx(np.log1p(2.0))
+    # Co-purchase from every interacted item, weighted: a (view, weight 1) -> c 0.5; c (bought 3x, 60 days: 5 x 3 x 0.5) -> d 3.0.
+    assert _signal(values, c, "copurchase") == pytest.approx(np.log1p(1.0 * 0.5))
+    assert _signal(values, d, "copurchase") == pytest.approx(np.log1p(7.5 * 3.0))
+    # Content from b (views 2 + cart 3 = weight 5) -> d 0.9.
+    assert _signal(values, d, "content") == pytest.approx(np.log1p(5.0 * 0.9))
+
+
+def test_als_signal_is_the_folded_in_vector_times_the_item_factors(catalog: Catalog, user: UserState) -> None:
+    values = user_signals(user, catalog, NOW).values
+    y = catalog.item_factors[:3]
+    weights = np.array([1.0, 5.0, 7.5])  # a: a view; b: 2 views + a cart; c: 5 x 3 purchases x 0.5 decay
+    confidence = 2.0 * weights
+    a_matrix = y.T @ y + (y.T * (confidence - 1.0)) @ y + 0.1 * np.eye(2)
+    vector = np.linalg.solve(a_matrix, y.T @ confidence)
+    np.testing.assert_allclose(values[:4, SIGNALS.index("als")], catalog.item_factors[:4] @ vector)
+    assert values[3, SIGNALS.index("als")] == 0.0  # d has no factors
+
+
+def test_user_without_items_gets_only_item_level_signals(catalog: Catalog) -> None:
+    values = user_signals(UserState.from_row("x", {}, catalog), catalog, NOW).values
+    user_specific = [SIGNALS.index(s) for s in SIGNALS if s not in ("popularity", "purchases_7d", "buyers_30d")]
+    assert not values[:, user_specific].any()
+
+
+def test_weights_round_trip_and_score_each_segment_with_its_own_weights() -> None:
+    zero = {name: 0.0 for name in SIGNALS}
+    weights = RetrievalWeights.from_json({"known": zero | {"bought": 2.0, "intercept": -1.0}, "new": zero | {"als": 3.0, "intercept": 0.5}})
+    again = RetrievalWeights.from_json(weights.to_json())
+    np.testing.assert_allclose(again.known, weights.known)
+    np.testing.assert_allclose(again.new, weights.new)
+    assert (again.known_intercept, again.new_intercept) == (-1.0, 0.5)
+    values = np.zeros((2, len(SIGNALS)))
+    values[0, SIGNALS.index("bought")] = 1.0  # known
+    values[0, SIGNALS.index("als")] = 1.0
+    values[1, SIGNALS.index("als")] = 1.0  # new
+    assert known_items(values).tolist() == [True, False]
+    np.testing.assert_allclose(weights.score(values), [2.0 - 1.0, 3.0 + 0.5])
+    assert weights.sources(values).tolist() == ["bought_before", "als"]
+
+
+def test_defaults_apply_when_a_model_has_no_fitted_weights() -> None:
+    assert stored_weights({"version": "old"}) is None
+    defaults = RetrievalWeights.from_json(None)
+    assert defaults.known[SIGNALS.index("recent")] == DEFAULT_WEIGHTS["recent"]
+    stored = {"known": {"als": 1.0}, "new": {"als": 2.0}}
+    assert stored_weights({"retrieval": {"weights": stored}}) == stored
+
+
+def test_nonnegative_logistic_keeps_every_signal_as_evidence_for_an_item() -> None:
+    rng = np.random.default_rng(0)
+    signal = rng.normal(size=5000)
+    copy = signal + rng.normal(scale=0.05, size=5000)  # a near-duplicate source
+    y = rng.random(5000) < 1 / (1 + np.exp(-(2.0 * signal - 1.0)))
+    weights, intercept = nonnegative_logistic(np.column_stack([signal, copy, -signal]), y)
+    assert (weights >= 0).all()
+    assert weights[:2].sum() == pytest.approx(2.0, abs=0.3)  # the two copies share the true weight
+    assert weights[2] == pytest.approx(0.0, abs=1e-6)  # a signal that speaks against buying gets no weight
+    assert intercept == pytest.approx(-1.0, abs=0.2)
