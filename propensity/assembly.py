@@ -51,6 +51,8 @@ PAIR_FEATURES: tuple[str, ...] = (
     "ui_als_score",
     "ui_copurchase_score",
     "ui_content_score",
+    # Where the item is in the user's own re-buy cycle: days since bought / the user's average days between buys of it.
+    "ui_rebuy_phase",
 )
 RANKER_FEATURES: tuple[str, ...] = USER_MODEL_FEATURES + ITEM_FEATURES + PAIR_FEATURES
 
@@ -158,6 +160,10 @@ def _pair_columns(user: UserState, catalog: Catalog, item_idx: np.ndarray, as_of
     cols[:, 13] = signals[:, _SIGNAL["als"]]
     cols[:, 14] = signals[:, _SIGNAL["copurchase"]]
     cols[:, 15] = signals[:, _SIGNAL["content"]]
+    # The average gap between buys of an item, from its count over the user's history (first event to as-of).
+    history_days = (as_of_ts - user.timestamps[USER_TIMESTAMPS.index("first_event_ts")]) / DAY_SECONDS
+    cycle = history_days / np.maximum(user.bought_counts[src], 1.0)
+    cols[hit, 16] = cols[hit, 12] / np.where(cycle > 0, cycle, np.nan)
     return cols
 
 

@@ -36,16 +36,16 @@ def item_factors(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], se
         matrix = _interactions(con, items, b, settings.retrieval_half_life_days)
         if matrix.nnz == 0:
             continue
-        model = AlternatingLeastSquares(
-            factors=settings.als_factors, regularization=settings.als_regularization, alpha=settings.als_alpha,
-            iterations=settings.als_iterations, random_state=0,
-        )
-        # implicit's own threads do the work; nested BLAS threads only slow it down (and make implicit warn).
+        # implicit's own threads do the work; nested BLAS threads only slow it down (implicit warns at construction).
         with threadpool_limits(1, "blas"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
+            model = AlternatingLeastSquares(
+                factors=settings.als_factors, regularization=settings.als_regularization, alpha=settings.als_alpha,
+                iterations=settings.als_iterations, random_state=0,
+            )
             model.fit(matrix, show_progress=False)
         factors = np.asarray(model.item_factors, dtype=np.float64)
-        # Items nobody touched before this snapshot keep ALS's random start: give them no vector instead.
+        # Items nobody touched before this snapshot have nothing to say (ALS leaves them at zero): no vector.
         seen = np.asarray(matrix.getnnz(axis=0)) > 0
         rows.append(pd.DataFrame({
             "item_id": items, "b": b, "als_factors": [f.tolist() if s else None for f, s in zip(factors, seen)],
@@ -85,14 +85,32 @@ def item_content(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], se
     rows = []
     if len(frame) and documents.str.len().sum():
         vectors = TfidfVectorizer(min_df=1, sublinear_tf=True, token_pattern=r"\S+").fit_transform(documents).tocsr()
-        ids, scores = [], []
-        for start in range(0, vectors.shape[0], 2000):  # bounded memory on large catalogs
-            block = (vectors[start : start + 2000] @ vectors.T).tocsr()
-            block_ids, block_scores = _top_lists(block, frame["item_id"].to_numpy(), settings.neighbors_per_item, offset=start)
-            ids += block_ids
-            scores += block_scores
+        ids, scores = _content_neighbours(vectors, frame["item_id"].to_numpy(), settings.neighbors_per_item)
         rows.append(pd.DataFrame({"item_id": frame["item_id"].to_numpy(), "b": first_day or 0, "content_item_ids": ids, "content_scores": scores}))
     _register(con, "item_content", rows, {"content_item_ids": pa.list_(pa.string()), "content_scores": pa.list_(pa.float64())})
+
+
+def _content_neighbours(vectors: sp.csr_matrix, item_ids: np.ndarray, k: int, block: int = 256) -> tuple[list, list]:
+    """Top-k cosine neighbours per item (self excluded), a dense block of rows at a time: memory block x n, time O(n^2 / block)."""
+    ids: list = []
+    scores: list = []
+    n = vectors.shape[0]
+    keep = min(k, n - 1)
+    for start in range(0, n, block):
+        dense = (vectors[start : start + block] @ vectors.T).toarray().astype(np.float32)
+        rows = np.arange(dense.shape[0])
+        dense[rows, start + rows] = 0.0  # never one's own neighbour
+        if keep <= 0:
+            ids += [None] * len(rows)
+            scores += [None] * len(rows)
+            continue
+        top = np.argpartition(-dense, keep - 1, axis=1)[:, :keep]
+        for r in rows:
+            cols = top[r][dense[r, top[r]] > 0]
+            cols = cols[np.lexsort((cols, -dense[r, cols]))]
+            ids.append(item_ids[cols].tolist() if len(cols) else None)
+            scores.append(dense[r, cols].astype(float).tolist() if len(cols) else None)
+    return ids, scores
 
 
 def content_documents(items: pd.DataFrame) -> pd.Series:
@@ -100,12 +118,17 @@ def content_documents(items: pd.DataFrame) -> pd.Series:
     def column(name: str) -> pd.Series:
         return items[name] if name in items else pd.Series([None] * len(items), index=items.index)
 
-    words = column("title").fillna("").astype(str).str.lower().map(lambda t: " ".join(re.findall(r"[a-z0-9]+", t)))
-    category = column("category_id").map(lambda c: f"cat:{c}" if pd.notna(c) else "")
-    brand = column("brand").map(lambda v: f"brand:{str(v).lower()}" if pd.notna(v) else "")
+    words = column("title").fillna("").astype(str).str.lower().map(lambda t: " ".join(re.findall(r"[^\W_]+", t)))  # any script's letters
+    category = column("category_id").map(lambda c: f"cat:{_one_token(c)}" if pd.notna(c) else "")
+    brand = column("brand").map(lambda v: f"brand:{_one_token(v).lower()}" if pd.notna(v) else "")
     price = pd.to_numeric(column("price"), errors="coerce")
     band = np.floor(np.log2(price.where(price > 0))).map(lambda v: f"price:{int(v)}" if pd.notna(v) else "")
     return (words + " " + category + " " + brand + " " + band).str.strip()
+
+
+def _one_token(value: object) -> str:
+    """A multi-word brand or category as one token ("Hugo Boss" -> "Hugo_Boss"), so it never matches title words."""
+    return "_".join(str(value).split())
 
 
 def _catalog_and_snapshots(con: duckdb.DuckDBPyConnection, settings: FeatureSettings) -> tuple[np.ndarray, list[int]]:
@@ -132,13 +155,13 @@ def _interactions(con: duckdb.DuckDBPyConnection, items: np.ndarray, b: int, hal
     return matrix
 
 
-def _top_lists(similarity: sp.csr_matrix, item_ids: np.ndarray, k: int, offset: int = 0) -> tuple[list, list]:
+def _top_lists(similarity: sp.csr_matrix, item_ids: np.ndarray, k: int) -> tuple[list, list]:
     """Per row: the k most similar other items (ids, scores), strongest first; None for a row without any."""
     ids, scores = [], []
     for r in range(similarity.shape[0]):
         lo, hi = similarity.indptr[r], similarity.indptr[r + 1]
         cols, vals = similarity.indices[lo:hi], similarity.data[lo:hi]
-        keep = (cols != r + offset) & (vals > 0)
+        keep = (cols != r) & (vals > 0)
         cols, vals = cols[keep], vals[keep]
         order = np.lexsort((cols, -vals))[:k]
         ids.append(item_ids[cols[order]].tolist() if len(order) else None)
