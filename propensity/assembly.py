@@ -53,6 +53,8 @@ PAIR_FEATURES: tuple[str, ...] = (
     "ui_content_score",
     # Where the item is in the user's own re-buy cycle: days since bought / the user's average days between buys of it.
     "ui_rebuy_phase",
+    # Days between this item's last purchase and the user's last purchase: 0 = in the latest order (orders often repeat).
+    "ui_days_before_last_order",
 )
 RANKER_FEATURES: tuple[str, ...] = USER_MODEL_FEATURES + ITEM_FEATURES + PAIR_FEATURES
 
@@ -164,6 +166,8 @@ def _pair_columns(user: UserState, catalog: Catalog, item_idx: np.ndarray, as_of
     history_days = (as_of_ts - user.timestamps[USER_TIMESTAMPS.index("first_event_ts")]) / DAY_SECONDS
     cycle = history_days / np.maximum(user.bought_counts[src], 1.0)
     cols[hit, 16] = cols[hit, 12] / np.where(cycle > 0, cycle, np.nan)
+    last_order = user.timestamps[USER_TIMESTAMPS.index("last_purchase_ts")]
+    cols[hit, 17] = (last_order - user.bought_last_ts[src]) / DAY_SECONDS
     return cols
 
 
