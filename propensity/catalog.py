@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 # Item features used as model inputs, in this order.
 ITEM_FEATURES: tuple[str, ...] = (
@@ -45,6 +46,7 @@ class Catalog:
     neighbors: list[tuple[np.ndarray, np.ndarray]]  # per item: co-visited (neighbour indices, scores)
     copurchase: list[tuple[np.ndarray, np.ndarray]]  # per item: co-purchased (indices, scores), time-decayed
     content: list[tuple[np.ndarray, np.ndarray]]  # per item: most similar by title, category, brand, price band
+    neighbour_matrices: dict[str, sp.csr_matrix]  # "neighbors" / "copurchase" / "content" as (n + 1, n) sparse rows, for sums over many items
     popularity_signals: np.ndarray  # (n, 3): log1p of popularity, purchases in 7 days and buyers in 30 days
     category_names: tuple[str, ...]
     category_code_of: dict[str, int]
@@ -93,6 +95,11 @@ class Catalog:
         code_of = {c: i for i, c in enumerate(names)}
         codes = np.fromiter((code_of.get(c, len(names)) if c is not None else len(names) for c in categories[:n]), dtype=np.int64, count=n)
         factors = _factors(frame, n)
+        lists = {
+            "neighbors": _neighbors(frame, index, n, "neighbor_item_ids", "neighbor_scores"),
+            "copurchase": _neighbors(frame, index, n, "copurchase_item_ids", "copurchase_scores"),
+            "content": _neighbors(frame, index, n, "content_item_ids", "content_scores"),
+        }
         return cls(
             item_ids=item_ids,
             index=index,
@@ -103,9 +110,10 @@ class Catalog:
             popularity_rank=popularity_rank,
             popular_order=popular_order,
             popular_by_category={c: np.asarray(ix, dtype=np.int64) for c, ix in by_category.items()},
-            neighbors=_neighbors(frame, index, n, "neighbor_item_ids", "neighbor_scores"),
-            copurchase=_neighbors(frame, index, n, "copurchase_item_ids", "copurchase_scores"),
-            content=_neighbors(frame, index, n, "content_item_ids", "content_scores"),
+            neighbors=lists["neighbors"],
+            copurchase=lists["copurchase"],
+            content=lists["content"],
+            neighbour_matrices={name: _sparse(rows, n) for name, rows in lists.items()},
             popularity_signals=np.log1p(np.maximum(np.column_stack([
                 popularity,
                 np.nan_to_num(matrix[:n, ITEM_FEATURES.index("item_purchases_7d")]),
@@ -129,6 +137,15 @@ def _popularity(matrix: np.ndarray) -> np.ndarray:
         + 0.3 * col["item_views_7d"]
         + 0.1 * col["item_views_30d"]
     )
+
+
+def _sparse(rows: list[tuple[np.ndarray, np.ndarray]], n: int) -> sp.csr_matrix:
+    """Neighbour lists as a sparse (len(rows), n) matrix: row i holds item i's neighbour scores."""
+    lengths = np.fromiter((len(ids) for ids, _ in rows), dtype=np.int64, count=len(rows))
+    indptr = np.concatenate([[0], np.cumsum(lengths)])
+    indices = np.concatenate([ids for ids, _ in rows]).astype(np.int64) if indptr[-1] else np.empty(0, dtype=np.int64)
+    data = np.concatenate([np.asarray(v, dtype=float) for _, v in rows]) if indptr[-1] else np.empty(0)
+    return sp.csr_matrix((data, indices, indptr), shape=(len(rows), n))
 
 
 def _factors(frame: pd.DataFrame, n: int) -> dict:

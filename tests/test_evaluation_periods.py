@@ -17,7 +17,7 @@ AS_OF = datetime(2024, 3, 1, tzinfo=timezone.utc)
 
 
 def test_more_test_cutoffs_add_cutoffs_so_train_and_validation_keep_theirs() -> None:
-    training = TrainingSettings()  # 4 cut-offs: 2 train, 1 validation, 1 test
+    training = TrainingSettings(n_cutoffs=4)  # 2 train, 1 validation, 1 test
     assert evaluation_cutoffs(training, None, 1) == 4
     assert evaluation_cutoffs(training, None, 3) == 6
     assert evaluation_cutoffs(training, 8, 3) == 8  # --n-cutoffs counts them all
@@ -26,7 +26,7 @@ def test_more_test_cutoffs_add_cutoffs_so_train_and_validation_keep_theirs() -> 
 
 
 def test_pooled_test_period_is_the_last_n_cutoffs_after_validation_and_train() -> None:
-    training = TrainingSettings(n_cutoffs=evaluation_cutoffs(TrainingSettings(), None, 3))
+    training = TrainingSettings(n_cutoffs=evaluation_cutoffs(TrainingSettings(n_cutoffs=4), None, 3))
     cutoffs = cutoff_times(AS_OF, AS_OF - timedelta(days=90), training)
     periods = evaluation_periods(cutoffs, training, 3)
     assert periods.test == cutoffs[-3:] and periods.validation == [cutoffs[-4]] and periods.train == cutoffs[:2]
