@@ -42,7 +42,6 @@ class Catalog:
     popularity: np.ndarray  # float score, length n
     popularity_rank: np.ndarray  # 0 for the most popular item .. 1 for the least, length n
     popular_order: np.ndarray  # item indices, most popular first (available items only)
-    popular_by_category: dict[str, np.ndarray]
     neighbors: list[tuple[np.ndarray, np.ndarray]]  # per item: co-visited (neighbour indices, scores)
     copurchase: list[tuple[np.ndarray, np.ndarray]]  # per item: co-purchased (indices, scores), time-decayed
     content: list[tuple[np.ndarray, np.ndarray]]  # per item: most similar by title, category, brand, price band
@@ -86,11 +85,6 @@ class Catalog:
         popular_order = order[available[order]]
         popularity_rank = np.empty(n)
         popularity_rank[order] = np.arange(n) / max(n - 1, 1)
-        by_category: dict[str, list[int]] = {}
-        for i in popular_order:
-            category = categories[i]
-            if category is not None:
-                by_category.setdefault(category, []).append(int(i))
         names = tuple(sorted({c for c in categories[:n] if c is not None}))
         code_of = {c: i for i, c in enumerate(names)}
         codes = np.fromiter((code_of.get(c, len(names)) if c is not None else len(names) for c in categories[:n]), dtype=np.int64, count=n)
@@ -109,7 +103,6 @@ class Catalog:
             popularity=popularity,
             popularity_rank=popularity_rank,
             popular_order=popular_order,
-            popular_by_category={c: np.asarray(ix, dtype=np.int64) for c, ix in by_category.items()},
             neighbors=lists["neighbors"],
             copurchase=lists["copurchase"],
             content=lists["content"],

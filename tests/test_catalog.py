@@ -66,12 +66,6 @@ def test_popularity_rank_spans_zero_to_one_over_all_items(catalog: Catalog) -> N
     np.testing.assert_allclose(catalog.popularity_rank, [0.2, 0.6, 0.0, 0.8, 1.0, 0.4])
 
 
-def test_popular_by_category_holds_available_items_most_popular_first(catalog: Catalog) -> None:
-    by_category = {c: catalog.item_ids[ix].tolist() for c, ix in catalog.popular_by_category.items()}
-    assert by_category == {"c1": ["a", "f", "b"], "c2": ["d"]}
-    assert catalog.categories[:6].tolist() == ["c1", "c1", "c2", "c2", None, "c1"]
-
-
 def test_popularity_weights_purchases_over_carts_over_views() -> None:
     frame = pd.DataFrame({"item_id": ["x"]} | {name: [1.0] for name in ITEM_FEATURES})
     catalog = Catalog.from_frame(frame)
@@ -93,7 +87,6 @@ def test_frame_without_neighbour_or_category_columns() -> None:
     assert [n[0].tolist() for n in catalog.neighbors] == [[], [], []]  # x, y and the UNKNOWN slot
     assert catalog.item_factors is None and catalog.factor_gram is None
     assert catalog.categories.tolist() == [None, None, None]
-    assert catalog.popular_by_category == {}
     assert catalog.item_ids[catalog.popular_order].tolist() == ["y", "x"]
 
 
