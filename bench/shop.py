@@ -20,7 +20,7 @@ import pandas as pd
 
 from bench.state import BenchState
 from propensity.candidates import generate_candidates
-from propensity.retrieval import stored_weights
+from propensity.retrieval import RetrievalWeights, stored_weights
 from propensity.catalog import Catalog
 from propensity.settings import CandidateSettings, Settings
 from propensity.user_state import UserState
@@ -39,7 +39,7 @@ class Shop:
     user_model: lgb.Booster
     ranker: lgb.Booster
     model_dir: Path
-    retrieval_weights: dict[str, float] | None = None  # the served version's (model metadata)
+    retrieval_weights: RetrievalWeights | None = None  # the served version's (model metadata)
 
     def fetch_users(self, user_ids: Sequence[str]) -> list[dict[str, object]]:
         """One online row per user through the user feature service (what the server reads per request)."""
@@ -83,7 +83,7 @@ def open_shop(state: BenchState, serve_env: dict[str, str] | None = None) -> Sho
         lgb.Booster(model_file=str(model_dir / "user_propensity.txt")),
         lgb.Booster(model_file=str(model_dir / "item_ranker.txt")),
         model_dir,
-        stored_weights(metadata),
+        RetrievalWeights.from_json(stored_weights(metadata)),
     )
 
 

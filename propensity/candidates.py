@@ -10,6 +10,7 @@ weights are fitted per model version on training cut-offs (training/retrieval_fi
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -36,39 +37,37 @@ def generate_candidates(
     catalog: Catalog,
     settings: CandidateSettings,
     as_of_ts: float | None = None,
-    weights: Mapping[str, Mapping[str, float]] | None = None,
+    weights: RetrievalWeights | Mapping[str, Mapping[str, float]] | None = None,
 ) -> CandidateSet:
     """The user's recent items, then the best of the catalog by retrieval score, up to settings.max_candidates (available items only)."""
     as_of_ts = time.time() if as_of_ts is None else as_of_ts
     signals = user_signals(user, catalog, as_of_ts)
-    retrieval = RetrievalWeights.from_json(weights)
+    retrieval = weights if isinstance(weights, RetrievalWeights) else RetrievalWeights.from_json(weights)
     budget = settings.max_candidates
     recent = user.recent_idx[catalog.available[user.recent_idx]][: min(budget, settings.recent_items)] if len(user.recent_idx) else user.recent_idx
     _, first = np.unique(recent, return_index=True)
     recent = recent[np.sort(first)]
     score = retrieval.score(signals.values[: catalog.size])
-    eligible = catalog.available.copy()
-    eligible[recent] = False
-    pool = np.flatnonzero(eligible)
-    room = max(budget - len(recent), 0)
-    best = _best(pool, score[pool], room)
+    score[~catalog.available] = -np.inf  # sold-out items, and the recent items already taken, never fill the budget
+    score[recent] = -np.inf
+    best = _best(score, max(budget - len(recent), 0))
     item_idx = np.concatenate([recent, best]).astype(np.int64)
     names = np.concatenate([np.full(len(recent), "recent", dtype=object), retrieval.sources(signals.values[best])])
-    sources: dict[str, int] = {}
-    for name in names:
-        sources[name] = sources.get(name, 0) + 1
+    sources = dict(Counter(names.tolist()))
     return CandidateSet(item_idx=item_idx, sources=sources, item_sources=names, signals=signals)
 
 
-def _best(items: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
-    """The k items with the highest scores, best first; ties go to the lower index, so the choice is deterministic. O(n)."""
-    k = min(k, len(items))
+def _best(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k highest finite scores, best first; ties go to the lower index, so the choice is deterministic. O(n)."""
+    k = min(k, len(scores))
     if k <= 0:
         return np.empty(0, dtype=np.int64)
-    if k < len(items):
+    if k < len(scores):
         threshold = -np.partition(-scores, k - 1)[k - 1]
-        above = scores > threshold
-        tied = np.flatnonzero(scores == threshold)[: k - int(above.sum())]  # items are in index order
-        keep = np.flatnonzero(above)
-        items, scores = items[np.concatenate([keep, tied])], scores[np.concatenate([keep, tied])]
-    return items[np.lexsort((items, -scores))]
+        above = np.flatnonzero(scores > threshold)
+        tied = np.flatnonzero(scores == threshold)[: k - len(above)]  # in index order
+        chosen = np.concatenate([above, tied])
+    else:
+        chosen = np.arange(len(scores))
+    chosen = chosen[np.isfinite(scores[chosen])]
+    return chosen[np.lexsort((chosen, -scores[chosen]))]

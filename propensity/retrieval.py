@@ -128,16 +128,16 @@ def user_signals(user: UserState, catalog: Catalog, as_of_ts: float) -> UserSign
     recent = user.recent_idx
     if len(recent):
         values[recent, column["recent"]] = 1.0
-        values[recent, column["in_cart"]] = np.nan_to_num(user.recent_in_cart)
+        values[recent, column["in_cart"]] = _zero_nan(user.recent_in_cart)
         age = np.maximum(as_of_ts - user.recent_last_ts, 0.0) / DAY_SECONDS
-        values[recent, column["recent_recency"]] = np.nan_to_num(0.5 ** (age / _RECENT_HALF_LIFE_DAYS))
+        values[recent, column["recent_recency"]] = _zero_nan(0.5 ** (age / _RECENT_HALF_LIFE_DAYS))
     bought = user.bought_idx
     if len(bought):
-        values[bought, column["bought"]] = np.log1p(np.nan_to_num(user.bought_counts))
+        values[bought, column["bought"]] = np.log1p(_zero_nan(user.bought_counts))
         age = np.maximum(as_of_ts - user.bought_last_ts, 0.0) / DAY_SECONDS
-        decay = np.nan_to_num(0.5 ** (age / _BOUGHT_HALF_LIFE_DAYS))
+        decay = _zero_nan(0.5 ** (age / _BOUGHT_HALF_LIFE_DAYS))
         values[bought, column["bought_recency"]] = decay
-        values[bought, column["bought_decayed"]] = np.log1p(np.nan_to_num(user.bought_counts) * decay)
+        values[bought, column["bought_decayed"]] = np.log1p(_zero_nan(user.bought_counts) * decay)
     seeds, seed_weights = _interactions(user, as_of_ts)
     values[:n, column["als"]] = _als_scores(catalog, seeds, seed_weights)
     matrices = catalog.neighbour_matrices
@@ -152,14 +152,14 @@ def user_signals(user: UserState, catalog: Catalog, as_of_ts: float) -> UserSign
 
 _SOURCES = tuple(dict.fromkeys(SOURCE_OF_SIGNAL.values()))
 _SOURCE_GROUP = np.array([_SOURCES.index(SOURCE_OF_SIGNAL[name]) for name in SIGNALS])
+_SOURCE_ONE_HOT = np.eye(len(_SOURCES))[_SOURCE_GROUP]  # (signals, sources): sums each source's signals in one product
 _COLUMN = {name: j for j, name in enumerate(SIGNALS)}
 
 
 def _strongest_source(contributions: np.ndarray) -> np.ndarray:
     if not len(contributions):
         return np.empty(0, dtype=object)
-    per_source = np.zeros((len(contributions), len(_SOURCES)))
-    np.add.at(per_source.T, _SOURCE_GROUP, contributions.T)
+    per_source = contributions @ _SOURCE_ONE_HOT
     strongest = np.argmax(per_source, axis=1)
     # An item no source speaks for only fills the budget, as the least popular of the popular ones.
     strongest[per_source.max(axis=1) <= 0] = _SOURCES.index("popular")
@@ -192,11 +192,11 @@ def _als_scores(catalog: Catalog, idx: np.ndarray, weight: np.ndarray) -> np.nda
 def _interactions(user: UserState, as_of_ts: float) -> tuple[np.ndarray, np.ndarray]:
     """The user's items and interaction weights (recent views and carts, purchases decayed by age), one entry per item."""
     recent_weight = (
-        _VIEW * np.nan_to_num(user.recent_views_7d) + _CART * np.nan_to_num(user.recent_carts_7d) + _PURCHASE * np.nan_to_num(user.recent_purchases_30d)
+        _VIEW * _zero_nan(user.recent_views_7d) + _CART * _zero_nan(user.recent_carts_7d) + _PURCHASE * _zero_nan(user.recent_purchases_30d)
     )
     recent_weight = np.maximum(recent_weight, _VIEW)  # an interaction older than 7 days still says something
     age = np.maximum(as_of_ts - user.bought_last_ts, 0.0) / DAY_SECONDS
-    bought_weight = _PURCHASE * np.nan_to_num(user.bought_counts) * np.nan_to_num(0.5 ** (age / _BOUGHT_HALF_LIFE_DAYS))
+    bought_weight = _PURCHASE * _zero_nan(user.bought_counts) * _zero_nan(0.5 ** (age / _BOUGHT_HALF_LIFE_DAYS))
     idx = np.concatenate([user.recent_idx, user.bought_idx]).astype(np.int64)
     weight = np.concatenate([recent_weight, bought_weight])
     if not len(idx):
@@ -206,10 +206,29 @@ def _interactions(user: UserState, as_of_ts: float) -> tuple[np.ndarray, np.ndar
 
 
 def _neighbour_sum(matrix: sp.csr_matrix, seeds: np.ndarray, seed_weights: np.ndarray) -> np.ndarray:
-    """Sum over the seed items of (seed weight x neighbour score) for every catalog item: one sparse product, no loop."""
+    """Sum over the seed items of (seed weight x neighbour score) for every catalog item.
+
+    The seeds' rows are gathered straight from the CSR arrays and summed with one bincount: the same
+    product as matrix[seeds].T @ weights without scipy's per-call overhead (a third of a request's time).
+    """
+    n = matrix.shape[1]
     if not len(seeds):
-        return np.zeros(matrix.shape[1])
-    return matrix[seeds].T @ np.asarray(seed_weights, dtype=float)
+        return np.zeros(n)
+    starts, ends = matrix.indptr[seeds], matrix.indptr[np.asarray(seeds) + 1]
+    lengths = ends - starts
+    total = int(lengths.sum())
+    if not total:
+        return np.zeros(n)
+    offsets = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths) + np.arange(total)
+    weights = np.repeat(np.asarray(seed_weights, dtype=float), lengths) * matrix.data[offsets]
+    return np.bincount(matrix.indices[offsets], weights=weights, minlength=n)
+
+
+def _zero_nan(values: np.ndarray) -> np.ndarray:
+    """values as floats with NaN (a count the shop does not record) as 0; cheaper than np.nan_to_num on small arrays."""
+    out = np.array(values, dtype=float)
+    out[np.isnan(out)] = 0.0
+    return out
 
 
 def _category_share(user: UserState, catalog: Catalog) -> np.ndarray:

@@ -15,7 +15,7 @@ import numpy as np
 
 from propensity.assembly import RANKER_FEATURES, pair_matrix, user_matrix, user_vector
 from propensity.candidates import generate_candidates
-from propensity.retrieval import UserSignals, stored_weights
+from propensity.retrieval import RetrievalWeights, UserSignals, stored_weights
 from propensity.catalog import Catalog
 from propensity.model_registry import RANKER_MODEL, USER_MODEL, ModelBundle
 from propensity.settings import CandidateSettings, ServerSettings
@@ -108,6 +108,7 @@ class Recommender:
         self._data_as_of = data_as_of
         self._observer = observer or _Silent()
         self._served_log = served_log
+        self._weights: dict[str, RetrievalWeights] = {}
         self._cold: dict[tuple[str, int], _Cold] = {}
 
     @property
@@ -205,7 +206,7 @@ class Recommender:
             ids = np.asarray(query.candidate_item_ids, dtype=object)
             sources = np.full(len(ids), REQUEST_SOURCE, dtype=object)
         else:
-            candidates = generate_candidates(user, catalog, self._candidates, now, stored_weights(model.metadata))
+            candidates = generate_candidates(user, catalog, self._candidates, now, self._retrieval_weights(model))
             signals = candidates.signals
             keep = ~np.isin(candidates.item_idx, self._recently_bought(user, now))
             idx, sources = candidates.item_idx[keep], candidates.item_sources[keep]
@@ -216,6 +217,13 @@ class Recommender:
         _, first = np.unique(ids, return_index=True)  # a repeated id is ranked once
         order = np.sort(first)
         return idx[order], ids[order], sources[order], signals
+
+    def _retrieval_weights(self, model: ModelBundle) -> RetrievalWeights:
+        """The version's fitted retrieval weights, parsed once per version (not per request)."""
+        weights = self._weights.get(model.version)
+        if weights is None:
+            weights = self._weights[model.version] = RetrievalWeights.from_json(stored_weights(model.metadata))
+        return weights
 
     def _recently_bought(self, user: UserState, now: float) -> np.ndarray:
         """Items bought within repurchase_window_days (an opt-in rule; by default the ranker judges re-buys)."""
