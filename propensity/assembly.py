@@ -136,17 +136,19 @@ def _pair_columns(user: UserState, catalog: Catalog, item_idx: np.ndarray, as_of
     cols[hit, 3] = user.recent_in_cart[src]
     cols[hit, 4] = (as_of_ts - user.recent_last_ts[src]) / DAY_SECONDS
     cols[hit, 5] = src
-    # User x category affinity for each candidate's category.
-    categories = catalog.categories[item_idx]
-    share = np.zeros(n)
-    cat_rank = np.full(n, np.nan)
+    # User x category affinity for each candidate's category (integer category codes: no object comparisons).
+    no_category = len(catalog.category_names)
+    codes = np.full(n, no_category, dtype=np.int64)
+    known = item_idx != UNKNOWN
+    codes[known] = catalog.category_codes[item_idx[known]]
+    share_of, rank_of = np.zeros(no_category + 1), np.full(no_category + 1, np.nan)
     for r, (category, value) in enumerate(zip(user.top_categories, user.top_category_shares)):
-        match = categories == category
-        share[match] = value
-        cat_rank[match] = r
-    share[np.equal(categories, None)] = np.nan
-    cols[:, 6] = share
-    cols[:, 7] = cat_rank
+        code = catalog.category_code_of.get(category)
+        if code is not None:
+            share_of[code], rank_of[code] = value, r
+    share_of[no_category] = np.nan  # an item without a category has no share, not a share of 0
+    cols[:, 6] = share_of[codes]
+    cols[:, 7] = rank_of[codes]
     avg_price = user.scalars[_AVG_PRICE]
     cols[:, 8] = catalog.features[item_idx, _PRICE] / avg_price if avg_price and avg_price > 0 else np.nan
     cols[:, 9] = signals[:, _SIGNAL["covisited"]]
