@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from propensity.catalog import ITEM_FEATURES, UNKNOWN, Catalog
-from propensity.retrieval import SIGNALS, UserSignals, user_signals
+from propensity.retrieval import SIGNALS, UserSignals, category_affinity, user_signals
 from propensity.user_state import USER_SCALARS, USER_TIMESTAMPS, UserState
 
 DAY_SECONDS = 86_400.0
@@ -141,11 +141,7 @@ def _pair_columns(user: UserState, catalog: Catalog, item_idx: np.ndarray, as_of
     codes = np.full(n, no_category, dtype=np.int64)
     known = item_idx != UNKNOWN
     codes[known] = catalog.category_codes[item_idx[known]]
-    share_of, rank_of = np.zeros(no_category + 1), np.full(no_category + 1, np.nan)
-    for r, (category, value) in enumerate(zip(user.top_categories, user.top_category_shares)):
-        code = catalog.category_code_of.get(category)
-        if code is not None:
-            share_of[code], rank_of[code] = value, r
+    share_of, rank_of = category_affinity(user, catalog)
     share_of[no_category] = np.nan  # an item without a category has no share, not a share of 0
     cols[:, 6] = share_of[codes]
     cols[:, 7] = rank_of[codes]

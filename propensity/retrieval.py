@@ -50,6 +50,7 @@ DEFAULT_WEIGHTS: dict[str, float] = {
     "copurchase": 0.3, "covisited": 0.3, "content": 0.3, "category": 1.0, "popularity": 0.4, "purchases_7d": 0.0, "buyers_30d": 0.0,
 }
 KNOWN, NEW = "known", "new"  # items the user has interacted with (recent or bought), and all others
+_COLUMN = {name: j for j, name in enumerate(SIGNALS)}
 _RECENT_HALF_LIFE_DAYS = 7.0
 _BOUGHT_HALF_LIFE_DAYS = 60.0
 _SEED_RECENT = 10  # most recent items whose co-visited neighbours are suggested
@@ -124,7 +125,7 @@ def user_signals(user: UserState, catalog: Catalog, as_of_ts: float) -> UserSign
     """Every signal for every catalog item, for one user at as_of_ts (epoch seconds)."""
     n = catalog.size
     values = np.zeros((n + 1, len(SIGNALS)))
-    column = {name: j for j, name in enumerate(SIGNALS)}
+    column = _COLUMN
     recent = user.recent_idx
     if len(recent):
         values[recent, column["recent"]] = 1.0
@@ -153,7 +154,6 @@ def user_signals(user: UserState, catalog: Catalog, as_of_ts: float) -> UserSign
 _SOURCES = tuple(dict.fromkeys(SOURCE_OF_SIGNAL.values()))
 _SOURCE_GROUP = np.array([_SOURCES.index(SOURCE_OF_SIGNAL[name]) for name in SIGNALS])
 _SOURCE_ONE_HOT = np.eye(len(_SOURCES))[_SOURCE_GROUP]  # (signals, sources): sums each source's signals in one product
-_COLUMN = {name: j for j, name in enumerate(SIGNALS)}
 
 
 def _strongest_source(contributions: np.ndarray) -> np.ndarray:
@@ -231,10 +231,17 @@ def _zero_nan(values: np.ndarray) -> np.ndarray:
     return out
 
 
-def _category_share(user: UserState, catalog: Catalog) -> np.ndarray:
-    share_by_code = np.zeros(len(catalog.category_names) + 1)  # last slot: items without a category
-    for category, share in zip(user.top_categories, user.top_category_shares):
+def category_affinity(user: UserState, catalog: Catalog) -> tuple[np.ndarray, np.ndarray]:
+    """Per category code, plus a last slot for items without a category: the user's share of events in it and
+    its rank among the user's favourite categories (0 and NaN for categories the user does not favour)."""
+    share = np.zeros(len(catalog.category_names) + 1)
+    rank = np.full(len(catalog.category_names) + 1, np.nan)
+    for r, (category, value) in enumerate(zip(user.top_categories, user.top_category_shares)):
         code = catalog.category_code_of.get(category)
         if code is not None:
-            share_by_code[code] = share
-    return share_by_code[catalog.category_codes]
+            share[code], rank[code] = value, r
+    return share, rank
+
+
+def _category_share(user: UserState, catalog: Catalog) -> np.ndarray:
+    return category_affinity(user, catalog)[0][catalog.category_codes]
