@@ -7,7 +7,7 @@ import pytest
 from propensity.catalog import UNKNOWN, Catalog
 from propensity.retrieval import DEFAULT_WEIGHTS, SIGNALS, RetrievalWeights, known_items, stored_weights, user_signals
 from propensity.user_state import UserState
-from training.retrieval_fit import nonnegative_logistic
+from training.retrieval_fit import fit_retrieval_weights, nonnegative_logistic
 
 NOW = 1_700_000_000.0
 DAY = 86_400.0
@@ -137,3 +137,41 @@ def test_nonnegative_logistic_keeps_every_signal_as_evidence_for_an_item() -> No
     assert weights[:2].sum() == pytest.approx(2.0, abs=0.3)  # the two copies share the true weight
     assert weights[2] == pytest.approx(0.0, abs=1e-6)  # a signal that speaks against buying gets no weight
     assert intercept == pytest.approx(-1.0, abs=0.2)
+
+
+def _fit_inputs(cutoffs: list[pd.Timestamp], n_users: int = 60) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Buyers who buy their most recent item and the most popular item they have not touched, at each cut-off."""
+    rng = np.random.default_rng(3)
+    items = [f"i{k:02d}" for k in range(40)]
+    catalog = Catalog.from_frame(pd.DataFrame({"item_id": items, "item_purchases_7d": np.arange(40, 0, -1, dtype=float)}))
+    rows, features = [], []
+    for cutoff in cutoffs:
+        for u in range(n_users):
+            recent = [items[k] for k in rng.choice(np.arange(10, 40), 5, replace=False)]
+            features.append({"user_id": f"u{u}", "event_timestamp": cutoff, "last_event_ts": cutoff.timestamp() - DAY,
+                             "recent_item_ids": recent, "recent_item_last_ts": [cutoff.timestamp() - DAY * (k + 1) for k in range(5)]})
+            rows.append({"user_id": f"u{u}", "event_timestamp": cutoff, "label": 1, "bought_items": [recent[0], items[0]]})
+    return pd.DataFrame(rows), pd.DataFrame(features), {c: catalog for c in cutoffs}
+
+
+def test_fitted_retrieval_weights_find_the_signals_that_predict_purchases() -> None:
+    train, test = pd.Timestamp("2024-01-08", tz="UTC"), pd.Timestamp("2024-01-15", tz="UTC")
+    rows, features, catalogs = _fit_inputs([train])
+    fitted = fit_retrieval_weights(rows, features, catalogs, [train.to_pydatetime()], progress=lambda _m: None)
+    known, new = fitted["weights"]["known"], fitted["weights"]["new"]
+    assert all(v >= 0 for segment in (known, new) for name, v in segment.items() if name != "intercept")
+    assert known["recent_recency"] > 0  # the most recent of the user's items is the one bought
+    assert new["purchases_7d"] > 0 or new["popularity"] > 0  # among new items, the most popular one is bought
+    # Only training cut-offs count: buyers at another cut-off with other purchases change nothing.
+    more_rows, more_features, more_catalogs = _fit_inputs([train, test])
+    more_rows.loc[more_rows["event_timestamp"] == test, "bought_items"] = [["i39"]] * int((more_rows["event_timestamp"] == test).sum())
+    again = fit_retrieval_weights(more_rows, more_features, more_catalogs, [train.to_pydatetime()], progress=lambda _m: None)
+    assert again["weights"] == fitted["weights"]
+
+
+def test_too_few_buyers_keep_the_default_weights() -> None:
+    train = pd.Timestamp("2024-01-08", tz="UTC")
+    rows, features, catalogs = _fit_inputs([train], n_users=3)
+    fitted = fit_retrieval_weights(rows, features, catalogs, [train.to_pydatetime()], progress=lambda _m: None)
+    defaults = RetrievalWeights.from_json(None).to_json()
+    assert fitted["weights"] == defaults and fitted["positives"] == 6
