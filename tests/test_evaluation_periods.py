@@ -57,16 +57,3 @@ def test_test_buyers_are_pooled_over_test_cutoffs_a_user_counting_once_per_cutof
     assert buyers.user_ids == ["u1", "u1", "u3"]
     assert buyers.relevant == [{"c"}, {"a", "d"}, {"e"}]
     assert buyers.at(pd.Timestamp(cutoffs[3])).tolist() == [False, True, True]
-
-
-def test_the_training_data_is_built_with_the_evaluations_training_cutoffs() -> None:
-    """build_training_data fits retrieval weights on its own training period: it must not reach the pooled test cut-offs."""
-    from propensity.settings import Settings
-    from training.evaluation.run import training_data_settings
-    from training.models import Periods
-
-    settings = Settings(training=TrainingSettings(n_cutoffs=7))
-    cutoffs = cutoff_times(AS_OF, AS_OF - timedelta(days=120), settings.training)
-    for test_cutoffs in (1, 3):
-        built = training_data_settings(settings, test_cutoffs).training
-        assert Periods.split(cutoffs, built.validation_cutoffs).train == evaluation_periods(cutoffs, settings.training, test_cutoffs).train

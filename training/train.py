@@ -58,13 +58,22 @@ def default_budget(settings: Settings) -> TuningBudget | None:
     return TuningBudget(n_trials=trials, seconds=seconds, seed=settings.training.seed) if trials > 0 else None
 
 
-def build_training_data(settings: Settings, prepared: PreparedData, progress: Callable[[str], None] = print) -> TrainingData:
-    """Cut-offs -> entity rows and labels -> point-in-time features from Feast -> model inputs (serving code path)."""
+def build_training_data(
+    settings: Settings,
+    prepared: PreparedData,
+    progress: Callable[[str], None] = print,
+    split: Callable[[list[datetime]], Periods] | None = None,
+) -> TrainingData:
+    """Cut-offs -> entity rows and labels -> point-in-time features from Feast -> model inputs (serving code path).
+
+    split divides the cut-offs into periods (default: the last one test, validation_cutoffs before it). It is
+    decided here, not by the caller afterwards, because the retrieval weights are fitted on its training period.
+    """
     started = time.perf_counter()
     store = open_store(settings.feature_repo, settings.feature_store_yaml)
     events = pd.read_parquet(prepared.directory / "events.parquet", columns=["event_time"])
     cutoffs = cutoff_times(prepared.as_of, events["event_time"].min().to_pydatetime(), settings.training)
-    periods = Periods.split(cutoffs, settings.training.validation_cutoffs)
+    periods = split(cutoffs) if split else Periods.split(cutoffs, settings.training.validation_cutoffs)
     progress(
         f"training: {len(cutoffs)} cut-offs {cutoffs[0]:%Y-%m-%d} .. {cutoffs[-1]:%Y-%m-%d}, horizon {settings.training.horizon_days} days "
         f"({len(periods.train)} train, {len(periods.validation)} validation, {len(periods.test)} test)"

@@ -13,7 +13,6 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,11 +53,7 @@ def evaluate(
     started = time.perf_counter()
     seed = settings.training.seed
     prepared = load_prepared(settings.prepared_dir)
-    built = build_training_data(training_data_settings(settings, test_cutoffs), prepared, progress)
-    periods = evaluation_periods(built.cutoffs, settings.training, test_cutoffs)
-    if built.periods.train != periods.train:  # what build_training_data fits (retrieval weights) must not see validation or test
-        raise RuntimeError(f"the training data was built with training cut-offs {built.periods.train}, the evaluation's are {periods.train}")
-    built = replace(built, periods=periods)
+    built = build_training_data(settings, prepared, progress, split=lambda cutoffs: evaluation_periods(cutoffs, settings.training, test_cutoffs))
     progress(f"evaluation periods: {len(built.periods.train)} train, {len(built.periods.validation)} validation, {len(built.periods.test)} test cut-off(s)")
     models = fit_models(settings, built, budget, progress)
     fit_seconds = time.perf_counter() - started
@@ -107,16 +102,6 @@ def evaluation_periods(cutoffs: Sequence[datetime], training: TrainingSettings, 
             f"need {needed}; use more cut-offs (--n-cutoffs) or a longer log"
         )
     return Periods.split(list(cutoffs), training.validation_cutoffs, test_cutoffs)
-
-
-def training_data_settings(settings: Settings, test_cutoffs: int) -> Settings:
-    """Settings under which build_training_data's own split (one test cut-off) has exactly the evaluation's training cut-offs.
-
-    build_training_data fits on its training period before the models are fitted (the retrieval weights);
-    counting the extra test cut-offs as validation there keeps them out of that fit.
-    """
-    validation = settings.training.validation_cutoffs + test_cutoffs - 1
-    return settings.model_copy(update={"training": settings.training.model_copy(update={"validation_cutoffs": validation})})
 
 
 def oracle_section(settings: Settings, prepared: PreparedData, periods: Periods, rows: ScoredRows, ranking: RankingTables) -> dict:
