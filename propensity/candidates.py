@@ -19,6 +19,7 @@ import numpy as np
 from propensity.catalog import Catalog
 from propensity.retrieval import RetrievalWeights, UserSignals, user_signals
 from propensity.settings import CandidateSettings
+from propensity.top_k import top_k
 from propensity.user_state import UserState
 
 
@@ -50,24 +51,9 @@ def generate_candidates(
     score = retrieval.score(signals.values[: catalog.size])
     score[~catalog.available] = -np.inf  # sold-out items, and the recent items already taken, never fill the budget
     score[recent] = -np.inf
-    best = _best(score, max(budget - len(recent), 0))
+    best = top_k(score, max(budget - len(recent), 0))
+    best = best[np.isfinite(score[best])]  # fewer eligible items than the budget: never fill it with excluded ones
     item_idx = np.concatenate([recent, best]).astype(np.int64)
     names = np.concatenate([np.full(len(recent), "recent", dtype=object), retrieval.sources(signals.values[best])])
     sources = dict(Counter(names.tolist()))
     return CandidateSet(item_idx=item_idx, sources=sources, item_sources=names, signals=signals)
-
-
-def _best(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k highest finite scores, best first; ties go to the lower index, so the choice is deterministic. O(n)."""
-    k = min(k, len(scores))
-    if k <= 0:
-        return np.empty(0, dtype=np.int64)
-    if k < len(scores):
-        threshold = -np.partition(-scores, k - 1)[k - 1]
-        above = np.flatnonzero(scores > threshold)
-        tied = np.flatnonzero(scores == threshold)[: k - len(above)]  # in index order
-        chosen = np.concatenate([above, tied])
-    else:
-        chosen = np.arange(len(scores))
-    chosen = chosen[np.isfinite(scores[chosen])]
-    return chosen[np.lexsort((chosen, -scores[chosen]))]

@@ -8,17 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from propensity.top_k import top_k
 
-def top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k highest scores, best first, equal scores in index order (partial sort: O(n) + O(k log k))."""
-    if len(scores) <= k:
-        return np.argsort(-scores, kind="stable")
-    if k <= 0:
-        return np.empty(0, dtype=np.int64)
-    kth = np.partition(scores, len(scores) - k)[len(scores) - k]  # the k-th highest score
-    above = np.flatnonzero(scores > kth)
-    part = np.concatenate([above, np.flatnonzero(scores == kth)[: k - len(above)]])  # ties at the cut: the earliest
-    return part[np.argsort(-scores[part], kind="stable")]
+__all__ = ["best_positions", "non_increasing", "top_k"]
 
 
 def best_positions(raw: np.ndarray, categories: np.ndarray, k: int, per_category: int = 0) -> np.ndarray:
