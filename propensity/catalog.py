@@ -42,10 +42,9 @@ class Catalog:
     popularity: np.ndarray  # float score, length n
     popularity_rank: np.ndarray  # 0 for the most popular item .. 1 for the least, length n
     popular_order: np.ndarray  # item indices, most popular first (available items only)
-    neighbors: list[tuple[np.ndarray, np.ndarray]]  # per item: co-visited (neighbour indices, scores)
-    copurchase: list[tuple[np.ndarray, np.ndarray]]  # per item: co-purchased (indices, scores), time-decayed
-    content: list[tuple[np.ndarray, np.ndarray]]  # per item: most similar by title, category, brand, price band
-    neighbour_matrices: dict[str, sp.csr_matrix]  # "neighbors" / "copurchase" / "content" as (n + 1, n) sparse rows, for sums over many items
+    # Neighbour tables as (n + 1, n) sparse rows (row n: UNKNOWN, empty): "neighbors" co-visited in sessions,
+    # "copurchase" bought by the same shoppers (time-decayed), "content" most similar by title, category, brand, price.
+    neighbour_matrices: dict[str, sp.csr_matrix]
     popularity_signals: np.ndarray  # (n, 3): log1p of popularity, purchases in 7 days and buyers in 30 days
     category_names: tuple[str, ...]
     category_code_of: dict[str, int]
@@ -55,6 +54,13 @@ class Catalog:
     factor_gram: np.ndarray | None = None  # item_factors' Y'Y (k, k), for folding in user vectors
     als_alpha: float = 0.0  # the fit's confidence scale and regularisation, read with the factors
     als_regularization: float = 0.0
+
+    def neighbours(self, table: str, item: int) -> tuple[np.ndarray, np.ndarray]:
+        """One item's neighbours in a table ("neighbors", "copurchase", "content"): indices and scores, strongest first."""
+        matrix = self.neighbour_matrices[table]
+        row = self.size if item == UNKNOWN else item
+        lo, hi = matrix.indptr[row], matrix.indptr[row + 1]
+        return matrix.indices[lo:hi], matrix.data[lo:hi]
 
     @property
     def size(self) -> int:
@@ -103,9 +109,6 @@ class Catalog:
             popularity=popularity,
             popularity_rank=popularity_rank,
             popular_order=popular_order,
-            neighbors=lists["neighbors"],
-            copurchase=lists["copurchase"],
-            content=lists["content"],
             neighbour_matrices={name: _sparse(rows, n) for name, rows in lists.items()},
             popularity_signals=np.log1p(np.maximum(np.column_stack([
                 popularity,

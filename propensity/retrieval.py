@@ -142,10 +142,10 @@ def user_signals(user: UserState, catalog: Catalog, as_of_ts: float) -> UserSign
     seeds, seed_weights = _interactions(user, as_of_ts)
     values[:n, column["als"]] = _als_scores(catalog, seeds, seed_weights)
     matrices = catalog.neighbour_matrices
-    values[:n, column["copurchase"]] = np.log1p(_neighbour_sum(matrices["copurchase"], seeds, seed_weights))
+    values[:n, column["copurchase"]] = np.log1p(neighbour_sum(matrices["copurchase"], seeds, seed_weights))
     recent_seeds = recent[:_SEED_RECENT]
-    values[:n, column["covisited"]] = np.log1p(_neighbour_sum(matrices["neighbors"], recent_seeds, np.ones(len(recent_seeds))))
-    values[:n, column["content"]] = np.log1p(_neighbour_sum(matrices["content"], seeds, seed_weights))
+    values[:n, column["covisited"]] = np.log1p(neighbour_sum(matrices["neighbors"], recent_seeds, np.ones(len(recent_seeds))))
+    values[:n, column["content"]] = np.log1p(neighbour_sum(matrices["content"], seeds, seed_weights))
     values[:n, column["category"]] = _category_share(user, catalog)
     values[:n, column["popularity"] : column["buyers_30d"] + 1] = catalog.popularity_signals
     return UserSignals(values)
@@ -205,7 +205,7 @@ def _interactions(user: UserState, as_of_ts: float) -> tuple[np.ndarray, np.ndar
     return unique, np.bincount(inverse, weights=weight)
 
 
-def _neighbour_sum(matrix: sp.csr_matrix, seeds: np.ndarray, seed_weights: np.ndarray) -> np.ndarray:
+def neighbour_sum(matrix: sp.csr_matrix, seeds: np.ndarray, seed_weights: np.ndarray) -> np.ndarray:
     """Sum over the seed items of (seed weight x neighbour score) for every catalog item.
 
     The seeds' rows are gathered straight from the CSR arrays and summed with one bincount: the same

@@ -73,18 +73,18 @@ def test_popularity_weights_purchases_over_carts_over_views() -> None:
 
 
 def test_neighbours_drop_unknown_items_and_keep_scores_aligned(catalog: Catalog) -> None:
-    idx, scores = catalog.neighbors[0]  # a -> b (3), zzz (unknown, 9), d (1)
+    idx, scores = catalog.neighbours("neighbors", 0)  # a -> b (3), zzz (unknown, 9), d (1)
     assert idx.tolist() == [1, 3]
     assert scores.tolist() == [3.0, 1.0]
-    assert [catalog.neighbors[i][0].tolist() for i in range(6)] == [[1, 3], [0], [], [], [0, 2], [2, 0]]
-    assert catalog.neighbors[UNKNOWN][0].tolist() == []  # an unknown item (index -1) has no neighbours
-    assert catalog.neighbors[4][1].tolist() == [0.0, 0.0]  # ids without scores score 0
-    assert catalog.neighbors[5][1].tolist() == [4.0, 1.0]
+    assert [catalog.neighbours("neighbors", i)[0].tolist() for i in range(6)] == [[1, 3], [0], [], [], [0, 2], [2, 0]]
+    assert catalog.neighbours("neighbors", UNKNOWN)[0].tolist() == []  # an unknown item (index -1) has no neighbours
+    assert catalog.neighbours("neighbors", 4)[1].tolist() == [0.0, 0.0]  # ids without scores score 0
+    assert catalog.neighbours("neighbors", 5)[1].tolist() == [4.0, 1.0]
 
 
 def test_frame_without_neighbour_or_category_columns() -> None:
     catalog = Catalog.from_frame(pd.DataFrame({"item_id": ["x", "y"], "item_views_7d": [1, 2]}))
-    assert [n[0].tolist() for n in catalog.neighbors] == [[], [], []]  # x, y and the UNKNOWN slot
+    assert [catalog.neighbours("neighbors", i)[0].tolist() for i in (0, 1, UNKNOWN)] == [[], [], []]
     assert catalog.item_factors is None and catalog.factor_gram is None
     assert catalog.categories.tolist() == [None, None, None]
     assert catalog.item_ids[catalog.popular_order].tolist() == ["y", "x"]
@@ -134,9 +134,9 @@ def test_retrieval_tables_become_neighbour_lists_and_a_factor_matrix() -> None:
         }
     )
     catalog = Catalog.from_frame(frame)
-    assert catalog.copurchase[0][0].tolist() == [1] and catalog.copurchase[0][1].tolist() == [0.5]  # unknown id dropped
-    assert catalog.copurchase[2][0].tolist() == [0] and catalog.content[1][0].tolist() == [0]
-    assert catalog.content[2][0].tolist() == [] and catalog.copurchase[UNKNOWN][0].tolist() == []
+    assert catalog.neighbours("copurchase", 0)[0].tolist() == [1] and catalog.neighbours("copurchase", 0)[1].tolist() == [0.5]  # unknown id dropped
+    assert catalog.neighbours("copurchase", 2)[0].tolist() == [0] and catalog.neighbours("content", 1)[0].tolist() == [0]
+    assert catalog.neighbours("content", 2)[0].tolist() == [] and catalog.neighbours("copurchase", UNKNOWN)[0].tolist() == []
     np.testing.assert_array_equal(catalog.item_factors, [[1.0, 2.0], [0.0, 0.0], [0.5, -1.0], [0.0, 0.0]])
     assert catalog.has_factors.tolist() == [True, False, True, False]
     np.testing.assert_allclose(catalog.factor_gram, catalog.item_factors.T @ catalog.item_factors)

@@ -462,7 +462,7 @@ def test_catalog_from_served_rows_holds_the_factors_and_their_gram(world: World,
         expected = offline.loc[item, "als_factors"] if item in touched else np.zeros(SETTINGS.als_factors)
         np.testing.assert_array_equal(catalog.item_factors[catalog.index[item]], expected)
     assert (catalog.als_alpha, catalog.als_regularization) == (SETTINGS.als_alpha, SETTINGS.als_regularization)
-    assert [catalog.item_ids[j] for j in catalog.copurchase[catalog.index["a"]][0]] == ["b", "e"]
+    assert [catalog.item_ids[j] for j in catalog.neighbours("copurchase", catalog.index["a"])[0]] == ["b", "e"]
 
 
 def test_fold_in_equals_implicits_user_update(served: dict) -> None:

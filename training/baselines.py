@@ -23,6 +23,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from propensity.catalog import Catalog
+from propensity.retrieval import neighbour_sum
 from propensity.user_state import UserState
 
 RANKING_BASELINES = (
@@ -58,11 +59,8 @@ def category_popularity(user: UserState, catalog: Catalog, k: int = 10) -> list[
 
 def covisitation(user: UserState, catalog: Catalog, k: int = 10, max_sources: int = 10) -> list[str]:
     """Items most co-visited with the user's recent items (summed co-visitation scores)."""
-    scores = np.zeros(catalog.size + 1)
-    for source in user.recent_idx[:max_sources]:
-        neighbours, weights = catalog.neighbors[source]
-        np.add.at(scores, neighbours, weights)
-    return _top_k(scores[: catalog.size], catalog, k)
+    sources = user.recent_idx[:max_sources]
+    return _top_k(neighbour_sum(catalog.neighbour_matrices["neighbors"], sources, np.ones(len(sources))), catalog, k)
 
 
 def buy_again(history: Sequence[str], catalog: Catalog, k: int = 10) -> list[str]:
