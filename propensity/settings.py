@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -182,6 +183,21 @@ class Settings(BaseSettings):
     def describe(self) -> str:
         """Settings as indented JSON for start-up logs, with secrets (passwords, tokens, credentials in URLs) masked."""
         return json.dumps(_mask(self.model_dump(mode="json")), indent=2)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings with a command line's --data, --work-dir, --feature-repo, --as-of and --port applied, where given."""
+    overrides = {}
+    for name in ("data_dir", "work_dir", "feature_repo"):
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = Path(value).resolve()
+    if getattr(args, "as_of", None):
+        overrides["as_of"] = datetime.fromisoformat(args.as_of)
+    settings = Settings(**overrides)
+    if getattr(args, "port", None) is not None:
+        settings = settings.model_copy(update={"server": settings.server.model_copy(update={"port": args.port})})
+    return settings
 
 
 _SECRET_KEY = re.compile(r"password|secret|token|credential|api_key", re.IGNORECASE)

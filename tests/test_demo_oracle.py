@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from propensity.cli import main
+from propensity_cli.main import main
 from propensity.demo import DemoDataConfig, generate_demo_data
 from propensity.raw_data import load_raw_dataset
 

@@ -1,5 +1,6 @@
 """Tests for the settings object: defaults, a TOML file, PROPENSITY_* environment variables."""
 
+import argparse
 import os
 import subprocess
 import sys
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from propensity.settings import PROJECT_ROOT, Settings
+from propensity.settings import PROJECT_ROOT, Settings, settings_from_args
 
 
 @pytest.fixture(autouse=True)
@@ -72,6 +73,17 @@ def test_environment_beats_toml_and_arguments_beat_both(clean_environment: Path,
     assert (settings.server.port, settings.server.max_num_items) == (6000, 50)
     assert Settings(user_feature_service="x").user_feature_service == "x"
 
+
+
+def test_command_line_options_override_the_rest(clean_environment: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROPENSITY_SERVER__PORT", "6000")
+    args = argparse.Namespace(data_dir="shop", work_dir=None, as_of="2024-03-01T00:00:00+00:00", port=7000)
+    settings = settings_from_args(args)
+    assert settings.data_dir == clean_environment / "shop"
+    assert settings.work_dir == Settings().work_dir  # not given: left alone
+    assert settings.as_of.isoformat() == "2024-03-01T00:00:00+00:00"
+    assert settings.server.port == 7000
+    assert settings_from_args(argparse.Namespace()).server.port == 6000  # a command without --port
 
 def test_unknown_top_level_key_in_toml_is_rejected(clean_environment: Path) -> None:
     (clean_environment / "propensity.toml").write_text("feature_repository = '/tmp/repo'\n")

@@ -1,12 +1,14 @@
 """CLI entry points of the offline-evaluation stages, light to import (heavy modules load only when a command runs).
 
-propensity/cli.py wires them as `propensity evaluate` and `propensity score-batch`:
+propensity_cli/main.py wires them as `propensity evaluate` and `propensity score-batch`:
     p = sub.add_parser("evaluate", ...); paths(p); add_evaluate_arguments(p); p.set_defaults(func=cmd_evaluate)
 """
 
 from __future__ import annotations
 
 import argparse
+
+from propensity.settings import settings_from_args
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,14 +37,12 @@ def add_score_batch_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from propensity.cli import _settings
     from training.evaluation import cmd_evaluate as run
 
-    return run(args, _settings(args))
+    return run(args, settings_from_args(args))
 
 
 def cmd_score_batch(args: argparse.Namespace) -> int:
-    from propensity.cli import _settings
     from training.batch_scoring import cmd_score_batch as run
 
-    return run(args, _settings(args))
+    return run(args, settings_from_args(args))

@@ -169,7 +169,7 @@ def _info(
 
 
 def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
-    """Entry point: settings come from the CLI's _settings(args)."""
+    """Entry point: settings come from propensity.settings.settings_from_args(args)."""
     test_cutoffs = getattr(args, "test_cutoffs", 1)
     updates = {"n_cutoffs": evaluation_cutoffs(settings.training, args.n_cutoffs, test_cutoffs)}
     if args.horizon_days:
