@@ -10,7 +10,8 @@ import pytest
 
 from propensity.model_registry import ContinuationError, check_continuation
 from training.datasets import TrainingSet
-from training.models import Periods, group_sizes
+from training.boosters import group_sizes
+from training.periods import Periods
 
 T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
 

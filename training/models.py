@@ -1,6 +1,6 @@
 """Fit both models on time-ordered periods: train < validation < test, early stopping and calibration on validation only.
 
-Shared by `propensity train` (training/train.py) and `propensity evaluate` (training/evaluate.py),
+Shared by `propensity train` (training/train.py) and `propensity evaluate` (training/evaluation/),
 so the evaluated models are fitted exactly as the served ones.
 """
 
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 
 import lightgbm as lgb
 import numpy as np
@@ -17,42 +16,13 @@ from sklearn.metrics import average_precision_score, log_loss, roc_auc_score
 
 from propensity.model_registry import apply_calibration
 from propensity.settings import TrainingSettings
+from training.boosters import base_params, train_booster
 from training.calibration import choose_calibration
 from training.datasets import TrainingSet
+from training.periods import Periods
 from training.tuning import TuningBudget, tune
 
 RANKER_OBJECTIVES = ("binary", "lambdarank")
-
-
-@dataclass(frozen=True)
-class Periods:
-    """Cut-offs of each period, oldest first; test is empty when there are too few cut-offs."""
-
-    train: list[datetime]
-    validation: list[datetime]
-    test: list[datetime]
-
-    @classmethod
-    def split(cls, cutoffs: list[datetime], validation_cutoffs: int = 1, test_cutoffs: int = 1) -> Periods:
-        """Last cut-off(s) = test, the ones before = validation, the rest = train (no test with fewer than 3 cut-offs)."""
-        if len(cutoffs) < validation_cutoffs + test_cutoffs + 1:
-            test_cutoffs = 0
-        n_test = len(cutoffs) - test_cutoffs
-        n_valid = n_test - validation_cutoffs
-        if n_valid < 1:
-            raise ValueError(f"{len(cutoffs)} cut-offs leave no training period; use more cut-offs")
-        return cls(cutoffs[:n_valid], cutoffs[n_valid:n_test], cutoffs[n_test:])
-
-    def masks(self, data: TrainingSet) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Boolean row masks (train, validation, test) of data."""
-        cut = _naive(data.cutoffs)
-        return tuple(np.isin(cut, _naive(np.asarray(part))) for part in (self.train, self.validation, self.test))  # type: ignore[return-value]
-
-    def to_json(self) -> dict:
-        def window(part: list[datetime]) -> dict | None:
-            return {"start": part[0].isoformat(), "end": part[-1].isoformat()} if part else None
-
-        return {"train_window": window(self.train), "validation_window": window(self.validation), "test_window": window(self.test)}
 
 
 @dataclass
@@ -73,48 +43,6 @@ class FittedModel:
 
     def raw(self, features: np.ndarray) -> np.ndarray:
         return self.booster.predict(features, num_iteration=self.booster.best_iteration)
-
-
-def base_params(training: TrainingSettings, objective: str = "binary") -> dict:
-    params = {
-        "objective": objective,
-        "learning_rate": training.learning_rate,
-        "num_leaves": training.num_leaves,
-        "min_data_in_leaf": training.min_data_in_leaf,
-        "feature_fraction": 0.9,
-        "bagging_fraction": 0.9,
-        "bagging_freq": 1,
-        "seed": training.seed,
-        "deterministic": True,
-        "num_threads": 2,
-        "verbosity": -1,
-    }
-    if objective == "lambdarank":
-        params.update(metric="ndcg", eval_at=[10])
-    return params
-
-
-def group_sizes(groups: np.ndarray) -> np.ndarray:
-    """Sizes of consecutive runs of equal group ids (LightGBM query groups)."""
-    if not len(groups):
-        return np.empty(0, dtype=int)
-    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1], True])
-    return np.diff(starts)
-
-
-def train_booster(params: dict, data: TrainingSet, train: np.ndarray, valid: np.ndarray, features: tuple[str, ...], training: TrainingSettings) -> lgb.Booster:
-    """One LightGBM fit on the train rows with early stopping on the validation rows only."""
-    ranking = params["objective"] == "lambdarank"
-    train_set = lgb.Dataset(data.features[train], data.labels[train], feature_name=list(features), group=group_sizes(data.groups[train]) if ranking else None, free_raw_data=True)
-    valid_set = lgb.Dataset(data.features[valid], data.labels[valid], reference=train_set, group=group_sizes(data.groups[valid]) if ranking else None)
-    return lgb.train(
-        params,
-        train_set,
-        num_boost_round=training.num_boost_round,
-        valid_sets=[valid_set],
-        valid_names=["validation"],
-        callbacks=[lgb.early_stopping(training.early_stopping_rounds, first_metric_only=True, verbose=False)],
-    )
 
 
 def classification_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
@@ -202,6 +130,3 @@ def fit_model(
     )
     return model
 
-
-def _naive(values: np.ndarray) -> np.ndarray:
-    return pd.DatetimeIndex(pd.to_datetime(values, utc=True)).tz_convert(None).to_numpy()

@@ -15,7 +15,8 @@ from sklearn.metrics import roc_curve
 from training.datasets import TrainingSet
 
 if TYPE_CHECKING:
-    from training.models import FittedModel, Periods
+    from training.models import FittedModel
+    from training.periods import Periods
 
 
 def write_training_report(directory: Path, metadata: dict, models: dict[str, tuple[FittedModel, TrainingSet]], periods: Periods) -> Path:

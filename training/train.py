@@ -1,6 +1,6 @@
 """Train the user propensity model and the (user, item) ranker on time-ordered periods, save a version.
 
-Cut-offs split into train < validation < test (training/models.py): early stopping, objective
+Cut-offs split into train < validation < test (training/periods.py): early stopping, objective
 choice and calibration use validation only; test metrics are recorded as `test_*`.
 """
 
@@ -25,7 +25,8 @@ from propensity.feature_store import open_store, service_fingerprint
 from propensity.model_registry import RANKER_MODEL, USER_MODEL, check_continuation, load_version, new_version_id, promote, save_version
 from propensity.settings import Settings
 from training.datasets import CutoffData, assemble, cutoff_times, entity_rows, historical_catalogs, historical_user_features
-from training.models import RANKER_OBJECTIVES, FittedModel, Periods, fit_model
+from training.models import RANKER_OBJECTIVES, FittedModel, fit_model
+from training.periods import Periods
 from training.prepare import PreparedData
 from training.report import write_training_report
 from training.retrieval_fit import fit_retrieval_weights

@@ -10,15 +10,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from propensity.settings import TrainingSettings
+from training.boosters import train_booster
 from training.datasets import TrainingSet
-
-if TYPE_CHECKING:
-    from training.models import Periods
+from training.periods import Periods, naive_utc
 
 
 @dataclass(frozen=True)
@@ -33,11 +31,9 @@ class TuningBudget:
 
 def time_series_folds(data: TrainingSet, periods: Periods, folds: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """(train mask, validation mask) per fold: expanding window, each fold validated on one later cut-off."""
-    from training.models import _naive
-
     usable = list(periods.train) + list(periods.validation)
-    cut = _naive(data.cutoffs)
-    stamps = _naive(np.asarray(usable))
+    cut = naive_utc(data.cutoffs)
+    stamps = naive_utc(np.asarray(usable))
     result = []
     for c in stamps[-folds:]:
         train, valid = cut < c, cut == c
@@ -59,7 +55,6 @@ def tune(
     """Search learning rate, leaves, leaf size, feature/bagging fractions and L2; return the best overrides ({} if no folds)."""
     import optuna
 
-    from training.models import train_booster
 
     folds = time_series_folds(data, periods, budget.folds)
     if not folds:

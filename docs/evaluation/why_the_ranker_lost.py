@@ -19,9 +19,9 @@ import numpy as np
 from propensity.model_registry import RANKER_MODEL, apply_calibration
 from propensity.settings import Settings
 from training import baselines, metrics
+from training.boosters import group_sizes
 from training.calibration import fit_calibration
 from training.evaluation.ranking import find_test_buyers
-from training.models import group_sizes
 from training.prepare import load_prepared
 from training.train import build_training_data, fit_models
 

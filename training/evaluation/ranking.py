@@ -16,7 +16,8 @@ import pandas as pd
 
 from propensity.user_state import UserState
 from training import baselines, metrics
-from training.models import FittedModel, group_sizes
+from training.boosters import group_sizes
+from training.models import FittedModel
 
 if TYPE_CHECKING:
     from training.train import TrainingData

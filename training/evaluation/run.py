@@ -29,7 +29,7 @@ from training.evaluation.propensity_scores import MODEL, ScoredRows, propensity_
 from training.evaluation.ranking import K, RankingTables, rank_test_buyers, summarise
 from training.evaluation.report import write_report
 from training.evaluation.summary import merge_metrics, write_summary
-from training.models import Periods
+from training.periods import Periods
 from training.prepare import PreparedData, load_prepared
 from training.train import build_training_data, fit_models
 from training.tuning import TuningBudget
