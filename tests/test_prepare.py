@@ -7,8 +7,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from propensity import raw_data
 from propensity.raw_data import RawDataError
+from propensity.raw_data import events as raw_events
 from training.prepare import MANIFEST, default_as_of, load_prepared, prepare
 
 UTC = timezone.utc
@@ -135,7 +135,7 @@ def test_the_log_is_streamed_in_chunks_with_the_same_result(tmp_path: Path, monk
     source.mkdir()
     events.to_parquet(source / "events.parquet", index=False)
     whole = prepare(source, tmp_path / "whole", progress=_quiet)
-    monkeypatch.setattr(raw_data, "CHUNK_ROWS", 1)
+    monkeypatch.setattr(raw_events, "CHUNK_ROWS", 1)
     chunked = prepare(source, tmp_path / "chunked", progress=_quiet)
     expected = pd.read_parquet(tmp_path / "whole" / "events.parquet")
     assert expected["event_id"].tolist() == ["b", "c", "a"] and expected["user_id"].tolist() == ["u1", "u2", "u1"]

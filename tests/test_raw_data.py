@@ -5,13 +5,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from propensity import raw_data
 from propensity.raw_data import (
     EVENT_TYPES,
     RawDataError,
     load_raw_dataset,
     write_raw_dataset,
 )
+from propensity.raw_data import events as raw_events
 
 HEADER = "event_time,user_id,item_id,event_type,event_id,session_id,price,quantity\n"
 ROWS = [
@@ -216,7 +216,7 @@ def test_chunked_validation_numbers_rows_across_chunks_and_merges_rejections(tmp
         (tmp_path / "parquet").mkdir()
         pd.read_csv(tmp_path / "csv" / "events.csv", dtype=str, keep_default_na=False).to_parquet(tmp_path / "parquet" / "events.parquet", index=False)
     whole = load_raw_dataset(tmp_path / suffix, max_rejected_fraction=0.5)
-    monkeypatch.setattr(raw_data, "CHUNK_ROWS", 3)  # the bad rows fall in the second and third chunks
+    monkeypatch.setattr(raw_events, "CHUNK_ROWS", 3)  # the bad rows fall in the second and third chunks
     chunked = load_raw_dataset(tmp_path / suffix, max_rejected_fraction=0.5)
     pd.testing.assert_frame_equal(chunked.events, whole.events)
     first = 2 if suffix == "csv" else 1  # CSV lines count the header; Parquet rows start at 1
@@ -227,7 +227,7 @@ def test_chunked_validation_numbers_rows_across_chunks_and_merges_rejections(tmp
 
 
 def test_duplicates_in_different_chunks_keep_the_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(raw_data, "CHUNK_ROWS", 2)
+    monkeypatch.setattr(raw_events, "CHUNK_ROWS", 2)
     _events_csv(tmp_path, ROWS + ["2024-01-05T00:00:00Z,other,007,view,e1,,,\n"])
     data = load_raw_dataset(tmp_path)
     assert data.report.duplicates_dropped == 1
