@@ -43,9 +43,11 @@ test-fast: $(STAMP)
 clean:
 	rm -rf var feature_repo/data
 
-# Benchmarks (docs/benchmarks/): builds var/bench/ if missing, h2load from Debian's nghttp2-client.
+# Benchmarks (docs/benchmarks/): builds var/bench/ if missing, h2load from Debian's nghttp2-client,
+# the local Redis (scripts/services.sh) for the Redis profile's user-read floor.
 bench: $(STAMP)
 	@command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
+	@(command -v redis-cli >/dev/null && redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG) || bash scripts/services.sh || echo "bench: no local Redis; the Redis user read will be reported as not measured"
 	$(BIN)/python -m bench.run
 
 # The offline pipeline on ~20 million generated events: time and peak memory per stage (docs/benchmarks/scale.md).

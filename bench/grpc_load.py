@@ -1,7 +1,7 @@
-"""Load that h2load cannot make: an open-loop fixed request rate, and ScoreUsers batches.
+"""Load that h2load cannot make: ScoreUsers batches of 1,000 ids (the open loop is bench/open_loop.py).
 
-Both use grpc.aio clients with one connection per channel (local subchannel pools), so
-SO_REUSEPORT workers each get connections; every loop is bounded by a duration.
+grpc.aio clients with one connection per channel (local subchannel pools), so SO_REUSEPORT
+workers each get connections; every loop is bounded by a duration.
 """
 
 from __future__ import annotations
@@ -17,58 +17,6 @@ from propensity.v1 import recommendation_service_pb2 as pb
 from propensity.v1 import recommendation_service_pb2_grpc as pb_grpc
 
 _OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
-
-
-async def _fixed_rate(target: str, users: Sequence[str], rate: float, seconds: float, channels: int) -> dict:
-    chans = [grpc.aio.insecure_channel(target, options=_OPTIONS) for _ in range(channels)]
-    stubs = [pb_grpc.RecommendationServiceStub(c) for c in chans]
-    latencies: list[float] = []
-    errors = 0
-
-    async def one(i: int, scheduled: float) -> None:
-        nonlocal errors
-        try:
-            reply = await stubs[i % channels].Recommend(pb.RecommendRequest(user_id=users[i % len(users)], num_items=10), timeout=5.0)
-            if not reply.items:
-                errors += 1
-        except grpc.aio.AioRpcError:
-            errors += 1
-            return
-        # From the scheduled send time: a late send counts against the server (no coordinated omission).
-        latencies.append((time.perf_counter() - scheduled) * 1000)
-
-    try:
-        for stub in stubs:  # connect every channel before the clock starts
-            await stub.Recommend(pb.RecommendRequest(user_id=users[0], num_items=10), timeout=10.0)
-        tasks = []
-        t0 = time.perf_counter()
-        n = int(rate * seconds)
-        for i in range(n):
-            scheduled = t0 + i / rate
-            delay = scheduled - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.ensure_future(one(i, scheduled)))
-        await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)
-        elapsed = time.perf_counter() - t0
-    finally:
-        for c in chans:
-            await c.close()
-    lat = np.array(latencies)
-    return {
-        "target_rate_rps": round(rate, 1),
-        "achieved_rps": round(len(lat) / elapsed, 1),
-        "requests": n,
-        "failures": errors,
-        "p50": round(float(np.percentile(lat, 50)), 3),
-        "p95": round(float(np.percentile(lat, 95)), 3),
-        "p99": round(float(np.percentile(lat, 99)), 3),
-    }
-
-
-def fixed_rate(target: str, users: Sequence[str], rate: float, seconds: float = 8.0, channels: int = 4) -> dict:
-    """Recommend at a fixed arrival rate over rotating users; latency percentiles in ms."""
-    return asyncio.run(_fixed_rate(target, users, rate, seconds, channels))
 
 
 async def _score_users(target: str, user_ids: Sequence[str], batch: int, concurrency: int, seconds: float) -> dict:

@@ -44,6 +44,7 @@ class Summary:
     errored: int
     status_2xx: int
     data_bytes: int
+    started: int = 0  # requests sent; started - done were in flight when the duration ended (not counted)
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ def parse_summary(stdout: str) -> Summary:
         raise ValueError(f"h2load output has no {', '.join(missing)} line:\n{stdout[-2000:]}")
     seconds = float(found["finished"].group(1)) / (1000.0 if found["finished"].group(2) == "ms" else 1.0)
     r = [int(x) for x in found["requests"].groups()]
-    return Summary(seconds, r[2], r[3], r[4], r[5], int(found["status"].group(1)), int(found["data"].group(1)))
+    return Summary(seconds, r[2], r[3], r[4], r[5], int(found["status"].group(1)), int(found["data"].group(1)), started=r[1])
 
 
 def read_log(path: Path) -> list[LogRow]:
@@ -126,10 +127,13 @@ class PhaseResult:
     failures: int
     throughput: float
     latencies_ms: np.ndarray
+    in_flight_at_stop: int = 0  # sent but cut off when the duration ended: neither counted nor timed
+    answered_per_job: tuple[int, ...] = ()  # requests answered with a message, per job (in job order)
 
     def stats(self) -> dict[str, float]:
         return {"concurrency": self.concurrency, "requests": self.requests, "failures": self.failures,
-                "throughput_rps": round(self.throughput, 1), **{k: round(v, 3) for k, v in percentiles(self.latencies_ms).items()}}
+                "throughput_rps": round(self.throughput, 1), **{k: round(v, 3) for k, v in percentiles(self.latencies_ms).items()},
+                "in_flight_at_stop": self.in_flight_at_stop}
 
 
 def run_parallel(jobs: Sequence[Job], timeout_slack: float = 15.0) -> PhaseResult:
@@ -149,11 +153,10 @@ def run_parallel(jobs: Sequence[Job], timeout_slack: float = 15.0) -> PhaseResul
     summaries = [parse_summary(out) for out in outputs]
     seconds = max(s.seconds for s in summaries)
     latencies = np.concatenate([latencies_ms(read_log(job.log_file)) for job in jobs])
-    failures = sum(
-        (s.done - s.succeeded) + grpc_failures(s, job.expected_response_bytes)
-        for s, job in zip(summaries, jobs)
-    )
+    per_job = [(s.done - s.succeeded) + grpc_failures(s, job.expected_response_bytes) for s, job in zip(summaries, jobs)]
     requests = sum(s.done for s in summaries)
     concurrency = sum(job.clients * job.streams for job in jobs)
     throughput = sum(s.done / s.seconds for s in summaries if s.seconds > 0)
-    return PhaseResult(concurrency, seconds, requests, failures, throughput, latencies)
+    in_flight = sum(max(0, s.started - s.done) for s in summaries)
+    answered = tuple(max(0, s.done - f) for s, f in zip(summaries, per_job))
+    return PhaseResult(concurrency, seconds, requests, sum(per_job), throughput, latencies, in_flight, answered)

@@ -9,30 +9,73 @@ COMMAND = "make bench   # = .venv/bin/python -m bench.run"
 
 def table(results: dict) -> str:
     """Markdown table: one row per server and concurrency."""
-    lines = ["| server | concurrency | req/s | p50 ms | p95 ms | p99 ms | failures |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| server | concurrency | req/s | p50 ms | p95 ms | p99 ms | failures | users | server CPU ms/req | cores busy |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name in ("ours", "naive"):
         for level in results["recommend"][name]:
+            cpu = level.get("server_cpu_ms_per_request")
             lines.append(
                 f"| {name} | {level['concurrency']} | {level['throughput_rps']:,.1f} | {level['p50']:.2f} | {level['p95']:.2f} "
-                f"| {level['p99']:.2f} | {level['failures']} |"
+                f"| {level['p99']:.2f} | {level['failures']} | {level.get('users', '')} | {'' if cpu is None else f'{cpu:.3f}'} "
+                f"| {level.get('server_cores_busy', '')} |"
             )
     return "\n".join(lines)
 
 
+def _fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "n/a"
+    if unit == "x":
+        return f"{value:,.2f}x"
+    if unit in ("req/s", "users/s"):
+        return f"{value:,.0f} {unit}"
+    return f"{value:.3f} {unit}"
+
+
+def verdict(row: dict) -> str:
+    """met / short for targets, 'reported' for figures without a goal; says when the generator, not the server, limits a tail."""
+    if row["met"] is None:
+        return "reported"
+    text = "**met**" if row["met"] else "**short**"
+    if row.get("generator_limited"):
+        text += " (generator-limited: its own lateness, not the server, dominates this tail)"
+    if row.get("exported") is False:
+        text = "**short** (not exported)"
+    return text
+
+
+def _measured(row: dict) -> str:
+    name, value, unit = row["name"], row["value"], row["unit"]
+    if name == "event_loop_lag_max_ms":
+        if row.get("exported") is False:
+            return "not exported"
+        during = row.get("samples_during_load")
+        if during is None:
+            return f"max {_fmt(value, unit)} since start"
+        over, bound = row.get("samples_over_limit_during_load"), row.get("max_bucket_bound_ms_during_load")
+        return (f"{'?' if over is None else f'{over:,}'} of {during:,} lag samples over 5 ms during the load"
+                + (f" (all <= {bound:g} ms)" if bound is not None else "") + f"; max since start {_fmt(value, unit)}")
+    if value is None and name.startswith("user_read"):
+        return "not measured"
+    text = _fmt(value, unit)
+    if name == "throughput_ratio_vs_previous" and row.get("previous_rps"):
+        text += f" (previous max {row['previous_rps']:,.1f} req/s)"
+    elif name == "throughput_ratio_vs_previous":
+        text = "n/a (no previous results.json)"
+    elif name == "cpu_ms_per_request" and row.get("naive") is not None:
+        text += f" (naive {row['naive']:.2f} ms)"
+    elif name == "open_loop_p99_over_p50" and row.get("p50_ms") is not None:
+        text += f" (p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms)"
+    elif name == "server_time_vs_compute_floor":
+        text += f" (floor {row['floor_ms']:.3f} ms, limit {row['limit_ms']:.3f} ms)"
+    return text
+
+
 def targets_table(results: dict) -> str:
-    t = results["targets"]
-    ratio, tail, floor = t["throughput_ratio_vs_naive"], t["p99_over_p50_at_half_max"], t["server_time_vs_compute_floor"]
-
-    def verdict(item: dict) -> str:
-        return "**met**" if item["met"] else "**short**"
-
-    return "\n".join([
-        "| target | measured | goal | verdict |",
-        "|---|---|---|---|",
-        f"| max throughput vs naive | {ratio['value']:.1f}x | {ratio['target']} | {verdict(ratio)} |",
-        f"| p99 / p50 at half of max throughput | {tail['value']:.2f} (p50 {tail['p50_ms']:.2f} ms, p99 {tail['p99_ms']:.2f} ms) | {tail['target']} | {verdict(tail)} |",
-        f"| server time vs compute floor | {floor['value_ms']:.2f} ms (floor {floor['floor_ms']:.2f} ms, limit {floor['limit_ms']:.2f} ms) | {floor['target']} | {verdict(floor)} |",
-    ])
+    lines = ["| target | measured | goal | verdict |", "|---|---|---|---|"]
+    for row in results["targets"]:
+        lines.append(f"| {row['label']} | {_measured(row)} | {row['goal']} | {verdict(row)} |")
+    return "\n".join(lines)
 
 
 def plot(results: dict, path: Path) -> None:
@@ -59,14 +102,50 @@ def plot(results: dict, path: Path) -> None:
         ax.legend()
     half = results.get("half_load") or {}
     if half.get("achieved_rps"):
-        axes[0].plot([half["achieved_rps"]] * 2, [half["p50"], half["p99"]], "D", color="tab:green", label="fixed rate, 50% of max")
+        axes[0].plot([half["achieved_rps"]] * 2, [half["p50"], half["p99"]], "D", color="tab:green", label="open loop at 50% of max (p50, p99)")
         axes[0].legend()
     fig.suptitle(f"ours max {results['recommend']['ours_max']['throughput_rps']:,.0f} req/s vs naive max "
-                 f"{results['recommend']['naive_max']['throughput_rps']:,.1f} req/s ({results['throughput_ratio_vs_naive']:.1f}x) - "
+                 f"{results['recommend']['naive_max']['throughput_rps']:,.1f} req/s ({results['throughput_ratio_vs_naive'] or float('nan'):.1f}x) - "
                  f"{results['machine'].get('cpus')} cores, client and server on one machine")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _ms(value: object) -> str:
+    return "n/a" if value is None else f"{value:.3f} ms"
+
+
+def _lag_text(lag: dict) -> str:
+    if not lag.get("exported"):
+        return f"Not exported: {lag.get('why', 'the server has no event-loop lag metric')}."
+    workers = ", ".join(f"worker {w}: {v} ms" for w, v in (lag.get("max_ms_per_worker") or {}).items())
+    parts = [f"Scraped from `/metrics` after the warm-up and again after the Recommend load (health check, sweep, open loop). "
+             f"`propensity_event_loop_lag_max_seconds`, the largest lag since each worker started serving: **{_ms(lag.get('max_ms'))}**"
+             + (f" ({workers})" if workers else "") + f"; it was {_ms(lag.get('max_ms_before_load'))} before the load."]
+    if lag.get("samples_during_load") is not None:
+        over = lag.get("samples_over_limit_during_load")
+        bound = lag.get("max_bucket_bound_ms_during_load")
+        parts.append(f"Between the two scrapes the histogram `propensity_event_loop_lag_seconds` took {lag['samples_during_load']:,} lag samples, "
+                     + (f"{over:,} of them above {lag['limit_ms']:g} ms" if over is not None else f"({lag['limit_ms']:g} ms is not one of its bucket bounds)")
+                     + (f"; all were at most {bound:g} ms (bucket bound)." if bound is not None else
+                        "; some exceeded its largest bucket." if lag.get("over_largest_bucket") else "."))
+    parts.append(f"Verdict from the {lag.get('verdict_from')}.")
+    after = lag.get("after_score_users")
+    if after:
+        parts.append(f"After the ScoreUsers phase (bulk calls, not periodic work), for information: max since start {_ms(after.get('max_ms'))}, "
+                     f"{after.get('samples_over_limit_during_load')} samples over {lag['limit_ms']:g} ms during it.")
+    return " ".join(parts)
+
+
+def _user_read_rows(results: dict) -> str:
+    rows = []
+    for profile, r in results["user_read"].items():
+        if r.get("user_read_p50_ms") is None:
+            rows.append(f"| {profile} | not measured: {r.get('not_measured', '')} | | |")
+        else:
+            rows.append(f"| {profile} | {r['user_read_p50_ms']:.3f} | {r['user_read_p99_ms']:.3f} | {r['reads']:,} |")
+    return "\n".join(rows)
 
 
 def readme(results: dict) -> str:
@@ -74,9 +153,24 @@ def readme(results: dict) -> str:
     cand = results["candidates"]
     score = results["score_users"]
     half = results["half_load"]
+    users = results["users"]
     s = results["settings"]
+    best = results["recommend"]["ours_max"]
+    cpu = results["cpu_ms_per_request_at_saturation"]
+    previous = results.get("previous")
     score_lines = "\n".join(f"| {r['concurrency']} | {r['batch_size']} | {r['calls']} | {r['users_per_second']:,.0f} | {r['call_p50_ms']} |" for r in score)
     notes = "\n".join(f"- {n}" for n in results["notes"])
+    generator = (
+        f"**The generator, not the server, limits this tail**: its own sends were late by {half['lateness_p99_ms']:.2f} ms at p99 "
+        f"(max {half['lateness_max_ms']:.1f} ms) against a latency p99 of {half['p99']:.2f} ms, so the p99 above is partly the "
+        "load generator waiting for a core it shares with the server."
+        if half.get("generator_limited") else
+        f"The generator kept its schedule (lateness p99 {half['lateness_p99_ms']:.3f} ms against a latency p99 of {half['p99']:.2f} ms), "
+        "so the tail is the server's."
+    )
+    prev_text = (f"{previous['max_rps']:,.1f} req/s from {previous['path'].split('/')[-1]} of {previous['date']} "
+                 f"({previous.get('users')} users), read before this run wrote anything"
+                 if previous else "no previous results.json was found")
     return f"""# Benchmarks: Recommend, ScoreUsers and the naive reference
 
 Generated by `python -m bench.run` on {results['machine'].get('date')}; the numbers below are from
@@ -88,37 +182,87 @@ Generated by `python -m bench.run` on {results['machine'].get('date')}; the numb
 
 It builds its own shop in `var/bench/` if missing ({s['demo_items']} items, {s['demo_users']} users;
 `python -m bench.run --rebuild` redoes it), starts `propensity serve` with production settings
-(`PROPENSITY_SERVER__WORKERS={s['server_workers']}`, JSON logs, metrics off) and the naive
-server on free ports, drives both with h2load and stops everything it started. Machine:
-{results['machine'].get('cpus')} cores, load generator and servers on the same cores (noisy, about +-15 %).
+(`PROPENSITY_SERVER__WORKERS={s['server_workers']}`, JSON logs, metrics on) and the naive
+server on free ports, drives both with h2load and an open-loop generator, and stops everything it
+started. Machine: {results['machine'].get('cpus')} cores, load generators and servers on the same
+cores (noisy, about +-15 %). Every figure below comes from this one run, baselines included.
 
 ![throughput vs latency](latency_throughput.png)
 
-## Targets
+## Targets (issue 10)
 
 {targets_table(results)}
 
+`throughput_ratio_vs_previous` = this run's max / the previous max: {prev_text}.
+
+## Users
+
+{users['sampled_with_history']:,} sampled users with history (the personalised path); every one of them is sent once through
+the generated stub before the load (answer with items, no fallback). Under load, {users['touched_by_any_recommend_load']:,} distinct
+users were answered: {users['touched_by_closed_loop_sweep']:,} in the closed-loop h2load sweep and {users['touched_by_open_loop']:,}
+in the open-loop phase (the naive server's sweep: {users['naive_sweep']}).
+
+h2load posts the same body on every request, so one h2load process asks for one user. Each
+level therefore runs as {best.get('rounds')} short rounds ({best.get('round_seconds')} s) of up to
+{best.get('processes')} h2load processes side by side, and every process of every round takes the next
+user of the list, continuing across rounds and levels. Within a round a process repeats its
+user; the open-loop phase changes user on every request.
+
 ## Recommend under load (h2load, {s['seconds_per_level']:g} s per level)
 
-{cand['users']} sampled users with history, mean {cand['mean']:.1f} candidates per request (min {cand['min']}, max {cand['max']},
-{cand['share_at_cap'] * 100:.0f} % at the {cand['cap']} cap). Latencies in ms from h2load's `--log-file`
-(client-side, request start to end of response).
+Mean {cand['mean']:.1f} candidates per request (min {cand['min']}, max {cand['max']}, {cand['share_at_cap'] * 100:.0f} % at the
+{cand['cap']} cap). Latencies in ms from h2load's `--log-file` (client-side, request start to end of response).
+Server CPU = CPU time of all the server's processes during the level / requests answered.
 
 {table(results)}
 
-Half-load phase (open loop, Python grpc.aio client at a fixed rate of 50 % of our max, users
-rotating per request, latency from the scheduled send time): {half.get('achieved_rps', 0):,.0f} req/s,
-p50 {half.get('p50', float('nan')):.2f} ms, p95 {half.get('p95', float('nan')):.2f} ms, p99 {half.get('p99', float('nan')):.2f} ms, {half.get('failures', 0)} failures.
+A round ends when its duration does: the requests still in flight then are neither counted nor
+timed ({best.get('in_flight_at_stop', 0):,} at the max-throughput level, against {best['requests']:,} counted), which
+makes short rounds slightly under-count throughput, never over-count it.
+
+## CPU per request at saturation
+
+At the max-throughput level (c={best['concurrency']}): **{_ms(cpu['ours'])}** of server CPU per answered request for
+`propensity serve`, {_ms(cpu['naive'])} for the naive server at its own max. {cpu['how']}. Steadier than
+req/s on this shared machine: the load generator's share of the cores does not enter it.
+
+## Tail at half of max throughput (open loop)
+
+`python -m bench.open_loop`, a process of its own: grpc.aio with {half.get('channels')} channels (one connection each,
+so SO_REUSEPORT spreads them over the workers), Recommend due every 1/{half['target_rate_rps']:,.0f} s whatever
+the earlier answers did, users rotating per request, latency from the time each request was due.
+
+| | p50 | p95 | p99 | max |
+|---|---:|---:|---:|---:|
+| latency from the scheduled send (ms) | {half['p50']:.2f} | {half['p95']:.2f} | {half['p99']:.2f} | {half['max']:.1f} |
+| service time from the actual send (ms) | {half['service_p50']:.2f} | | {half['service_p99']:.2f} | |
+| generator lateness: actual send - scheduled (ms) | {half['lateness_p50_ms']:.3f} | | {half['lateness_p99_ms']:.3f} | {half['lateness_max_ms']:.1f} |
+
+Target {half['target_rate_rps']:,.0f} req/s, achieved {half['achieved_rps']:,.0f} req/s; {half['requests']:,} requests,
+{half['failures']} failures, {half['fallbacks']} fallback answers; {half['late_over_1ms']:,} sends more than 1 ms late.
+Server CPU during the phase: {half.get('server_cores_busy', 'n/a')} cores busy. {generator}
 For comparison, the closed-loop h2load level nearest half of max: {_nearest(half)}.
 
-## Compute floor (in-process, no gRPC)
+## Event-loop lag
 
-Per request, median over {floor['requests_per_variant']} requests round-robin over the sampled users:
-- scoring only (UserState.from_row, user model, candidates, pair_matrix, ranker with `num_threads=1`, top-k): **{floor['scoring_p50_ms']:.3f} ms** (p99 {floor['scoring_p99_ms']:.3f} ms)
-- plus the Feast online read of the user row: **{floor['with_feast_user_read_p50_ms']:.3f} ms** (p99 {floor['with_feast_user_read_p99_ms']:.3f} ms)
+{_lag_text(results['event_loop_lag'])}
+
+## Compute floor and the user read (in-process, no gRPC)
+
+Per request over the {floor['requests_per_variant']:,} sampled users, each once:
+- scoring only (UserState.from_row, user model, candidates, pair_matrix, ranker with `num_threads=1`, top-k): **{floor['scoring_p50_ms']:.3f} ms** p50 (p99 {floor['scoring_p99_ms']:.3f} ms)
+- plus the user's online read as the server does it (`server.online_features.OnlineUserFeatures(store, "{s.get('user_feature_service')}").fetch([user])`): **{floor['with_feast_user_read_p50_ms']:.3f} ms** (p99 {floor['with_feast_user_read_p99_ms']:.3f} ms)
+
+The user read + decode alone, per online store (same reader, the bench shop's user rows):
+
+| online store | p50 ms | p99 ms | reads |
+|---|---:|---:|---:|
+{_user_read_rows(results)}
+
+SQLite: {results['user_read']['sqlite'].get('store')}. Redis: {results['user_read']['redis'].get('store')}.
 
 Server time = {results['server_time']['how']}:
-{results['server_time']['value_ms']:.3f} ms (Health Check p50 {results['health_check_c1']['p50']:.3f} ms). It is compared with the floor including the Feast read.
+{results['server_time']['value_ms']:.3f} ms (Health Check p50 {results['health_check_c1']['p50']:.3f} ms).
 
 ## ScoreUsers (1,000 user ids per call)
 
@@ -130,14 +274,17 @@ Server time = {results['server_time']['how']}:
 
 - h2load posts `/propensity.v1.RecommendationService/Recommend` with `content-type: application/grpc`
   and `te: trailers`; the body is a 5-byte gRPC frame prefix + a serialized `RecommendRequest`
-  (`-d FILE`). One h2load process per user, several running side by side, users rotating between
-  rounds within each level, so the server never scores one user's rows back to back for long.
+  (`-d FILE`), one file per user.
 - h2load counts any HTTP 200 as success. Before the load, every payload is sent once through the
   generated stub (must succeed, with items, no fallback) and its response size recorded; under load
   an error answer has trailers only, so DATA bytes / response size must equal the answered count;
   the shortfall is reported as failures.
 - Concurrency = h2load connections x streams per connection summed over processes (several
   connections: SO_REUSEPORT balances per connection).
+- Server CPU: `/proc/<pid>/stat` utime + stime + cutime + cstime of every process in the server's
+  process group (the parent and its workers), before and after each level.
+- Event-loop lag: the server's `/metrics` (PROPENSITY_SERVER__METRICS_PORT; with workers the parent
+  serves the aggregate of all of them) is scraped after the warm-up and after the Recommend load.
 - ghz configs for the same calls are in `loadtest/` (ghz is not installable here).
 
 ## Notes

@@ -6,6 +6,7 @@ Every server and load generator it starts is stopped before it returns, also on 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -22,11 +23,13 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2
 
-from bench import h2load
+from bench import h2load, prom
+from bench.cpu import GroupCpu
 from bench.frames import write_frame
 from bench.processes import ServerProcess, free_port
 from bench.report import table, targets_table, write_report
-from bench.results import build_results
+from bench.results import build_results, previous_max
+from bench.rotation import UserRotation, rounds_per_level, split
 from bench.state import N_ITEMS, N_USERS, PROJECT_ROOT, BenchState, ensure_state
 from propensity.settings import CandidateSettings
 from propensity.v1 import recommendation_service_pb2 as pb
@@ -37,6 +40,8 @@ from propensity.v1 import recommendation_service_pb2_grpc as pb_grpc
 SERVE_OVERRIDES: dict[str, str] = {}
 RECOMMEND = "/propensity.v1.RecommendationService/Recommend"
 HEALTH = "/grpc.health.v1.Health/Check"
+OURS_MAX_PROCS = 16  # h2load processes side by side for our server: one user each per round
+NAIVE_MAX_PROCS = 4  # the naive server is ~100x slower: long rounds, few users
 _T0 = time.monotonic()
 
 
@@ -45,7 +50,7 @@ def say(message: str) -> None:
 
 
 class Payloads:
-    """One framed RecommendRequest file per user, with the verified size of its answer."""
+    """One framed RecommendRequest file per user, with the verified size of its answer per server."""
 
     def __init__(self, directory: Path, users: Sequence[str]) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -57,49 +62,32 @@ class Payloads:
         write_frame(self.health, health_pb2.HealthCheckRequest(service=""))
         self.response_bytes: dict[str, int] = {}
 
-    def verify(self, target: str, require_personalised: bool) -> None:
-        """Send every payload once through the generated stub; record each answer's framed size."""
-        with grpc.insecure_channel(target) as channel:
-            stub = pb_grpc.RecommendationServiceStub(channel)
-            for user in self.users:
-                reply = stub.Recommend(pb.RecommendRequest.FromString(self.files[user].read_bytes()[5:]), timeout=30)
+    def verify(self, target: str, users: Sequence[str], require_personalised: bool, concurrency: int = 16) -> None:
+        """Send each user's payload once through the generated stub (several at a time); record each answer's framed size."""
+        asyncio.run(self._verify(target, list(users), require_personalised, concurrency))
+
+    async def _verify(self, target: str, users: list[str], require_personalised: bool, concurrency: int) -> None:
+        channels = [grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(min(4, concurrency))]
+        stubs = [pb_grpc.RecommendationServiceStub(c) for c in channels]
+        queue = list(reversed(users))
+        problems: list[str] = []
+
+        async def worker(w: int) -> None:
+            while queue:
+                user = queue.pop()
+                request = pb.RecommendRequest.FromString(self.files[user].read_bytes()[5:])
+                reply = await stubs[w % len(stubs)].Recommend(request, timeout=60)
                 if not reply.items or (require_personalised and reply.fallback_used):
-                    raise RuntimeError(f"{target}: Recommend({user}) gave {len(reply.items)} items, fallback {reply.fallback_reason}")
+                    problems.append(f"Recommend({user}) gave {len(reply.items)} items, fallback {reply.fallback_reason}")
                 self.response_bytes[user] = reply.ByteSize() + 5
 
-
-def _split(concurrency: int, max_procs: int = 4, max_clients: int = 4) -> tuple[int, int, int]:
-    """(processes, connections per process, streams per connection) for a total concurrency."""
-    procs = min(concurrency, max_procs)
-    per_proc = max(1, concurrency // procs)
-    clients = min(per_proc, max_clients)
-    return procs, clients, max(1, per_proc // clients)
-
-
-def recommend_level(target: str, payloads: Payloads, concurrency: int, seconds: float, rounds: int, work: Path, rotation: list[int], tag: str) -> dict:
-    """One concurrency level: `rounds` rounds of side-by-side h2load processes, each on another user."""
-    procs, clients, streams = _split(concurrency)
-    results = []
-    for r in range(rounds):
-        jobs = []
-        for p in range(procs):
-            user = payloads.users[rotation[0] % len(payloads.users)]
-            rotation[0] += 1
-            jobs.append(h2load.Job(f"http://{target}{RECOMMEND}", payloads.files[user], clients, streams, seconds / rounds,
-                                   _fresh(work / f"h2load_{tag}_c{concurrency}_r{r}_p{p}.log"), payloads.response_bytes[user]))
-        results.append(h2load.run_parallel(jobs))
-    total_seconds = sum(res.seconds for res in results)
-    merged = h2load.PhaseResult(
-        concurrency=procs * clients * streams,
-        seconds=total_seconds,
-        requests=sum(res.requests for res in results),
-        failures=sum(res.failures for res in results),
-        throughput=sum(res.throughput * res.seconds for res in results) / total_seconds,
-        latencies_ms=np.concatenate([res.latencies_ms for res in results]),
-    )
-    stats = merged.stats()
-    stats.update(processes=procs, connections=procs * clients, streams_per_connection=streams, users=procs * rounds)
-    return stats
+        try:
+            await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        finally:
+            for c in channels:
+                await c.close()
+        if problems:
+            raise RuntimeError(f"{target}: {len(problems)} of {len(users)} payloads not answered as required, e.g. {problems[:3]}")
 
 
 def _fresh(path: Path) -> Path:
@@ -108,47 +96,97 @@ def _fresh(path: Path) -> Path:
     return path
 
 
+def recommend_level(target: str, payloads: Payloads, concurrency: int, seconds: float, rounds: int, work: Path,
+                    rotation: UserRotation, tag: str, max_procs: int, cpu: GroupCpu | None = None) -> dict:
+    """One concurrency level: `rounds` rounds of side-by-side h2load processes, each process on the next user."""
+    procs, clients, streams = split(concurrency, max_procs)
+    results, users_used = [], []
+    before, wall0 = (cpu.mark() if cpu else 0), time.monotonic()
+    for r in range(rounds):
+        users = rotation.take(procs)
+        jobs = [h2load.Job(f"http://{target}{RECOMMEND}", payloads.files[u], clients, streams, seconds / rounds,
+                           _fresh(work / f"h2load_{tag}_c{concurrency}_p{p}.log"), payloads.response_bytes[u]) for p, u in enumerate(users)]
+        result = h2load.run_parallel(jobs)
+        rotation.record(zip(users, result.answered_per_job))
+        users_used += [u for u, n in zip(users, result.answered_per_job) if n > 0]
+        results.append(result)
+    wall = time.monotonic() - wall0
+    total_seconds = sum(res.seconds for res in results)
+    merged = h2load.PhaseResult(
+        concurrency=procs * clients * streams,
+        seconds=total_seconds,
+        requests=sum(res.requests for res in results),
+        failures=sum(res.failures for res in results),
+        throughput=sum(res.throughput * res.seconds for res in results) / total_seconds,
+        latencies_ms=np.concatenate([res.latencies_ms for res in results]),
+        in_flight_at_stop=sum(res.in_flight_at_stop for res in results),
+    )
+    stats = merged.stats()
+    answered = sum(sum(res.answered_per_job) for res in results)
+    stats.update(processes=procs, connections=procs * clients, streams_per_connection=streams, rounds=rounds,
+                 round_seconds=round(seconds / rounds, 3), users=len(set(users_used)), answered=answered)
+    if cpu:
+        stats.update(cpu.phase(before, answered, wall))
+    return stats
+
+
 def health_c1(target: str, payloads: Payloads, seconds: float, work: Path) -> dict:
     expected = health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING).ByteSize() + 5
     job = h2load.Job(f"http://{target}{HEALTH}", payloads.health, 1, 1, seconds, _fresh(work / "h2load_health_c1.log"), expected)
     return h2load.run_parallel([job]).stats()
 
 
-def sweep(name: str, target: str, payloads: Payloads, levels: Sequence[int], seconds: float, work: Path) -> list[dict]:
-    rotation = [0]
+def sweep(name: str, target: str, payloads: Payloads, levels: Sequence[int], seconds: float, rounds: int, work: Path,
+          rotation: UserRotation, max_procs: int, cpu: GroupCpu) -> list[dict]:
     out = []
     for c in levels:
-        stats = recommend_level(target, payloads, c, seconds, 2 if seconds >= 4 else 1, work, rotation, name)
+        stats = recommend_level(target, payloads, c, seconds, rounds, work, rotation, name, max_procs, cpu)
         say(f"{name:5s} c={c:<3d} {stats['throughput_rps']:9.1f} req/s  p50 {stats['p50']:8.2f} ms  p95 {stats['p95']:8.2f} ms  "
-            f"p99 {stats['p99']:8.2f} ms  failures {stats['failures']}")
+            f"p99 {stats['p99']:8.2f} ms  failures {stats['failures']}  users {stats['users']}  "
+            f"CPU {stats['server_cpu_ms_per_request']:.3f} ms/req ({stats['server_cores_busy']:.2f} cores)")
         if stats["failures"]:
             say(f"WARNING: {name} c={c}: {stats['failures']} requests answered without a message (grpc-status != 0?)")
         out.append(stats)
     return out
 
 
-def warm_up(target: str, payloads: Payloads, work: Path, max_seconds: float = 24.0) -> None:
+def warm_up(target: str, payloads: Payloads, work: Path, rotation: UserRotation, max_seconds: float = 24.0) -> None:
     """Load until throughput settles (start-up work such as model compilation may still be running)."""
-    previous, t0, rotation = 0.0, time.monotonic(), [0]
+    previous, t0 = 0.0, time.monotonic()
     while time.monotonic() - t0 < max_seconds:
-        stats = recommend_level(target, payloads, 4, 2.0, 1, work, rotation, "warmup")
+        stats = recommend_level(target, payloads, 4, 2.0, 4, work, rotation, "warmup", OURS_MAX_PROCS)
         say(f"  warm-up: {stats['throughput_rps']:.0f} req/s")
         if previous and abs(stats["throughput_rps"] - previous) / previous < 0.1:
             return
         previous = stats["throughput_rps"]
 
 
+def open_loop(target: str, users: Sequence[str], rate: float, seconds: float, channels: int, work: Path) -> dict:
+    """bench.open_loop in a process of its own (it must not share an interpreter, or a GIL, with the bench)."""
+    users_file, out = work / "open_loop_users.txt", work / "open_loop.json"
+    users_file.write_text("\n".join(users) + "\n")
+    out.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "bench.open_loop", "--target", target, "--users-file", str(users_file), "--rate", f"{rate:.3f}",
+           "--seconds", str(seconds), "--channels", str(channels), "--out", str(out)]
+    done = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=seconds + 120)
+    if done.returncode != 0 or not out.exists():
+        raise RuntimeError(f"bench.open_loop failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    return json.loads(out.read_text())
+
+
+def try_scrape(port: int) -> str | None:
+    try:
+        return prom.scrape(port)
+    except OSError as error:
+        say(f"  /metrics on port {port} not readable: {error}")
+        return None
+
+
 def group_processes(pgid: int) -> int:
     """Processes in a process group (the server and any workers it forked)."""
-    count = 0
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                count += int(fields[2]) == pgid
-            except (OSError, IndexError, ValueError):
-                pass
-    return count
+    from bench.cpu import group_stats
+
+    return len(group_stats(pgid))
 
 
 def machine_info() -> dict:
@@ -170,98 +208,148 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state", default=str(PROJECT_ROOT / "var" / "bench"), help="bench shop directory (default var/bench)")
     parser.add_argument("--rebuild", action="store_true", help="rebuild the bench shop even if it exists")
     parser.add_argument("--out", default=str(PROJECT_ROOT / "docs" / "benchmarks"))
+    parser.add_argument("--previous", default=str(PROJECT_ROOT / "docs" / "benchmarks" / "results.json"),
+                        help="results.json of the previous run, read before anything is written (throughput_ratio_vs_previous)")
     parser.add_argument("--levels", default="1,2,4,8,16,32", help="concurrency levels (streams x connections)")
-    parser.add_argument("--seconds", type=float, default=8.0, help="seconds per concurrency level")
-    parser.add_argument("--users", type=int, default=32, help="sampled users (one payload file each)")
+    parser.add_argument("--seconds", type=float, default=8.0, help="seconds per concurrency level (and of the open-loop phase)")
+    parser.add_argument("--users", type=int, default=1000, help="sampled users with history that the load rotates over")
+    parser.add_argument("--min-round-seconds", type=float, default=0.35, help="shortest h2load round (one user per process per round)")
     parser.add_argument("--workers", type=int, default=2, help="PROPENSITY_SERVER__WORKERS for the real server")
+    parser.add_argument("--channels", type=int, default=8, help="connections of the open-loop generator")
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.levels.split(",")]
     ensure_h2load()
+    previous = previous_max(Path(args.previous))  # before anything is written: the numbers this run is compared with
+    if previous:
+        say(f"previous results ({previous['path']}, {previous['date']}): max {previous['max_rps']:,.1f} req/s")
 
     state = ensure_state(Path(args.state), args.rebuild, progress=say)
     work = state.root / "run"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
 
-    from bench.floor import measure_floor
+    from bench.floor import measure_floor, measure_user_read, user_reader
+    from bench.redis_store import ensure_redis_store
     from bench.shop import candidate_counts, open_shop, sample_users
 
     say("opening the bench shop in-process (store, catalog, models)")
     shop = open_shop(state, SERVE_OVERRIDES)
     users, rows = sample_users(state, shop, args.users)
     users = [str(u) for u in users]
+    if len(users) < args.users:
+        say(f"WARNING: only {len(users)} users with history in the bench shop (asked for {args.users})")
     counts = candidate_counts(shop, users, rows)
-    default_counts = candidate_counts(shop, users, rows, CandidateSettings())
+    # Without serving overrides the server's candidate settings are the defaults: one count is enough.
+    default_counts = candidate_counts(shop, users, rows, CandidateSettings()) if SERVE_OVERRIDES else counts
     cap = shop.settings.candidates.max_candidates
     candidates = {"users": len(users), "mean": round(float(counts.mean()), 1), "min": int(counts.min()), "max": int(counts.max()),
                   "share_at_cap": round(float((counts >= cap).mean()), 3), "cap": cap, "catalog_items": shop.catalog.size,
                   "mean_with_default_settings": round(float(default_counts.mean()), 1), "serve_overrides": SERVE_OVERRIDES}
-    say(f"{len(users)} users with history; candidates per request mean {candidates['mean']}, min {candidates['min']}, max {candidates['max']} "
-        f"(default candidate settings: mean {candidates['mean_with_default_settings']})")
-    floor = measure_floor(shop, users, rows)
-    say(f"compute floor: scoring {floor['scoring_p50_ms']:.3f} ms, with Feast user read {floor['with_feast_user_read_p50_ms']:.3f} ms (p50)")
+    say(f"{len(users)} users with history; candidates per request mean {candidates['mean']}, min {candidates['min']}, max {candidates['max']}")
+
+    service = shop.settings.user_feature_service
+    read_sqlite = user_reader(shop.store, service)
+    floor = measure_floor(shop, users, read_sqlite)
+    say(f"compute floor: scoring {floor['scoring_p50_ms']:.3f} ms, with the user read {floor['with_feast_user_read_p50_ms']:.3f} ms (p50)")
+    user_read: dict[str, dict] = {"sqlite": {"store": f"SQLite ({state.feature_repo / 'data' / 'online_store.db'})", **measure_user_read(read_sqlite, users)}}
+    redis_store, how = ensure_redis_store(state, service, users[:3], read_sqlite, progress=say)
+    if redis_store is None:
+        user_read["redis"] = {"store": "Redis", "not_measured": how, "user_read_p50_ms": None, "user_read_p99_ms": None}
+        say(f"user read, Redis: not measured: {how}")
+    else:
+        user_read["redis"] = {"store": f"Redis ({how})", **measure_user_read(user_reader(redis_store, service), users)}
+    for profile, r in user_read.items():
+        if r.get("user_read_p50_ms") is not None:
+            say(f"user read + decode, {profile}: p50 {r['user_read_p50_ms']:.3f} ms, p99 {r['user_read_p99_ms']:.3f} ms ({r['reads']} reads)")
     settings_used = {
-        "server_workers": args.workers, "log_format": "json", "metrics_port": 0, "scoring_backend": os.environ.get("PROPENSITY_SERVER__SCORING_BACKEND", "auto (default)"),
+        "server_workers": args.workers, "log_format": "json", "metrics": "on (PROPENSITY_SERVER__METRICS_PORT, scraped before and after the load)",
+        "scoring_backend": os.environ.get("PROPENSITY_SERVER__SCORING_BACKEND", "auto (default)"),
         "demo_items": N_ITEMS, "demo_users": N_USERS, "levels": levels, "seconds_per_level": args.seconds, "naive_threads": 8,
-        "candidates": shop.settings.candidates.model_dump(), "model_version": shop.model_dir.name,
+        "candidates": shop.settings.candidates.model_dump(), "model_version": shop.model_dir.name, "user_feature_service": service,
+        "open_loop_channels": args.channels,
     }
-    del shop, rows
+    del shop, rows, redis_store
     payloads = Payloads(work / "payloads", users)
     notes: list[str] = [
-        f"Candidates: with the default candidate settings the sampled users get {candidates['mean_with_default_settings']} candidates "
-        f"on average and none reaches the {cap} cap, even with {N_ITEMS} items (the sources, not the catalog, are the limit). "
-        f"Both servers and the floor therefore run with {', '.join(f'{k}={v}' for k, v in SERVE_OVERRIDES.items())}, "
-        f"which fills every candidate set to {cap} with popular items; the model and features are unchanged.",
         "Naive server: 8 threads, Feast feature services resolved once at start-up (resolving them per request would add ~17 ms each "
         "in Feast 0.67 and make the reference unfairly slow); everything else per request.",
-        "Half load: open loop at 50 % of our max from a Python grpc.aio client with 8 connections, sharing the 2 cores with the "
-        "servers; SO_REUSEPORT balances per connection, so the workers need not get equal shares. The closed-loop h2load level "
-        "nearest half of max is in results.json (half_load.closed_loop_level_nearest_half_max) for comparison.",
     ]
     cli = str(Path(sys.executable).with_name("propensity"))
+    ours_rounds = rounds_per_level(levels, args.seconds, len(users), OURS_MAX_PROCS, args.min_round_seconds, at_least=2)
+    rotation = UserRotation(users)
 
+    metrics_port = free_port()
     env = {**state.env(), **SERVE_OVERRIDES, "PROPENSITY_SERVER__WORKERS": str(args.workers), "PROPENSITY_SERVER__LOG_FORMAT": "json",
-           "PROPENSITY_SERVER__METRICS_PORT": "0", "PROPENSITY_SERVER__HOST": "127.0.0.1"}
+           "PROPENSITY_SERVER__METRICS_PORT": str(metrics_port), "PROPENSITY_SERVER__HOST": "127.0.0.1"}
     port = free_port()
-    say(f"starting propensity serve on 127.0.0.1:{port} (workers={args.workers}, json logs, metrics off)")
+    say(f"starting propensity serve on 127.0.0.1:{port} (workers={args.workers}, json logs, metrics on port {metrics_port})")
     with ServerProcess("propensity serve", [cli, "serve", "--port", str(port)], env, port, work / "server.log", PROJECT_ROOT) as ours:
         say(f"  SERVING after {ours.wait_serving():.1f}s")
-        payloads.verify(ours.target, require_personalised=True)
-        warm_up(ours.target, payloads, work)
+        t0 = time.monotonic()
+        payloads.verify(ours.target, users, require_personalised=True)
+        say(f"  {len(users)} payloads verified through the stub in {time.monotonic() - t0:.1f}s (all personalised)")
+        warm_up(ours.target, payloads, work, UserRotation(users[::-1]))
         processes = group_processes(ours.pid)
         say(f"  server processes: {processes}")
         settings_used["server_processes_observed"] = processes
         if processes < args.workers:
             notes.append(f"PROPENSITY_SERVER__WORKERS={args.workers} was set but only {processes} server process(es) ran: "
                          "multi-process serving had not taken effect in this build.")
+        cpu = GroupCpu(ours.pid)
+        metrics_before = try_scrape(metrics_port)
         health = health_c1(ours.target, payloads, 4.0, work)
         say(f"health check c=1: p50 {health['p50']:.3f} ms, {health['throughput_rps']:.0f} req/s")
-        ours_levels = sweep("ours", ours.target, payloads, levels, args.seconds, work)
+        say(f"sweep: {ours_rounds} rounds per level of up to {OURS_MAX_PROCS} h2load processes, one user each")
+        ours_levels = sweep("ours", ours.target, payloads, levels, args.seconds, ours_rounds, work, rotation, OURS_MAX_PROCS, cpu)
+        sweep_users = rotation.touched
         best = max(level["throughput_rps"] for level in ours_levels)
-        from bench.grpc_load import fixed_rate, score_users
-
-        half = fixed_rate(ours.target, users, rate=best / 2, seconds=args.seconds, channels=8)
+        before = cpu.mark()
+        half = open_loop(ours.target, users, rate=best / 2, seconds=args.seconds, channels=args.channels, work=work)
+        half.update(cpu.phase(before, half["answered"], args.seconds))
+        open_loop_users = set(half.pop("users_answered", []))
         nearest = min(ours_levels, key=lambda level: abs(level["throughput_rps"] - best / 2))
         half["closed_loop_level_nearest_half_max"] = {k: nearest[k] for k in ("concurrency", "throughput_rps", "p50", "p95", "p99")}
-        say(f"half load ({half['target_rate_rps']:.0f} req/s fixed rate): achieved {half['achieved_rps']:.0f} req/s, "
-            f"p50 {half['p50']:.2f} ms, p99 {half['p99']:.2f} ms, failures {half['failures']}")
+        say(f"open loop at {half['target_rate_rps']:.0f} req/s: achieved {half['achieved_rps']:.0f} req/s, p50 {half['p50']:.2f} ms, "
+            f"p99 {half['p99']:.2f} ms, failures {half['failures']}; generator lateness p50 {half['lateness_p50_ms']:.3f} ms, "
+            f"p99 {half['lateness_p99_ms']:.3f} ms, max {half['lateness_max_ms']:.1f} ms"
+            + (" -> the GENERATOR limits this tail" if half["generator_limited"] else ""))
+        metrics_after = try_scrape(metrics_port)
+        lag = prom.lag_report(metrics_before, metrics_after)
+        say("event-loop lag: " + (f"max {lag['max_ms']} ms after the load" if lag["exported"] else f"not exported ({lag['why']})"))
         all_users = _all_user_ids(state)
         scores = []
         for c in (1, 2, 4):
             result = score_users(ours.target, all_users, batch=1000, concurrency=c, seconds=4.0)
             say(f"ScoreUsers x1000 c={c}: {result['users_per_second']:,.0f} users/s ({result['calls']} calls, p50 {result['call_p50_ms']} ms/call)")
             scores.append(result)
+        after_score = prom.lag_report(metrics_after, try_scrape(metrics_port))
+        if after_score.get("exported"):
+            lag["after_score_users"] = {k: after_score.get(k) for k in ("max_ms", "samples_during_load", "samples_over_limit_during_load")}
 
+    naive_rounds = 2 if args.seconds >= 4 else 1
+    naive_users = min(len(users), sum(split(c, NAIVE_MAX_PROCS)[0] for c in levels) * naive_rounds)
     port = free_port()
     say(f"starting the naive server on 127.0.0.1:{port}")
     naive_cmd = [sys.executable, "-m", "bench.naive_server", "--port", str(port), "--threads", "8"]
     with ServerProcess("naive server", naive_cmd, {**state.env(), **SERVE_OVERRIDES}, port, work / "naive.log", PROJECT_ROOT) as naive:
         say(f"  SERVING after {naive.wait_serving():.1f}s")
-        payloads.verify(naive.target, require_personalised=False)
-        naive_levels = sweep("naive", naive.target, payloads, levels, args.seconds, work)
+        naive_rotation = UserRotation(users[:naive_users])
+        payloads.verify(naive.target, naive_rotation.users, require_personalised=False, concurrency=8)
+        naive_levels = sweep("naive", naive.target, payloads, levels, args.seconds, naive_rounds, work, naive_rotation, NAIVE_MAX_PROCS, GroupCpu(naive.pid))
 
+    users_summary = {
+        "sampled_with_history": len(users),
+        "verified_through_stub": len(users),
+        "touched_by_closed_loop_sweep": len(sweep_users),
+        "touched_by_open_loop": len(open_loop_users),
+        "touched_by_any_recommend_load": len(sweep_users | open_loop_users),
+        "naive_sweep": len(naive_rotation.touched),
+        "how": "a user counts once one of its Recommend requests was answered with a message under load (warm-up and verification excluded)",
+    }
+    say(f"distinct users under load: {users_summary['touched_by_any_recommend_load']} (sweep {len(sweep_users)}, open loop {len(open_loop_users)})")
     results = build_results(machine=machine_info(), settings=settings_used, ours=ours_levels, naive=naive_levels, health_c1=health,
-                            half_load=half, floor=floor, score_users=scores, candidates=candidates, notes=notes)
+                            half_load=half, floor=floor, user_read=user_read, score_users=scores, candidates=candidates,
+                            users=users_summary, event_loop_lag=lag, previous=previous, notes=notes)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -269,6 +357,12 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + table(results) + "\n\n" + targets_table(results) + "\n", flush=True)
     say(f"wrote {out / 'results.json'}, README.md and latency_throughput.png")
     return 0
+
+
+def score_users(target: str, user_ids: Sequence[str], batch: int, concurrency: int, seconds: float) -> dict:
+    from bench.grpc_load import score_users as run
+
+    return run(target, user_ids, batch=batch, concurrency=concurrency, seconds=seconds)
 
 
 def _all_user_ids(state: BenchState) -> list[str]:

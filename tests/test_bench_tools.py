@@ -1,4 +1,5 @@
-"""The pure parts of bench/: gRPC frames for h2load, h2load output parsing, percentiles, results and targets."""
+"""The pure parts of bench/: gRPC frames for h2load, h2load output parsing, percentiles, user rotation,
+server CPU accounting, /metrics parsing, the open-loop summary, results, targets and the report."""
 
 from __future__ import annotations
 
@@ -9,7 +10,12 @@ import pytest
 
 from bench.frames import decode_frame, encode_frame, write_frame
 from bench.h2load import Job, Summary, command, grpc_failures, latencies_ms, parse_summary, percentiles, read_log
-from bench.results import best_level, build_results, evaluate_targets
+from bench.cpu import cpu_ms_per_request, group_ticks, parse_stat
+from bench.open_loop import generator_limited, summarise
+from bench.prom import LAG_HISTOGRAM, LAG_MAX, above, buckets, lag_report, max_value, parse, upper_bound
+from bench.report import readme, targets_table
+from bench.results import best_level, build_results, previous_max
+from bench.rotation import UserRotation, rounds_per_level, split
 from propensity.v1 import recommendation_service_pb2 as pb
 
 H2LOAD_STDOUT = """
@@ -47,7 +53,7 @@ def test_command_has_grpc_headers_body_and_log(tmp_path):
 
 def test_parse_summary_and_grpc_failures_from_data_bytes():
     summary = parse_summary(H2LOAD_STDOUT)
-    assert summary == Summary(seconds=3.01, done=668, succeeded=668, failed=0, errored=0, status_2xx=669, data_bytes=219772)
+    assert summary == Summary(seconds=3.01, done=668, succeeded=668, failed=0, errored=0, status_2xx=669, data_bytes=219772, started=669)
     assert grpc_failures(summary, 329) == 0  # 219772 / 329 = 668 messages
     half_failed = Summary(3.0, 100, 100, 0, 0, 100, 50 * 329)  # errors carry trailers only
     assert grpc_failures(half_failed, 329) == 50
@@ -72,35 +78,234 @@ def test_percentiles_from_h2load_log_file(tmp_path):
     assert math.isnan(percentiles([])["p50"])
 
 
-def _level(c, rps, p50, p99):
-    return {"concurrency": c, "requests": int(rps * 8), "failures": 0, "throughput_rps": rps, "p50": p50, "p95": p99 * 0.8, "p99": p99}
+# --- user rotation -------------------------------------------------------------------------------
 
 
-def test_targets_met_and_short():
-    met = evaluate_targets(ratio=12.0, half_load_p50=2.0, half_load_p99=5.0, server_time_ms=2.0, floor_ms=1.2)
-    assert all(t["met"] for t in met.values())
-    short = evaluate_targets(ratio=9.9, half_load_p50=2.0, half_load_p99=6.0, server_time_ms=2.4, floor_ms=1.2)
-    assert not any(t["met"] for t in short.values())  # 6/2 is not < 3; 2.4 > 1.5*1.2+0.5 = 2.3
-    assert short["server_time_vs_compute_floor"]["limit_ms"] == pytest.approx(2.3)
-    assert not evaluate_targets(float("nan"), float("nan"), float("nan"), float("nan"), 1.0)["throughput_ratio_vs_naive"]["met"]
+def test_rotation_continues_through_the_list_and_wraps():
+    rotation = UserRotation(["a", "b", "c", "d", "e"])
+    assert rotation.take(2) == ["a", "b"]
+    assert rotation.take(2) == ["c", "d"]
+    assert rotation.take(3) == ["e", "a", "b"]  # wraps around, continuing where it stopped
+    rotation.record([("a", 3), ("b", 0), ("e", 1)])  # b's process answered nothing
+    assert rotation.touched == {"a", "e"}
+    with pytest.raises(ValueError):
+        UserRotation([])
 
 
-def test_build_results_schema():
-    ours = [_level(1, 400.0, 2.4, 5.0), _level(8, 1200.0, 6.0, 14.0), _level(32, 1100.0, 25.0, 60.0)]
-    naive = [_level(1, 30.0, 30.0, 120.0), _level(8, 40.0, 190.0, 400.0)]
-    results = build_results(
-        machine={"cpus": 2}, settings={"server_workers": 2}, ours=ours, naive=naive,
-        health_c1={"p50": 0.4}, half_load={"p50": 3.0, "p99": 7.5, "achieved_rps": 600.0},
-        floor={"with_feast_user_read_p50_ms": 1.5, "scoring_p50_ms": 1.0}, score_users=[{"users_per_second": 9000.0}],
-        candidates={"mean": 200.0}, package_versions={"python": "3.11"},
+def test_split_gives_one_process_per_user_up_to_the_cap():
+    assert split(1, 16) == (1, 1, 1)
+    assert split(8, 16) == (8, 1, 1)
+    assert split(32, 16) == (16, 2, 1)
+    assert split(32, 4) == (4, 4, 2)  # 4 processes x 4 connections x 2 streams
+    for c in (1, 2, 4, 8, 16, 32):
+        procs, clients, streams = split(c, 16)
+        assert procs * clients * streams == c
+
+
+def test_rounds_per_level_reach_every_user_unless_rounds_get_too_short():
+    levels = [1, 2, 4, 8, 16, 32]  # 1+2+4+8+16+16 = 47 users per round across the levels
+    assert rounds_per_level(levels, 8.0, 1000, 16, 0.35) == 22  # ceil(1000 / 47); 8 / 22 = 0.36 s
+    assert rounds_per_level(levels, 8.0, 5000, 16, 0.35) == 22  # capped: 8 / 0.35 = 22.9
+    assert rounds_per_level(levels, 8.0, 10, 16, 0.35, at_least=2) == 2
+    assert rounds_per_level([1], 0.2, 1000, 16, 0.35) == 1
+    # A whole sweep over those rounds takes users in sequence: 22 rounds x 47 >= 1000 distinct.
+    rotation = UserRotation([f"u{i}" for i in range(1000)])
+    for c in levels:
+        for _ in range(22):
+            users = rotation.take(split(c, 16)[0])
+            rotation.record((u, 1) for u in users)
+    assert len(rotation.touched) == 1000
+
+
+# --- server CPU from /proc -----------------------------------------------------------------------
+
+
+def _stat_line(pid, comm, pgid, utime, stime, cutime=0, cstime=0):
+    # pid (comm) state ppid pgrp session tty_nr tpgid flags minflt cminflt majflt cmajflt utime stime cutime cstime ...
+    return f"{pid} ({comm}) S 1 {pgid} {pgid} 0 -1 4194560 100 0 0 0 {utime} {stime} {cutime} {cstime} 20 0 3 0 100 0 0"
+
+
+def test_parse_stat_handles_spaces_and_parentheses_in_the_command():
+    stat = parse_stat(_stat_line(4242, "propensity (worker) 1", 4200, 150, 30, 7, 3))
+    assert (stat.pid, stat.pgid, stat.utime, stat.stime, stat.cutime, stat.cstime) == (4242, 4200, 150, 30, 7, 3)
+    assert stat.ticks == 190
+    with pytest.raises(ValueError):
+        parse_stat("garbage")
+
+
+def test_group_ticks_sums_the_process_group_children_included(tmp_path):
+    for pid, comm, pgid, u, s, cu, cs in [(100, "propensity", 100, 10, 5, 40, 10),  # parent; cutime: a reaped worker
+                                          (101, "propensity-worker-0", 100, 300, 50, 0, 0),
+                                          (102, "propensity-worker-1", 100, 280, 60, 0, 0),
+                                          (200, "h2load", 200, 999, 999, 0, 0)]:  # another group: not counted
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "stat").write_text(_stat_line(pid, comm, pgid, u, s, cu, cs) + "\n")
+    (tmp_path / "self").mkdir()  # non-numeric entries are ignored
+    (tmp_path / "103").mkdir()  # a process that vanished: no stat file
+    assert group_ticks(100, tmp_path) == 15 + 50 + 350 + 340
+    # 755 ticks at 100 Hz over 1,000 requests = 7.55 ms each
+    assert cpu_ms_per_request(0, 755, 1000, 100) == pytest.approx(7.55)
+    assert math.isnan(cpu_ms_per_request(0, 755, 0, 100))
+
+
+# --- /metrics and the event-loop lag -------------------------------------------------------------
+
+METRICS_BEFORE = f"""# HELP {LAG_MAX} max lag
+# TYPE {LAG_MAX} gauge
+{LAG_MAX} 0.0031
+{LAG_HISTOGRAM}_bucket{{le="0.001"}} 90.0
+{LAG_HISTOGRAM}_bucket{{le="0.005"}} 100.0
+{LAG_HISTOGRAM}_bucket{{le="0.01"}} 100.0
+{LAG_HISTOGRAM}_bucket{{le="+Inf"}} 100.0
+{LAG_HISTOGRAM}_count 100.0
+"""
+METRICS_AFTER = f"""# TYPE {LAG_MAX} gauge
+{LAG_MAX}{{worker="0"}} 0.0042
+{LAG_MAX}{{worker="1"}} 0.0071
+{LAG_HISTOGRAM}_bucket{{le="0.001",worker="0"}} 180.0
+{LAG_HISTOGRAM}_bucket{{le="0.005",worker="0"}} 195.0
+{LAG_HISTOGRAM}_bucket{{le="0.01",worker="0"}} 198.0
+{LAG_HISTOGRAM}_bucket{{le="+Inf",worker="0"}} 198.0
+propensity_requests_total{{method="Recommend",code="OK"}} 1.5e+04
+"""
+
+
+def test_parse_metrics_and_read_the_lag():
+    samples = parse(METRICS_AFTER)
+    assert max_value(samples, LAG_MAX) == pytest.approx(0.0071)  # the worst worker
+    assert max_value(samples, "propensity_requests_total") == 15000.0
+    assert max_value(samples, "absent") is None
+    cumulative = buckets(samples, LAG_HISTOGRAM)
+    assert cumulative == {0.001: 180.0, 0.005: 195.0, 0.01: 198.0, math.inf: 198.0}
+    assert above(cumulative, 0.005) == 3 and above(cumulative, 0.002) is None
+    assert upper_bound(cumulative) == 0.01 and upper_bound({math.inf: 0.0}) is None
+    report = lag_report(METRICS_BEFORE, METRICS_AFTER)
+    assert report["exported"] and report["max_ms"] == pytest.approx(7.1) and report["max_ms_before_load"] == pytest.approx(3.1)
+    assert report["samples_during_load"] == 98 and report["samples_over_limit_during_load"] == 3
+    assert report["max_bucket_bound_ms_during_load"] == pytest.approx(10.0)
+    assert report["max_ms_per_worker"] == {"0": pytest.approx(4.2), "1": pytest.approx(7.1)}
+    assert report["stalls_over_limit"] is True  # 3 samples above 5 ms between the scrapes
+    quiet = METRICS_AFTER.replace('le="0.005",worker="0"} 195.0', 'le="0.005",worker="0"} 198.0')
+    assert lag_report(METRICS_BEFORE, quiet)["stalls_over_limit"] is False  # the 7.1 ms max happened before the load
+
+
+def test_lag_report_says_not_exported_instead_of_failing():
+    plain = 'propensity_requests_total{method="Recommend",code="OK"} 3.0\n'
+    assert lag_report(plain, plain) == {"exported": False, "why": f"{LAG_MAX} and {LAG_HISTOGRAM} not in /metrics"}
+    assert lag_report(None, None)["exported"] is False
+
+
+# --- the open-loop summary -----------------------------------------------------------------------
+
+
+def test_open_loop_summary_measures_latency_from_the_schedule_and_the_generators_lateness():
+    rate, n = 100.0, 200
+    due = np.arange(n) / rate
+    issued = due + 0.0002  # 0.2 ms late
+    issued[10] = due[10] + 0.030  # one send 30 ms late
+    answered = issued + 0.002  # 2 ms service time
+    ok = np.ones(n, dtype=bool)
+    answered[5], ok[5] = np.nan, False  # a failed call
+    issued[7] = answered[7] = np.nan  # never sent
+    ok[7] = False
+    result = summarise(rate, due, issued, answered, ok, fallbacks=1, users_answered=50)
+    assert result["requests"] == 200 and result["answered"] == 198 and result["failures"] == 2 and result["fallbacks"] == 1
+    assert result["p50"] == pytest.approx(2.2, abs=1e-6)  # from the schedule: lateness + service
+    assert result["service_p50"] == pytest.approx(2.0, abs=1e-6)
+    assert result["lateness_p50_ms"] == pytest.approx(0.2, abs=1e-6)
+    assert result["lateness_max_ms"] == pytest.approx(30.0, abs=1e-6) and result["late_over_1ms"] == 1
+    assert result["max"] == pytest.approx(32.0, abs=1e-6)
+    assert result["generator_limited"] is False  # p99 lateness 0.2 ms
+
+
+def test_generator_limited_when_lateness_is_a_large_part_of_the_tail():
+    assert generator_limited(lateness_p99_ms=5.0, latency_p99_ms=12.0)
+    assert not generator_limited(lateness_p99_ms=5.0, latency_p99_ms=200.0)  # the server's tail dwarfs it
+    assert not generator_limited(lateness_p99_ms=0.3, latency_p99_ms=0.9)  # sub-millisecond lateness never counts
+    assert generator_limited(float("nan"), 10.0)
+
+
+# --- results, targets and the report -------------------------------------------------------------
+
+
+def _level(c, rps, p50, p99, cpu=2.0):
+    return {"concurrency": c, "requests": int(rps * 8), "failures": 0, "throughput_rps": rps, "p50": p50, "p95": p99 * 0.8, "p99": p99,
+            "users": 100, "server_cpu_ms_per_request": cpu, "server_cores_busy": 1.8, "rounds": 22, "round_seconds": 0.364,
+            "processes": 16, "in_flight_at_stop": 40}
+
+
+HALF = {"target_rate_rps": 600.0, "achieved_rps": 598.0, "requests": 4800, "answered": 4800, "failures": 0, "fallbacks": 0,
+        "p50": 3.0, "p95": 6.0, "p99": 7.5, "max": 20.0, "service_p50": 2.8, "service_p99": 7.0, "lateness_p50_ms": 0.1,
+        "lateness_p99_ms": 0.5, "lateness_max_ms": 3.0, "late_over_1ms": 4, "generator_limited": False, "channels": 8}
+
+
+def _results(tmp_path, **overrides):
+    ours = [_level(1, 400.0, 2.4, 5.0), _level(8, 1200.0, 6.0, 14.0, cpu=1.6), _level(32, 1100.0, 25.0, 60.0)]
+    naive = [_level(1, 15.0, 60.0, 120.0, cpu=130.0), _level(8, 12.0, 600.0, 900.0)]
+    previous = tmp_path / "previous.json"
+    previous.write_text('{"machine": {"date": "2026-12-01"}, "candidates": {"users": 32}, "recommend": {"ours_max": {"throughput_rps": 600.0}}}')
+    arguments = dict(
+        machine={"cpus": 2, "date": "2026-12-02"}, settings={"server_workers": 2, "demo_items": 1500, "demo_users": 5000, "seconds_per_level": 8,
+                                                             "user_feature_service": "propensity_user_v2"},
+        ours=ours, naive=naive, health_c1={"p50": 0.4}, half_load=HALF,
+        floor={"with_feast_user_read_p50_ms": 1.5, "with_feast_user_read_p99_ms": 2.5, "scoring_p50_ms": 1.0, "scoring_p99_ms": 2.0, "requests_per_variant": 1000},
+        user_read={"sqlite": {"store": "SQLite", "user_read_p50_ms": 0.2, "user_read_p99_ms": 0.4, "reads": 1000},
+                   "redis": {"store": "Redis", "not_measured": "Redis at 127.0.0.1:6379 is not accepting connections", "user_read_p50_ms": None}},
+        score_users=[{"concurrency": 1, "batch_size": 1000, "calls": 10, "users_per_second": 9000.0, "call_p50_ms": 100.0},
+                     {"concurrency": 2, "batch_size": 1000, "calls": 30, "users_per_second": 25000.0, "call_p50_ms": 80.0}],
+        candidates={"users": 1000, "mean": 200.0, "min": 200, "max": 200, "share_at_cap": 1.0, "cap": 200},
+        users={"sampled_with_history": 1000, "touched_by_closed_loop_sweep": 900, "touched_by_open_loop": 1000, "touched_by_any_recommend_load": 1000, "naive_sweep": 38},
+        event_loop_lag={"exported": False, "why": "not in /metrics"}, previous=previous_max(previous), package_versions={"python": "3.11"},
     )
-    assert best_level(ours)["concurrency"] == 8
-    assert results["throughput_ratio_vs_naive"] == pytest.approx(30.0)
-    assert results["recommend"]["ours_max"]["throughput_rps"] == 1200.0
+    arguments.update(overrides)
+    return build_results(**arguments)
+
+
+def test_previous_max_reads_the_old_results_and_tolerates_absence(tmp_path):
+    assert previous_max(tmp_path / "missing.json") is None
+    (tmp_path / "bad.json").write_text("{}")
+    assert previous_max(tmp_path / "bad.json") is None
+    (tmp_path / "ok.json").write_text('{"machine": {"date": "d"}, "recommend": {"ours_max": {"throughput_rps": 1219.6}}}')
+    assert previous_max(tmp_path / "ok.json")["max_rps"] == 1219.6
+
+
+def test_build_results_evaluates_every_issue_target(tmp_path):
+    results = _results(tmp_path)
+    assert best_level(results["recommend"]["ours"])["concurrency"] == 8
+    assert results["throughput_ratio_vs_naive"] == pytest.approx(80.0)  # 1200 / 15
+    assert results["throughput_ratio_vs_previous"] == pytest.approx(2.0)  # 1200 / 600
+    assert results["cpu_ms_per_request_at_saturation"]["ours"] == 1.6  # at the max-throughput level
     assert results["server_time"]["value_ms"] == pytest.approx(2.0)  # 2.4 - 0.4
-    assert set(results["targets"]) == {"throughput_ratio_vs_naive", "p99_over_p50_at_half_max", "server_time_vs_compute_floor"}
-    assert results["targets"]["throughput_ratio_vs_naive"]["met"] is True
-    assert results["targets"]["p99_over_p50_at_half_max"]["met"] is True  # 7.5 / 3.0 = 2.5
-    assert results["targets"]["server_time_vs_compute_floor"]["met"] is True  # 2.0 <= 2.75
-    for key in ("machine", "versions", "settings", "candidates", "compute_floor", "score_users", "health_check_c1", "half_load"):
-        assert key in results
+    targets = {t["name"]: t for t in results["targets"]}
+    assert set(targets) >= {"user_read_p50_sqlite", "user_read_p50_redis", "max_recommend_rps", "throughput_ratio_vs_naive",
+                            "throughput_ratio_vs_previous", "cpu_ms_per_request", "open_loop_p99_over_p50", "open_loop_p99_ms",
+                            "event_loop_lag_max_ms", "score_users_per_s"}
+    assert targets["user_read_p50_sqlite"]["met"] is True
+    assert targets["user_read_p50_redis"]["met"] is False and targets["user_read_p50_redis"]["value"] is None
+    assert targets["max_recommend_rps"]["met"] is True and targets["throughput_ratio_vs_naive"]["met"] is True
+    assert targets["throughput_ratio_vs_previous"]["met"] is None and targets["cpu_ms_per_request"]["met"] is None
+    assert targets["open_loop_p99_over_p50"]["met"] is True  # 7.5 / 3.0 = 2.5
+    assert targets["open_loop_p99_ms"]["met"] is True
+    assert targets["event_loop_lag_max_ms"]["met"] is False and targets["event_loop_lag_max_ms"]["exported"] is False
+    assert targets["score_users_per_s"]["value"] == 25000.0 and targets["score_users_per_s"]["met"] is True
+
+
+def test_tail_targets_short_and_generator_limited(tmp_path):
+    slow = {**HALF, "p50": 4.0, "p99": 20.0, "lateness_p99_ms": 9.0, "generator_limited": True}
+    targets = {t["name"]: t for t in _results(tmp_path, half_load=slow)["targets"]}
+    assert targets["open_loop_p99_over_p50"]["met"] is False and targets["open_loop_p99_ms"]["met"] is False
+    assert "generator-limited" in targets_table({"targets": list(targets.values())})
+
+
+def test_report_renders_with_absent_lag_and_unmeasured_redis(tmp_path):
+    results = _results(tmp_path)
+    text = readme(results)
+    assert "not exported" in text and "not measured" in text and "| reported |" in text
+    assert "previous max 600.0 req/s" in text
+    lag = {"exported": True, "max_ms": 7.2, "max_ms_before_load": 7.2, "limit_ms": 5.0, "samples_during_load": 900,
+           "samples_over_limit_during_load": 0, "max_bucket_bound_ms_during_load": 5.0, "stalls_over_limit": False,
+           "verdict_from": "histogram", "max_ms_per_worker": {"0": 7.2, "1": 1.0}}
+    results = _results(tmp_path, event_loop_lag=lag, previous=None)
+    assert {t["name"]: t for t in results["targets"]}["event_loop_lag_max_ms"]["met"] is True
+    text = readme(results)
+    assert "0 of 900 lag samples over 5 ms during the load (all <= 5 ms)" in text and "no previous results.json" in text
