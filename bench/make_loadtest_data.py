@@ -17,7 +17,8 @@ import pandas as pd
 
 from bench.state import PROJECT_ROOT
 
-N_REQUESTS = 100
+N_RECOMMEND = 1000  # distinct users for Recommend: the same rotation as make bench, so no cache flatters the result
+N_SCORE_ITEMS = 100
 
 
 def make(state_root: Path, out_dir: Path, seed: int = 7) -> dict[str, int]:
@@ -25,19 +26,19 @@ def make(state_root: Path, out_dir: Path, seed: int = 7) -> dict[str, int]:
     users = sorted(pd.read_parquet(offline / "user_interests.parquet", columns=["user_id"])["user_id"].astype(str).unique())
     items = sorted(pd.read_parquet(offline / "item_stats.parquet", columns=["item_id"])["item_id"].astype(str).unique())
     rng = np.random.default_rng(seed)
-    chosen = [str(u) for u in rng.choice(users, size=N_REQUESTS, replace=False)]
+    chosen = [str(u) for u in rng.choice(users, size=min(N_RECOMMEND, len(users)), replace=False)]
     files = {
         "recommend_requests.json": [{"user_id": u, "num_items": 10} for u in chosen],
         "score_users_requests.json": [
             {"user_ids": [str(u) for u in rng.choice(users, size=1000, replace=False)]} for _ in range(5)
         ],
         "score_items_requests.json": [
-            {"user_id": u, "item_ids": [str(i) for i in rng.choice(items, size=20, replace=False)]} for u in chosen
+            {"user_id": u, "item_ids": [str(i) for i in rng.choice(items, size=20, replace=False)]} for u in chosen[:N_SCORE_ITEMS]
         ],
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, requests in files.items():
-        (out_dir / name).write_text(json.dumps(requests, indent=1 if name != "score_users_requests.json" else None) + "\n")
+        (out_dir / name).write_text("[\n" + ",\n".join(json.dumps(r) for r in requests) + "\n]\n")  # one message per line
     return {name: len(requests) for name, requests in files.items()}
 
 
