@@ -75,7 +75,7 @@ def summarise(rate: float, due: np.ndarray, issued: np.ndarray, answered: np.nda
     return result
 
 
-async def _run(target: str, users: Sequence[str], rate: float, seconds: float, channels: int, timeout: float) -> dict:
+async def _run(target: str, users: Sequence[str], rate: float, seconds: float, channels: int, timeout: float, raw: Path | None) -> dict:
     import grpc
 
     from propensity.v1 import recommendation_service_pb2 as pb
@@ -125,15 +125,17 @@ async def _run(target: str, users: Sequence[str], rate: float, seconds: float, c
         gc.enable()
         for c in chans:
             await c.close()
+    if raw is not None:  # every request: due, issued and answered (s from t0; NaN = never), answered with items
+        np.savez_compressed(raw, due=due, issued=issued, answered=answered, ok=ok)
     return summarise(rate, due, issued, answered, ok, fallbacks, len(reached)) | {
         "channels": channels, "seconds": seconds, "users_answered": sorted(users[k] for k in reached)}
 
 
-def run(target: str, users: Sequence[str], rate: float, seconds: float, channels: int = 8, timeout: float = 5.0) -> dict:
+def run(target: str, users: Sequence[str], rate: float, seconds: float, channels: int = 16, timeout: float = 5.0, raw: Path | None = None) -> dict:
     """One open-loop phase in this process; a loop on select() for sub-millisecond timers."""
     loop = asyncio.SelectorEventLoop(selectors.SelectSelector())
     try:
-        return loop.run_until_complete(_run(target, users, rate, seconds, channels, timeout))
+        return loop.run_until_complete(_run(target, users, rate, seconds, channels, timeout, raw))
     finally:
         loop.close()
 
@@ -144,12 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users-file", required=True, type=Path, help="one user id per line, in rotation order")
     parser.add_argument("--rate", required=True, type=float, help="requests per second")
     parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--channels", type=int, default=8)
+    parser.add_argument("--channels", type=int, default=16)
     parser.add_argument("--timeout", type=float, default=5.0, help="per-call deadline in seconds")
     parser.add_argument("--out", type=Path, help="write the result as JSON here (default: stdout)")
+    parser.add_argument("--raw", type=Path, help="also write every request's times here (.npz)")
     args = parser.parse_args(argv)
     users = [line.strip() for line in args.users_file.read_text().splitlines() if line.strip()]
-    result = run(args.target, users, args.rate, args.seconds, args.channels, args.timeout)
+    result = run(args.target, users, args.rate, args.seconds, args.channels, args.timeout, args.raw)
     text = json.dumps(result, indent=2)
     if args.out:
         args.out.write_text(text + "\n")

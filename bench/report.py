@@ -112,6 +112,10 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _share(part: float, whole: float) -> str:
+    return f"{100 * part / whole:.1f} %" if whole else "n/a"
+
+
 def _ms(value: object) -> str:
     return "n/a" if value is None else f"{value:.3f} ms"
 
@@ -216,9 +220,11 @@ Server CPU = CPU time of all the server's processes during the level / requests 
 
 {table(results)}
 
-A round ends when its duration does: the requests still in flight then are neither counted nor
-timed ({best.get('in_flight_at_stop', 0):,} at the max-throughput level, against {best['requests']:,} counted), which
-makes short rounds slightly under-count throughput, never over-count it.
+A round ends when its duration does, and the requests still in flight then are neither counted nor
+timed: {best.get('in_flight_at_stop', 0):,} at the max-throughput level, against {best['requests']:,} counted. Throughput
+(answered / duration) does not suffer from it, as the server is busy from a round's first request
+on; the server CPU spent on cut-off requests it had already started is counted, so CPU per request
+may be over-estimated by at most {_share(best.get('in_flight_at_stop', 0), best['requests'])}.
 
 ## CPU per request at saturation
 

@@ -167,7 +167,7 @@ def open_loop(target: str, users: Sequence[str], rate: float, seconds: float, ch
     users_file.write_text("\n".join(users) + "\n")
     out.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "bench.open_loop", "--target", target, "--users-file", str(users_file), "--rate", f"{rate:.3f}",
-           "--seconds", str(seconds), "--channels", str(channels), "--out", str(out)]
+           "--seconds", str(seconds), "--channels", str(channels), "--out", str(out), "--raw", str(work / "open_loop_requests.npz")]
     done = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=seconds + 120)
     if done.returncode != 0 or not out.exists():
         raise RuntimeError(f"bench.open_loop failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=1000, help="sampled users with history that the load rotates over")
     parser.add_argument("--min-round-seconds", type=float, default=0.35, help="shortest h2load round (one user per process per round)")
     parser.add_argument("--workers", type=int, default=2, help="PROPENSITY_SERVER__WORKERS for the real server")
-    parser.add_argument("--channels", type=int, default=8, help="connections of the open-loop generator")
+    parser.add_argument("--channels", type=int, default=16, help="connections of the open-loop generator (SO_REUSEPORT spreads connections, not requests)")
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.levels.split(",")]
     ensure_h2load()
