@@ -12,7 +12,7 @@ import re
 import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +66,7 @@ def _duration(seconds: float) -> str:
     return f"{max(1, round(seconds * 1000))}ms"
 
 
-_FINISHED = re.compile(r"finished in ([\d.]+)(m?s)")
+_FINISHED = re.compile(r"finished in ([\d.]+)(us|ms|s)\b")
 _REQUESTS = re.compile(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored")
 _STATUS = re.compile(r"status codes: (\d+) 2xx")
 _DATA = re.compile(r"\((\d+)\) data")
@@ -78,7 +78,7 @@ def parse_summary(stdout: str) -> Summary:
     missing = [name for name, match in found.items() if match is None]
     if missing:
         raise ValueError(f"h2load output has no {', '.join(missing)} line:\n{stdout[-2000:]}")
-    seconds = float(found["finished"].group(1)) / (1000.0 if found["finished"].group(2) == "ms" else 1.0)
+    seconds = float(found["finished"].group(1)) / {"us": 1e6, "ms": 1e3, "s": 1.0}[found["finished"].group(2)]
     r = [int(x) for x in found["requests"].groups()]
     return Summary(seconds, r[2], r[3], r[4], r[5], int(found["status"].group(1)), int(found["data"].group(1)), started=r[1])
 
@@ -150,7 +150,9 @@ def run_parallel(jobs: Sequence[Job], timeout_slack: float = 15.0) -> PhaseResul
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    summaries = [parse_summary(out) for out in outputs]
+    # Timing-based runs (-D): h2load's own req/s is requests / the main duration, while its "finished in"
+    # can be anything from microseconds on (seen with 1.52 on a loaded machine); rates use the duration.
+    summaries = [replace(parse_summary(out), seconds=job.seconds) for out, job in zip(outputs, jobs)]
     seconds = max(s.seconds for s in summaries)
     latencies = np.concatenate([latencies_ms(read_log(job.log_file)) for job in jobs])
     per_job = [(s.done - s.succeeded) + grpc_failures(s, job.expected_response_bytes) for s, job in zip(summaries, jobs)]

@@ -59,6 +59,10 @@ def test_parse_summary_and_grpc_failures_from_data_bytes():
     assert grpc_failures(half_failed, 329) == 50
     with pytest.raises(ValueError, match="requests"):
         parse_summary("finished in 1.00s\n")
+    # h2load 1.52 on a loaded machine, timing-based: "finished in" may be microseconds (rates use the duration instead).
+    odd = H2LOAD_STDOUT.replace("finished in 3.01s, 222.67 req/s", "finished in 9us, 41.21 req/s")
+    assert parse_summary(odd).seconds == pytest.approx(9e-6)
+    assert parse_summary(H2LOAD_STDOUT.replace("3.01s", "364.12ms")).seconds == pytest.approx(0.36412)
 
 
 def test_percentiles_from_h2load_log_file(tmp_path):
