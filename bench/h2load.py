@@ -4,15 +4,22 @@ h2load knows nothing about gRPC: it posts the same framed body on every stream a
 HTTP 200 as a success. Each process therefore sends one user's request, and success is checked
 from the bytes received (an error answer carries no DATA, only trailers) against the size of a
 verified response.
+
+Processes that run side by side are started together (each waits, stopped, until all exist) and
+measured over the interval in which all of them were sending, from their per-request logs: a
+process that started late or finished early would otherwise make the others' sum of rates
+describe load that never ran at once.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -118,27 +125,83 @@ def grpc_failures(summary: Summary, expected_response_bytes: int) -> int:
 
 
 @dataclass(frozen=True)
+class Window:
+    """When the side-by-side processes of one round all ran, from their --log-file rows."""
+
+    start_us: int  # the last process's first request start
+    end_us: int  # the first process's last answer
+    stagger_ms: float  # first request start of the last process - that of the first
+    overlap: bool  # False: the processes never all ran at once (the whole round is used instead)
+
+    @property
+    def seconds(self) -> float:
+        return (self.end_us - self.start_us) / 1e6
+
+
+def overlap_window(logs: Sequence[Sequence[LogRow]], min_seconds: float) -> Window:
+    """The interval in which every process of a round was sending: from the last one's first request to
+    the first one's last answer. Shorter than min_seconds (or empty): the whole round, first start to last answer."""
+    spans = [(min(r.start_us for r in rows), max(r.start_us + r.elapsed_us for r in rows)) for rows in logs if rows]
+    if not spans:
+        return Window(0, 0, 0.0, False)
+    starts, ends = [a for a, _ in spans], [b for _, b in spans]
+    stagger = (max(starts) - min(starts)) / 1000
+    if min(ends) - max(starts) >= min_seconds * 1e6:
+        return Window(max(starts), min(ends), stagger, True)
+    return Window(min(starts), max(ends), stagger, False)
+
+
+def in_window(logs: Sequence[Sequence[LogRow]], window: Window) -> tuple[int, np.ndarray]:
+    """(requests answered inside the window, latencies in ms of the answered requests that started inside it)."""
+    rows = [r for job in logs for r in job if r.status in (200, 0)]
+    done = sum(1 for r in rows if window.start_us <= r.start_us + r.elapsed_us <= window.end_us)
+    lat = np.array([r.elapsed_us / 1000.0 for r in rows if window.start_us <= r.start_us <= window.end_us], dtype=float)
+    return done, lat
+
+
+@dataclass(frozen=True)
 class PhaseResult:
-    """Merged result of h2load processes that ran side by side."""
+    """Merged result of h2load processes that ran side by side (one round, or the rounds of a level)."""
 
     concurrency: int
-    seconds: float
-    requests: int
+    seconds: float  # measured time: the rounds' windows
+    requests: int  # every answered request (h2load's done)
     failures: int
-    throughput: float
-    latencies_ms: np.ndarray
+    throughput: float  # requests answered inside the windows / their length
+    latencies_ms: np.ndarray  # of the requests that started inside the windows
     in_flight_at_stop: int = 0  # sent but cut off when the duration ended: neither counted nor timed
     answered_per_job: tuple[int, ...] = ()  # requests answered with a message, per job (in job order)
+    stagger_ms: float = 0.0  # largest start-to-start spread of a round's processes
+    windowed: bool = True  # False: in some round the processes never all ran at once
 
     def stats(self) -> dict[str, float]:
         return {"concurrency": self.concurrency, "requests": self.requests, "failures": self.failures,
                 "throughput_rps": round(self.throughput, 1), **{k: round(v, 3) for k, v in percentiles(self.latencies_ms).items()},
-                "in_flight_at_stop": self.in_flight_at_stop}
+                "in_flight_at_stop": self.in_flight_at_stop, "measured_seconds": round(self.seconds, 3),
+                "start_stagger_ms": round(self.stagger_ms, 1), "all_processes_overlapped": self.windowed}
+
+
+# Each process stops itself before exec'ing h2load, and all are continued at once, so their start is
+# not spread by starting them one after another (tens of ms each on a busy machine).
+_BARRIER = 'kill -STOP $$ && exec "$@"'
+
+
+def _start_together(commands: Sequence[list[str]]) -> list[subprocess.Popen]:
+    procs = [subprocess.Popen(["sh", "-c", _BARRIER, "h2load-barrier", *cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for cmd in commands]
+    for proc in procs:  # stopped (or already dead), without reaping it: Popen still owns its exit status
+        os.waitid(os.P_PID, proc.pid, os.WSTOPPED | os.WEXITED | os.WNOWAIT)
+    for proc in procs:
+        try:
+            os.kill(proc.pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    return procs
 
 
 def run_parallel(jobs: Sequence[Job], timeout_slack: float = 15.0) -> PhaseResult:
-    """Start every job at once, wait (bounded), and merge counts and latencies."""
-    procs = [subprocess.Popen(command(job), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for job in jobs]
+    """Start every job at once, wait (bounded), and merge counts and latencies over the interval in which all ran."""
+    procs = _start_together([command(job) for job in jobs])
     outputs = []
     try:
         deadline = time.monotonic() + max(job.seconds for job in jobs) + timeout_slack
@@ -150,15 +213,15 @@ def run_parallel(jobs: Sequence[Job], timeout_slack: float = 15.0) -> PhaseResul
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    # Timing-based runs (-D): h2load's own req/s is requests / the main duration, while its "finished in"
-    # can be anything from microseconds on (seen with 1.52 on a loaded machine); rates use the duration.
-    summaries = [replace(parse_summary(out), seconds=job.seconds) for out, job in zip(outputs, jobs)]
-    seconds = max(s.seconds for s in summaries)
-    latencies = np.concatenate([latencies_ms(read_log(job.log_file)) for job in jobs])
+    summaries = [parse_summary(out) for out in outputs]
+    logs = [read_log(job.log_file) for job in jobs]
+    duration = max(job.seconds for job in jobs)
+    window = overlap_window(logs, min_seconds=duration / 2)
+    done_in_window, latencies = in_window(logs, window)
     per_job = [(s.done - s.succeeded) + grpc_failures(s, job.expected_response_bytes) for s, job in zip(summaries, jobs)]
-    requests = sum(s.done for s in summaries)
     concurrency = sum(job.clients * job.streams for job in jobs)
-    throughput = sum(s.done / s.seconds for s in summaries if s.seconds > 0)
+    throughput = done_in_window / window.seconds if window.seconds > 0 else 0.0
     in_flight = sum(max(0, s.started - s.done) for s in summaries)
     answered = tuple(max(0, s.done - f) for s, f in zip(summaries, per_job))
-    return PhaseResult(concurrency, seconds, requests, sum(per_job), throughput, latencies, in_flight, answered)
+    return PhaseResult(concurrency, window.seconds, sum(s.done for s in summaries), sum(per_job), throughput, latencies,
+                       in_flight, answered, window.stagger_ms, window.overlap)

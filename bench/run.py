@@ -111,7 +111,7 @@ def recommend_level(target: str, payloads: Payloads, concurrency: int, seconds: 
         users_used += [u for u, n in zip(users, result.answered_per_job) if n > 0]
         results.append(result)
     wall = time.monotonic() - wall0
-    total_seconds = sum(res.seconds for res in results)
+    total_seconds = sum(res.seconds for res in results) or float("nan")
     merged = h2load.PhaseResult(
         concurrency=procs * clients * streams,
         seconds=total_seconds,
@@ -120,6 +120,8 @@ def recommend_level(target: str, payloads: Payloads, concurrency: int, seconds: 
         throughput=sum(res.throughput * res.seconds for res in results) / total_seconds,
         latencies_ms=np.concatenate([res.latencies_ms for res in results]),
         in_flight_at_stop=sum(res.in_flight_at_stop for res in results),
+        stagger_ms=max(res.stagger_ms for res in results),
+        windowed=all(res.windowed for res in results),
     )
     stats = merged.stats()
     answered = sum(sum(res.answered_per_job) for res in results)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bench.frames import decode_frame, encode_frame, write_frame
-from bench.h2load import Job, Summary, command, grpc_failures, latencies_ms, parse_summary, percentiles, read_log
+from bench.h2load import Job, LogRow, Summary, _start_together, command, grpc_failures, in_window, latencies_ms, overlap_window, parse_summary, percentiles, read_log
 from bench.cpu import cpu_ms_per_request, group_ticks, parse_stat
 from bench.open_loop import generator_limited, summarise
 from bench.prom import LAG_HISTOGRAM, LAG_MAX, above, buckets, lag_report, max_value, parse, upper_bound
@@ -80,6 +80,35 @@ def test_percentiles_from_h2load_log_file(tmp_path):
     assert p["p50"] == pytest.approx(float(np.percentile(values, 50)))
     assert p["p99"] == pytest.approx(99.0, abs=0.01)
     assert math.isnan(percentiles([])["p50"])
+
+
+def _rows(start_ms, n, every_ms, elapsed_ms, status=200):
+    return [LogRow(int((start_ms + i * every_ms) * 1000), status, int(elapsed_ms * 1000)) for i in range(n)]
+
+
+def test_overlap_window_is_when_every_process_of_a_round_was_sending():
+    early = _rows(0, 40, 10, 5)  # requests start 0..390 ms, last answer at 395 ms
+    late = _rows(100, 40, 10, 5)  # started 100 ms later: 100..495 ms
+    window = overlap_window([early, late], min_seconds=0.2)
+    assert window.overlap and window.start_us == 100_000 and window.end_us == 395_000 and window.stagger_ms == 100.0
+    done, latencies = in_window([early, late], window)
+    # answers inside [100, 395] ms: early's from start 100 (ends 105) to 390 (ends 395) = 30; late's from 100 to 390 = 30
+    assert done == 60 and len(latencies) == 60 and set(latencies) == {5.0}
+    # Processes that hardly overlap: the whole round from first start to last answer instead.
+    apart = _rows(400, 40, 10, 5)
+    window = overlap_window([early, apart], min_seconds=0.2)
+    assert not window.overlap and window.start_us == 0 and window.end_us == 795_000
+    failed = _rows(0, 10, 10, 5, status=-1)
+    assert in_window([failed], overlap_window([failed], 0.01))[0] == 0  # failed streams are no answers
+    assert overlap_window([[], []], 0.1).seconds == 0
+
+
+def test_start_together_runs_every_command(tmp_path):
+    procs = _start_together([["sh", "-c", f"echo {i} > {tmp_path}/{i}.txt"] for i in range(5)])
+    for proc in procs:
+        proc.communicate(timeout=30)
+        assert proc.returncode == 0
+    assert sorted(p.read_text().strip() for p in tmp_path.glob("*.txt")) == ["0", "1", "2", "3", "4"]
 
 
 # --- user rotation -------------------------------------------------------------------------------
