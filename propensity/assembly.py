@@ -12,7 +12,7 @@ import numpy as np
 
 from propensity.catalog import ITEM_FEATURES, UNKNOWN, Catalog
 from propensity.retrieval import SIGNALS, UserSignals, category_affinity, user_signals
-from propensity.user_state import USER_SCALARS, USER_TIMESTAMPS, UserState
+from propensity.user_state import USER_SCALARS, USER_TIMESTAMPS, UserBatch, UserState
 
 DAY_SECONDS = 86_400.0
 
@@ -63,41 +63,78 @@ _AVG_PRICE = USER_SCALARS.index("avg_purchase_price_30d")
 
 
 def user_vector(user: UserState, as_of_ts: float) -> np.ndarray:
-    """The user model's input row (USER_MODEL_FEATURES) at as_of_ts (epoch seconds)."""
-    ages = (as_of_ts - user.timestamps) / DAY_SECONDS  # NaN stays NaN
-    derived = np.array(
-        [
-            ages[USER_TIMESTAMPS.index("last_event_ts")],
-            ages[USER_TIMESTAMPS.index("last_purchase_ts")],
-            ages[USER_TIMESTAMPS.index("first_event_ts")],
-            ages[USER_TIMESTAMPS.index("signup_ts")],
-            float(len(user.recent_idx)),
-            float(user.recent_in_cart.sum()) if len(user.recent_in_cart) else 0.0,
-            float(user.top_category_shares[0]) if len(user.top_category_shares) else np.nan,
-            *_intent(user, as_of_ts),
-        ]
+    """The user model's input row (USER_MODEL_FEATURES) at as_of_ts (epoch seconds): user_matrix of one user."""
+    shares = user.top_category_shares
+    return _user_rows(
+        user.scalars[None, :], user.timestamps[None, :], np.array([0, len(user.recent_idx)]), user.recent_views_7d,
+        user.recent_carts_7d, user.recent_in_cart, user.recent_last_ts, np.array([shares[0] if len(shares) else np.nan]), as_of_ts,
+    )[0]
+
+
+def user_matrix(users: UserBatch | Sequence[UserState], as_of_ts: float | Sequence[float] | np.ndarray) -> np.ndarray:
+    """User model inputs (USER_MODEL_FEATURES) for many users at one as-of time or one per user, vectorised."""
+    batch = users if isinstance(users, UserBatch) else UserBatch.of(list(users))
+    return _user_rows(
+        batch.scalars, batch.timestamps, batch.recent_idx.offsets, batch.recent("recent_item_views_7d").values,
+        batch.recent("recent_item_carts_7d").values, batch.recent("recent_item_in_cart").values,
+        batch.recent("recent_item_last_ts").values, batch.top_category_shares.first(), as_of_ts,
     )
-    return np.concatenate([user.scalars, derived])
 
 
-def _intent(user: UserState, as_of_ts: float) -> tuple[float, float, float, float, float]:
-    """Per-item intent summarised per user: the most viewed and carted item, carted items, and the freshest cart."""
-    views, carts = user.recent_views_7d, user.recent_carts_7d
-    in_cart = np.nan_to_num(user.recent_in_cart) > 0
-    top_views = float(np.max(views)) if len(views) and not np.isnan(views).all() else np.nan
-    top_carts = float(np.max(carts)) if len(carts) and not np.isnan(carts).all() else np.nan
-    carted = float((np.nan_to_num(carts) > 0).sum()) if len(carts) and not np.isnan(carts).all() else np.nan
-    cart_views = float(np.nanmax(views[in_cart])) if in_cart.any() and not np.isnan(views[in_cart]).all() else np.nan
-    freshest = float((as_of_ts - np.max(user.recent_last_ts[in_cart])) / DAY_SECONDS) if in_cart.any() else np.nan
-    return top_views, top_carts, carted, cart_views, freshest
+def _user_rows(
+    scalars: np.ndarray, timestamps: np.ndarray, offsets: np.ndarray, views: np.ndarray, carts: np.ndarray, in_cart: np.ndarray,
+    last_ts: np.ndarray, top_share: np.ndarray, as_of_ts: float | Sequence[float] | np.ndarray,
+) -> np.ndarray:
+    """The one implementation of the user model's inputs: per-user rows from per-user scalars and flat per-item lists.
+
+    User i's recent items are views[offsets[i]:offsets[i + 1]] (and so on): the lists are reduced per user with
+    np.ufunc.reduceat, a few array operations for a whole chunk of users, no per-user Python loop. Missing values
+    stay NaN (a maximum over a list with a missing value is missing); counts over an empty list are 0.
+    """
+    n = len(scalars)
+    out = np.empty((n, len(USER_MODEL_FEATURES)))
+    if not n:
+        return out
+    times = np.asarray(as_of_ts, dtype=float)
+    if times.ndim:
+        times = times[:, None]
+    out[:, : len(USER_SCALARS)] = scalars
+    out[:, _AGES] = (times - timestamps[:, _AGE_OF]) / DAY_SECONDS  # NaN stays NaN
+    lengths = np.diff(offsets)
+    out[:, _COLUMN["n_recent_items"]] = lengths
+    out[:, _COLUMN["top_category_share"]] = top_share
+    nonempty = lengths > 0
+    if not nonempty.all():  # users without recent items: no item in cart, no intent
+        out[:, _COLUMN["n_items_in_cart"]] = 0.0
+        out[:, _INTENT] = np.nan
+        if not nonempty.any():
+            return out
+    carted = in_cart > 0  # NaN (a shop without carts) is not in cart
+    starts = offsets[:-1][nonempty]
+    # Sums: items in cart (NaN when the shop records no carts), recorded cart counts, carted items, in-cart items.
+    sums = np.add.reduceat(np.column_stack([in_cart, ~np.isnan(carts), carts > 0, carted]), starts)
+    # Maxima: most views and carts of one item (NaN if any is missing), the freshest in-cart interaction.
+    maxima = np.maximum.reduceat(np.column_stack([views, carts, np.where(carted, last_ts, -np.inf)]), starts)
+    # The most views of an in-cart item, ignoring items whose views are missing (fmax).
+    cart_views = np.fmax.reduceat(np.where(carted, views, np.nan), starts)
+    if times.ndim:
+        times = times[nonempty, 0]
+    derived = np.column_stack([
+        sums[:, 0], maxima[:, 0], maxima[:, 1], np.where(sums[:, 1] > 0, sums[:, 2], np.nan), cart_views,
+        np.where(sums[:, 3] > 0, (times - maxima[:, 2]) / DAY_SECONDS, np.nan),
+    ])
+    if nonempty.all():
+        out[:, _REDUCED] = derived
+    else:
+        out[np.ix_(nonempty, _REDUCED)] = derived
+    return out
 
 
-def user_matrix(users: Sequence[UserState], as_of_ts: float | Sequence[float]) -> np.ndarray:
-    """User model inputs for many users (one as-of time, or one per user)."""
-    times = np.broadcast_to(np.asarray(as_of_ts, dtype=float), (len(users),))
-    if not users:
-        return np.empty((0, len(USER_MODEL_FEATURES)))
-    return np.vstack([user_vector(u, t) for u, t in zip(users, times)])
+_COLUMN = {name: j for j, name in enumerate(USER_MODEL_FEATURES)}
+_AGE_OF = [USER_TIMESTAMPS.index(name) for name in ("last_event_ts", "last_purchase_ts", "first_event_ts", "signup_ts")]
+_AGES = [_COLUMN[name] for name in ("days_since_last_event", "days_since_last_purchase", "days_since_first_event", "account_age_days")]
+_INTENT = [_COLUMN[name] for name in ("max_item_views_7d", "max_item_carts_7d", "n_items_carted_7d", "in_cart_max_views_7d", "days_since_last_in_cart_item")]
+_REDUCED = [_COLUMN["n_items_in_cart"], *_INTENT]
 
 
 def pair_matrix(

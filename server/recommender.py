@@ -19,7 +19,7 @@ from propensity.retrieval import RetrievalWeights, UserSignals, stored_weights
 from propensity.catalog import Catalog
 from propensity.model_registry import RANKER_MODEL, USER_MODEL, ModelBundle
 from propensity.settings import CandidateSettings, ServerSettings
-from propensity.user_state import UserState
+from propensity.user_state import UserBatch, UserState
 from server.model_pool import ModelPool
 from server.online_features import OnlineUserFeatures
 from server.queries import (
@@ -148,28 +148,27 @@ class Recommender:
         self._shadow(query, model, features, ids)
         return self._answer(query, model, propensity, items, Fallback.NONE)
 
-    async def score_users(self, user_ids: list[str], model_version: str = "", chunk: int = 500) -> UserScores:
-        """Score many users with one model version, in chunks that yield to the event loop between them.
+    async def score_users(self, user_ids: list[str], model_version: str = "", chunk: int = 1000) -> UserScores:
+        """Score many users with one model version: per chunk, one bulk online read, then vectorised assembly and one predict.
 
-        A long marketing list must not stall other calls (or a shutdown signal) for its whole duration.
+        Chunks yield to the event loop between them: a long marketing list must not stall other calls (or a
+        shutdown signal) for its whole duration.
         """
         model = self._models.get(model_version)
         catalog = self._items.catalog
         now = time.time()
-        scores: list[float] = []
-        unknown: list[bool] = []
+        scores = np.empty(len(user_ids))
+        known = np.empty(len(user_ids), dtype=bool)
         for start in range(0, len(user_ids), chunk):
             part = user_ids[start : start + chunk]
             with self._observer.stage("features"):
-                rows = self._features.fetch(part)
-            users = [UserState.from_row(u, row, catalog) for u, row in zip(part, rows)]
+                users = UserBatch.from_rows(part, self._features.fetch(part), catalog)
             with self._observer.stage("scoring"):
-                predicted = model.predict_users(user_matrix(users, now))
-            known = np.array([u.known for u in users], dtype=bool)
-            scores.extend(np.where(known, predicted, model.base_rate).tolist())
-            unknown.extend((~known).tolist())
+                rows = user_matrix(users, now)
+                known[start : start + len(part)] = users.known
+                scores[start : start + len(part)] = np.where(users.known, model.predict_users(rows), model.base_rate)
             await asyncio.sleep(0)
-        return UserScores(user_ids, scores, unknown, model.version, model.user_feature_service)
+        return UserScores(user_ids, scores.tolist(), (~known).tolist(), model.version, model.user_feature_service)
 
     def score_items(self, user_id: str, item_ids: list[str], model_version: str = "") -> ItemScores:
         """Calibrated scores for the caller's items, in the caller's order (not a ranking)."""

@@ -1,14 +1,21 @@
-"""`propensity score-batch`: score every active user (and their top-N items) at one timestamp from the OFFLINE store.
+"""`propensity score-batch`: score users (and their top-N items) at one timestamp from the OFFLINE store.
 
-Features come from `get_historical_features` with entity rows at the given timestamp (point-in-time,
-so a campaign can be scored "as of" any past moment), then the serving code path: UserState ->
-candidates -> assembly -> ModelBundle (calibrated predictions). Users are processed in chunks;
-each chunk is appended to one Parquet file (user_id, propensity, rank, item_id, item_score).
+Both paths assemble the user model's input with the serving code (propensity.user_state.UserBatch ->
+propensity.assembly.user_matrix), a whole chunk of users at a time:
+- with items (default): features from Feast's `get_historical_features` with entity rows at the given
+  timestamp (point-in-time, so a campaign can be scored "as of" any past moment), then the serving path
+  per user: candidates -> pair assembly -> ModelBundle (calibrated predictions), top-N items per user.
+  One Parquet file (user_id, propensity, rank, item_id, item_score).
+- users only (`--users-only`): the purchase propensity at bulk speed. The same point-in-time rule runs
+  in DuckDB over the tables behind the feature views (training.offline_user_features) and streams Arrow
+  record batches; each is converted, assembled and predicted as a whole and written as it arrives
+  (user_id, propensity), so memory stays bounded however many users there are.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,17 +28,21 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from propensity.assembly import pair_matrix, user_vector
+from propensity.assembly import pair_matrix, user_matrix
 from propensity.candidates import generate_candidates
+from propensity.catalog import Catalog
 from propensity.retrieval import stored_weights
 from propensity.feature_store import check_service, open_store
-from propensity.model_registry import RANKER_MODEL, USER_MODEL, load_version
+from propensity.model_registry import RANKER_MODEL, USER_MODEL, ModelBundle, load_version
 from propensity.settings import Settings
-from propensity.user_state import UserState
-from training.commands import add_score_batch_arguments
+from propensity.user_state import USER_INPUTS, UserBatch
+from training import offline_user_features as offline
 from training.datasets import HISTORY_DAYS, historical_catalogs
 
 SCHEMA = pa.schema([("user_id", pa.string()), ("propensity", pa.float64()), ("rank", pa.int32()), ("item_id", pa.string()), ("item_score", pa.float64())])
+USERS_SCHEMA = pa.schema([("user_id", pa.string()), ("propensity", pa.float64())])
+USERS_CHUNK = 100_000  # users per record batch on the users-only path
+ITEMS_CHUNK = 5_000  # users per offline-store read and ranker call with items
 
 
 @dataclass(frozen=True)
@@ -46,7 +57,7 @@ def active_users(prepared_dir: Path, at: datetime, days: int = HISTORY_DAYS) -> 
     """Users with an event in the `days` before `at` (the same definition as training rows)."""
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
-    at = pd.Timestamp(at).tz_convert("UTC").to_pydatetime()
+    at = _utc(at)
     users = con.execute(
         f"SELECT DISTINCT user_id FROM read_parquet('{prepared_dir / 'events.parquet'}') WHERE event_time < ? AND event_time >= ? ORDER BY user_id",
         [at, at - timedelta(days=days)],
@@ -60,22 +71,19 @@ def score_batch(
     at: datetime,
     out: Path,
     top_n: int = 10,
-    chunk_size: int = 5000,
+    chunk_size: int = ITEMS_CHUNK,
     version: str | None = None,
     users: list[str] | None = None,
     progress: Callable[[str], None] = print,
 ) -> BatchSummary:
     """Score users (default: every active user) at `at`; write one Parquet file with top_n items per user."""
     started = time.perf_counter()
-    at = pd.Timestamp(at).tz_convert("UTC").to_pydatetime() if pd.Timestamp(at).tzinfo else pd.Timestamp(at).tz_localize("UTC").to_pydatetime()
+    at = _utc(at)
     bundle = load_version(settings.model_dir, version)
     store = open_store(settings.feature_repo, settings.feature_store_yaml)
-    for role, model in (("user", USER_MODEL), ("item", RANKER_MODEL)):
-        service = bundle.metadata["feature_services"][role]
-        check_service(store, service["name"], service["fingerprint"], f"{bundle.version}/{model}")
+    _check_services(store, bundle, (("user", USER_MODEL), ("item", RANKER_MODEL)))
     users = users if users is not None else active_users(settings.prepared_dir, at)
-    item_ids = pd.read_parquet(settings.prepared_dir / "items.parquet", columns=["item_id"])["item_id"].astype(str).tolist()
-    catalog = next(iter(historical_catalogs(store, item_ids, [at], bundle.item_feature_service).values()))
+    catalog = next(iter(historical_catalogs(store, _item_ids(settings), [at], bundle.item_feature_service).values()))
     progress(f"score-batch: {len(users):,} users at {at.isoformat()} with model {bundle.version}, {catalog.size:,} items")
     out.parent.mkdir(parents=True, exist_ok=True)
     as_of_ts = at.timestamp()
@@ -86,11 +94,12 @@ def score_batch(
             chunk = users[start : start + chunk_size]
             entity = pd.DataFrame({"user_id": chunk, "event_timestamp": pd.Timestamp(at)})
             features = store.get_historical_features(entity_df=entity, features=store.get_feature_service(bundle.user_feature_service)).to_df()
-            features = features.set_index("user_id").reindex(chunk).reset_index()
-            states = [UserState.from_row(u, r, catalog) for u, r in zip(chunk, features.to_dict("records"))]
-            rows = np.vstack([user_vector(s, as_of_ts) for s in states])
-            propensity = np.where([s.known for s in states], bundle.predict_users(rows), bundle.base_rate)
+            features = features.set_index("user_id").reindex(chunk)
+            batch = UserBatch(chunk, {name: features[name].tolist() for name in USER_INPUTS if name in features}, catalog)
+            rows = user_matrix(batch, as_of_ts)
+            propensity = np.where(batch.known, bundle.predict_users(rows), bundle.base_rate)
             # All candidates of the chunk in one ranker call (vectorised), then top-N per user.
+            states = [batch.user(i) for i in range(len(batch))]
             generated = [generate_candidates(s, catalog, settings.candidates, as_of_ts, weights) for s in states]
             candidate_sets = [g.item_idx for g in generated]
             sizes = np.array([len(c) for c in candidate_sets])
@@ -104,6 +113,73 @@ def score_batch(
     seconds = time.perf_counter() - started
     progress(f"score-batch: wrote {written:,} rows for {len(users):,} users to {out} in {seconds:.1f}s")
     return BatchSummary(out, len(users), written, seconds)
+
+
+def score_users_batch(
+    settings: Settings,
+    at: datetime,
+    out: Path,
+    chunk_size: int = USERS_CHUNK,
+    version: str | None = None,
+    users: list[str] | None = None,
+    memory_limit: str = "2GB",
+    progress: Callable[[str], None] = print,
+) -> BatchSummary:
+    """Purchase propensity of users (default: every active user) at `at`, streamed from the offline tables to Parquet.
+
+    Equal to score_batch's propensity column (same users, same features by Feast's point-in-time rule, same assembly).
+    """
+    started = time.perf_counter()
+    at = _utc(at)
+    threads = os.cpu_count() or 1
+    bundle = load_version(settings.model_dir, version, num_threads=threads)  # a batch job may use every core
+    store = open_store(settings.feature_repo, settings.feature_store_yaml)
+    _check_services(store, bundle, (("user", USER_MODEL),))
+    tables = offline.service_tables(store, bundle.user_feature_service)
+    # The user model needs only which item ids are in the catalog (unknown recent items are dropped), not item features.
+    catalog = Catalog.from_frame(pd.DataFrame({"item_id": _item_ids(settings)}))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    con = offline.connect(memory_limit, threads, settings.work_dir / "tmp" / "duckdb")
+    try:
+        n_users = offline.set_users(con, users, settings.prepared_dir / "events.parquet", at, HISTORY_DAYS)
+        progress(f"score-batch --users-only: {n_users:,} users at {at.isoformat()} with model {bundle.version} "
+                 f"({bundle.user_feature_service}: {', '.join(t.name for t in tables)})")
+        as_of_ts = at.timestamp()
+        done = 0
+        with pq.ParquetWriter(out, USERS_SCHEMA) as writer:
+            for record_batch in offline.user_feature_batches(con, tables, at, chunk_size):
+                writer.write_table(_propensities(record_batch, catalog, bundle, as_of_ts))
+                done += record_batch.num_rows
+                progress(f"  scored {done:,}/{n_users:,} users ({done / max(time.perf_counter() - started, 1e-9):,.0f} users/s)")
+    finally:
+        con.close()
+    seconds = time.perf_counter() - started
+    progress(f"score-batch --users-only: wrote {done:,} users to {out} in {seconds:.1f}s ({done / max(seconds, 1e-9):,.0f} users/s)")
+    return BatchSummary(out, done, done, seconds)
+
+
+def _propensities(record_batch: pa.RecordBatch, catalog: Catalog, bundle: ModelBundle, as_of_ts: float) -> pa.Table:
+    """One record batch of user feature rows -> (user_id, propensity), with no per-user Python loop."""
+    user_ids = record_batch.column(offline.USER_KEY)
+    columns = {name: record_batch.column(name) for name in record_batch.schema.names}
+    batch = UserBatch(user_ids, columns, catalog)
+    propensity = np.where(batch.known, bundle.predict_users(user_matrix(batch, as_of_ts)), bundle.base_rate)
+    return pa.table({"user_id": user_ids, "propensity": propensity}, schema=USERS_SCHEMA)
+
+
+def _check_services(store, bundle: ModelBundle, roles: tuple[tuple[str, str], ...]) -> None:
+    for role, model in roles:
+        service = bundle.metadata["feature_services"][role]
+        check_service(store, service["name"], service["fingerprint"], f"{bundle.version}/{model}")
+
+
+def _item_ids(settings: Settings) -> list[str]:
+    return pd.read_parquet(settings.prepared_dir / "items.parquet", columns=["item_id"])["item_id"].astype(str).tolist()
+
+
+def _utc(at: datetime) -> datetime:
+    stamp = pd.Timestamp(at)
+    return (stamp.tz_convert("UTC") if stamp.tzinfo else stamp.tz_localize("UTC")).to_pydatetime()
 
 
 def _top_n(users: list[str], propensity: np.ndarray, candidates: list[np.ndarray], sizes: np.ndarray, scores: np.ndarray, item_ids: np.ndarray, n: int) -> pa.Table:
@@ -130,5 +206,9 @@ def cmd_score_batch(args: argparse.Namespace, settings: Settings) -> int:
     at = datetime.fromisoformat(args.at) if args.at else load_prepared(settings.prepared_dir).as_of
     if at.tzinfo is None:
         at = at.replace(tzinfo=timezone.utc)
-    score_batch(settings, at, Path(args.out).resolve(), top_n=args.top_n, chunk_size=args.chunk_size, version=args.version)
+    out = Path(args.out).resolve()
+    if args.users_only:
+        score_users_batch(settings, at, out, chunk_size=args.chunk_size or USERS_CHUNK, version=args.version)
+    else:
+        score_batch(settings, at, out, top_n=args.top_n, chunk_size=args.chunk_size or ITEMS_CHUNK, version=args.version)
     return 0

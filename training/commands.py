@@ -30,9 +30,14 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 def add_score_batch_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `propensity score-batch`."""
     parser.add_argument("--at", help="scoring timestamp (ISO-8601, UTC if no offset); default: the prepared data's as-of time")
-    parser.add_argument("--out", required=True, help="output Parquet file (user_id, propensity, rank, item_id, item_score)")
+    parser.add_argument("--out", required=True, help="output Parquet file (user_id, propensity, rank, item_id, item_score; with --users-only user_id, propensity)")
     parser.add_argument("--top-n", type=int, default=10, help="items per user")
-    parser.add_argument("--chunk-size", type=int, default=5000, help="users per offline-store read and ranker call")
+    parser.add_argument(
+        "--users-only", action="store_true", help="purchase propensity only, no items: streamed from the offline tables at bulk speed"
+    )
+    parser.add_argument(
+        "--chunk-size", type=int, help="users per offline-store read and ranker call (default 5000; with --users-only 100000 per record batch)"
+    )
     parser.add_argument("--version", help="model version (default: current)")
 
 
