@@ -39,7 +39,7 @@ def run_stage(stage: str, args: list[str], env: dict[str, str], log: Path) -> St
     """One `propensity` subcommand with its output teed to log; raises with the log's tail if it fails."""
     started = time.perf_counter()
     with log.open("w") as sink:
-        process = subprocess.Popen([sys.executable, "-m", "propensity.cli", stage, *args], env=env, stdout=sink,
+        process = subprocess.Popen([sys.executable, "-m", "propensity_cli", stage, *args], env=env, stdout=sink,
                                    stderr=subprocess.STDOUT, cwd=PROJECT_ROOT)
         _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - started

@@ -1,53 +1,66 @@
-"""Reading features from Feast's online store: user rows per request, the item catalog at start-up."""
+"""Reading features from Feast's online store: user rows per request, the item catalog at start-up.
+
+The per-request user read goes to Feast's online store directly, with the feature service resolved
+once into a read plan (feature views, feature names, TTLs, the store's own keys). Feast's
+`get_online_features` re-plans every call (entity/feature resolution, response proto building,
+conversion to Python) and costs ~1.3 ms for one user row here; the plan-once read costs ~0.1-0.2 ms
+(docs/benchmarks/user_read.md). The data, its layout and its keys are Feast's: `feast apply` /
+`feast materialize` / pushes write it, and `feast` CLI users see the usual feature views.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import pandas as pd
 from feast import FeatureStore
 
 from propensity.catalog import Catalog
 from propensity.feature_store import offline_table
+from server.store_reads import ViewPlan, reader_for
 
 _CATALOG_CHUNK = 1000
-_TS = "__ts"  # feast.online_response.TIMESTAMP_POSTFIX
 
 
 class OnlineUserFeatures:
-    """User feature rows through the feature service, which is resolved once, not per request.
+    """User feature rows of one feature service, read straight from Feast's online store.
 
     A value older than its feature view's TTL is returned as missing (None), never as if fresh:
-    Feast's online read does not check TTLs itself.
+    Feast's online read does not check TTLs itself. Nothing is cached: every call reads the store,
+    so a push (IngestEvents, any worker or process) is visible to the next call.
     """
 
-    def __init__(self, store: FeatureStore, service_name: str) -> None:
-        self._store = store
+    def __init__(self, store: FeatureStore, service_name: str, only: Collection[str] | None = None) -> None:
+        """only: read just these features of the service (bulk scoring needs the user model's, not the ranker's)."""
         self.service_name = service_name
-        self._service = store.get_feature_service(service_name)
-        self._ttl: dict[str, float] = {}
-        for projection in self._service.feature_view_projections:
-            ttl = store.get_feature_view(projection.name).ttl
-            for feature in projection.features:
-                self._ttl[feature.name] = ttl.total_seconds() if ttl else float("inf")
+        service = store.get_feature_service(service_name)
+        plans = []
+        for projection in service.feature_view_projections:
+            view = store.get_feature_view(projection.name)
+            ttl = view.ttl.total_seconds() if view.ttl else 0.0
+            names = tuple(f.name for f in projection.features if only is None or f.name in only)
+            if names:
+                plans.append(ViewPlan(view, names, ttl if ttl > 0 else float("inf")))
+        if only is not None and (unknown := set(only) - {name for plan in plans for name in plan.features}):
+            raise ValueError(f"feature service {service_name!r} has no features {sorted(unknown)}")
+        self._plans = tuple(plans)
+        self.feature_names: tuple[str, ...] = tuple(name for plan in plans for name in plan.features)
+        self._reader = reader_for(store, self._plans)
+        self.backend = type(self._reader).__name__
+
+    def fetch_columns(self, user_ids: Sequence[str]) -> dict[str, list[object]]:
+        """Feature name -> one value per user id, in order (None where missing or past the view's TTL)."""
+        columns: dict[str, list[object]] = {name: [None] * len(user_ids) for name in self.feature_names}
+        if user_ids:
+            self._reader.read(list(user_ids), columns, time.time())
+        return columns
 
     def fetch(self, user_ids: Sequence[str]) -> list[dict[str, object]]:
         """One mapping of feature name to value per user id (values None where missing or expired)."""
-        if not user_ids:
-            return []
-        columns = self._store.get_online_features(
-            features=self._service, entity_rows=[{"user_id": u} for u in user_ids]
-        ).to_dict(include_event_timestamps=True)
-        now = time.time()
-        rows: list[dict[str, object]] = []
-        for i in range(len(user_ids)):
-            row: dict[str, object] = {}
-            for name, ttl in self._ttl.items():
-                stamp = columns[name + _TS][i]
-                row[name] = columns[name][i] if not stamp or now - stamp <= ttl else None
-            rows.append(row)
-        return rows
+        columns = self.fetch_columns(user_ids)
+        names = self.feature_names
+        return [{name: columns[name][i] for name in names} for i in range(len(user_ids))]
 
 
 def item_ids_in_offline_store(store: FeatureStore, feature_view: str = "item_stats") -> list[str]:

@@ -240,6 +240,22 @@ def test_redis_serves_the_same_values_as_sqlite(shop: Shop, redis_store) -> None
 
 
 @pytest.mark.slow
+def test_the_servers_plan_once_read_matches_feast_on_redis_and_sqlite(shop: Shop, redis_store) -> None:
+    """server.store_reads reads Feast's own Redis hashes and SQLite tables: the values are Feast's, in one round trip."""
+    from server.online_features import OnlineUserFeatures
+
+    sqlite_store = open_store(shop.repo)
+    ids = shop.users + [shop.users[0]]  # an unknown user ("nobody") and a repeated one
+    expected = _online(sqlite_store, USER_SERVICE, "user_id", ids)
+    for store, backend in ((redis_store, "RedisRead"), (sqlite_store, "SqliteRead")):
+        reader = OnlineUserFeatures(store, USER_SERVICE)
+        assert reader.backend == backend
+        assert _normalised(reader.fetch_columns(ids)) == {k: v for k, v in expected.items() if k != "user_id"}, backend
+        subset = OnlineUserFeatures(store, USER_SERVICE, only={"views_7d", "recent_item_ids"}).fetch_columns(ids)
+        assert _normalised(subset) == {k: expected[k] for k in ("views_7d", "recent_item_ids")}, backend
+
+
+@pytest.mark.slow
 def test_push_to_redis_is_visible_to_online_reads(shop: Shop, redis_store) -> None:
     from feast import PushSource
     from feast.data_source import PushMode

@@ -1,0 +1,247 @@
+"""Plan-once reads of Feast online-store rows: one round trip per call, values decoded to plain Python.
+
+Each reader works on Feast's own storage layout and keys (the same tables, hashes and entity-key
+serialisation Feast's online stores write), so `feast materialize`, pushes and the `feast` CLI stay
+the source of truth. What Feast's generic path does per call and these do once: resolving the
+service's feature views and feature references, building entity-key protos, and assembling a
+response proto that is then converted back to Python.
+
+- SQLite (default profile): one SELECT over the service's view tables, on a read-only connection.
+- Redis: Feast keeps every view of an entity in one hash, so one HMGET per entity fetches all the
+  service's fields (pipelined for many entities), instead of one round trip per feature view.
+- Any other online store: Feast's `OnlineStore.online_read`, once per feature view.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Protocol
+
+from feast import FeatureStore, FeatureView
+from feast.infra.key_encoding_utils import serialize_entity_key
+from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
+from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+from feast.type_map import feast_value_type_to_python_type, python_values_to_proto_values
+from feast.value_type import ValueType
+from google.protobuf.timestamp_pb2 import Timestamp
+
+# SQLite's default limit on bound parameters is 32,766; stay well below it per statement.
+_SQLITE_KEYS_PER_QUERY = 1000
+_LOCAL_ZONE_IS_UTC = time.timezone == 0 and time.altzone == 0 and not time.daylight
+
+
+@dataclass(frozen=True)
+class ViewPlan:
+    """One feature view of a service: the features the service takes from it and its TTL in seconds."""
+
+    view: FeatureView
+    features: tuple[str, ...]
+    ttl_seconds: float
+
+
+class StoreRead(Protocol):
+    def read(self, entity_ids: list[str], columns: dict[str, list[object]], now: float) -> None:
+        """Fill columns[feature][i] for entity_ids[i]; values past their view's TTL stay None."""
+
+
+def reader_for(store: FeatureStore, plans: Sequence[ViewPlan]) -> StoreRead:
+    """The fastest reader that understands the store's online store type."""
+    online_type = str(store.config.online_store.type).lower()
+    if online_type == "sqlite" or online_type.endswith("sqliteonlinestore"):
+        return SqliteRead(store, plans)
+    if online_type == "redis" or online_type.endswith("redisonlinestore"):
+        return RedisRead(store, plans)
+    return FeastOnlineRead(store, plans)
+
+
+_SCALAR_KINDS = frozenset({"int32_val", "int64_val", "float_val", "double_val", "string_val", "bytes_val", "bool_val"})
+_LIST_KINDS = frozenset(
+    {"int32_list_val", "int64_list_val", "float_list_val", "double_list_val", "string_list_val", "bytes_list_val", "bool_list_val"}
+)
+
+
+def python_value(value: ValueProto) -> object:
+    """A Feast Value as get_online_features would return it (None when unset), fast for scalars and lists."""
+    kind = value.WhichOneof("val")
+    if kind in _SCALAR_KINDS:
+        return getattr(value, kind)
+    if kind in _LIST_KINDS:
+        return list(getattr(value, kind).val)
+    if kind is None or kind == "null_val":
+        return None
+    return feast_value_type_to_python_type(value)  # timestamps, sets, maps, structs: Feast's own conversion
+
+
+def decode(value_bytes: bytes | None) -> object:
+    return python_value(ValueProto.FromString(value_bytes)) if value_bytes else None
+
+
+def fresh(stamp: float | None, ttl_seconds: float, now: float) -> bool:
+    """A row without a timestamp is judged by its values alone (they are None); otherwise by the TTL."""
+    return not stamp or now - stamp <= ttl_seconds
+
+
+def _entity_keys(plans: Sequence[ViewPlan], entity_ids: list[str], version: int) -> list[bytes]:
+    """Feast's serialised entity keys (the same bytes its online stores write) for single-key entities."""
+    view = plans[0].view
+    join_key = view.entity_columns[0].name
+    value_type = view.entity_columns[0].dtype.to_value_type() if view.entity_columns else ValueType.STRING
+    if value_type == ValueType.STRING:
+        protos = [ValueProto(string_val=str(e)) for e in entity_ids]
+    else:
+        protos = python_values_to_proto_values(entity_ids, value_type)
+    return [
+        serialize_entity_key(EntityKeyProto(join_keys=[join_key], entity_values=[p]), entity_key_serialization_version=version)
+        for p in protos
+    ]
+
+
+def _check_one_entity(plans: Sequence[ViewPlan]) -> None:
+    keys = {tuple(c.name for c in plan.view.entity_columns) for plan in plans}
+    if len(keys) != 1 or len(next(iter(keys))) != 1:
+        raise ValueError(f"feature views {[p.view.name for p in plans]} must share one single-column entity key, got {sorted(keys)}")
+
+
+class SqliteRead:
+    """Feast's SQLite online store: a (entity_key, feature_name, value, event_ts) table per feature view."""
+
+    def __init__(self, store: FeatureStore, plans: Sequence[ViewPlan]) -> None:
+        from feast.infra.online_stores.sqlite import SqliteOnlineStore, _table_id
+
+        _check_one_entity(plans)
+        config = store.config
+        self._plans = tuple(plans)
+        self._version = config.entity_key_serialization_version
+        path = Path(SqliteOnlineStore._get_db_path(config))
+        # Read-only, own connection: no type converters (event_ts stays an int), no contention with Feast's writer.
+        self._conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+        versioning = config.registry.enable_online_feature_view_versioning
+        self._tables = [_table_id(config.project, plan.view, versioning) for plan in plans]
+        self._wanted = [set(plan.features) for plan in plans]
+        # Filter in SQL only when a view's table holds features the plan does not want (a subset read).
+        self._names_sql = [
+            "" if set(plan.features) == {f.name for f in plan.view.features} else ",".join(f"'{_sql_text(n)}'" for n in plan.features)
+            for plan in plans
+        ]
+        self._sql: dict[int, str] = {}
+
+    def _query(self, n_keys: int) -> str:
+        sql = self._sql.get(n_keys)
+        if sql is None:
+            marks = ",".join("?" * n_keys)
+            sql = self._sql[n_keys] = " UNION ALL ".join(
+                f'SELECT {i}, entity_key, feature_name, value, event_ts + 0 FROM "{table}" WHERE entity_key IN ({marks})'
+                + (f" AND feature_name IN ({names})" if names else "")
+                for i, (table, names) in enumerate(zip(self._tables, self._names_sql))
+            )
+        return sql
+
+    def read(self, entity_ids: list[str], columns: dict[str, list[object]], now: float) -> None:
+        keys = _entity_keys(self._plans, entity_ids, self._version)
+        position = {key: i for i, key in enumerate(keys)}
+        unique = list(position)  # a repeated id is read once, then copied to its other positions
+        for start in range(0, len(unique), _SQLITE_KEYS_PER_QUERY):
+            part = unique[start : start + _SQLITE_KEYS_PER_QUERY]
+            rows = self._conn.execute(self._query(len(part)), part * len(self._tables)).fetchall()
+            oldest = [now - plan.ttl_seconds for plan in self._plans]
+            wanted = self._wanted
+            for view_index, key, name, value, stamp in rows:
+                if name not in wanted[view_index] or not value:
+                    continue
+                if stamp and _stored_epoch(stamp) < oldest[view_index]:
+                    continue  # past the view's TTL: missing, never stale-as-fresh
+                columns[name][position[key]] = python_value(ValueProto.FromString(value))
+        if len(unique) < len(keys):
+            for i, key in enumerate(keys):
+                if (j := position[key]) != i:
+                    for values in columns.values():
+                        values[i] = values[j]
+
+
+def _sql_text(name: str) -> str:
+    return name.replace("'", "''")
+
+
+def _stored_epoch(stamp: int | None) -> float | None:
+    """Feast's SQLite store writes int(naive_utc.timestamp()) and reads it back with a local-time conversion."""
+    if stamp is None or _LOCAL_ZONE_IS_UTC:
+        return stamp
+    return datetime.fromtimestamp(int(stamp)).replace(tzinfo=timezone.utc).timestamp()
+
+
+class RedisRead:
+    """Feast's Redis online store: one hash per entity key holding every view's fields and `_ts:<view>` stamps."""
+
+    def __init__(self, store: FeatureStore, plans: Sequence[ViewPlan]) -> None:
+        from feast.infra.online_stores.redis import _mmh3, _versioned_fv_name
+
+        _check_one_entity(plans)
+        config = store.config
+        self._config = config
+        self._online = store._get_provider().online_store
+        self._plans = tuple(plans)
+        self._version = config.entity_key_serialization_version
+        self._project = config.project.encode("utf-8")
+        fields: list[bytes | str] = []
+        # Per view: (first field index, number of features, index of its timestamp field).
+        self._layout: list[tuple[int, int, int]] = []
+        for plan in plans:
+            name = _versioned_fv_name(plan.view, config)
+            first = len(fields)
+            fields.extend(_mmh3(f"{name}:{feature}") for feature in plan.features)
+            fields.append(f"_ts:{name}")
+            self._layout.append((first, len(plan.features), len(fields) - 1))
+        self._fields = fields
+
+    def read(self, entity_ids: list[str], columns: dict[str, list[object]], now: float) -> None:
+        client = self._online._get_client(self._config.online_store)
+        keys = [key + self._project for key in _entity_keys(self._plans, entity_ids, self._version)]
+        if len(keys) == 1:
+            replies = [client.hmget(keys[0], self._fields)]
+        else:
+            with client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.hmget(key, self._fields)
+                replies = pipe.execute()
+        for i, reply in enumerate(replies):
+            for plan, (first, count, ts_index) in zip(self._plans, self._layout):
+                raw_ts = reply[ts_index]
+                stamp = None
+                if raw_ts:
+                    ts = Timestamp.FromString(raw_ts)
+                    stamp = ts.seconds + ts.nanos / 1e9
+                if not fresh(stamp, plan.ttl_seconds, now):
+                    continue
+                for name, value in zip(plan.features, reply[first : first + count]):
+                    if value:
+                        columns[name][i] = decode(value)
+
+
+class FeastOnlineRead:
+    """Any other Feast online store, through its OnlineStore.online_read (one call per feature view)."""
+
+    def __init__(self, store: FeatureStore, plans: Sequence[ViewPlan]) -> None:
+        _check_one_entity(plans)
+        self._config = store.config
+        self._online = store._get_provider().online_store
+        self._plans = tuple(plans)
+
+    def read(self, entity_ids: list[str], columns: dict[str, list[object]], now: float) -> None:
+        view = self._plans[0].view
+        join_key = view.entity_columns[0].name
+        protos = python_values_to_proto_values(entity_ids, view.entity_columns[0].dtype.to_value_type())
+        keys = [EntityKeyProto(join_keys=[join_key], entity_values=[p]) for p in protos]
+        for plan in self._plans:
+            rows = self._online.online_read(self._config, plan.view, keys, list(plan.features))
+            for i, (stamp, values) in enumerate(rows):
+                if not values or not fresh(stamp.timestamp() if stamp else None, plan.ttl_seconds, now):
+                    continue
+                for name in plan.features:
+                    value = values.get(name)
+                    if value is not None:
+                        columns[name][i] = python_value(value)
