@@ -112,6 +112,12 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _overlap(results: dict) -> str:
+    short = [f"{name} c={lv['concurrency']}" for name in ("ours", "naive") for lv in results["recommend"][name]
+             if lv.get("all_processes_overlapped") is False]
+    return "yes" if not short else "no, at " + ", ".join(short) + " (there the whole round, first start to last answer, is used)"
+
+
 def _share(part: float, whole: float) -> str:
     return f"{100 * part / whole:.1f} %" if whole else "n/a"
 
@@ -220,17 +226,23 @@ Server CPU = CPU time of all the server's processes during the level / requests 
 
 {table(results)}
 
-A round ends when its duration does, and the requests still in flight then are neither counted nor
-timed: {best.get('in_flight_at_stop', 0):,} at the max-throughput level, against {best['requests']:,} counted. Throughput
-(answered / duration) does not suffer from it, as the server is busy from a round's first request
-on; the server CPU spent on cut-off requests it had already started is counted, so CPU per request
-may be over-estimated by at most {_share(best.get('in_flight_at_stop', 0), best['requests'])}.
+The processes of a round are started together and measured over the interval in which all of them
+were sending (from their request logs): throughput = requests answered in that interval / its length,
+latency percentiles over the requests that started in it. Largest start-to-start spread of a round's
+processes at the max-throughput level: {best.get('start_stagger_ms', 'n/a')} ms; every round overlapped:
+{_overlap(results)}. The requests still in flight when a round's duration ended
+({best.get('in_flight_at_stop', 0):,} at the max-throughput level, against {best['requests']:,} answered) are not
+counted; the server CPU spent on those it had already started is, so CPU per request may be
+over-estimated by at most {_share(best.get('in_flight_at_stop', 0), best['requests'])}.
 
 ## CPU per request at saturation
 
 At the max-throughput level (c={best['concurrency']}): **{_ms(cpu['ours'])}** of server CPU per answered request for
 `propensity serve`, {_ms(cpu['naive'])} for the naive server at its own max. {cpu['how']}. Steadier than
-req/s on this shared machine: the load generator's share of the cores does not enter it.
+req/s on this shared machine: the load generator's share of the cores does not enter it. For scale,
+the in-process floor (user read + scoring, one thread, no gRPC) is {floor['with_feast_user_read_p50_ms']:.3f} ms p50;
+the server adds gRPC, protobuf, logging and metrics to it, so a figure far below the floor would
+mean the load was served from a cache.
 
 ## Tail at half of max throughput (open loop)
 
