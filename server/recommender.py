@@ -201,21 +201,23 @@ class Recommender:
         """Catalog indices, item ids and candidate source names (parallel arrays) of the items to score, and the user's retrieval signals."""
         signals = None
         if query.candidate_item_ids:  # the caller's list: ranked exactly, only exclusions apply
-            idx = catalog.lookup(query.candidate_item_ids)
-            ids = np.asarray(query.candidate_item_ids, dtype=object)
+            distinct = list(dict.fromkeys(query.candidate_item_ids))  # a repeated id is ranked once, first place kept
+            idx = catalog.lookup(distinct)
+            ids = np.asarray(distinct, dtype=object)
             sources = np.full(len(ids), REQUEST_SOURCE, dtype=object)
-        else:
+        else:  # distinct catalog items by construction
             candidates = generate_candidates(user, catalog, self._candidates, now, self._retrieval_weights(model))
             signals = candidates.signals
-            keep = ~np.isin(candidates.item_idx, self._recently_bought(user, now))
-            idx, sources = candidates.item_idx[keep], candidates.item_sources[keep]
+            idx, sources = candidates.item_idx, candidates.item_sources
+            bought = self._recently_bought(user, now)
+            if len(bought):
+                keep = ~np.isin(idx, bought)
+                idx, sources = idx[keep], sources[keep]
             ids = catalog.item_ids[idx]
         if query.exclude_item_ids:
             keep = ~np.isin(ids, np.asarray(query.exclude_item_ids, dtype=object))
             idx, ids, sources = idx[keep], ids[keep], sources[keep]
-        _, first = np.unique(ids, return_index=True)  # a repeated id is ranked once
-        order = np.sort(first)
-        return idx[order], ids[order], sources[order], signals
+        return idx, ids, sources, signals
 
     def _retrieval_weights(self, model: ModelBundle) -> RetrievalWeights:
         """The version's fitted retrieval weights, parsed once per version (not per request)."""

@@ -204,3 +204,13 @@ def test_one_ranker_call_per_request_and_none_for_a_cached_fallback(world: World
     for stranger in ("s1", "s2", "s3"):
         recommender.recommend(RecommendQuery(stranger, num_items=5))
     assert len(calls) == 2  # the cold-start pool is scored once per model version and catalog
+
+
+def test_a_repeated_candidate_id_is_ranked_once_and_exclusions_still_apply(world: World) -> None:
+    answer = world.recommender().recommend(
+        RecommendQuery("u1", num_items=10, candidate_item_ids=("i05", "i09", "i05", "not-an-item", "i09", "i12"), exclude_item_ids=("i12",))
+    )
+    returned = [item.item_id for item in answer.items]
+    assert sorted(returned) == ["i05", "i09", "not-an-item"]
+    generated = world.recommender().recommend(RecommendQuery("u1", num_items=100))
+    assert len({item.item_id for item in generated.items}) == len(generated.items)
