@@ -29,8 +29,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def streaming(pipeline: Pipeline) -> Iterator[tuple[RunningServer, pb_grpc.RecommendationServiceStub, dict[str, str], Path]]:
-    # Every candidate (up to 200) can be ranked: a rank change anywhere in the list is visible.
-    env, work = private_env(pipeline, "streaming", copy_repo=True, max_num_items=200)
+    # Every candidate (up to 200) can be ranked: a rank change anywhere in the list is visible. Two worker
+    # processes, as in production: what one acknowledges, the other must answer with.
+    env, work = private_env(pipeline, "streaming", copy_repo=True, max_num_items=200, workers=2)
     with running_server(env, pipeline.root / "streaming.log") as server, grpc.insecure_channel(server.target) as channel:
         yield server, pb_grpc.RecommendationServiceStub(channel), env, work
 
@@ -71,6 +72,24 @@ def test_add_to_cart_raises_the_item_for_that_user_within_a_second(pipeline: Pip
     assert time.monotonic() - acknowledged < 1.0
     assert after > 2 * score_before
     assert rank_after is not None and (rank_before is None or rank_after < rank_before), (rank_before, rank_after)
+
+
+def test_an_event_acknowledged_by_one_worker_is_seen_by_the_next_answer_of_every_worker(pipeline: Pipeline, streaming) -> None:
+    server, stub, _, _ = streaming
+    user, item = users(pipeline, 40)[30], None
+    score_of = lambda s, i: s.ScoreItems(pb.ScoreItemsRequest(user_id=user, item_ids=[i]), timeout=5).scores[0].score  # noqa: E731
+    catalog = stub.ScoreItems(pb.ScoreItemsRequest(user_id=user, item_ids=[f"i{k:05d}" for k in range(150)]), timeout=5)
+    item = min((s for s in catalog.scores if s.known_item), key=lambda s: s.score).item_id
+    before = score_of(stub, item)
+    burst = [event("xw-view-1", user, item, "view"), event("xw-view-2", user, item, "view"), event("xw-cart-1", user, item, "add_to_cart", price=9.5)]
+    assert ingest(stub, burst).accepted == 3
+    # SO_REUSEPORT spreads connections, not requests: a fresh connection per call lands on either worker
+    # (the chance that 16 in a row hit the same one is 2 x 2^-16).
+    seen = []
+    for n in range(16):
+        with grpc.insecure_channel(server.target, options=[("grpc.use_local_subchannel_pool", 1), ("grpc.so_reuseport", 0)]) as channel:
+            seen.append(score_of(pb_grpc.RecommendationServiceStub(channel), item))
+    assert all(score > before for score in seen), (before, seen)
 
 
 def test_duplicates_are_ignored_and_bad_events_are_rejected_with_reasons(streaming) -> None:
