@@ -4,6 +4,10 @@ Multi-process mode (workers > 1 sharing the port): prometheus_client then keeps 
 mmap files under PROMETHEUS_MULTIPROC_DIR, and only the parent serves the aggregate
 (`start_metrics_http` with a MultiProcessCollector). Gauges therefore declare how they merge:
 the live workers' maximum, and a dead worker stops counting once `mark_process_dead` ran.
+
+The event-loop lag is per worker (label `worker`: 0 .. workers-1, so its cardinality is the worker
+count): an aggregate would hide the one loop that stalls. Sum or max over `worker` in the query when
+one number is wanted.
 """
 
 from __future__ import annotations
@@ -25,12 +29,18 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,
 STAGES = ("features", "candidates", "scoring", "explain")
 FALLBACK_REASONS = ("UNKNOWN_USER", "NO_HISTORY", "NO_CANDIDATES", "DEADLINE")
 MODEL_ROLES = ("current", "split", "shadow")
+# 0.25 ms .. 1 s, dense around the 5 ms budget a periodic task may stall the loop for.
+LOOP_LAG_BUCKETS = (0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
 
 
 class Metrics:
-    """The server's metrics, registered on `registry`; every method is cheap enough for the request path."""
+    """The server's metrics, registered on `registry`; every method is cheap enough for the request path.
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    `worker` labels this process's event-loop lag (the worker's number; 0 for a single process); None for
+    a process that runs no serving loop (the parent of workers), which then exports no lag series.
+    """
+
+    def __init__(self, registry: CollectorRegistry, worker: int | None = 0) -> None:
         self.registry = registry
         self._requests = Counter(
             "propensity_requests", "RPCs finished, by method and status code.", ["method", "code"], registry=registry
@@ -61,6 +71,20 @@ class Metrics:
         self._served_log_errors = Counter(
             "propensity_served_log_errors", "Served-feature log batches that could not be written.", registry=registry
         )
+        self._loop_lag: Histogram | None = None
+        self._loop_lag_max: Gauge | None = None
+        self._loop_lag_max_value = 0.0
+        if worker is not None:  # bound to this worker's label once: observe_loop_lag runs ~200 times a second
+            self._loop_lag = Histogram(
+                "propensity_event_loop_lag_seconds", "How late a fixed-interval timer on the worker's event loop woke up.",
+                ["worker"], registry=registry, buckets=LOOP_LAG_BUCKETS,
+            ).labels(str(worker))
+            self._loop_lag_max = Gauge(
+                "propensity_event_loop_lag_max_seconds",
+                "Largest event-loop lag since the worker started serving (for a window, diff the histogram's buckets).",
+                ["worker"], registry=registry, multiprocess_mode="livemax",
+            ).labels(str(worker))
+            self._loop_lag_max.set(0.0)
         # Known label values exist from the start, so rate() and alerts see 0 rather than no series.
         for stage in STAGES:
             self._stage_seconds.labels(stage)
@@ -116,6 +140,15 @@ class Metrics:
     def set_item_cache_age(self, seconds: float) -> None:
         """Seconds since this process last refreshed its item catalog."""
         self._item_cache_age.set(seconds)
+
+    def observe_loop_lag(self, seconds: float) -> None:
+        """Record one lateness sample of this worker's event-loop timer (server.loop_monitor)."""
+        if self._loop_lag is None or self._loop_lag_max is None:
+            return
+        self._loop_lag.observe(seconds)
+        if seconds > self._loop_lag_max_value:  # the gauge is written only when the maximum grows
+            self._loop_lag_max_value = seconds
+            self._loop_lag_max.set(seconds)
 
     def count_served_log_error(self) -> None:
         """Count one served-feature log batch that was dropped because it could not be written."""

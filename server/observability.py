@@ -25,7 +25,7 @@ directory and alone serves the aggregate; each worker records into it::
     parent.close()
 
     # in each worker, before its grpc.aio server is built:
-    obs = install_observability(settings, serve_http=False)      # same as the single-process case, minus /metrics
+    obs = install_observability(settings, serve_http=False, worker=number)  # the single-process case, minus /metrics
 """
 
 from __future__ import annotations
@@ -92,11 +92,14 @@ class Observability:
             self._owned_dir = None
 
 
-def install_observability(settings: Settings, serve_http: bool = True, metrics_addr: str | None = None) -> Observability:
+def install_observability(
+    settings: Settings, serve_http: bool = True, metrics_addr: str | None = None, worker: int = 0
+) -> Observability:
     """Configure logging and build metrics, interceptors and the served-feature log for this process.
 
     serve_http=True: this process serves /metrics (the only process, or the parent of workers).
     serve_http=False: a worker; it records metrics into the directory its parent prepared.
+    worker: this worker's number, the `worker` label of its event-loop lag (the parent of workers has none).
     With workers > 1 the parent gets no served-feature log (it answers no RPCs) and prepares a
     fresh temporary metrics directory, shared with the forked workers and removed on close().
     metrics_addr defaults to settings.server.host.
@@ -112,7 +115,7 @@ def install_observability(settings: Settings, serve_http: bool = True, metrics_a
     elif server.workers <= 1:
         use_in_process_values()
     registry = CollectorRegistry()
-    metrics = Metrics(registry)
+    metrics = Metrics(registry, worker=None if parent_of_workers else worker)
     served_log = None
     if server.served_log_dir is not None and not parent_of_workers:
         served_log = ServedFeatureLogger(server.served_log_dir, server.served_log_sample_rate, on_error=metrics.count_served_log_error)

@@ -37,7 +37,8 @@ def reserve_port(host: str, port: int) -> Iterator[int]:
 def _worker(settings: Settings, ready: multiprocessing.Queue, number: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop, via SIGTERM
     try:
-        observability = install_observability(settings, serve_http=False)  # records into the parent's metrics directory
+        # Records into the parent's metrics directory; `number` labels this worker's event-loop lag.
+        observability = install_observability(settings, serve_http=False, worker=number)
         asyncio.run(serve(settings, on_started=lambda started: ready.put((number, started, None)), reuse_port=True, observability=observability))
         observability.close()
     except BaseException as error:  # report start-up failures to the parent instead of dying silently

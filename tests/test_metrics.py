@@ -1,13 +1,15 @@
-"""Tests for the server's metrics: values, the /metrics endpoint, multi-process aggregation and the wiring."""
+"""Tests for the server's metrics: values, the event-loop lag monitor, the /metrics endpoint, multi-process aggregation and the wiring."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -17,6 +19,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from propensity.settings import ServerSettings, Settings
+from server.loop_monitor import LoopLagMonitor
 from server.metrics import Metrics, start_metrics_http
 from server.observability import install_observability
 
@@ -111,6 +114,50 @@ def test_freshness_gauges(registry: CollectorRegistry, metrics: Metrics) -> None
     assert registry.get_sample_value("propensity_item_cache_age_seconds") == 3.0
 
 
+def test_event_loop_lag_is_a_histogram_and_a_running_maximum_per_worker(registry: CollectorRegistry) -> None:
+    metrics = Metrics(registry, worker=3)
+    worker = {"worker": "3"}
+    assert registry.get_sample_value("propensity_event_loop_lag_max_seconds", worker) == 0.0  # exists from the start
+    for lag in (0.0004, 0.012, 0.002):
+        metrics.observe_loop_lag(lag)
+    assert registry.get_sample_value("propensity_event_loop_lag_seconds_count", worker) == 3
+    assert registry.get_sample_value("propensity_event_loop_lag_seconds_sum", worker) == pytest.approx(0.0144)
+    assert registry.get_sample_value("propensity_event_loop_lag_seconds_bucket", {**worker, "le": "0.005"}) == 2
+    assert registry.get_sample_value("propensity_event_loop_lag_seconds_bucket", {**worker, "le": "0.01"}) == 2
+    assert registry.get_sample_value("propensity_event_loop_lag_max_seconds", worker) == 0.012  # since start, not the last
+
+
+def test_a_process_without_a_serving_loop_exports_no_lag(registry: CollectorRegistry) -> None:
+    metrics = Metrics(registry, worker=None)  # the parent of workers
+    metrics.observe_loop_lag(0.5)
+    assert registry.get_sample_value("propensity_event_loop_lag_max_seconds", {"worker": "0"}) is None
+    assert registry.get_sample_value("propensity_event_loop_lag_seconds_count", {"worker": "0"}) is None
+
+
+def test_the_lag_monitor_sees_a_blocked_loop() -> None:
+    """A callback that blocks the loop for 200 ms shows up as a wake-up at least that late, less one interval."""
+    lags: list[float] = []
+    monitor = LoopLagMonitor(lags.append, interval=0.005)
+
+    async def main() -> None:
+        task = asyncio.create_task(monitor.run())
+        await asyncio.sleep(0.05)
+        time.sleep(0.2)  # deliberately on the loop: nothing else runs meanwhile
+        await asyncio.sleep(0.05)
+        task.cancel()
+
+    asyncio.run(main())
+    assert monitor.samples == len(lags) > 0
+    assert all(lag >= 0.0 for lag in lags)
+    # A lower bound only: noise on a shared machine can make the lag larger, never smaller.
+    assert max(lags) >= 0.2 - monitor.interval and monitor.max_lag == max(lags)
+
+
+def test_the_lag_monitor_refuses_a_zero_interval() -> None:
+    with pytest.raises(ValueError):
+        LoopLagMonitor(lambda lag: None, interval=0)
+
+
 def test_http_endpoint_serves_the_registry(metrics: Metrics, registry: CollectorRegistry) -> None:
     metrics.observe_request("GetModelInfo", "OK", 0.001)
     metrics.set_models({"v1": "current"})
@@ -121,7 +168,8 @@ def test_http_endpoint_serves_the_registry(metrics: Metrics, registry: Collector
         server.shutdown()
         server.server_close()
     for name in ("propensity_requests_total", "propensity_request_seconds_bucket", "propensity_stage_seconds_bucket",
-                 "propensity_fallbacks_total", "propensity_feature_age_seconds", "propensity_item_cache_age_seconds"):
+                 "propensity_fallbacks_total", "propensity_feature_age_seconds", "propensity_item_cache_age_seconds",
+                 "propensity_event_loop_lag_seconds_bucket", "propensity_event_loop_lag_max_seconds"):
         assert name in text
     assert _sample(text, "propensity_requests_total", method="GetModelInfo", code="OK") == 1
     assert _sample(text, "propensity_model_info", version="v1", role="current") == 1
@@ -171,10 +219,11 @@ def test_worker_processes_are_summed_over_http(tmp_path: Path) -> None:
         from prometheus_client import CollectorRegistry
         from server.metrics import Metrics, prepare_multiprocess_dir
         prepare_multiprocess_dir({str(directory)!r}, clean=False)
-        metrics = Metrics(CollectorRegistry())
         n = int(sys.argv[1])
+        metrics = Metrics(CollectorRegistry(), worker=n)
         for _ in range(n):
             metrics.observe_request("Recommend", "OK", 0.01)
+            metrics.observe_loop_lag(0.001 * n)
         metrics.set_feature_age("user_activity", 10.0 * n)
         metrics.set_models({{"v1": "current"}})
         print(__import__("os").getpid())
@@ -202,6 +251,10 @@ def test_worker_processes_are_summed_over_http(tmp_path: Path) -> None:
     # Gauges: the maximum over live workers; the second worker was marked dead, so its 30 s is gone.
     assert _sample(text, "propensity_feature_age_seconds", feature_view="user_activity") == 20.0
     assert _sample(text, "propensity_model_info", version="v1", role="current") == 1
+    # Event-loop lag, labelled by worker: each worker's own maximum; a dead worker's maximum is gone, its histogram stays.
+    assert _sample(text, "propensity_event_loop_lag_max_seconds", worker="2") == pytest.approx(0.002)
+    assert _sample(text, "propensity_event_loop_lag_max_seconds", worker="3") is None
+    assert _sample(text, "propensity_event_loop_lag_seconds_count", worker="3") == 3
 
 
 def test_parent_prepares_and_forked_workers_report(tmp_path: Path) -> None:
@@ -217,14 +270,15 @@ def test_parent_prepares_and_forked_workers_report(tmp_path: Path) -> None:
         parent = install_observability(settings, serve_http=True)
         assert parent.served_log is None, "the parent answers no RPCs"
 
-        def work(n):
-            obs = install_observability(settings, serve_http=False)
+        def work(number, n):
+            obs = install_observability(settings, serve_http=False, worker=number)
             for _ in range(n):
                 obs.metrics.observe_request("ScoreUsers", "OK", 0.002)
+                obs.metrics.observe_loop_lag(0.001 * n)
             obs.metrics.count_fallback("NO_HISTORY")
             obs.close()
 
-        children = [multiprocessing.get_context("fork").Process(target=work, args=(n,)) for n in (1, 4)]
+        children = [multiprocessing.get_context("fork").Process(target=work, args=(number, n)) for number, n in enumerate((1, 4))]
         for child in children:
             child.start()
         for child in children:
@@ -246,6 +300,11 @@ def test_parent_prepares_and_forked_workers_report(tmp_path: Path) -> None:
     assert serving.proc.returncode == 0, serving.proc.stderr.read()
     assert _sample(text, "propensity_requests_total", method="ScoreUsers", code="OK") == 5
     assert _sample(text, "propensity_fallbacks_total", reason="NO_HISTORY") == 2
+    # The lag stays per worker (summing two loops' lags would hide the one that stalls); the parent adds no series.
+    assert _sample(text, "propensity_event_loop_lag_seconds_count", worker="0") == 1
+    assert _sample(text, "propensity_event_loop_lag_seconds_count", worker="1") == 4
+    assert _sample(text, "propensity_event_loop_lag_seconds_sum", worker="1") == pytest.approx(0.016)
+    assert {line.split('worker="')[1].split('"')[0] for line in text.splitlines() if line.startswith("propensity_event_loop_lag_seconds_count")} == {"0", "1"}
 
 
 # --- The wiring, single process. ---
