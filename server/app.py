@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import json
 import logging
 import signal
@@ -27,7 +26,8 @@ from propensity.event_log import EventLog
 from propensity.raw_data import EVENT_TYPES
 from server.errors import IngestionUnavailable
 from server.ingest import EventIngestor
-from server.item_cache import FreshnessTracker, ItemCache
+from server.background import Background, settle_garbage
+from server.item_cache import CatalogSpec, FreshnessTracker, ItemCache
 from server.model_pool import ModelPool
 from server.observability import Observability, install_observability
 from server.online_features import OnlineUserFeatures
@@ -83,7 +83,7 @@ def build_components(settings: Settings, observability: Observability | None = N
         on_change=(lambda pool: metrics.set_models(pool.roles())) if metrics else None,
         scoring_backend=settings.server.scoring_backend,
     )
-    items = ItemCache(lambda: open_store(settings.feature_repo, settings.feature_store_yaml), settings.item_feature_service)
+    items = ItemCache(CatalogSpec(settings.feature_repo, settings.feature_store_yaml, settings.item_feature_service))
     manifest_path = settings.prepared_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     as_of = manifest.get("as_of", "")
@@ -96,7 +96,8 @@ def build_components(settings: Settings, observability: Observability | None = N
     except IngestionUnavailable as error:  # serve recommendations anyway; IngestEvents explains why it is off
         log.warning("%s", error)
         ingestor = error
-    freshness = FreshnessTracker(store, lambda: dict(getattr(ingestor, "last_push", {})))
+    # A store of its own: its registry is re-read from a background thread, never under the request path's lock.
+    freshness = FreshnessTracker(open_store(settings.feature_repo, settings.feature_store_yaml), lambda: dict(getattr(ingestor, "last_push", {})))
     recommender = Recommender(
         models,
         OnlineUserFeatures(store, settings.user_feature_service),
@@ -109,16 +110,6 @@ def build_components(settings: Settings, observability: Observability | None = N
         freshness=lambda: [ViewFreshness(view, age, ttl) for view, (age, ttl) in sorted(freshness.views.items())],
     )
     return Components(recommender, models, items, store, ingestor, freshness)
-
-
-async def _every(seconds: float, action: Callable[[], object]) -> None:
-    """Run a blocking action periodically off the event loop; a failure is logged, never fatal."""
-    while True:
-        await asyncio.sleep(seconds)
-        try:
-            await asyncio.to_thread(action)
-        except Exception:
-            log.exception("background task %s failed", getattr(action, "__name__", action))
 
 
 async def serve(
@@ -137,9 +128,12 @@ async def serve(
     components = build_components(settings, observability)
     metrics = observability.metrics
     metrics.set_models(components.models.roles())
+    for view, (age, _) in components.freshness.refresh().items():
+        metrics.set_feature_age(view, age)
+    metrics.set_item_cache_age(components.items.age_seconds)
     # Start-up allocations are long-lived; freezing them keeps full GC passes (p99 spikes) short.
-    gc.collect()
-    gc.freeze()
+    # Background repeats this after each catalog or model swap.
+    settle_garbage()
     # One request is small linear algebra (ALS fold-in, 200-row products): BLAS threads only contend with the
     # other worker processes for the same cores, and made retrieval 1.6x slower when measured.
     threadpool_limits(1)
@@ -155,17 +149,11 @@ async def serve(
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
-    def observe_freshness() -> None:
-        for view, (age, _) in components.freshness.refresh().items():
-            metrics.set_feature_age(view, age)
-        metrics.set_item_cache_age(components.items.age_seconds)
-
-    observe_freshness()
-    tasks = [
-        asyncio.create_task(_every(settings.server.item_cache_refresh_seconds, components.items.refresh)),
-        asyncio.create_task(_every(settings.server.model_poll_seconds, components.models.refresh)),
-        asyncio.create_task(_every(min(15.0, settings.server.item_cache_refresh_seconds), observe_freshness)),
-    ]
+    background = Background(
+        components.items, components.models, components.freshness, metrics,
+        settings.server.item_cache_refresh_seconds, settings.server.model_poll_seconds,
+    )
+    background.start()
     started = Started(port, components.models.current.version, components.items.catalog.size, time.perf_counter() - t0)
     log.info("serving %s on %s:%d (model %s, %d items) after %.1fs", SERVICE_NAME, settings.server.host, port, started.model_version, started.n_items, started.seconds)
     if on_started:
@@ -178,8 +166,7 @@ async def serve(
     await stop.wait()
     log.info("shutting down: health NOT_SERVING, %.1fs grace for in-flight calls", settings.server.grace_seconds)
     await health.enter_graceful_shutdown()
-    for task in tasks:
-        task.cancel()
+    await background.stop()
     await server.stop(settings.server.grace_seconds)
     if own_observability:
         observability.close()

@@ -1,18 +1,22 @@
-"""The in-process item catalog: read from the online store at start-up and refreshed in the background."""
+"""The in-process item catalog and the feature-freshness reading: read at start-up, refreshed in the background."""
 
 from __future__ import annotations
 
-import logging
+import dataclasses
+import hashlib
+import pickle
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 
+import numpy as np
 from feast import FeatureStore
 
 from propensity.catalog import Catalog
+from propensity.feature_store import open_store
 from server.online_features import item_ids_in_offline_store, load_catalog
-
-log = logging.getLogger(__name__)
 
 
 class StaticCatalog:
@@ -27,36 +31,102 @@ class StaticCatalog:
         return time.time() - self.loaded_at
 
 
-class ItemCache:
-    """Holds the current Catalog; a refresh builds a new one and swaps the reference (readers never lock).
+@dataclass(frozen=True)
+class CatalogSpec:
+    """Where the catalog comes from, in a form another process can receive (paths and names only)."""
 
-    Refreshes run in a worker thread with their own FeatureStore (own online-store connection),
-    so they never share a SQLite connection with the request path.
+    feature_repo: Path
+    feature_store_yaml: Path | None
+    service: str
+
+
+def build_catalog(spec: CatalogSpec) -> Catalog:
+    """Read every item of the offline table's item list from the online store into a Catalog (~1 s of Python here)."""
+    store = open_store(spec.feature_repo, spec.feature_store_yaml)
+    return load_catalog(store, spec.service, item_ids_in_offline_store(store))
+
+
+# Items per pickled piece of a large field: each piece unpickles in ~1 ms, and between pieces the loop
+# can take the GIL. Unpickled whole, a 40,000-item catalog's id index alone held the GIL for ~20 ms.
+PIECE_ITEMS = 5_000
+Pieces = list[tuple[str, str, bytes]]  # (field, kind: whole | dict | objects, pickled part)
+
+
+def pack_catalog(catalog: Catalog) -> Pieces:
+    """The catalog as pickled pieces: dicts and object arrays (built item by item on unpickling) in PIECE_ITEMS slices."""
+    pieces: Pieces = []
+    for field in dataclasses.fields(catalog):
+        value = getattr(catalog, field.name)
+        kind, parts = "whole", [value]
+        if isinstance(value, dict) and len(value) > PIECE_ITEMS:
+            pairs = list(value.items())
+            kind, parts = "dict", [pairs[i : i + PIECE_ITEMS] for i in range(0, len(pairs), PIECE_ITEMS)]
+        elif isinstance(value, np.ndarray) and value.dtype == object and value.ndim == 1 and len(value) > PIECE_ITEMS:
+            kind, parts = "objects", [value[i : i + PIECE_ITEMS] for i in range(0, len(value), PIECE_ITEMS)]
+        pieces += [(field.name, kind, pickle.dumps(part, protocol=pickle.HIGHEST_PROTOCOL)) for part in parts]
+    return pieces
+
+
+def unpack_catalog(pieces: Pieces) -> Catalog:
+    """Rebuild a catalog from `pack_catalog` pieces, one short unpickling step at a time (run it off the loop)."""
+    values: dict[str, object] = {}
+    dicts: dict[str, dict] = {}
+    arrays: dict[str, list[np.ndarray]] = {}
+    for name, kind, data in pieces:
+        part = pickle.loads(data)
+        if kind == "dict":
+            dicts.setdefault(name, {}).update(part)
+        elif kind == "objects":
+            arrays.setdefault(name, []).append(part)
+        else:
+            values[name] = part
+    values.update(dicts)
+    values.update({name: np.concatenate(parts) for name, parts in arrays.items()})
+    return Catalog(**values)  # type: ignore[arg-type]
+
+
+def catalog_digest(pieces: Pieces) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for _, _, data in pieces:
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def build_catalog_pieces(spec: CatalogSpec, known_digest: str) -> tuple[str, Pieces | None]:
+    """Run in the build process: (digest, the new catalog's pieces), or (digest, None) when it equals `known_digest`.
+
+    The server then keeps its catalog when nothing changed (and what it caches per catalog stays warm),
+    and otherwise unpickles it off the loop, piece by piece.
+    """
+    pieces = pack_catalog(build_catalog(spec))
+    digest = catalog_digest(pieces)
+    return digest, (None if digest == known_digest else pieces)
+
+
+class ItemCache:
+    """Holds the current Catalog; readers take `catalog` once per request and never lock.
+
+    The first catalog is built in the constructor (start-up, before the port opens). Later ones are
+    built elsewhere (server.background: in the build process, from `spec`) and put in place with
+    `install`, one assignment on the event loop.
     """
 
-    def __init__(self, open_store: Callable[[], FeatureStore], service_name: str) -> None:
-        self._open_store = open_store
-        self._service = service_name
-        self.catalog: Catalog = self._build()
+    def __init__(self, spec: CatalogSpec) -> None:
+        self.spec = spec
+        self.catalog: Catalog = build_catalog(spec)
+        self.digest = catalog_digest(pack_catalog(self.catalog))
         self.loaded_at = time.time()
-
-    def _build(self) -> Catalog:
-        store = self._open_store()
-        return load_catalog(store, self._service, item_ids_in_offline_store(store))
 
     @property
     def age_seconds(self) -> float:
+        """Seconds since the catalog was last re-read successfully (whether or not its content changed)."""
         return time.time() - self.loaded_at
 
-    def refresh(self) -> None:
-        """Re-read every item; on failure keep serving the previous catalog."""
-        try:
-            catalog = self._build()
-        except Exception:
-            log.exception("item catalog refresh failed; keeping the catalog from %.0fs ago", self.age_seconds)
-            return
-        self.catalog, self.loaded_at = catalog, time.time()
-
+    def install(self, catalog: Catalog | None, digest: str) -> None:
+        """Put a freshly read catalog in place; None means the re-read found the same content."""
+        if catalog is not None:
+            self.catalog, self.digest = catalog, digest
+        self.loaded_at = time.time()
 
 
 def feature_freshness(store: FeatureStore, pushed: dict[str, float] | None = None) -> dict[str, tuple[float, float]]:
@@ -80,13 +150,22 @@ def feature_freshness(store: FeatureStore, pushed: dict[str, float] | None = Non
 
 
 class FreshnessTracker:
-    """The latest freshness reading per feature view, refreshed in the background (reads are free)."""
+    """The latest freshness reading per feature view, refreshed in the background (reads are free).
+
+    Give it a FeatureStore of its own: `read` refreshes that store's registry from a background
+    thread, which must not hold the registry lock of the store the request path reads through.
+    """
 
     def __init__(self, store: FeatureStore, pushed: Callable[[], dict[str, float]] | None = None) -> None:
         self._store = store
         self._pushed = pushed or (lambda: {})
         self.views: dict[str, tuple[float, float]] = {}
 
+    def read(self) -> dict[str, tuple[float, float]]:
+        """A new reading (blocking: the registry is re-read); does not change `views`."""
+        return feature_freshness(self._store, self._pushed())
+
     def refresh(self) -> dict[str, tuple[float, float]]:
-        self.views = feature_freshness(self._store, self._pushed())
+        """Read and keep the reading (for callers without an event loop)."""
+        self.views = self.read()
         return self.views

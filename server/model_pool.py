@@ -67,25 +67,39 @@ class ModelPool:
                 return bundle
         return self._split[-1][1]
 
-    def refresh(self) -> bool:
-        """Pick up a newly promoted version; a version that fails to load or validate is refused and logged."""
+    def poll(self) -> ModelBundle | None:
+        """A newly promoted version, loaded and validated, or None; blocking (file reads, model parsing): call it off the loop.
+
+        Does not change what is served: hand the result to `install`. A version that fails to load or
+        validate is refused once and logged, and None is returned.
+        """
         try:
             promoted = current_version(self._root)
         except ModelLoadError as error:
             log.error("model registry unreadable, keeping %s: %s", self.current.version, error)
-            return False
+            return None
         if promoted == self.current.version or promoted in self.rejected:
-            return False
+            return None
         try:
-            bundle = self._load(promoted)
+            return self._load(promoted)
         except ModelUnavailable as error:
             self.rejected[promoted] = str(error)
             log.error("refusing promoted model %s, still serving %s: %s", promoted, self.current.version, error)
-            return False
+            return None
+
+    def install(self, bundle: ModelBundle) -> None:
+        """Serve `bundle` from now on (hot reload): one assignment, cheap enough for the event loop."""
         previous, self.current = self.current, bundle
         log.info("hot reload: now serving model %s (was %s)", bundle.version, previous.version)
         if self._on_change:
             self._on_change(self)
+
+    def refresh(self) -> bool:
+        """Poll and install in one blocking call (for callers without an event loop); True when the version changed."""
+        bundle = self.poll()
+        if bundle is None:
+            return False
+        self.install(bundle)
         return True
 
     def available(self) -> list[str]:

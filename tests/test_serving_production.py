@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
+import logging
 import math
+import os
+import queue
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -18,16 +24,21 @@ import grpc
 import numpy as np
 import pandas as pd
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from propensity.candidates import generate_candidates
 from propensity.feature_store import open_store
-from propensity.model_registry import RANKER_MODEL, apply_calibration, current_version, load_version, output_transform, promote
+from propensity.model_registry import RANKER_MODEL, ModelBundle, apply_calibration, current_version, load_version, output_transform, promote
 from propensity.settings import CandidateSettings, Settings
 from propensity.user_state import UserState
-from server.item_cache import ItemCache
+from server import background
+from server.app import serve
+from server.item_cache import CatalogSpec, ItemCache, build_catalog
+from server.model_pool import ModelPool
 from server.online_features import OnlineUserFeatures
 from propensity.v1 import recommendation_service_pb2 as pb
 from propensity.v1 import recommendation_service_pb2_grpc as pb_grpc
+from tests import background_hooks
 from tests.conftest import SHOPPER, Pipeline, RunningServer, free_port, private_env, running_server, users, wait_for
 
 pytestmark = pytest.mark.slow
@@ -82,7 +93,7 @@ def test_explanations_sum_to_the_raw_score(prod) -> None:
 def generator_sources(pipeline: Pipeline, user_ids: list[str]) -> set[str]:
     """The source names the candidate generator gives these users' candidates, from the features the servers read."""
     defaults = Settings.model_fields
-    catalog = ItemCache(lambda: open_store(pipeline.feature_repo), defaults["item_feature_service"].default).catalog
+    catalog = build_catalog(CatalogSpec(pipeline.feature_repo, None, defaults["item_feature_service"].default))
     rows = OnlineUserFeatures(open_store(pipeline.feature_repo), defaults["user_feature_service"].default).fetch(user_ids)
     names: set[str] = set()
     for user, row in zip(user_ids, rows):
@@ -187,6 +198,16 @@ def test_metrics_endpoint_reports_requests_stages_fallbacks_models_and_freshness
     assert re.search(r'propensity_model_info\{role="current",version="v[0-9T]+"\} 1.0', text)
     assert re.search(r'propensity_feature_age_seconds\{feature_view="user_activity"\} [0-9.e+]+', text)
     assert "propensity_item_cache_age_seconds" in text
+    # The event-loop lag monitor runs (its sample count keeps growing) and reports a finite, non-negative lag.
+    count = loop_lag(text, "propensity_event_loop_lag_seconds_count")
+    assert count["0"] > 0
+    assert wait_for(lambda: loop_lag(scrape(), "propensity_event_loop_lag_seconds_count")["0"] > count["0"], 5)
+    assert 0.0 <= loop_lag(text, "propensity_event_loop_lag_max_seconds")["0"] < 60.0
+
+
+def loop_lag(text: str, name: str) -> dict[str, float]:
+    """worker -> value of one event-loop lag series in a scrape."""
+    return {m.group(1): float(m.group(2)) for m in re.finditer(rf'^{name}\{{worker="([0-9]+)"\}} (\S+)$', text, re.MULTILINE)}
 
 
 def test_pinning_and_hot_reload_under_continuous_traffic(prod) -> None:
@@ -322,7 +343,8 @@ def test_graceful_shutdown_finishes_calls_in_flight(pipeline: Pipeline) -> None:
 
 
 def test_two_worker_processes_share_the_port(pipeline: Pipeline) -> None:
-    env, _ = private_env(pipeline, "workers", workers=2)
+    metrics_port = free_port()
+    env, _ = private_env(pipeline, "workers", workers=2, metrics_port=metrics_port)
     with running_server(env, pipeline.root / "workers.log") as server:
         children = subprocess.run(["pgrep", "-P", str(server.process.pid)], capture_output=True, text=True).stdout.split()
         assert len(children) == 2
@@ -332,5 +354,91 @@ def test_two_worker_processes_share_the_port(pipeline: Pipeline) -> None:
                 response = pb_grpc.RecommendationServiceStub(channel).Recommend(pb.RecommendRequest(user_id=SHOPPER), timeout=10)
                 answered += bool(response.items)
         assert answered == 8
+
+        def lag_counts() -> dict[str, float]:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+            return loop_lag(text, "propensity_event_loop_lag_seconds_count")
+
+        # The parent serves every worker's event-loop lag, each under its own label, and no series of its own.
+        assert wait_for(lambda: set(lag_counts()) == {"0", "1"} and min(lag_counts().values()) > 0, 10), lag_counts()
         server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(timeout=60) == 0
+
+
+def test_catalog_builds_and_model_loads_run_off_the_event_loop(pipeline: Pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server whose catalog build and model poll both hang until the test releases them keeps answering meanwhile.
+
+    Were either run on the event loop, the loop would hang with it and the calls below would time out.
+    The server runs in this process (serve() on a loop thread of its own) so that the jobs can be held.
+    """
+    env, _ = private_env(pipeline, "off-loop", host="127.0.0.1", port=free_port(), item_cache_refresh_seconds=0.2, model_poll_seconds=0.2)
+    for key, value in env.items():
+        if key.startswith("PROPENSITY_"):
+            monkeypatch.setenv(key, value)
+    settings = Settings()
+    release = threading.Event()
+    polled_on: list[int] = []
+    poll = ModelPool.poll
+
+    def held_poll(self: ModelPool) -> ModelBundle | None:
+        polled_on.append(threading.get_ident())
+        release.wait(300)
+        return poll(self)
+
+    installed_on: list[tuple[int, bool]] = []
+    install = ItemCache.install
+
+    def recorded_install(self: ItemCache, catalog: object, digest: str) -> None:
+        installed_on.append((threading.get_ident(), catalog is not None))
+        install(self, catalog, digest)  # type: ignore[arg-type]
+
+    marker = tmp_path / "build"
+    marker.mkdir()
+    monkeypatch.setattr(ModelPool, "poll", held_poll)
+    monkeypatch.setattr(ItemCache, "install", recorded_install)
+    # Runs in the build process: records its pid, waits for <marker>/release, returns a catalog that counts as new.
+    monkeypatch.setattr(background, "build_catalog_pieces", functools.partial(background_hooks.blocking_build, str(marker)))
+
+    started: queue.Queue = queue.Queue()
+    running: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+
+    def run() -> None:
+        async def main() -> None:
+            stop = asyncio.Event()
+            running.append((asyncio.get_running_loop(), stop))
+            await serve(settings, on_started=started.put, stop=stop)
+
+        asyncio.run(main())
+
+    root = logging.getLogger()
+    handlers, level, switch = list(root.handlers), root.level, sys.getswitchinterval()
+    loop_thread = threading.Thread(target=run, name="serving-loop", daemon=True)
+    loop_thread.start()
+    try:
+        port = started.get(timeout=180).port
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            stub = pb_grpc.RecommendationServiceStub(channel)
+            assert wait_for(lambda: bool(polled_on) and (marker / "started").exists(), 240), "the background jobs never started"
+            # Both jobs are now held, for as long as the test likes; the loop must not be.
+            for _ in range(20):
+                assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+            assert stub.Recommend(pb.RecommendRequest(user_id=SHOPPER, num_items=3), timeout=10).items
+            assert polled_on[0] != loop_thread.ident
+            assert int((marker / "started").read_text()) != os.getpid()  # the catalog is built in another process
+            release.set()
+            (marker / "release").touch()
+            assert wait_for(lambda: any(new for _, new in installed_on), 120), "the new catalog was never installed"
+            assert {thread for thread, _ in installed_on} == {loop_thread.ident}  # swapped in on the loop, one assignment
+            assert stub.Recommend(pb.RecommendRequest(user_id=SHOPPER, num_items=3), timeout=10).items
+    finally:
+        release.set()
+        (marker / "release").touch()
+        if running:
+            loop, stop = running[0]
+            loop.call_soon_threadsafe(stop.set)
+        loop_thread.join(60)
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        sys.setswitchinterval(switch)
+    assert not loop_thread.is_alive()

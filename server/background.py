@@ -1,0 +1,146 @@
+"""The serving process's periodic work, kept off the event loop: build elsewhere, swap in on the loop.
+
+No periodic task may stall a serving loop for more than 5 ms (docs/benchmarks/event_loop.md has the
+measurements behind each choice). Work goes to one of three places:
+
+- the build process (server.build_process): the catalog re-read, ~1 s of pure Python in Feast's
+  online read. In a thread it held the GIL against the loop (10-50 ms lags); a process has its own.
+- one background thread: polling and loading models (LightGBM parses in C++ without the GIL), the
+  freshness reading (a small registry re-read), unpickling a new catalog, garbage-collection upkeep.
+  One thread, so two of these never run at once and never compete with each other for the GIL.
+- the loop: only putting a finished object in place (one assignment) and updating gauges.
+
+The GIL switch interval is lowered (SWITCH_INTERVAL_SECONDS) so that when the background thread does
+run Python, the loop waits at most ~1 ms for the GIL instead of CPython's default 5 ms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import gc
+import logging
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from server.build_process import BuildFailed, BuildProcess
+from server.item_cache import FreshnessTracker, ItemCache, build_catalog_pieces, unpack_catalog
+from server.loop_monitor import LoopLagMonitor
+from server.metrics import Metrics
+from server.model_pool import ModelPool
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+# CPython's default is 5 ms: a loop that wants the GIL back from a thread running Python waits that
+# long each time. 1 ms bounds the wait; threads other than the loop rarely run, so switches stay rare.
+SWITCH_INTERVAL_SECONDS = 0.001
+FRESHNESS_MAX_SECONDS = 15.0
+
+
+def settle_garbage() -> float:
+    """Collect, then freeze what survives so later full collections skip it; returns the seconds it took.
+
+    After start-up and after each swap: a new catalog or model is long-lived, and the full collections
+    that run on whichever thread allocates (often the loop) would otherwise walk it again and again
+    (FIELD-NOTES: ~110 ms p99 spikes without gc.freeze). Collecting first keeps garbage out of the frozen set.
+    """
+    start = time.perf_counter()
+    gc.collect()
+    gc.freeze()
+    return time.perf_counter() - start
+
+
+class Background:
+    """Periodic catalog refresh, model polling and freshness reading for one serving process, plus its lag monitor."""
+
+    def __init__(
+        self,
+        items: ItemCache,
+        models: ModelPool,
+        freshness: FreshnessTracker,
+        metrics: Metrics | None,
+        catalog_seconds: float,
+        model_seconds: float,
+    ) -> None:
+        self._items = items
+        self._models = models
+        self._freshness = freshness
+        self._metrics = metrics
+        self._periods = {
+            "catalog refresh": (catalog_seconds, self.refresh_catalog),
+            "model poll": (model_seconds, self.poll_models),
+            "freshness read": (min(FRESHNESS_MAX_SECONDS, catalog_seconds), self.read_freshness),
+        }
+        self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="propensity-background")
+        self.builder = BuildProcess()
+        self.monitor = LoopLagMonitor(metrics.observe_loop_lag if metrics else (lambda lag: None))
+        self._tasks: list[asyncio.Task] = []
+
+    def start(self) -> None:
+        """Start the periodic jobs and the lag monitor on the running loop (after start-up work is done)."""
+        sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
+        self._tasks = [asyncio.create_task(self.monitor.run(), name="event-loop lag")]
+        for name, (seconds, job) in self._periods.items():
+            self._tasks.append(asyncio.create_task(_every(seconds, job, name), name=name))
+
+    async def stop(self) -> None:
+        """Cancel the jobs, stop the build process (also mid-build) and the background thread."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        self.builder.close()
+        self._thread.shutdown(wait=False, cancel_futures=True)
+
+    async def refresh_catalog(self) -> bool:
+        """Re-read the catalog in the build process; swap it in when its content changed. True when it did."""
+        try:
+            digest, pieces = await asyncio.to_thread(  # a pool thread: it only waits on the build process's pipe
+                self.builder.call, build_catalog_pieces, self._items.spec, self._items.digest
+            )
+        except BuildFailed as error:
+            log.error("item catalog refresh failed; keeping the catalog from %.0fs ago: %s", self._items.age_seconds, error)
+            return False
+        catalog = await self._off_loop(unpack_catalog, pieces) if pieces is not None else None
+        self._items.install(catalog, digest)
+        if catalog is not None:
+            log.info("item catalog refreshed: %d items", catalog.size)
+            await self._off_loop(settle_garbage)
+        if self._metrics:
+            self._metrics.set_item_cache_age(self._items.age_seconds)
+        return catalog is not None
+
+    async def poll_models(self) -> bool:
+        """Load a newly promoted model version in the background thread; install it on the loop. True on a reload."""
+        bundle = await self._off_loop(self._models.poll)
+        if bundle is None:
+            return False
+        self._models.install(bundle)
+        await self._off_loop(settle_garbage)
+        return True
+
+    async def read_freshness(self) -> None:
+        """Re-read feature freshness in the background thread; publish it on the loop."""
+        views = await self._off_loop(self._freshness.read)
+        self._freshness.views = views
+        if self._metrics:
+            for view, (age, _) in views.items():
+                self._metrics.set_feature_age(view, age)
+            self._metrics.set_item_cache_age(self._items.age_seconds)
+
+    def _off_loop(self, fn: Callable[..., T], *args: object) -> Awaitable[T]:
+        return asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+
+async def _every(seconds: float, job: Callable[[], Awaitable[object]], name: str) -> None:
+    """Run `job` every `seconds` (measured from the end of the previous run, so runs never overlap); failures are logged."""
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await job()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("background task %s failed", name)

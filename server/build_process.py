@@ -1,0 +1,110 @@
+"""A helper process for CPU-heavy, mostly pure-Python builds, so they never compete for the serving process's GIL.
+
+Why not a thread: a thread running Python holds the GIL, and the event loop waits up to the switch
+interval for it every time it wants it back (measured: a catalog build in a thread delayed the loop
+by 10-50 ms, docs/benchmarks/event_loop.md). A process has its own GIL; it is started with `spawn`
+(a fresh interpreter: forking a process that runs gRPC is unsafe) and at a lower CPU priority, so
+when cores are short the kernel runs the serving workers first and the build waits.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import traceback
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import TypeVar
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+NICENESS = 10  # CPU weight ~1/10 of a serving worker's: builds use idle cores, not busy ones
+
+
+class BuildFailed(RuntimeError):
+    """The function raised in the helper process (the message holds its traceback), or the helper died."""
+
+
+def _serve(conn: Connection, niceness: int) -> None:
+    """The helper's main loop: run each (function, args) received and send back (ok, result or traceback)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the server decides
+    os.nice(niceness)
+    while True:
+        try:
+            fn, args = conn.recv()
+        except (EOFError, OSError):  # the server closed the pipe or exited: nothing left to build for
+            return
+        try:
+            reply: tuple[bool, object] = (True, fn(*args))
+        except BaseException:
+            reply = (False, traceback.format_exc())
+        try:
+            conn.send(reply)
+        except (BrokenPipeError, OSError):
+            return
+
+
+class BuildProcess:
+    """One helper process, started on first use and restarted if it dies; `call` runs one function in it at a time.
+
+    `call` blocks until the result is back (waiting on a pipe releases the GIL): call it from a thread,
+    e.g. `await asyncio.to_thread(builder.call, fn, arg)`. fn and its arguments and result are pickled, so
+    fn must be a module-level function; return bytes for large results to control where they are unpickled.
+    """
+
+    def __init__(self, niceness: int = NICENESS) -> None:
+        self._niceness = niceness
+        self._lock = threading.Lock()
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._conn: Connection | None = None
+        self._closed = False
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None and self._process.is_alive() else None
+
+    def call(self, fn: Callable[..., T], *args: object) -> T:
+        """fn(*args) in the helper process; raises BuildFailed when it raised or the helper died."""
+        with self._lock:
+            if self._closed:
+                raise BuildFailed("the build process is closed")
+            conn = self._ensure_started()
+            try:
+                conn.send((fn, args))
+                ok, value = conn.recv()
+            except (EOFError, OSError) as error:
+                self._stop()  # the next call starts a fresh helper
+                raise BuildFailed(f"the build process died while running {getattr(fn, '__name__', fn)}: {error!r}") from None
+        if not ok:
+            raise BuildFailed(f"{getattr(fn, '__name__', fn)} failed in the build process:\n{value}")
+        return value  # type: ignore[return-value]
+
+    def close(self) -> None:
+        """Stop the helper now, also in the middle of a build (its result is not needed any more). Idempotent."""
+        self._closed = True
+        self._stop()
+
+    def _ensure_started(self) -> Connection:
+        if self._process is None or not self._process.is_alive() or self._conn is None:
+            self._stop()
+            context = multiprocessing.get_context("spawn")
+            ours, theirs = context.Pipe()
+            process = context.Process(target=_serve, args=(theirs, self._niceness), name="propensity-build", daemon=True)
+            process.start()
+            theirs.close()
+            self._process, self._conn = process, ours
+            log.info("build process %d started (nice +%d)", process.pid, self._niceness)
+        return self._conn
+
+    def _stop(self) -> None:
+        conn, process, self._conn, self._process = self._conn, self._process, None, None
+        # The process first: a thread blocked reading the pipe then sees end-of-file and returns.
+        if process is not None:
+            if process.is_alive():
+                process.terminate()
+            process.join(timeout=5)
+        if conn is not None:
+            conn.close()

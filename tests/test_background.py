@@ -1,0 +1,73 @@
+"""Tests for the serving process's background machinery: the build process and the catalog's transfer from it."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from propensity.catalog import Catalog
+from server import item_cache
+from server.build_process import BuildFailed, BuildProcess
+from server.item_cache import catalog_digest, pack_catalog, unpack_catalog
+from tests import background_hooks
+
+
+def test_the_build_process_runs_functions_in_another_process_and_reports_failures() -> None:
+    builder = BuildProcess()
+    try:
+        child = builder.call(background_hooks.pid)
+        assert child != os.getpid() and builder.pid == child
+        assert builder.call(background_hooks.pid) == child  # one long-lived helper, not one per call
+        with pytest.raises(BuildFailed, match="ValueError: broken on purpose"):
+            builder.call(background_hooks.fail, "broken on purpose")
+        assert builder.call(background_hooks.pid) == child  # a failing function does not cost the helper
+        with pytest.raises(BuildFailed, match="died"):
+            builder.call(background_hooks.die)
+        assert builder.call(background_hooks.pid) not in (child, os.getpid())  # a dead helper is replaced
+    finally:
+        builder.close()
+    assert builder.pid is None
+    with pytest.raises(BuildFailed, match="closed"):
+        builder.call(background_hooks.pid)
+
+
+def _catalog(n: int) -> Catalog:
+    ids = [f"i{k:05d}" for k in range(n)]
+    rng = np.random.default_rng(1)
+    return Catalog.from_frame(pd.DataFrame({
+        "item_id": ids,
+        "category_id": [f"c{k % 7}" if k % 11 else None for k in range(n)],
+        "item_price": rng.random(n),
+        "item_purchases_7d": rng.integers(0, 9, n),
+        "neighbor_item_ids": [[ids[(k + 1) % n], ids[(k + 5) % n]] for k in range(n)],
+        "neighbor_scores": [[2.0, 1.0] for _ in range(n)],
+        "als_factors": [[float(k), 1.0] for k in range(n)],
+    }))
+
+
+def _assert_same(a: Catalog, b: Catalog) -> None:
+    for field in dataclasses.fields(a):
+        x, y = getattr(a, field.name), getattr(b, field.name)
+        if isinstance(x, np.ndarray):
+            assert x.dtype == y.dtype and x.shape == y.shape, field.name
+            assert (list(x) == list(y)) if x.dtype == object else np.array_equal(x, y, equal_nan=True), field.name
+        elif field.name == "neighbour_matrices":
+            assert x.keys() == y.keys() and all(sp.csr_matrix(x[k] != y[k]).nnz == 0 for k in x), field.name
+        else:
+            assert x == y, field.name
+
+
+def test_a_catalog_travels_in_pieces_and_comes_back_equal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(item_cache, "PIECE_ITEMS", 40)  # the index and id arrays of 250 items: 7 pieces each
+    catalog = _catalog(250)
+    pieces = pack_catalog(catalog)
+    assert [kind for name, kind, _ in pieces if name == "index"] == ["dict"] * 7
+    assert [kind for name, kind, _ in pieces if name == "item_ids"] == ["objects"] * 7
+    _assert_same(catalog, unpack_catalog(pieces))
+    assert catalog_digest(pieces) == catalog_digest(pack_catalog(_catalog(250)))  # same content, same digest
+    assert catalog_digest(pieces) != catalog_digest(pack_catalog(_catalog(251)))
