@@ -5,20 +5,20 @@ HTTP 200 as a success. Each process therefore sends one user's request, and succ
 from the bytes received (an error answer carries no DATA, only trailers) against the size of a
 verified response.
 
-Processes that run side by side are started together (each waits, stopped, until all exist) and
-measured over the interval in which all of them were sending, from their per-request logs: a
-process that started late or finished early would otherwise make the others' sum of rates
-describe load that never ran at once.
+A phase keeps `slots` h2load processes running side by side, each replaced by the next (another
+user) when its time is up, the slots handing over at different moments (`timetable`, `run_slots`).
+It is measured over the interval in which every slot was sending, from the per-request logs
+(`merge_slots`): requests answered in it / its length, so a process that started late (a new
+connection to a saturated server waits its turn) cannot make the others' rates describe load
+that never ran at once.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,8 +91,10 @@ def parse_summary(stdout: str) -> Summary:
 
 
 def read_log(path: Path) -> list[LogRow]:
-    """Rows of an h2load --log-file: start (us since epoch), HTTP status (-1 failed), elapsed (us)."""
-    rows = []
+    """Rows of an h2load --log-file: start (us since epoch), HTTP status (-1 failed), elapsed (us); none if it has no file."""
+    rows: list[LogRow] = []
+    if not path.exists():
+        return rows
     for line in path.read_text().splitlines():
         parts = line.split("\t")
         if len(parts) >= 3 and parts[0].strip():
@@ -126,12 +128,12 @@ def grpc_failures(summary: Summary, expected_response_bytes: int) -> int:
 
 @dataclass(frozen=True)
 class Window:
-    """When the side-by-side processes of one round all ran, from their --log-file rows."""
+    """When every slot of a phase was sending, from the --log-file rows of its processes."""
 
-    start_us: int  # the last process's first request start
-    end_us: int  # the first process's last answer
-    stagger_ms: float  # first request start of the last process - that of the first
-    overlap: bool  # False: the processes never all ran at once (the whole round is used instead)
+    start_us: int  # the last slot's first request start
+    end_us: int  # the first slot's last answer
+    stagger_ms: float  # first request start of the last slot - that of the first
+    overlap: bool  # False: the slots never all ran at once (the whole phase is used instead)
 
     @property
     def seconds(self) -> float:
@@ -139,8 +141,8 @@ class Window:
 
 
 def overlap_window(logs: Sequence[Sequence[LogRow]], min_seconds: float) -> Window:
-    """The interval in which every process of a round was sending: from the last one's first request to
-    the first one's last answer. Shorter than min_seconds (or empty): the whole round, first start to last answer."""
+    """The interval in which every slot (one list of log rows each) was sending: from the last one's first
+    request to the first one's last answer. Shorter than min_seconds (or empty): first start to last answer."""
     spans = [(min(r.start_us for r in rows), max(r.start_us + r.elapsed_us for r in rows)) for rows in logs if rows]
     if not spans:
         return Window(0, 0, 0.0, False)
@@ -161,7 +163,7 @@ def in_window(logs: Sequence[Sequence[LogRow]], window: Window) -> tuple[int, np
 
 @dataclass(frozen=True)
 class PhaseResult:
-    """Merged result of h2load processes that ran side by side (one round, or the rounds of a level)."""
+    """Merged result of the h2load processes of one phase."""
 
     concurrency: int
     seconds: float  # measured time: the rounds' windows
@@ -171,57 +173,116 @@ class PhaseResult:
     latencies_ms: np.ndarray  # of the requests that started inside the windows
     in_flight_at_stop: int = 0  # sent but cut off when the duration ended: neither counted nor timed
     answered_per_job: tuple[int, ...] = ()  # requests answered with a message, per job (in job order)
-    stagger_ms: float = 0.0  # largest start-to-start spread of a round's processes
-    windowed: bool = True  # False: in some round the processes never all ran at once
+    stagger_ms: float = 0.0  # spread of the slots' first requests
+    windowed: bool = True  # False: the slots never all ran at once (the whole phase was used)
 
     def stats(self) -> dict[str, float]:
         return {"concurrency": self.concurrency, "requests": self.requests, "failures": self.failures,
                 "throughput_rps": round(self.throughput, 1), **{k: round(v, 3) for k, v in percentiles(self.latencies_ms).items()},
                 "in_flight_at_stop": self.in_flight_at_stop, "measured_seconds": round(self.seconds, 3),
-                "start_stagger_ms": round(self.stagger_ms, 1), "all_processes_overlapped": self.windowed}
+                "start_stagger_ms": round(self.stagger_ms, 1), "all_slots_overlapped": self.windowed}
 
 
-# Each process stops itself before exec'ing h2load, and all are continued at once, so their start is
-# not spread by starting them one after another (tens of ms each on a busy machine).
-_BARRIER = 'kill -STOP $$ && exec "$@"'
+def timetable(slots: int, seconds: float, segments: int) -> list[list[float]]:
+    """Per slot, the times (s from the phase's start) at which it hands over to its next h2load process.
+
+    Every slot runs from 0 to `seconds` as about `segments` processes of d = seconds / segments each;
+    slot i's first hand-over is at d/2 + d*i/slots, so the slots change user at different moments,
+    never all at once, and no process runs shorter than d/2. One segment: one process per slot.
+    """
+    if segments <= 1:
+        return [[0.0, seconds] for _ in range(slots)]
+    d = seconds / segments
+    table = []
+    for i in range(slots):
+        cuts, t = [0.0], d / 2 + d * i / slots
+        while t <= seconds - d / 2 + 1e-9:
+            cuts.append(round(t, 6))
+            t += d
+        table.append(cuts + [seconds])
+    return table
 
 
-def _start_together(commands: Sequence[list[str]]) -> list[subprocess.Popen]:
-    procs = [subprocess.Popen(["sh", "-c", _BARRIER, "h2load-barrier", *cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for cmd in commands]
-    for proc in procs:  # stopped (or already dead), without reaping it: Popen still owns its exit status
-        os.waitid(os.P_PID, proc.pid, os.WSTOPPED | os.WEXITED | os.WNOWAIT)
-    for proc in procs:
-        try:
-            os.kill(proc.pid, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
-    return procs
+@dataclass(frozen=True)
+class SlotRun:
+    """One h2load process of a slot: what it ran, its counters and its per-request log rows."""
+
+    slot: int
+    job: Job
+    summary: Summary
+    rows: tuple[LogRow, ...]
+    tag: object = None  # the caller's (e.g. the user)
+
+    @property
+    def failures(self) -> int:
+        return (self.summary.done - self.summary.succeeded) + grpc_failures(self.summary, self.job.expected_response_bytes)
+
+    @property
+    def answered(self) -> int:
+        return max(0, self.summary.done - self.failures)
 
 
-def run_parallel(jobs: Sequence[Job], timeout_slack: float = 15.0) -> PhaseResult:
-    """Start every job at once, wait (bounded), and merge counts and latencies over the interval in which all ran."""
-    procs = _start_together([command(job) for job in jobs])
-    outputs = []
+def merge_slots(runs: Sequence[SlotRun], concurrency: int, min_seconds: float) -> PhaseResult:
+    """A phase's result from its processes: measured over the interval in which every slot was sending."""
+    by_slot: dict[int, list[LogRow]] = {}
+    for run in runs:
+        by_slot.setdefault(run.slot, []).extend(run.rows)
+    logs = list(by_slot.values())
+    window = overlap_window(logs, min_seconds)
+    done_in_window, latencies = in_window(logs, window)
+    return PhaseResult(
+        concurrency=concurrency, seconds=window.seconds, requests=sum(r.summary.done for r in runs), failures=sum(r.failures for r in runs),
+        throughput=done_in_window / window.seconds if window.seconds > 0 else 0.0, latencies_ms=latencies,
+        in_flight_at_stop=sum(max(0, r.summary.started - r.summary.done) for r in runs),
+        answered_per_job=tuple(r.answered for r in runs), stagger_ms=window.stagger_ms, windowed=window.overlap,
+    )
+
+
+def run_slots(next_job: Callable[[int, int, float], tuple[Job, object]], table: Sequence[Sequence[float]],
+              poll_seconds: float = 0.004, min_job_seconds: float = 0.1, timeout_slack: float = 15.0) -> list[SlotRun]:
+    """Keep one h2load process running per slot, each replaced by the next when it ends, on `table`'s timetable.
+
+    next_job(slot, k, seconds) gives the process for segment k of a slot (and a tag); it runs until the
+    slot's next hand-over time. A hand-over that leaves less than min_job_seconds is skipped, and a
+    slot stops when no time is left.
+    """
+    t0 = time.monotonic()
+    running: dict[int, tuple[subprocess.Popen, Job, object, int, float]] = {}
+    runs: list[SlotRun] = []
+
+    def start(slot: int, k: int) -> None:
+        # A process that ended late (slow start on a busy machine) skips its slot ahead to the next
+        # hand-over that leaves enough time, instead of ending the slot.
+        while k + 1 < len(table[slot]):
+            seconds = t0 + table[slot][k + 1] - time.monotonic()
+            if seconds >= min_job_seconds:
+                break
+            k += 1
+        else:
+            return
+        job, tag = next_job(slot, k, seconds)
+        proc = subprocess.Popen(command(job), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        running[slot] = (proc, job, tag, k, time.monotonic() + seconds + timeout_slack)
+
     try:
-        deadline = time.monotonic() + max(job.seconds for job in jobs) + timeout_slack
-        for proc in procs:
-            out, _ = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
-            outputs.append(out)
+        for slot in range(len(table)):
+            start(slot, 0)
+        while running:
+            time.sleep(poll_seconds)
+            for slot, (proc, job, tag, k, deadline) in list(running.items()):
+                if proc.poll() is None:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"h2load still running {timeout_slack:.0f}s after its duration: {' '.join(command(job))}")
+                    continue
+                del running[slot]
+                out, _ = proc.communicate()
+                runs.append(SlotRun(slot, job, parse_summary(out), tuple(read_log(job.log_file)), tag))
+                job.log_file.unlink(missing_ok=True)
+                if k + 2 < len(table[slot]):
+                    start(slot, k + 1)
     finally:
-        for proc in procs:
+        for proc, *_ in running.values():
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    summaries = [parse_summary(out) for out in outputs]
-    logs = [read_log(job.log_file) for job in jobs]
-    duration = max(job.seconds for job in jobs)
-    window = overlap_window(logs, min_seconds=duration / 2)
-    done_in_window, latencies = in_window(logs, window)
-    per_job = [(s.done - s.succeeded) + grpc_failures(s, job.expected_response_bytes) for s, job in zip(summaries, jobs)]
-    concurrency = sum(job.clients * job.streams for job in jobs)
-    throughput = done_in_window / window.seconds if window.seconds > 0 else 0.0
-    in_flight = sum(max(0, s.started - s.done) for s in summaries)
-    answered = tuple(max(0, s.done - f) for s, f in zip(summaries, per_job))
-    return PhaseResult(concurrency, window.seconds, sum(s.done for s in summaries), sum(per_job), throughput, latencies,
-                       in_flight, answered, window.stagger_ms, window.overlap)
+    return runs

@@ -114,8 +114,8 @@ def plot(results: dict, path: Path) -> None:
 
 def _overlap(results: dict) -> str:
     short = [f"{name} c={lv['concurrency']}" for name in ("ours", "naive") for lv in results["recommend"][name]
-             if lv.get("all_processes_overlapped") is False]
-    return "yes" if not short else "no, at " + ", ".join(short) + " (there the whole round, first start to last answer, is used)"
+             if lv.get("all_slots_overlapped") is False]
+    return "yes" if not short else "no, at " + ", ".join(short) + " (there the whole level, first start to last answer, is used)"
 
 
 def _share(part: float, whole: float) -> str:
@@ -213,10 +213,11 @@ users were answered: {users['touched_by_closed_loop_sweep']:,} in the closed-loo
 in the open-loop phase (the naive server's sweep: {users['naive_sweep']}).
 
 h2load posts the same body on every request, so one h2load process asks for one user. Each
-level therefore runs as {best.get('rounds')} short rounds ({best.get('round_seconds')} s) of up to
-{best.get('processes')} h2load processes side by side, and every process of every round takes the next
-user of the list, continuing across rounds and levels. Within a round a process repeats its
-user; the open-loop phase changes user on every request.
+level therefore keeps up to {best.get('processes')} h2load processes ("slots") running side by side, and each slot
+hands over to a new process for the next user of the list about every {best.get('segment_seconds')} s
+({best.get('h2load_runs')} processes at the max-throughput level), the slots at different moments,
+continuing through the list across levels. A process repeats its user for its short life; the
+open-loop phase changes user on every request.
 
 ## Recommend under load (h2load, {s['seconds_per_level']:g} s per level)
 
@@ -226,12 +227,12 @@ Server CPU = CPU time of all the server's processes during the level / requests 
 
 {table(results)}
 
-The processes of a round are started together and measured over the interval in which all of them
-were sending (from their request logs): throughput = requests answered in that interval / its length,
-latency percentiles over the requests that started in it. Largest start-to-start spread of a round's
-processes at the max-throughput level: {best.get('start_stagger_ms', 'n/a')} ms; every round overlapped:
-{_overlap(results)}. The requests still in flight when a round's duration ended
-({best.get('in_flight_at_stop', 0):,} at the max-throughput level, against {best['requests']:,} answered) are not
+A level is measured over the interval in which every slot was sending (from the request logs):
+throughput = requests answered in that interval / its length, latency percentiles over the
+requests that started in it. A new connection to a saturated server waits its turn, so the slots'
+first requests were up to {best.get('start_stagger_ms', 'n/a')} ms apart at the max-throughput level; all slots
+overlapped at every level: {_overlap(results)}. The requests in flight when a process's time was
+up ({best.get('in_flight_at_stop', 0):,} at the max-throughput level, against {best['requests']:,} answered) are not
 counted; the server CPU spent on those it had already started is, so CPU per request may be
 over-estimated by at most {_share(best.get('in_flight_at_stop', 0), best['requests'])}.
 
@@ -292,7 +293,8 @@ Server time = {results['server_time']['how']}:
 
 - h2load posts `/propensity.v1.RecommendationService/Recommend` with `content-type: application/grpc`
   and `te: trailers`; the body is a 5-byte gRPC frame prefix + a serialized `RecommendRequest`
-  (`-d FILE`), one file per user.
+  (`-d FILE`), one file per user. Each h2load process runs `-c` connections x `-m` streams with
+  `-D` (duration) and `--log-file`; the bench replaces it by the next user's when its time is up.
 - h2load counts any HTTP 200 as success. Before the load, every payload is sent once through the
   generated stub (must succeed, with items, no fallback) and its response size recorded; under load
   an error answer has trailers only, so DATA bytes / response size must equal the answered count;

@@ -1,10 +1,10 @@
-"""Users rotating through the load: every round of h2load processes takes the next users of one list.
+"""Users rotating through the load: every h2load process takes the next user of one list.
 
 h2load posts the same body on every request, so one h2load process can only ever ask for one
-user. The bench therefore runs each concurrency level as many short rounds of side-by-side
-processes, and every process of every round takes the next user of the list, continuing across
-rounds, levels and phases: the whole sweep walks through the sampled users instead of repeating
-a few. A user counts as touched once one of its requests was answered with a message.
+user. The bench therefore runs each concurrency level as slots of side-by-side processes, each
+slot replacing its process by one for the next user of the list many times per level,
+continuing across levels and phases: the whole sweep walks through the sampled users instead of
+repeating a few. A user counts as touched once one of its requests was answered with a message.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class UserRotation:
 def split(concurrency: int, max_procs: int, max_clients: int = 4) -> tuple[int, int, int]:
     """(processes, connections per process, streams per connection) for a total concurrency.
 
-    One process per user and round, so more processes mean more users per round.
+    One user per process, so more processes side by side mean more users per level.
     """
     procs = max(1, min(concurrency, max_procs))
     per_proc = max(1, concurrency // procs)
@@ -49,15 +49,14 @@ def split(concurrency: int, max_procs: int, max_clients: int = 4) -> tuple[int, 
     return procs, clients, max(1, per_proc // clients)
 
 
-def rounds_per_level(levels: Sequence[int], seconds: float, n_users: int, max_procs: int,
-                     min_round_seconds: float, at_least: int = 1) -> int:
-    """Rounds per level so that one sweep over `levels` reaches n_users users, if rounds can be that short.
+def segments_per_slot(levels: Sequence[int], seconds: float, n_users: int, max_procs: int,
+                      min_segment_seconds: float, at_least: int = 1) -> int:
+    """How many h2load processes (users) each slot runs per level so that one sweep over `levels` reaches n_users.
 
-    Each round lasts seconds / rounds and uses one user per process; rounds are never shorter than
-    min_round_seconds (a round's in-flight requests are cut off when it ends, so very short
-    rounds under-count throughput). Returns at least `at_least`.
+    A slot of a level lasting `seconds` runs about that many processes of seconds / segments each,
+    never shorter than min_segment_seconds (each one opens its own connections). Returns at least `at_least`.
     """
     per_sweep = sum(split(c, max_procs)[0] for c in levels)
     needed = math.ceil(n_users / per_sweep) if per_sweep else 1
-    longest = max(1, math.floor(seconds / min_round_seconds + 1e-9))
+    longest = max(1, math.floor(seconds / min_segment_seconds + 1e-9))
     return max(at_least, min(needed, longest))

@@ -16,6 +16,7 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from bench.frames import write_frame
 from bench.processes import ServerProcess, free_port
 from bench.report import table, targets_table, write_report
 from bench.results import build_results, previous_max
-from bench.rotation import UserRotation, rounds_per_level, split
+from bench.rotation import UserRotation, segments_per_slot, split
 from bench.state import N_ITEMS, N_USERS, PROJECT_ROOT, BenchState, ensure_state
 from propensity.settings import CandidateSettings
 from propensity.v1 import recommendation_service_pb2 as pb
@@ -40,8 +41,8 @@ from propensity.v1 import recommendation_service_pb2_grpc as pb_grpc
 SERVE_OVERRIDES: dict[str, str] = {}
 RECOMMEND = "/propensity.v1.RecommendationService/Recommend"
 HEALTH = "/grpc.health.v1.Health/Check"
-OURS_MAX_PROCS = 16  # h2load processes side by side for our server: one user each per round
-NAIVE_MAX_PROCS = 4  # the naive server is ~100x slower: long rounds, few users
+OURS_MAX_PROCS = 16  # h2load slots side by side for our server: one user per process
+NAIVE_MAX_PROCS = 4  # the naive server is ~100x slower: few long processes, few users
 _T0 = time.monotonic()
 
 
@@ -96,37 +97,28 @@ def _fresh(path: Path) -> Path:
     return path
 
 
-def recommend_level(target: str, payloads: Payloads, concurrency: int, seconds: float, rounds: int, work: Path,
+def recommend_level(target: str, payloads: Payloads, concurrency: int, seconds: float, segments: int, work: Path,
                     rotation: UserRotation, tag: str, max_procs: int, cpu: GroupCpu | None = None) -> dict:
-    """One concurrency level: `rounds` rounds of side-by-side h2load processes, each process on the next user."""
+    """One concurrency level: slots of h2load processes side by side, each slot handing over to the next user
+    about `segments` times (never all slots at once); measured while every slot was sending."""
     procs, clients, streams = split(concurrency, max_procs)
-    results, users_used = [], []
+    url = f"http://{target}{RECOMMEND}"
+
+    def next_job(slot: int, k: int, job_seconds: float) -> tuple[h2load.Job, str]:
+        user = rotation.take(1)[0]
+        log = _fresh(work / f"h2load_{tag}_c{concurrency}_s{slot}_k{k}.log")
+        return h2load.Job(url, payloads.files[user], clients, streams, job_seconds, log, payloads.response_bytes[user]), user
+
     before, wall0 = (cpu.mark() if cpu else 0), time.monotonic()
-    for r in range(rounds):
-        users = rotation.take(procs)
-        jobs = [h2load.Job(f"http://{target}{RECOMMEND}", payloads.files[u], clients, streams, seconds / rounds,
-                           _fresh(work / f"h2load_{tag}_c{concurrency}_p{p}.log"), payloads.response_bytes[u]) for p, u in enumerate(users)]
-        result = h2load.run_parallel(jobs)
-        rotation.record(zip(users, result.answered_per_job))
-        users_used += [u for u, n in zip(users, result.answered_per_job) if n > 0]
-        results.append(result)
+    runs = h2load.run_slots(next_job, h2load.timetable(procs, seconds, segments))
     wall = time.monotonic() - wall0
-    total_seconds = sum(res.seconds for res in results) or float("nan")
-    merged = h2load.PhaseResult(
-        concurrency=procs * clients * streams,
-        seconds=total_seconds,
-        requests=sum(res.requests for res in results),
-        failures=sum(res.failures for res in results),
-        throughput=sum(res.throughput * res.seconds for res in results) / total_seconds,
-        latencies_ms=np.concatenate([res.latencies_ms for res in results]),
-        in_flight_at_stop=sum(res.in_flight_at_stop for res in results),
-        stagger_ms=max(res.stagger_ms for res in results),
-        windowed=all(res.windowed for res in results),
-    )
+    rotation.record((run.tag, run.answered) for run in runs)
+    merged = h2load.merge_slots(runs, procs * clients * streams, min_seconds=seconds / 2)
     stats = merged.stats()
-    answered = sum(sum(res.answered_per_job) for res in results)
-    stats.update(processes=procs, connections=procs * clients, streams_per_connection=streams, rounds=rounds,
-                 round_seconds=round(seconds / rounds, 3), users=len(set(users_used)), answered=answered)
+    answered = sum(run.answered for run in runs)
+    stats.update(processes=procs, connections=procs * clients, streams_per_connection=streams, segments_per_slot=segments,
+                 segment_seconds=round(seconds / segments, 3), h2load_runs=len(runs), users=len({run.tag for run in runs if run.answered > 0}),
+                 answered=answered)
     if cpu:
         stats.update(cpu.phase(before, answered, wall))
     return stats
@@ -135,14 +127,15 @@ def recommend_level(target: str, payloads: Payloads, concurrency: int, seconds: 
 def health_c1(target: str, payloads: Payloads, seconds: float, work: Path) -> dict:
     expected = health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING).ByteSize() + 5
     job = h2load.Job(f"http://{target}{HEALTH}", payloads.health, 1, 1, seconds, _fresh(work / "h2load_health_c1.log"), expected)
-    return h2load.run_parallel([job]).stats()
+    runs = h2load.run_slots(lambda slot, k, s: (replace(job, seconds=s), None), [[0.0, seconds]])
+    return h2load.merge_slots(runs, 1, min_seconds=seconds / 2).stats()
 
 
-def sweep(name: str, target: str, payloads: Payloads, levels: Sequence[int], seconds: float, rounds: int, work: Path,
+def sweep(name: str, target: str, payloads: Payloads, levels: Sequence[int], seconds: float, segments: int, work: Path,
           rotation: UserRotation, max_procs: int, cpu: GroupCpu) -> list[dict]:
     out = []
     for c in levels:
-        stats = recommend_level(target, payloads, c, seconds, rounds, work, rotation, name, max_procs, cpu)
+        stats = recommend_level(target, payloads, c, seconds, segments, work, rotation, name, max_procs, cpu)
         say(f"{name:5s} c={c:<3d} {stats['throughput_rps']:9.1f} req/s  p50 {stats['p50']:8.2f} ms  p95 {stats['p95']:8.2f} ms  "
             f"p99 {stats['p99']:8.2f} ms  failures {stats['failures']}  users {stats['users']}  "
             f"CPU {stats['server_cpu_ms_per_request']:.3f} ms/req ({stats['server_cores_busy']:.2f} cores)")
@@ -156,7 +149,7 @@ def warm_up(target: str, payloads: Payloads, work: Path, rotation: UserRotation,
     """Load until throughput settles (start-up work such as model compilation may still be running)."""
     previous, t0 = 0.0, time.monotonic()
     while time.monotonic() - t0 < max_seconds:
-        stats = recommend_level(target, payloads, 4, 2.0, 4, work, rotation, "warmup", OURS_MAX_PROCS)
+        stats = recommend_level(target, payloads, 4, 2.0, 2, work, rotation, "warmup", OURS_MAX_PROCS)
         say(f"  warm-up: {stats['throughput_rps']:.0f} req/s")
         if previous and abs(stats["throughput_rps"] - previous) / previous < 0.1:
             return
@@ -215,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", default="1,2,4,8,16,32", help="concurrency levels (streams x connections)")
     parser.add_argument("--seconds", type=float, default=8.0, help="seconds per concurrency level (and of the open-loop phase)")
     parser.add_argument("--users", type=int, default=1000, help="sampled users with history that the load rotates over")
-    parser.add_argument("--min-round-seconds", type=float, default=0.35, help="shortest h2load round (one user per process per round)")
+    parser.add_argument("--min-segment-seconds", type=float, default=0.35, help="shortest h2load process (one user each) in the sweep")
     parser.add_argument("--workers", type=int, default=2, help="PROPENSITY_SERVER__WORKERS for the real server")
     parser.add_argument("--channels", type=int, default=16, help="connections of the open-loop generator (SO_REUSEPORT spreads connections, not requests)")
     args = parser.parse_args(argv)
@@ -280,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         "in Feast 0.67 and make the reference unfairly slow); everything else per request.",
     ]
     cli = str(Path(sys.executable).with_name("propensity"))
-    ours_rounds = rounds_per_level(levels, args.seconds, len(users), OURS_MAX_PROCS, args.min_round_seconds, at_least=2)
+    ours_segments = segments_per_slot(levels, args.seconds, len(users), OURS_MAX_PROCS, args.min_segment_seconds, at_least=2)
     rotation = UserRotation(users)
 
     metrics_port = free_port()
@@ -304,8 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         metrics_before = try_scrape(metrics_port)
         health = health_c1(ours.target, payloads, 4.0, work)
         say(f"health check c=1: p50 {health['p50']:.3f} ms, {health['throughput_rps']:.0f} req/s")
-        say(f"sweep: {ours_rounds} rounds per level of up to {OURS_MAX_PROCS} h2load processes, one user each")
-        ours_levels = sweep("ours", ours.target, payloads, levels, args.seconds, ours_rounds, work, rotation, OURS_MAX_PROCS, cpu)
+        say(f"sweep: up to {OURS_MAX_PROCS} h2load slots side by side per level, each handing over to the next user about {ours_segments} times")
+        ours_levels = sweep("ours", ours.target, payloads, levels, args.seconds, ours_segments, work, rotation, OURS_MAX_PROCS, cpu)
         sweep_users = rotation.touched
         best = max(level["throughput_rps"] for level in ours_levels)
         before = cpu.mark()
@@ -331,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         if after_score.get("exported"):
             lag["after_score_users"] = {k: after_score.get(k) for k in ("max_ms", "samples_during_load", "samples_over_limit_during_load")}
 
-    naive_rounds = 2 if args.seconds >= 4 else 1
-    naive_users = min(len(users), sum(split(c, NAIVE_MAX_PROCS)[0] for c in levels) * naive_rounds)
+    naive_segments = 1  # answers take up to seconds at high concurrency: one process per slot and level
+    naive_users = min(len(users), sum(len(row) - 1 for c in levels for row in h2load.timetable(split(c, NAIVE_MAX_PROCS)[0], args.seconds, naive_segments)))
     port = free_port()
     say(f"starting the naive server on 127.0.0.1:{port}")
     naive_cmd = [sys.executable, "-m", "bench.naive_server", "--port", str(port), "--threads", "8"]
@@ -340,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"  SERVING after {naive.wait_serving():.1f}s")
         naive_rotation = UserRotation(users[:naive_users])
         payloads.verify(naive.target, naive_rotation.users, require_personalised=False, concurrency=8)
-        naive_levels = sweep("naive", naive.target, payloads, levels, args.seconds, naive_rounds, work, naive_rotation, NAIVE_MAX_PROCS, GroupCpu(naive.pid))
+        naive_levels = sweep("naive", naive.target, payloads, levels, args.seconds, naive_segments, work, naive_rotation, NAIVE_MAX_PROCS, GroupCpu(naive.pid))
 
     users_summary = {
         "sampled_with_history": len(users),

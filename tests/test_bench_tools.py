@@ -4,18 +4,19 @@ server CPU accounting, /metrics parsing, the open-loop summary, results, targets
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from bench.frames import decode_frame, encode_frame, write_frame
-from bench.h2load import Job, LogRow, Summary, _start_together, command, grpc_failures, in_window, latencies_ms, overlap_window, parse_summary, percentiles, read_log
+from bench.h2load import Job, LogRow, SlotRun, Summary, command, grpc_failures, in_window, latencies_ms, merge_slots, overlap_window, parse_summary, percentiles, read_log, run_slots, timetable
 from bench.cpu import cpu_ms_per_request, group_ticks, parse_stat
 from bench.open_loop import generator_limited, summarise
 from bench.prom import LAG_HISTOGRAM, LAG_MAX, above, buckets, lag_report, max_value, parse, upper_bound
 from bench.report import readme, targets_table
 from bench.results import best_level, build_results, previous_max
-from bench.rotation import UserRotation, rounds_per_level, split
+from bench.rotation import UserRotation, segments_per_slot, split
 from propensity.v1 import recommendation_service_pb2 as pb
 
 H2LOAD_STDOUT = """
@@ -103,12 +104,62 @@ def test_overlap_window_is_when_every_process_of_a_round_was_sending():
     assert overlap_window([[], []], 0.1).seconds == 0
 
 
-def test_start_together_runs_every_command(tmp_path):
-    procs = _start_together([["sh", "-c", f"echo {i} > {tmp_path}/{i}.txt"] for i in range(5)])
-    for proc in procs:
-        proc.communicate(timeout=30)
-        assert proc.returncode == 0
-    assert sorted(p.read_text().strip() for p in tmp_path.glob("*.txt")) == ["0", "1", "2", "3", "4"]
+def test_timetable_hands_over_at_different_moments():
+    table = timetable(slots=4, seconds=8.0, segments=4)  # d = 2 s; first hand-overs at 1.0, 1.5, 2.0, 2.5 s
+    assert [row[1] for row in table] == [1.0, 1.5, 2.0, 2.5]
+    for row in table:
+        assert row[0] == 0.0 and row[-1] == 8.0
+        gaps = np.diff(row)
+        assert gaps.min() >= 1.0 - 1e-9 and gaps.max() <= 3.0 + 1e-9  # every process between d/2 and 3d/2
+    assert {len(row) - 1 for row in table} <= {4, 5}
+    assert timetable(1, 2.0, 1) == [[0.0, 2.0]]
+    hand_overs = [t for row in table for t in row[1:-1]]
+    assert len(hand_overs) == len(set(hand_overs))  # never two slots at once
+
+
+def _run(slot, rows, done=None, data=329, expected=329, tag=None):
+    done = len(rows) if done is None else done
+    summary = Summary(1.0, done, done, 0, 0, done, data * done, started=done + 1)
+    return SlotRun(slot, Job("u", Path("b"), 1, 1, 1.0, Path("l"), expected), summary, tuple(rows), tag)
+
+
+def test_merge_slots_measures_while_every_slot_was_sending():
+    # slot 0: two processes (users a, b) back to back; slot 1 starts 100 ms late.
+    runs = [_run(0, _rows(0, 20, 10, 5), tag="a"), _run(0, _rows(210, 19, 10, 5), tag="b"), _run(1, _rows(100, 40, 10, 5), tag="c")]
+    merged = merge_slots(runs, concurrency=2, min_seconds=0.2)
+    assert merged.windowed and merged.seconds == pytest.approx(0.295)  # 100 ms .. 395 ms (slot 0's last answer)
+    assert merged.requests == 79 and merged.failures == 0 and merged.in_flight_at_stop == 3
+    assert merged.answered_per_job == (20, 19, 40)
+    # errors: answered without a message (no DATA for it) count as failures of their process
+    failing = _run(0, _rows(0, 10, 10, 5), data=329, expected=329 * 2)
+    assert failing.failures == 5 and failing.answered == 5
+
+
+def test_run_slots_keeps_each_slot_busy_and_hands_over(tmp_path, monkeypatch):
+    # A stand-in for h2load: prints a summary and writes a log row per "request", for its given duration.
+    import bench.h2load as h2
+
+    fake = tmp_path / "h2load"
+    fake.write_text("""#!/bin/sh
+log=""; for a in "$@"; do [ "$prev" = "--log-file" ] && log="$a"; prev="$a"; done
+now=$(date +%s%6N); printf "%s\t200\t1000\n" "$now" > "$log"; printf "%s\t200\t1000\n" "$((now + 1000))" >> "$log"
+echo "finished in 1.00s, 2.00 req/s, 1KB/s"
+echo "requests: 2 total, 2 started, 2 done, 2 succeeded, 0 failed, 0 errored, 0 timeout"
+echo "status codes: 2 2xx, 0 3xx, 0 4xx, 0 5xx"
+echo "traffic: 1KB (1000) total, 100B (100) headers (space savings 50%), 658B (658) data"
+""")
+    fake.chmod(0o755)
+    monkeypatch.setattr(h2, "command", lambda job: [str(fake), "--log-file", str(job.log_file)])
+    given = []
+
+    def next_job(slot, k, seconds):
+        given.append((slot, k))
+        return Job("u", Path("b"), 1, 1, seconds, tmp_path / f"{slot}_{k}.log", 329), f"user{slot}{k}"
+
+    runs = run_slots(next_job, [[0.0, 0.15, 0.3], [0.0, 0.3]], poll_seconds=0.001, min_job_seconds=0.0)
+    assert sorted(given) == [(0, 0), (0, 1), (1, 0)]
+    assert sorted(r.tag for r in runs) == ["user00", "user01", "user10"] and all(r.answered == 2 for r in runs)
+    assert not list(tmp_path.glob("*.log"))  # logs are read and removed
 
 
 # --- user rotation -------------------------------------------------------------------------------
@@ -135,17 +186,17 @@ def test_split_gives_one_process_per_user_up_to_the_cap():
         assert procs * clients * streams == c
 
 
-def test_rounds_per_level_reach_every_user_unless_rounds_get_too_short():
-    levels = [1, 2, 4, 8, 16, 32]  # 1+2+4+8+16+16 = 47 users per round across the levels
-    assert rounds_per_level(levels, 8.0, 1000, 16, 0.35) == 22  # ceil(1000 / 47); 8 / 22 = 0.36 s
-    assert rounds_per_level(levels, 8.0, 5000, 16, 0.35) == 22  # capped: 8 / 0.35 = 22.9
-    assert rounds_per_level(levels, 8.0, 10, 16, 0.35, at_least=2) == 2
-    assert rounds_per_level([1], 0.2, 1000, 16, 0.35) == 1
-    # A whole sweep over those rounds takes users in sequence: 22 rounds x 47 >= 1000 distinct.
+def test_segments_per_slot_reach_every_user_unless_processes_get_too_short():
+    levels = [1, 2, 4, 8, 16, 32]  # 1+2+4+8+16+16 = 47 slots across the levels
+    assert segments_per_slot(levels, 8.0, 1000, 16, 0.35) == 22  # ceil(1000 / 47); 8 / 22 = 0.36 s
+    assert segments_per_slot(levels, 8.0, 5000, 16, 0.35) == 22  # capped: 8 / 0.35 = 22.9
+    assert segments_per_slot(levels, 8.0, 10, 16, 0.35, at_least=2) == 2
+    assert segments_per_slot([1], 0.2, 1000, 16, 0.35) == 1
+    # A whole sweep on those timetables takes users in sequence, one per process: >= 1000 distinct.
     rotation = UserRotation([f"u{i}" for i in range(1000)])
     for c in levels:
-        for _ in range(22):
-            users = rotation.take(split(c, 16)[0])
+        for row in timetable(split(c, 16)[0], 8.0, 22):
+            users = rotation.take(len(row) - 1)
             rotation.record((u, 1) for u in users)
     assert len(rotation.touched) == 1000
 
@@ -263,8 +314,8 @@ def test_generator_limited_when_lateness_is_a_large_part_of_the_tail():
 
 def _level(c, rps, p50, p99, cpu=2.0):
     return {"concurrency": c, "requests": int(rps * 8), "failures": 0, "throughput_rps": rps, "p50": p50, "p95": p99 * 0.8, "p99": p99,
-            "users": 100, "server_cpu_ms_per_request": cpu, "server_cores_busy": 1.8, "rounds": 22, "round_seconds": 0.364,
-            "processes": 16, "in_flight_at_stop": 40}
+            "users": 100, "server_cpu_ms_per_request": cpu, "server_cores_busy": 1.8,
+            "processes": 16, "in_flight_at_stop": 40, "segments_per_slot": 22, "segment_seconds": 0.364, "h2load_runs": 352}
 
 
 HALF = {"target_rate_rps": 600.0, "achieved_rps": 598.0, "requests": 4800, "answered": 4800, "failures": 0, "fallbacks": 0,
@@ -342,3 +393,27 @@ def test_report_renders_with_absent_lag_and_unmeasured_redis(tmp_path):
     assert {t["name"]: t for t in results["targets"]}["event_loop_lag_max_ms"]["met"] is True
     text = readme(results)
     assert "0 of 900 lag samples over 5 ms during the load (all <= 5 ms)" in text and "no previous results.json" in text
+
+
+def test_run_slots_skips_hand_overs_a_late_process_missed(tmp_path, monkeypatch):
+    import bench.h2load as h2
+
+    fake = tmp_path / "h2load"  # takes 0.3 s whatever its duration: overruns two 0.1 s hand-overs
+    fake.write_text("""#!/bin/sh
+sleep 0.3
+echo "finished in 1.00s, 0 req/s, 0B/s"
+echo "requests: 0 total, 0 started, 0 done, 0 succeeded, 0 failed, 0 errored, 0 timeout"
+echo "status codes: 0 2xx, 0 3xx, 0 4xx, 0 5xx"
+echo "traffic: 0B (0) total, 0B (0) headers (space savings 0%), 0B (0) data"
+""")
+    fake.chmod(0o755)
+    monkeypatch.setattr(h2, "command", lambda job: [str(fake)])
+    given = []
+
+    def next_job(slot, k, seconds):
+        given.append(k)
+        return Job("u", Path("b"), 1, 1, seconds, tmp_path / f"{k}.log", 0), k
+
+    run_slots(next_job, [[0.0, 0.1, 0.2, 0.3, 0.4, 5.0]], poll_seconds=0.001, min_job_seconds=0.05)
+    assert given[0] == 0 and given[1] >= 3  # segments 1 and 2 were over by the time segment 0 ended
+    assert given[-1] == 4  # the last segment (to 5 s) ran: the slot did not stop early
