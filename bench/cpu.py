@@ -81,9 +81,9 @@ class GroupCpu:
     def mark(self) -> int:
         return group_ticks(self.pgid, self.proc)
 
-    def phase(self, before: int, requests: int, seconds: float) -> dict[str, float]:
-        """CPU ms per request and cores busy (CPU seconds per wall second) since `before`."""
-        after = self.mark()
+    def phase(self, before: int, requests: int, seconds: float, after: int | None = None) -> dict[str, float]:
+        """CPU ms per request and cores busy (CPU seconds per wall second) from `before` to `after` (default now)."""
+        after = self.mark() if after is None else after
         cpu_seconds = (after - before) / self.hz
         return {
             "server_cpu_seconds": round(cpu_seconds, 3),

@@ -212,6 +212,8 @@ class SlotRun:
     summary: Summary
     rows: tuple[LogRow, ...]
     tag: object = None  # the caller's (e.g. the user)
+    launched_us: int = 0  # wall clock (us since epoch, as the log's) when the process was started
+    exited_us: int = 0  # ... and when it was seen to have exited
 
     @property
     def failures(self) -> int:
@@ -247,7 +249,7 @@ def run_slots(next_job: Callable[[int, int, float], tuple[Job, object]], table: 
     slot stops when no time is left.
     """
     t0 = time.monotonic()
-    running: dict[int, tuple[subprocess.Popen, Job, object, int, float]] = {}
+    running: dict[int, tuple[subprocess.Popen, Job, object, int, float, int]] = {}
     runs: list[SlotRun] = []
 
     def start(slot: int, k: int) -> None:
@@ -261,22 +263,23 @@ def run_slots(next_job: Callable[[int, int, float], tuple[Job, object]], table: 
         else:
             return
         job, tag = next_job(slot, k, seconds)
+        launched = int(time.time() * 1e6)
         proc = subprocess.Popen(command(job), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        running[slot] = (proc, job, tag, k, time.monotonic() + seconds + timeout_slack)
+        running[slot] = (proc, job, tag, k, time.monotonic() + seconds + timeout_slack, launched)
 
     try:
         for slot in range(len(table)):
             start(slot, 0)
         while running:
             time.sleep(poll_seconds)
-            for slot, (proc, job, tag, k, deadline) in list(running.items()):
+            for slot, (proc, job, tag, k, deadline, launched) in list(running.items()):
                 if proc.poll() is None:
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"h2load still running {timeout_slack:.0f}s after its duration: {' '.join(command(job))}")
                     continue
                 del running[slot]
                 out, _ = proc.communicate()
-                runs.append(SlotRun(slot, job, parse_summary(out), tuple(read_log(job.log_file)), tag))
+                runs.append(SlotRun(slot, job, parse_summary(out), tuple(read_log(job.log_file)), tag, launched, int(time.time() * 1e6)))
                 job.log_file.unlink(missing_ok=True)
                 if k + 2 < len(table[slot]):
                     start(slot, k + 1)

@@ -51,6 +51,12 @@ def max_value(samples: list[Sample], name: str) -> float | None:
     return max(values) if values else None
 
 
+def method_calls(samples: list[Sample], method: str, name: str = "propensity_requests_total") -> float | None:
+    """RPCs of `method` (e.g. "Recommend") the server finished, any status code, summed; None if not exported."""
+    values = [v for n, labels, v in samples if n == name and labels.get("method", "").rsplit("/", 1)[-1] == method]
+    return sum(values) if values else None
+
+
 def buckets(samples: list[Sample], name: str) -> dict[float, float]:
     """Cumulative histogram counts per upper bound `le`, summed over label sets; {} if absent."""
     out: dict[float, float] = {}

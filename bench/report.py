@@ -223,7 +223,7 @@ open-loop phase changes user on every request.
 
 Mean {cand['mean']:.1f} candidates per request (min {cand['min']}, max {cand['max']}, {cand['share_at_cap'] * 100:.0f} % at the
 {cand['cap']} cap). Latencies in ms from h2load's `--log-file` (client-side, request start to end of response).
-Server CPU = CPU time of all the server's processes during the level / requests answered.
+Server CPU = CPU time of all the server's processes during the level / Recommend calls it handled.
 
 {table(results)}
 
@@ -233,8 +233,8 @@ requests that started in it. A new connection to a saturated server waits its tu
 first requests were up to {best.get('start_stagger_ms', 'n/a')} ms apart at the max-throughput level; all slots
 overlapped at every level: {_overlap(results)}. The requests in flight when a process's time was
 up ({best.get('in_flight_at_stop', 0):,} at the max-throughput level, against {best['requests']:,} answered) are not
-counted; the server CPU spent on those it had already started is, so CPU per request may be
-over-estimated by at most {_share(best.get('in_flight_at_stop', 0), best['requests'])}.
+counted by h2load, but most are still served: CPU per request therefore divides by the calls the
+server itself counted ({best.get('server_handled', 'n/a')} at that level; {best.get('cpu_per', '')}).
 
 ## CPU per request at saturation
 

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,6 +43,7 @@ RECOMMEND = "/propensity.v1.RecommendationService/Recommend"
 HEALTH = "/grpc.health.v1.Health/Check"
 OURS_MAX_PROCS = 16  # h2load slots side by side for our server: one user per process
 NAIVE_MAX_PROCS = 4  # the naive server is ~100x slower: few long processes, few users
+SETTLE_SECONDS = 0.3  # after a level, before reading the server's CPU and request count
 _T0 = time.monotonic()
 
 
@@ -98,9 +99,15 @@ def _fresh(path: Path) -> Path:
 
 
 def recommend_level(target: str, payloads: Payloads, concurrency: int, seconds: float, segments: int, work: Path,
-                    rotation: UserRotation, tag: str, max_procs: int, cpu: GroupCpu | None = None) -> dict:
+                    rotation: UserRotation, tag: str, max_procs: int, cpu: GroupCpu | None = None,
+                    served: Callable[[], float | None] | None = None) -> dict:
     """One concurrency level: slots of h2load processes side by side, each slot handing over to the next user
-    about `segments` times (never all slots at once); measured while every slot was sending."""
+    about `segments` times (never all slots at once); measured while every slot was sending.
+
+    Server CPU per request divides by the Recommend calls the server itself counted (`served`, from
+    its /metrics) when it can: requests cut off when an h2load process's time is up are mostly
+    still served, at a cost, without h2load counting them. Otherwise by h2load's answered + cut off.
+    """
     procs, clients, streams = split(concurrency, max_procs)
     url = f"http://{target}{RECOMMEND}"
 
@@ -109,9 +116,14 @@ def recommend_level(target: str, payloads: Payloads, concurrency: int, seconds: 
         log = _fresh(work / f"h2load_{tag}_c{concurrency}_s{slot}_k{k}.log")
         return h2load.Job(url, payloads.files[user], clients, streams, job_seconds, log, payloads.response_bytes[user]), user
 
+    served_before = served() if served else None
     before, wall0 = (cpu.mark() if cpu else 0), time.monotonic()
     runs = h2load.run_slots(next_job, h2load.timetable(procs, seconds, segments))
+    if cpu:
+        time.sleep(SETTLE_SECONDS)  # let the server finish what the last processes left in flight
     wall = time.monotonic() - wall0
+    after = cpu.mark() if cpu else 0
+    served_after = served() if served else None
     rotation.record((run.tag, run.answered) for run in runs)
     merged = h2load.merge_slots(runs, procs * clients * streams, min_seconds=seconds / 2)
     stats = merged.stats()
@@ -120,7 +132,11 @@ def recommend_level(target: str, payloads: Payloads, concurrency: int, seconds: 
                  segment_seconds=round(seconds / segments, 3), h2load_runs=len(runs), users=len({run.tag for run in runs if run.answered > 0}),
                  answered=answered)
     if cpu:
-        stats.update(cpu.phase(before, answered, wall))
+        if served_before is not None and served_after is not None:
+            handled, how = int(served_after - served_before), "Recommend calls the server counted (its /metrics)"
+        else:
+            handled, how = answered + merged.in_flight_at_stop, "h2load's answered + cut off in flight"
+        stats.update(cpu.phase(before, handled, wall, after=after), server_handled=handled, cpu_per=how)
     return stats
 
 
@@ -132,10 +148,10 @@ def health_c1(target: str, payloads: Payloads, seconds: float, work: Path) -> di
 
 
 def sweep(name: str, target: str, payloads: Payloads, levels: Sequence[int], seconds: float, segments: int, work: Path,
-          rotation: UserRotation, max_procs: int, cpu: GroupCpu) -> list[dict]:
+          rotation: UserRotation, max_procs: int, cpu: GroupCpu, served: Callable[[], float | None] | None = None) -> list[dict]:
     out = []
     for c in levels:
-        stats = recommend_level(target, payloads, c, seconds, segments, work, rotation, name, max_procs, cpu)
+        stats = recommend_level(target, payloads, c, seconds, segments, work, rotation, name, max_procs, cpu, served)
         say(f"{name:5s} c={c:<3d} {stats['throughput_rps']:9.1f} req/s  p50 {stats['p50']:8.2f} ms  p95 {stats['p95']:8.2f} ms  "
             f"p99 {stats['p99']:8.2f} ms  failures {stats['failures']}  users {stats['users']}  "
             f"CPU {stats['server_cpu_ms_per_request']:.3f} ms/req ({stats['server_cores_busy']:.2f} cores)")
@@ -167,6 +183,12 @@ def open_loop(target: str, users: Sequence[str], rate: float, seconds: float, ch
     if done.returncode != 0 or not out.exists():
         raise RuntimeError(f"bench.open_loop failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
     return json.loads(out.read_text())
+
+
+def recommend_calls(port: int) -> float | None:
+    """Recommend calls our server finished so far (any status), from its /metrics; None if unreadable."""
+    text = try_scrape(port)
+    return prom.method_calls(prom.parse(text), "Recommend") if text is not None else None
 
 
 def try_scrape(port: int) -> str | None:
@@ -208,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", default="1,2,4,8,16,32", help="concurrency levels (streams x connections)")
     parser.add_argument("--seconds", type=float, default=8.0, help="seconds per concurrency level (and of the open-loop phase)")
     parser.add_argument("--users", type=int, default=1000, help="sampled users with history that the load rotates over")
-    parser.add_argument("--min-segment-seconds", type=float, default=0.35, help="shortest h2load process (one user each) in the sweep")
+    parser.add_argument("--min-segment-seconds", type=float, default=0.75,
+                        help="shortest h2load process (one user each) in the sweep: each one opens connections, which costs "
+                             "the server CPU and leaves its slot idle while it starts and drains")
     parser.add_argument("--workers", type=int, default=2, help="PROPENSITY_SERVER__WORKERS for the real server")
     parser.add_argument("--channels", type=int, default=16, help="connections of the open-loop generator (SO_REUSEPORT spreads connections, not requests)")
     args = parser.parse_args(argv)
@@ -298,12 +322,15 @@ def main(argv: list[str] | None = None) -> int:
         health = health_c1(ours.target, payloads, 4.0, work)
         say(f"health check c=1: p50 {health['p50']:.3f} ms, {health['throughput_rps']:.0f} req/s")
         say(f"sweep: up to {OURS_MAX_PROCS} h2load slots side by side per level, each handing over to the next user about {ours_segments} times")
-        ours_levels = sweep("ours", ours.target, payloads, levels, args.seconds, ours_segments, work, rotation, OURS_MAX_PROCS, cpu)
+        served = lambda: recommend_calls(metrics_port)  # noqa: E731
+        ours_levels = sweep("ours", ours.target, payloads, levels, args.seconds, ours_segments, work, rotation, OURS_MAX_PROCS, cpu, served)
         sweep_users = rotation.touched
         best = max(level["throughput_rps"] for level in ours_levels)
-        before = cpu.mark()
+        served_before, before = served(), cpu.mark()
         half = open_loop(ours.target, users, rate=best / 2, seconds=args.seconds, channels=args.channels, work=work)
-        half.update(cpu.phase(before, half["answered"], args.seconds))
+        after, served_after = cpu.mark(), served()
+        handled = int(served_after - served_before) if served_before is not None and served_after is not None else half["answered"]
+        half.update(cpu.phase(before, handled, args.seconds, after=after), server_handled=handled)
         open_loop_users = set(half.pop("users_answered", []))
         nearest = min(ours_levels, key=lambda level: abs(level["throughput_rps"] - best / 2))
         half["closed_loop_level_nearest_half_max"] = {k: nearest[k] for k in ("concurrency", "throughput_rps", "p50", "p95", "p99")}

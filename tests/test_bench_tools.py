@@ -13,7 +13,7 @@ from bench.frames import decode_frame, encode_frame, write_frame
 from bench.h2load import Job, LogRow, SlotRun, Summary, command, grpc_failures, in_window, latencies_ms, merge_slots, overlap_window, parse_summary, percentiles, read_log, run_slots, timetable
 from bench.cpu import cpu_ms_per_request, group_ticks, parse_stat
 from bench.open_loop import generator_limited, summarise
-from bench.prom import LAG_HISTOGRAM, LAG_MAX, above, buckets, lag_report, max_value, parse, upper_bound
+from bench.prom import LAG_HISTOGRAM, LAG_MAX, above, buckets, lag_report, max_value, method_calls, parse, upper_bound
 from bench.report import readme, targets_table
 from bench.results import best_level, build_results, previous_max
 from bench.rotation import UserRotation, segments_per_slot, split
@@ -271,6 +271,17 @@ def test_parse_metrics_and_read_the_lag():
     assert report["stalls_over_limit"] is True  # 3 samples above 5 ms between the scrapes
     quiet = METRICS_AFTER.replace('le="0.005",worker="0"} 195.0', 'le="0.005",worker="0"} 198.0')
     assert lag_report(METRICS_BEFORE, quiet)["stalls_over_limit"] is False  # the 7.1 ms max happened before the load
+
+
+def test_method_calls_sums_every_status_code():
+    text = """propensity_requests_total{code="OK",method="Recommend"} 1200.0
+propensity_requests_total{code="CANCELLED",method="Recommend"} 4.0
+propensity_requests_total{code="OK",method="/propensity.v1.RecommendationService/ScoreUsers"} 9.0
+propensity_requests_created{code="OK",method="Recommend"} 1.7e9
+"""
+    assert method_calls(parse(text), "Recommend") == 1204.0
+    assert method_calls(parse(text), "ScoreUsers") == 9.0
+    assert method_calls(parse(text), "GetModelInfo") is None
 
 
 def test_lag_report_says_not_exported_instead_of_failing():
