@@ -1,0 +1,328 @@
+"""`python -m bench.bulk`: bulk scoring measured, online (ScoreUsers x1000) and offline (score-batch --users-only).
+
+    python -m bench.bulk online  --root var/bench [--root var/scale]   # in-process breakdown + a real `propensity serve`
+    python -m bench.bulk offline --root var/scale                      # the operator's command on the 20M-event shop
+
+A root is a shop built by `make bench` (var/bench) or `make bench-scale` (var/scale): raw data, work dir
+(prepared data, models) and Feast repository (offline tables, registry, online store). Every figure comes
+from this run; results go to docs/benchmarks/bulk_scoring.json and .md (a section not run keeps its last figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from propensity.settings import PROJECT_ROOT
+
+OUT = PROJECT_ROOT / "docs" / "benchmarks"
+CLI = str(Path(sys.executable).with_name("propensity"))
+CHUNK = 1000
+TARGET_ONLINE, TARGET_OFFLINE = 20_000, 100_000
+
+
+@dataclass(frozen=True)
+class Shop:
+    """A shop directory laid out like var/bench and var/scale."""
+
+    root: Path
+
+    @property
+    def work_dir(self) -> Path:
+        return self.root / ("work" if (self.root / "work").exists() else "var")
+
+    @property
+    def feature_repo(self) -> Path:
+        return self.root / "feature_repo"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / ("data" if (self.root / "data").exists() else "raw")
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "PROPENSITY_DATA_DIR": str(self.data_dir), "PROPENSITY_WORK_DIR": str(self.work_dir),
+                "PROPENSITY_FEATURE_REPO": str(self.feature_repo), "FEAST_USAGE": "False"}
+
+    def manifest(self) -> dict:
+        return json.loads((self.work_dir / "prepared" / "manifest.json").read_text())
+
+
+def say(message: str) -> None:
+    print(f"[bulk] {message}", flush=True)
+
+
+# -- online: ScoreUsers ---------------------------------------------------------------------------
+
+
+def active_user_ids(shop: Shop, n: int, seed: int = 0) -> list[str]:
+    """n users with an event in the 90 days before the as-of time, in a seeded random order."""
+    from training.batch_scoring import active_users
+
+    manifest = shop.manifest()
+    users = active_users(shop.work_dir / "prepared", datetime.fromisoformat(manifest["as_of"]))
+    rng = np.random.default_rng(seed)
+    return [users[i] for i in rng.permutation(len(users))[:n]]
+
+
+def in_process(shop: Shop, users: list[str], seconds: float = 6.0) -> dict:
+    """Per chunk of CHUNK users, what ScoreUsers does: the bulk online read, conversion + assembly, predict; and the per-user loop it replaced."""
+    from propensity.assembly import user_matrix, user_vector
+    from propensity.feature_store import open_store
+    from propensity.model_registry import load_version
+    from propensity.user_state import UserBatch, UserState
+    from server.online_features import OnlineUserFeatures, item_ids_in_offline_store, load_catalog
+
+    store = open_store(shop.feature_repo)
+    bundle = load_version(shop.work_dir / "models", num_threads=1)  # the server's policy: one thread per worker
+    compiled = bundle.compile() if bundle.has_compiled_cache() else False
+    features = OnlineUserFeatures(store, bundle.user_feature_service)
+    catalog = load_catalog(store, bundle.item_feature_service, item_ids_in_offline_store(store))
+    read = getattr(features, "fetch_columns", None)
+    chunks = [users[i : i + CHUNK] for i in range(0, len(users) - CHUNK + 1, CHUNK)]
+    stages: dict[str, list[float]] = {"read": [], "assemble": [], "predict": [], "total": []}
+    now = time.time()
+    started, k = time.perf_counter(), 0
+    while time.perf_counter() - started < seconds or k < 2 * len(chunks):
+        ids = chunks[k % len(chunks)]
+        k += 1
+        t0 = time.perf_counter()
+        batch = UserBatch(ids, read(ids), catalog) if read else UserBatch.from_rows(ids, features.fetch(ids), catalog)
+        t1 = time.perf_counter()
+        rows = user_matrix(batch, now)
+        t2 = time.perf_counter()
+        np.where(batch.known, bundle.predict_users(rows), bundle.base_rate)
+        t3 = time.perf_counter()
+        for name, value in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
+            stages[name].append(value * 1000)
+    # The per-user loop ScoreUsers ran before (a UserState and a user_vector per user, one predict per chunk).
+    loop_ms = []
+    for ids in chunks[:3]:
+        rows_ = features.fetch(ids)
+        t0 = time.perf_counter()
+        bundle.predict_users(np.vstack([user_vector(UserState.from_row(u, r, catalog), now) for u, r in zip(ids, rows_)]))
+        loop_ms.append((time.perf_counter() - t0) * 1000)
+    median = {name: float(np.median(values)) for name, values in stages.items()}
+    return {
+        "chunk_users": CHUNK, "chunks_timed": k, "distinct_users": len(chunks) * CHUNK, "read_api": "fetch_columns" if read else "fetch",
+        "predictor": "compiled (lleaves, 1 thread)" if compiled else "LightGBM, num_threads=1",
+        **{f"{name}_ms_p50": round(value, 2) for name, value in median.items()},
+        "users_per_second_in_process": round(CHUNK / median["total"] * 1000),
+        "per_user_loop_assemble_predict_ms_p50": round(float(np.median(loop_ms)), 2),
+    }
+
+
+def through_server(shop: Shop, users: list[str], workers: int, seconds: float, concurrency: tuple[int, ...]) -> list[dict]:
+    """ScoreUsers with CHUNK ids per call against a real `propensity serve` on this shop."""
+    from bench.grpc_load import score_users
+    from bench.processes import ServerProcess, free_port
+
+    port = free_port()
+    env = {**shop.env(), "PROPENSITY_SERVER__WORKERS": str(workers), "PROPENSITY_SERVER__HOST": "127.0.0.1",
+           "PROPENSITY_SERVER__LOG_FORMAT": "json"}
+    log = Path(tempfile.mkdtemp(prefix="bulk-serve-")) / "server.log"
+    results = []
+    with ServerProcess("propensity serve", [CLI, "serve", "--port", str(port)], env, port, log, PROJECT_ROOT) as server:
+        say(f"  propensity serve (workers={workers}) SERVING after {server.wait_serving():.1f}s; log {log}")
+        score_users(server.target, users, batch=CHUNK, concurrency=max(concurrency), seconds=2.0)  # warm every worker
+        for c in concurrency:
+            result = score_users(server.target, users, batch=CHUNK, concurrency=c, seconds=seconds)
+            say(f"  ScoreUsers x{CHUNK}, {c} concurrent call(s): {result['users_per_second']:,.0f} users/s "
+                f"({result['calls']} calls, p50 {result['call_p50_ms']} ms per call, {result['failures']} failures)")
+            results.append({"workers": workers, **result})
+    return results
+
+
+def online(roots: list[Path], seconds: float, workers: int) -> dict:
+    shops = []
+    for root in roots:
+        shop = Shop(root.resolve())
+        manifest = shop.manifest()
+        users = active_user_ids(shop, 20 * CHUNK)
+        say(f"online, {root}: {manifest['n_events']:,} events, {manifest['n_users']:,} users; rotating over {len(users):,} active users")
+        breakdown = in_process(shop, users)
+        say(f"  in process per {CHUNK}: read {breakdown['read_ms_p50']} ms, assemble {breakdown['assemble_ms_p50']} ms, "
+            f"predict {breakdown['predict_ms_p50']} ms -> {breakdown['users_per_second_in_process']:,} users/s "
+            f"(the per-user loop it replaced: {breakdown['per_user_loop_assemble_predict_ms_p50']} ms for assemble + predict)")
+        calls = through_server(shop, users, workers, seconds, (1, 2, 4))
+        shops.append({"root": _relative(root), "events": manifest["n_events"], "users": manifest["n_users"], "items": manifest["n_items"],
+                      "rotated_users": len(users), "in_process": breakdown, "server": calls,
+                      "best_users_per_second": max(c["users_per_second"] for c in calls)})
+    return {"measured_at": _now(), "command": f"python -m bench.bulk online {' '.join('--root ' + _relative(r) for r in roots)}",
+            "seconds_per_level": seconds, "shops": shops}
+
+
+# -- offline: score-batch --users-only ---------------------------------------------------------------
+
+
+def run_score_batch(shop: Shop, out: Path, chunk_size: int | None) -> dict:
+    """The operator's command in its own process: wall time, peak resident memory (os.wait4) and its own rate line."""
+    args = [CLI, "score-batch", "--users-only", "--out", str(out)] + (["--chunk-size", str(chunk_size)] if chunk_size else [])
+    log = out.with_suffix(".log")
+    started = time.perf_counter()
+    with log.open("w") as sink:
+        process = subprocess.Popen(args, env=shop.env(), stdout=sink, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT)
+        _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - started
+    text = log.read_text()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"score-batch failed:\n{text[-3000:]}")
+    final = re.search(r"wrote ([\d,]+) users to .* in ([\d.]+)s", text)
+    users, inside = int(final.group(1).replace(",", "")), float(final.group(2))
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(out).metadata
+    return {
+        "command": "propensity score-batch --users-only --out OUT.parquet" + (f" --chunk-size {chunk_size}" if chunk_size else ""),
+        "chunk_size": chunk_size or 100_000, "users": users, "wall_seconds": round(wall, 2), "command_seconds": round(inside, 2),
+        "users_per_second": round(users / wall), "users_per_second_after_startup": round(users / inside),
+        "peak_rss_gb": round(usage.ru_maxrss / 1024**2, 2), "row_groups": meta.num_row_groups, "output_mb": round(out.stat().st_size / 1e6, 1),
+        "progress_lines": [line for line in text.splitlines() if "scored" in line][:3] + ["..."],
+    }
+
+
+def offline(root: Path, chunk_sizes: list[int | None], repeats: int) -> dict:
+    shop = Shop(root.resolve())
+    manifest = shop.manifest()
+    say(f"offline, {root}: {manifest['n_events']:,} events, {manifest['n_users']:,} users, as of {manifest['as_of']}")
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="bulk-offline-") as tmp:
+        for chunk in chunk_sizes:
+            for r in range(repeats):
+                result = run_score_batch(shop, Path(tmp) / f"users-{chunk}-{r}.parquet", chunk)
+                say(f"  {result['command']}: {result['users']:,} users in {result['wall_seconds']}s wall -> {result['users_per_second']:,} users/s "
+                    f"({result['users_per_second_after_startup']:,} after start-up), peak RSS {result['peak_rss_gb']} GB, {result['row_groups']} row groups")
+                runs.append(result)
+    return {"measured_at": _now(), "command": f"python -m bench.bulk offline --root {_relative(root)}", "root": _relative(root),
+            "events": manifest["n_events"], "users": manifest["n_users"], "items": manifest["n_items"], "as_of": manifest["as_of"], "runs": runs,
+            "best_users_per_second": max(r["users_per_second"] for r in runs)}
+
+
+# -- report ------------------------------------------------------------------------------------------------
+
+
+def write_report(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bulk_scoring.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "bulk_scoring.md").write_text(render(results))
+
+
+def render(results: dict) -> str:
+    machine = results.get("machine", {})
+    parts = [
+        "# Bulk scoring: ScoreUsers and score-batch --users-only\n",
+        f"Measured on {machine.get('cpus')} cores ({machine.get('platform')}, Python {machine.get('python')}) by `python -m bench.bulk` "
+        "(bench/bulk.py); numbers in bulk_scoring.json. The machine is shared and noisy (about +-15 %, more while other jobs run): "
+        "compare figures within one run.\n",
+        "How: per chunk of users, one bulk read of the feature columns, one conversion into arrays with the per-user lists flattened "
+        "(propensity/user_state.py UserBatch), one vectorised assembly (propensity/assembly.py user_matrix: np.ufunc.reduceat over "
+        "the flat lists) and one predict call. No per-user Python loop. Training, serving and batch scoring build the user model's "
+        "input with this code; tests/test_user_batch.py and tests/test_batch_scoring.py hold it to the per-user definitions, "
+        "and score-batch --users-only to the get_historical_features path (same users, propensities within 1e-9).\n",
+    ]
+    if "online" in results:
+        parts.append(_render_online(results["online"]))
+    if "offline" in results:
+        parts.append(_render_offline(results["offline"]))
+    return "\n".join(parts)
+
+
+def _met(value: float, target: float) -> str:
+    return f"**met** ({value:,.0f} >= {target:,})" if value >= target else f"**short** ({value:,.0f} < {target:,})"
+
+
+def _render_online(online: dict) -> str:
+    lines = [f"## ScoreUsers with {CHUNK:,} ids per call (target >= {TARGET_ONLINE:,} users/s)\n",
+             f"Measured {online['measured_at']}. Command: `{online['command']}`.\n"]
+    for shop in online["shops"]:
+        p = shop["in_process"]
+        lines += [
+            f"### {shop['root']}: {shop['events']:,} events, {shop['users']:,} users, {shop['items']:,} items\n",
+            f"Target: {_met(shop['best_users_per_second'], TARGET_ONLINE)}. Calls rotate over {shop['rotated_users']:,} active users.\n",
+            "| server workers | concurrent calls | users/s | calls | p50 per call, ms | failures |", "|---|---|---|---|---|---|",
+            *[f"| {c['workers']} | {c['concurrency']} | {c['users_per_second']:,.0f} | {c['calls']} | {c['call_p50_ms']} | {c['failures']} |" for c in shop["server"]],
+            "",
+            f"In process, per chunk of {p['chunk_users']:,} users (median of {p['chunks_timed']} chunks; read through `{p['read_api']}`, "
+            f"predictor {p['predictor']}):\n",
+            "| stage | ms per 1,000 users |", "|---|---|",
+            f"| bulk online read (Feast's online store, TTLs applied) | {p['read_ms_p50']} |",
+            f"| conversion + assembly (UserBatch, user_matrix) | {p['assemble_ms_p50']} |",
+            f"| predict (one call) | {p['predict_ms_p50']} |",
+            f"| **total** | **{p['total_ms_p50']}** ({p['users_per_second_in_process']:,} users/s) |",
+            f"| for comparison: the per-user loop it replaced (UserState + user_vector per user, then predict) | {p['per_user_loop_assemble_predict_ms_p50']} (without the read) |",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def _render_offline(offline: dict) -> str:
+    best = offline["best_users_per_second"]
+    lines = [
+        f"## score-batch --users-only on the bench-scale shop (target >= {TARGET_OFFLINE:,} users/s)\n",
+        f"Measured {offline['measured_at']} on `{offline['root']}` (`make bench-scale`): {offline['events']:,} events, {offline['users']:,} users, "
+        f"{offline['items']:,} items, scored at the as-of time {offline['as_of']}. Command: `{offline['command']}`, which runs "
+        "`propensity score-batch --users-only` as its own process (users/s over the whole command's wall time, start-up included; "
+        "peak memory from os.wait4).\n",
+        f"Target: {_met(best, TARGET_OFFLINE)}.\n",
+        "| command | users | wall s | users/s | users/s after start-up | peak RSS, GB | row groups written |", "|---|---|---|---|---|---|---|",
+        *[f"| `{r['command']}` | {r['users']:,} | {r['wall_seconds']} | {r['users_per_second']:,} | {r['users_per_second_after_startup']:,} | "
+          f"{r['peak_rss_gb']} | {r['row_groups']} |" for r in offline["runs"]],
+        "",
+        "The point-in-time rule is Feast's for entity rows at one timestamp (latest row with event_timestamp <= at and within the "
+        "view's TTL), run by DuckDB over the Parquet tables Feast's registry names (training/offline_user_features.py): each view's "
+        "(user, timestamp) columns first, then the feature columns of only the row groups that can hold a latest row. DuckDB streams "
+        "Arrow record batches (memory_limit 2 GB, spilling beyond); each batch is scored and written as one Parquet row group, so "
+        "memory does not grow with the number of users. Progress, as the command prints it:\n",
+        "```", *offline["runs"][0]["progress_lines"], "```", "",
+    ]
+    return "\n".join(lines)
+
+
+def _relative(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(PROJECT_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore")
+    parser = argparse.ArgumentParser(prog="python -m bench.bulk", description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["online", "offline", "all"])
+    parser.add_argument("--root", type=Path, action="append", help="shop directory (online: repeatable; default var/bench; offline: var/scale)")
+    parser.add_argument("--seconds", type=float, default=8.0, help="seconds per ScoreUsers concurrency level")
+    parser.add_argument("--workers", type=int, default=2, help="server worker processes (production setting: 2 on this machine)")
+    parser.add_argument("--repeats", type=int, default=2, help="score-batch runs per chunk size")
+    parser.add_argument("--chunk-sizes", default="default,25000", help="score-batch --chunk-size values ('default' = the command's own)")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    previous = json.loads((args.out / "bulk_scoring.json").read_text()) if (args.out / "bulk_scoring.json").exists() else {}
+    results = {**previous, "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}}
+    if args.what in ("online", "all"):
+        results["online"] = online(args.root or [PROJECT_ROOT / "var" / "bench"], args.seconds, args.workers)
+    if args.what in ("offline", "all"):
+        chunks = [None if c == "default" else int(c) for c in args.chunk_sizes.split(",")]
+        results["offline"] = offline((args.root or [PROJECT_ROOT / "var" / "scale"])[-1], chunks, args.repeats)
+    write_report(results, args.out)
+    say(f"wrote {args.out / 'bulk_scoring.md'} and bulk_scoring.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
