@@ -66,6 +66,11 @@ USER_INPUTS: tuple[str, ...] = (
     USER_SCALARS + USER_TIMESTAMPS + ("top_category_ids", "top_category_shares", "recent_item_ids") + RECENT_VALUES
     + ("bought_item_ids",) + BOUGHT_VALUES
 )
+# The features the user model's inputs are built from (propensity.assembly.user_matrix reads nothing else):
+# what a bulk read for ScoreUsers needs, e.g. OnlineUserFeatures(store, service, only=USER_MODEL_INPUTS).
+USER_MODEL_INPUTS: tuple[str, ...] = USER_SCALARS + USER_TIMESTAMPS + (
+    "top_category_shares", "recent_item_ids", "recent_item_views_7d", "recent_item_carts_7d", "recent_item_in_cart", "recent_item_last_ts",
+)
 # Features whose presence tells a known user from an unknown one (columns of USER_TIMESTAMPS).
 _PRESENCE = [USER_TIMESTAMPS.index("last_event_ts"), USER_TIMESTAMPS.index("signup_ts")]
 _SEQUENCES = (list, tuple, np.ndarray)

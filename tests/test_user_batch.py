@@ -18,7 +18,9 @@ import pytest
 
 from propensity.assembly import USER_MODEL_FEATURES, user_matrix, user_vector
 from propensity.catalog import Catalog, as_list
-from propensity.user_state import BOUGHT_VALUES, RECENT_VALUES, USER_INPUTS, USER_SCALARS, USER_TIMESTAMPS, UserBatch, UserState
+from propensity.user_state import (
+    BOUGHT_VALUES, RECENT_VALUES, USER_INPUTS, USER_MODEL_INPUTS, USER_SCALARS, USER_TIMESTAMPS, UserBatch, UserState,
+)
 
 DAY = 86_400.0
 NOW = 1_700_000_000.0
@@ -242,6 +244,24 @@ def test_a_batch_converts_only_what_is_used(catalog: Catalog) -> None:
     batch = UserBatch(["u"], columns, catalog)
     row = dict(zip(USER_MODEL_FEATURES, user_matrix(batch, NOW)[0]))
     assert row["n_recent_items"] == 1 and row["max_item_views_7d"] == 2.0
+
+
+def test_the_user_model_reads_only_its_inputs(rows: list[dict], catalog: Catalog) -> None:
+    """USER_MODEL_INPUTS is what a bulk read for ScoreUsers must fetch: user_matrix looks at nothing else."""
+
+    class Recording(dict):
+        read: set = set()
+
+        def get(self, key, default=None):  # noqa: D102
+            self.read.add(key)
+            return super().get(key, default)
+
+    columns = Recording({name: [r.get(name) for r in rows] for name in USER_INPUTS})
+    full = user_matrix(UserBatch.from_rows([f"u{i}" for i in range(len(rows))], rows, catalog), NOW)
+    subset = {name: columns[name] for name in USER_MODEL_INPUTS}
+    np.testing.assert_array_equal(user_matrix(UserBatch(list(range(len(rows))), columns, catalog), NOW), full)
+    assert columns.read == set(USER_MODEL_INPUTS)
+    np.testing.assert_array_equal(user_matrix(UserBatch(list(range(len(rows))), subset, catalog), NOW), full)
 
 
 def _arrow_schema() -> pa.Schema:
