@@ -150,6 +150,7 @@ def build_results(
         "users": dict(users),
         "recommend": {"ours": list(ours), "naive": list(naive), "ours_max": dict(ours_best), "naive_max": dict(naive_best)},
         "cpu_ms_per_request_at_saturation": {"ours": ours_best.get("server_cpu_ms_per_request"), "naive": naive_best.get("server_cpu_ms_per_request"),
+                                             "ours_open_loop_new_user_every_request": half_load.get("server_cpu_ms_per_request"),
                                              "how": "utime+stime+cutime+cstime of every process in the server's process group over the max-throughput level, divided by the "
                                                     "Recommend calls the server handled in it (ours: counted by its /metrics; naive: h2load's answered + cut off in flight)"},
         "health_check_c1": dict(health_c1),

@@ -230,9 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", default="1,2,4,8,16,32", help="concurrency levels (streams x connections)")
     parser.add_argument("--seconds", type=float, default=8.0, help="seconds per concurrency level (and of the open-loop phase)")
     parser.add_argument("--users", type=int, default=1000, help="sampled users with history that the load rotates over")
-    parser.add_argument("--min-segment-seconds", type=float, default=0.75,
-                        help="shortest h2load process (one user each) in the sweep: each one opens connections, which costs "
-                             "the server CPU and leaves its slot idle while it starts and drains")
+    parser.add_argument("--min-segment-seconds", type=float, default=2.0,
+                        help="shortest h2load process (one user each) in the sweep; 0.35 makes the sweep alone reach ~1,000 users, "
+                             "but every process opens new connections, which costs the server CPU and leaves its slot idle while "
+                             "it starts (up to ~0.5 s against a saturated server on a busy machine) and drains")
     parser.add_argument("--workers", type=int, default=2, help="PROPENSITY_SERVER__WORKERS for the real server")
     parser.add_argument("--channels", type=int, default=16, help="connections of the open-loop generator (SO_REUSEPORT spreads connections, not requests)")
     args = parser.parse_args(argv)
