@@ -187,6 +187,10 @@ def readme(results: dict) -> str:
         if half.get("generator_limited") else
         f"The generator kept its schedule (lateness p99 {half['lateness_p99_ms']:.3f} ms against a latency p99 of {half['p99']:.2f} ms), "
         "so the tail is the server's."
+        if half.get("lateness_p99_ms", 0) < 1.0 else
+        f"The generator's sends were late by {half['lateness_p99_ms']:.2f} ms at p99 (max {half['lateness_max_ms']:.1f} ms), small against "
+        f"the latency p99 of {half['p99']:.2f} ms, so the tail is the server's (the generator shares the cores with the server, so a "
+        "saturated server delays it too)."
     )
     prev_text = (f"{previous['max_rps']:,.1f} req/s from {previous['path'].split('/')[-1]} of {previous['date']} "
                  f"({previous.get('users')} users), read before this run wrote anything"
