@@ -118,16 +118,6 @@ def _overlap(results: dict) -> str:
     return "yes" if not short else "no, at " + ", ".join(short) + " (there the whole level, first start to last answer, is used)"
 
 
-def _cache_check(best: dict, half: dict) -> str:
-    sweep, rotating = best.get("server_cpu_ms_per_request"), half.get("server_cpu_ms_per_request")
-    if not sweep or not rotating:
-        return ""
-    if sweep < 0.8 * rotating:
-        return (f": the sweep's {sweep:.3f} ms, with users repeated within each h2load process, is {100 * (1 - sweep / rotating):.0f} % lower, "
-                "so repetition (caches, branch prediction) may flatter the sweep's throughput")
-    return f" (the sweep's {sweep:.3f} ms, with users repeated within each h2load process, is not lower: repetition does not flatter it)"
-
-
 def _share(part: float, whole: float) -> str:
     return f"{100 * part / whole:.1f} %" if whole else "n/a"
 
@@ -227,9 +217,9 @@ users were answered: {users['touched_by_closed_loop_sweep']:,} in the closed-loo
 in the open-loop phase (the naive server's sweep: {users['naive_sweep']}).
 
 h2load posts the same body on every request, so one h2load process asks for one user. Each
-level therefore keeps up to {best.get('processes')} h2load processes ("slots") running side by side, and each slot
+level therefore keeps up to {max(lv.get('processes', 1) for lv in results['recommend']['ours'])} h2load processes ("slots") running side by side, and each slot
 hands over to a new process for the next user of the list about every {best.get('segment_seconds')} s
-({best.get('h2load_runs')} processes at the max-throughput level), the slots at different moments,
+({sum(lv.get('h2load_runs', 0) for lv in results['recommend']['ours'])} processes in the sweep), the slots at different moments,
 continuing through the list across levels. A process repeats its user for its life; the open-loop
 phase changes user on every request and goes through the whole list. Shorter processes would take
 the sweep alone through more users, but each one opens new connections: that costs the server CPU
@@ -255,13 +245,14 @@ server itself counted ({best.get('server_handled', 'n/a')} at that level; {best.
 
 ## CPU per request at saturation
 
-At the max-throughput level (c={best['concurrency']}): **{_ms(cpu['ours'])}** of server CPU per answered request for
+At the max-throughput level (c={best['concurrency']}): **{_ms(cpu['ours'])}** of server CPU per request for
 `propensity serve`, {_ms(cpu['naive'])} for the naive server at its own max. {cpu['how']}. Steadier than
 req/s on this shared machine: the load generator's share of the cores does not enter it. For scale,
 the in-process floor (user read + scoring, one thread, no gRPC) is {floor['with_feast_user_read_p50_ms']:.3f} ms p50;
 the server adds gRPC, protobuf, logging and metrics to it, so a figure far below the floor would
-mean the load was served from a cache. In the open-loop phase, where every request is for another
-user, the server spent {_ms(half.get('server_cpu_ms_per_request'))} per request at half of max load{_cache_check(best, half)}.
+mean the load was served from a cache. In the open-loop phase (a new user on every request, half
+of max load) the server spent {_ms(half.get('server_cpu_ms_per_request'))} per request; below saturation it also pays
+for waking up for each request, so that figure is not the saturation cost.
 
 ## Tail at half of max throughput (open loop)
 
