@@ -327,11 +327,12 @@ def main(argv: list[str] | None = None) -> int:
         ours_levels = sweep("ours", ours.target, payloads, levels, args.seconds, ours_segments, work, rotation, OURS_MAX_PROCS, cpu, served)
         sweep_users = rotation.touched
         best = max(level["throughput_rps"] for level in ours_levels)
-        served_before, before = served(), cpu.mark()
+        served_before, before, wall0 = served(), cpu.mark(), time.monotonic()
         half = open_loop(ours.target, users, rate=best / 2, seconds=args.seconds, channels=args.channels, work=work)
-        after, served_after = cpu.mark(), served()
+        after, wall, served_after = cpu.mark(), time.monotonic() - wall0, served()
         handled = int(served_after - served_before) if served_before is not None and served_after is not None else half["answered"]
-        half.update(cpu.phase(before, handled, args.seconds, after=after), server_handled=handled)
+        # The window includes the generator's own start-up and connection warm-up, when the server is nearly idle.
+        half.update(cpu.phase(before, handled, wall, after=after), server_handled=handled)
         open_loop_users = set(half.pop("users_answered", []))
         nearest = min(ours_levels, key=lambda level: abs(level["throughput_rps"] - best / 2))
         half["closed_loop_level_nearest_half_max"] = {k: nearest[k] for k in ("concurrency", "throughput_rps", "p50", "p95", "p99")}
