@@ -156,7 +156,7 @@ echo "traffic: 1KB (1000) total, 100B (100) headers (space savings 50%), 658B (6
         given.append((slot, k))
         return Job("u", Path("b"), 1, 1, seconds, tmp_path / f"{slot}_{k}.log", 329), f"user{slot}{k}"
 
-    runs = run_slots(next_job, [[0.0, 0.15, 0.3], [0.0, 0.3]], poll_seconds=0.001, min_job_seconds=0.0)
+    runs = run_slots(next_job, [[0.0, 5.0, 10.0], [0.0, 10.0]], poll_seconds=0.001, min_job_seconds=0.0)  # the stand-in exits at once
     assert sorted(given) == [(0, 0), (0, 1), (1, 0)]
     assert sorted(r.tag for r in runs) == ["user00", "user01", "user10"] and all(r.answered == 2 for r in runs)
     assert not list(tmp_path.glob("*.log"))  # logs are read and removed
