@@ -259,6 +259,7 @@ for waking up for each request, so that figure is not the saturation cost.
 `python -m bench.open_loop`, a process of its own: grpc.aio with {half.get('channels')} channels (one connection each,
 so SO_REUSEPORT spreads them over the workers), Recommend due every 1/{half['target_rate_rps']:,.0f} s whatever
 the earlier answers did, users rotating per request, latency from the time each request was due.
+It ran at niceness {half.get('generator_niceness', 'n/a')}, the server at {half.get('server_niceness', 'n/a')} (a lower value gets the CPU first).
 
 | | p50 | p95 | p99 | max |
 |---|---:|---:|---:|---:|

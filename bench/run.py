@@ -44,6 +44,7 @@ HEALTH = "/grpc.health.v1.Health/Check"
 OURS_MAX_PROCS = 16  # h2load slots side by side for our server: one user per process
 NAIVE_MAX_PROCS = 4  # the naive server is ~100x slower: few long processes, few users
 SETTLE_SECONDS = 0.3  # after a level, before reading the server's CPU and request count
+GENERATOR_PRIORITY_BOOST = 5  # the open-loop generator's niceness this much below the server's, where permitted
 _T0 = time.monotonic()
 
 
@@ -178,7 +179,8 @@ def open_loop(target: str, users: Sequence[str], rate: float, seconds: float, ch
     users_file.write_text("\n".join(users) + "\n")
     out.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "bench.open_loop", "--target", target, "--users-file", str(users_file), "--rate", f"{rate:.3f}",
-           "--seconds", str(seconds), "--channels", str(channels), "--out", str(out), "--raw", str(work / "open_loop_requests.npz")]
+           "--seconds", str(seconds), "--channels", str(channels), "--out", str(out), "--raw", str(work / "open_loop_requests.npz"),
+           "--priority-boost", str(GENERATOR_PRIORITY_BOOST)]
     done = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=seconds + 120)
     if done.returncode != 0 or not out.exists():
         raise RuntimeError(f"bench.open_loop failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
@@ -332,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         after, wall, served_after = cpu.mark(), time.monotonic() - wall0, served()
         handled = int(served_after - served_before) if served_before is not None and served_after is not None else half["answered"]
         # The window includes the generator's own start-up and connection warm-up, when the server is nearly idle.
-        half.update(cpu.phase(before, handled, wall, after=after), server_handled=handled)
+        half.update(cpu.phase(before, handled, wall, after=after), server_handled=handled, server_niceness=os.getpriority(os.PRIO_PROCESS, ours.pid))
         open_loop_users = set(half.pop("users_answered", []))
         nearest = min(ours_levels, key=lambda level: abs(level["throughput_rps"] - best / 2))
         half["closed_loop_level_nearest_half_max"] = {k: nearest[k] for k in ("concurrency", "throughput_rps", "p50", "p95", "p99")}
