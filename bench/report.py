@@ -38,7 +38,9 @@ def verdict(row: dict) -> str:
         return "reported"
     text = "**met**" if row["met"] else "**short**"
     if row.get("generator_limited"):
-        text += " (generator-limited: its own lateness, not the server, dominates this tail)"
+        late = row.get("lateness_p99_ms")
+        text += (" (generator-limited: the generator, not the server, is the limit here; its own sends were "
+                 + (f"{late:.1f} ms late at p99)" if late is not None else "late)"))
     if row.get("exported") is False:
         text = "**short** (not exported)"
     return text
