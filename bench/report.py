@@ -37,7 +37,7 @@ def verdict(row: dict) -> str:
     if row["met"] is None:
         return "reported"
     text = "**met**" if row["met"] else "**short**"
-    if row.get("generator_limited"):
+    if row.get("generator_limited") and not row["met"]:
         late = row.get("lateness_p99_ms")
         text += (" (generator-limited: the generator, not the server, is the limit here; its own sends were "
                  + (f"{late:.1f} ms late at p99)" if late is not None else "late)"))
