@@ -99,7 +99,7 @@ class Background:
     async def refresh_catalog(self) -> bool:
         """Re-read the catalog in the build process; swap it in when its content changed. True when it did."""
         try:
-            digest, pieces = await asyncio.to_thread(  # a pool thread: it only waits on the build process's pipe
+            digest, pieces = await asyncio.to_thread(  # a pool thread: it only waits on the build process's socket
                 self.builder.call, build_catalog_pieces, self._items.spec, self._items.digest
             )
         except BuildFailed as error:

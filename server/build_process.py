@@ -2,17 +2,20 @@
 
 Why not a thread: a thread running Python holds the GIL, and the event loop waits up to the switch
 interval for it every time it wants it back (measured: a catalog build in a thread delayed the loop
-by 10-50 ms, docs/benchmarks/event_loop.md). A process has its own GIL; it is started with `spawn`
-(a fresh interpreter: forking a process that runs gRPC is unsafe) and at a lower CPU priority, so
-when cores are short the kernel runs the serving workers first and the build waits.
+by 10-50 ms, docs/benchmarks/event_loop.md). A process has its own GIL. It is a fresh interpreter
+(`python -m server.build_process`: forking a process that runs gRPC is unsafe, and multiprocessing's
+`spawn` would re-run the server's main script in it), talks over a socket pair, and runs at a lower
+CPU priority, so when cores are short the kernel runs the serving workers first and the build waits.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import traceback
 from collections.abc import Callable
@@ -35,7 +38,7 @@ def _serve(conn: Connection, niceness: int) -> None:
     while True:
         try:
             fn, args = conn.recv()
-        except (EOFError, OSError):  # the server closed the pipe or exited: nothing left to build for
+        except (EOFError, OSError):  # the server closed the socket or exited: nothing left to build for
             return
         try:
             reply: tuple[bool, object] = (True, fn(*args))
@@ -50,7 +53,7 @@ def _serve(conn: Connection, niceness: int) -> None:
 class BuildProcess:
     """One helper process, started on first use and restarted if it dies; `call` runs one function in it at a time.
 
-    `call` blocks until the result is back (waiting on a pipe releases the GIL): call it from a thread,
+    `call` blocks until the result is back (waiting on the socket releases the GIL): call it from a thread,
     e.g. `await asyncio.to_thread(builder.call, fn, arg)`. fn and its arguments and result are pickled, so
     fn must be a module-level function; return bytes for large results to control where they are unpickled.
     """
@@ -58,13 +61,16 @@ class BuildProcess:
     def __init__(self, niceness: int = NICENESS) -> None:
         self._niceness = niceness
         self._lock = threading.Lock()
-        self._process: multiprocessing.process.BaseProcess | None = None
+        self._process: subprocess.Popen | None = None
         self._conn: Connection | None = None
         self._closed = False
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid if self._process is not None and self._process.is_alive() else None
+        return self._process.pid if self._alive() else None
+
+    def _alive(self) -> bool:
+        return self._process is not None and self._process.poll() is None
 
     def call(self, fn: Callable[..., T], *args: object) -> T:
         """fn(*args) in the helper process; raises BuildFailed when it raised or the helper died."""
@@ -88,23 +94,33 @@ class BuildProcess:
         self._stop()
 
     def _ensure_started(self) -> Connection:
-        if self._process is None or not self._process.is_alive() or self._conn is None:
+        if not self._alive() or self._conn is None:
             self._stop()
-            context = multiprocessing.get_context("spawn")
-            ours, theirs = context.Pipe()
-            process = context.Process(target=_serve, args=(theirs, self._niceness), name="propensity-build", daemon=True)
-            process.start()
-            theirs.close()
-            self._process, self._conn = process, ours
+            ours, theirs = socket.socketpair()
+            # The child imports what it is sent by module name: give it this process's import path.
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
+            with theirs:
+                process = subprocess.Popen(
+                    [sys.executable, "-m", __name__, str(theirs.fileno()), str(self._niceness)], pass_fds=(theirs.fileno(),), env=env
+                )
+            self._process, self._conn = process, Connection(ours.detach())
             log.info("build process %d started (nice +%d)", process.pid, self._niceness)
         return self._conn
 
     def _stop(self) -> None:
         conn, process, self._conn, self._process = self._conn, self._process, None, None
-        # The process first: a thread blocked reading the pipe then sees end-of-file and returns.
+        # The process first: a thread blocked reading the socket then sees end-of-file and returns.
         if process is not None:
-            if process.is_alive():
+            if process.poll() is None:
                 process.terminate()
-            process.join(timeout=5)
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
         if conn is not None:
             conn.close()
+
+
+if __name__ == "__main__":  # the helper itself: python -m server.build_process <socket fd> <niceness>
+    _serve(Connection(int(sys.argv[1])), int(sys.argv[2]))
