@@ -198,6 +198,10 @@ class _UserRows:
     def fetch(self, user_ids: list[str]) -> list[dict[str, object]]:
         return [self._rows.get(u, {}) for u in user_ids]
 
+    def fetch_columns(self, user_ids: list[str]) -> dict[str, list[object]]:
+        names = sorted({name for row in self._rows.values() for name in row})
+        return {name: [self._rows.get(u, {}).get(name) for u in user_ids] for name in names}
+
 
 def _booster(features: tuple[str, ...] | list[str], seed: int) -> lgb.Booster:
     rng = np.random.default_rng(seed)
