@@ -35,7 +35,7 @@ from propensity.retrieval import stored_weights
 from propensity.feature_store import check_service, open_store
 from propensity.model_registry import RANKER_MODEL, USER_MODEL, ModelBundle, load_version
 from propensity.settings import Settings
-from propensity.user_state import USER_INPUTS, UserBatch
+from propensity.user_state import USER_INPUTS, USER_MODEL_INPUTS, UserBatch
 from training import offline_user_features as offline
 from training.datasets import HISTORY_DAYS, historical_catalogs
 
@@ -135,7 +135,7 @@ def score_users_batch(
     bundle = load_version(settings.model_dir, version, num_threads=threads)  # a batch job may use every core
     store = open_store(settings.feature_repo, settings.feature_store_yaml)
     _check_services(store, bundle, (("user", USER_MODEL),))
-    tables = offline.service_tables(store, bundle.user_feature_service)
+    tables = offline.service_tables(store, bundle.user_feature_service, only=USER_MODEL_INPUTS)  # what the user model reads
     # The user model needs only which item ids are in the catalog (unknown recent items are dropped), not item features.
     catalog = Catalog.from_frame(pd.DataFrame({"item_id": _item_ids(settings)}))
     out.parent.mkdir(parents=True, exist_ok=True)

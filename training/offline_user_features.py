@@ -15,13 +15,14 @@ plus one record batch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 from feast import FeatureStore
 
 from propensity.feature_store import offline_table
@@ -42,10 +43,15 @@ class ViewTable:
     ttl: timedelta | None
 
 
-def service_tables(store: FeatureStore, service_name: str) -> list[ViewTable]:
-    """The offline table of every feature view of a user feature service, from Feast's registry."""
+def service_tables(store: FeatureStore, service_name: str, only: Collection[str] | None = None) -> list[ViewTable]:
+    """The offline table of every feature view of a user feature service, from Feast's registry.
+
+    only: just these features (views without any are left out): what is not read is neither decoded nor joined.
+    """
     tables = []
     for projection in store.get_feature_service(service_name).feature_view_projections:
+        if only is not None and not any(f.name in only for f in projection.features):
+            continue
         view = store.get_feature_view(projection.name)
         source = view.batch_source
         renamed = {feature: column for column, feature in (source.field_mapping or {}).items()}
@@ -60,7 +66,7 @@ def service_tables(store: FeatureStore, service_name: str) -> list[ViewTable]:
                 key=renamed.get(table_keys[0], table_keys[0]),
                 timestamp=source.timestamp_field,
                 created=source.created_timestamp_column or None,
-                features=tuple((renamed.get(f.name, f.name), f.name) for f in projection.features),
+                features=tuple((renamed.get(f.name, f.name), f.name) for f in projection.features if only is None or f.name in only),
                 ttl=view.ttl if view.ttl else None,  # Feast: no TTL (or 0) means no expiry
             )
         )
@@ -81,18 +87,18 @@ def connect(memory_limit: str = "2GB", threads: int | None = None, temp_director
 
 def set_users(con: duckdb.DuckDBPyConnection, users: Sequence[str] | None = None, events: Path | None = None,
               at: datetime | None = None, history_days: int = 90) -> int:
-    """The entity set as table `_users`: the given ids, or users with an event in the history_days before `at`."""
+    """The entity set as table `_users` (user_id, _u = its rank by id): the given ids, or users with an event in the
+    history_days before `at`."""
     if users is not None:
         frame = pa.table({USER_KEY: pa.array([str(u) for u in users], type=pa.string())})
         con.register("_given_users", frame)
-        con.execute(f"CREATE OR REPLACE TEMP TABLE _users AS SELECT DISTINCT {USER_KEY} FROM _given_users")
-        con.unregister("_given_users")
+        distinct = f"SELECT DISTINCT {USER_KEY} FROM _given_users"
     else:
-        con.execute(
-            f"CREATE OR REPLACE TEMP TABLE _users AS SELECT DISTINCT CAST(user_id AS VARCHAR) AS {USER_KEY} "
-            f"FROM read_parquet('{events}') WHERE event_time < $at AND event_time >= $start",
-            {"at": at, "start": at - timedelta(days=history_days)},
-        )
+        distinct = (f"SELECT DISTINCT CAST(user_id AS VARCHAR) AS {USER_KEY} FROM read_parquet('{events}') "
+                    f"WHERE event_time < {_timestamp(at)} AND event_time >= {_timestamp(at - timedelta(days=history_days))}")
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _users AS SELECT {USER_KEY}, row_number() OVER (ORDER BY {USER_KEY}) AS _u FROM ({distinct})")
+    if users is not None:
+        con.unregister("_given_users")
     return int(con.execute("SELECT count(*) FROM _users").fetchall()[0][0])
 
 
@@ -100,36 +106,76 @@ def user_feature_batches(con: duckdb.DuckDBPyConnection, tables: Sequence[ViewTa
     """Record batches of user_id plus every feature of `tables` for the users in `_users`, ordered by user_id."""
     selects, joins = [], []
     for i, table in enumerate(tables):
-        latest = _latest_rows(con, table, i, at)
-        if latest is None:  # no row of this view is valid at `at`: all nulls
+        windows = _latest_rows(con, table, i, at)
+        if not windows:  # no row of this view is valid at `at`: all nulls
             selects += [f"CAST(NULL AS {_column_type(con, table, column)}) AS \"{feature}\"" for column, feature in table.features]
             continue
-        alias = f"v{i}"
-        columns = ", ".join(f'"{column}" AS "{feature}"' for column, feature in table.features)
-        order = f'"{table.created}" DESC' if table.created else f'"{table.timestamp}" DESC'
-        joins.append(
-            f"LEFT JOIN (SELECT f.\"{table.key}\" AS _key, {columns} FROM read_parquet('{table.path}') f "
-            f"JOIN _latest{i} l ON f.\"{table.key}\" = l._key AND f.\"{table.timestamp}\" = l._ts "
-            f"WHERE f.\"{table.timestamp}\" >= TIMESTAMPTZ '{latest.isoformat()}' AND f.\"{table.timestamp}\" <= $at "
-            f"QUALIFY row_number() OVER (PARTITION BY f.\"{table.key}\" ORDER BY {order}) = 1) {alias} ON {alias}._key = u.{USER_KEY}"
+        alias, ts = f"v{i}", f'f."{table.timestamp}"'
+        columns = ", ".join(f'f."{column}" AS "{feature}"' for column, feature in table.features)
+        # Each user's latest row by its row number in the file, read only from the time windows that hold one, so
+        # row groups of older snapshots are skipped by their statistics and never decoded.
+        rows = " UNION ALL ".join(
+            f"SELECT l._u, {columns} FROM read_parquet('{table.path}', file_row_number = true) f "
+            f"JOIN _latest{i} l ON f.file_row_number = l._row WHERE {_between(ts, window)}"
+            for window in windows
         )
+        joins.append(f"LEFT JOIN ({rows}) {alias} ON {alias}._u = u._u")
         selects += [f'{alias}."{feature}"' for _, feature in table.features]
-    sql = f"SELECT u.{USER_KEY}, {', '.join(selects)} FROM _users u {' '.join(joins)} ORDER BY u.{USER_KEY}"
-    reader = con.sql(sql, params={"at": at}).to_arrow_reader(rows_per_batch)  # streamed, not materialised first
-    yield from reader
+    sql = f"SELECT u.{USER_KEY}, {', '.join(selects)} FROM _users u {' '.join(joins)} ORDER BY u._u"
+    yield from con.sql(sql).to_arrow_reader(rows_per_batch)  # streamed, not materialised first
 
 
-def _latest_rows(con: duckdb.DuckDBPyConnection, table: ViewTable, i: int, at: datetime) -> datetime | None:
-    """Table `_latest{i}`: each user's latest valid timestamp in the view; returns the oldest of them (None if none)."""
-    window = f"\"{table.timestamp}\" <= $at" + (f" AND \"{table.timestamp}\" >= $expired" if table.ttl else "")
-    params = {"at": at, **({"expired": at - table.ttl} if table.ttl else {})}
-    con.execute(
-        f"CREATE OR REPLACE TEMP TABLE _latest{i} AS SELECT \"{table.key}\" AS _key, max(\"{table.timestamp}\") AS _ts "
-        f"FROM read_parquet('{table.path}') WHERE {window} AND \"{table.key}\" IN (SELECT {USER_KEY} FROM _users) GROUP BY 1",
-        params,
-    )
-    oldest = con.execute(f"SELECT min(_ts) FROM _latest{i}").fetchall()[0][0]
-    return oldest
+# In a table of snapshots (many rows per user), each user's latest row is searched for newest first: in
+# [at - 1 day, at], then in windows 4x wider each, down to the TTL. At a snapshot time nearly every user is found in
+# the first window, which only the newest row groups overlap. A table with few rows per user is read in one pass.
+_FIRST_WINDOW = timedelta(days=1)
+_GROWTH = 4
+_MAX_WINDOWS = 6  # the last one reaches back to the TTL (or without a TTL, to the beginning)
+_ROWS_PER_USER_FOR_WINDOWS = 4
+
+
+def _latest_rows(con: duckdb.DuckDBPyConnection, table: ViewTable, i: int, at: datetime) -> list[tuple[datetime | None, datetime, bool]]:
+    """Table `_latest{i}` (_u, _row): the file row number of each user's latest valid row in the view (Feast's order:
+    latest event timestamp, then latest created timestamp). Returns the windows (lower bound or None, upper bound,
+    upper bound included) in which some user's latest row lies."""
+    ts = f'f."{table.timestamp}"'
+    latest = f"({ts}, f.\"{table.created}\")" if table.created else ts
+    earliest = at - table.ttl if table.ttl else None  # Feast: event_timestamp + ttl >= at
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _latest{i} (_u BIGINT, _row BIGINT)")
+    con.execute("CREATE OR REPLACE TEMP TABLE _missing AS SELECT * FROM _users")
+    users = con.execute("SELECT count(*) FROM _users").fetchall()[0][0]
+    windows = _MAX_WINDOWS if pq.ParquetFile(table.path).metadata.num_rows > _ROWS_PER_USER_FOR_WINDOWS * users else 1
+    found_in: list[tuple[datetime | None, datetime, bool]] = []
+    upper, width = at, _FIRST_WINDOW
+    for k in range(windows):
+        lower: datetime | None = upper - width
+        last = k == windows - 1 or (earliest is not None and lower <= earliest)
+        if last:
+            lower = earliest
+        window = (lower, upper, k == 0)
+        added = con.execute(
+            f"INSERT INTO _latest{i} SELECT m._u, arg_max(f.file_row_number, {latest}) "
+            f"FROM read_parquet('{table.path}', file_row_number = true) f JOIN _missing m ON f.\"{table.key}\" = m.{USER_KEY} "
+            f"WHERE {_between(ts, window)} GROUP BY m._u"
+        ).fetchall()[0][0]
+        if added:
+            found_in.append(window)
+            con.execute(f"DELETE FROM _missing WHERE _u IN (SELECT _u FROM _latest{i})")
+        if last or not con.execute("SELECT count(*) FROM _missing").fetchall()[0][0]:
+            break
+        upper, width = lower, width * _GROWTH
+    return found_in
+
+
+def _between(column: str, window: tuple[datetime | None, datetime, bool]) -> str:
+    lower, upper, inclusive = window
+    bound = f"{column} {'<=' if inclusive else '<'} {_timestamp(upper)}"
+    return bound if lower is None else f"{bound} AND {column} >= {_timestamp(lower)}"
+
+
+def _timestamp(moment: datetime) -> str:
+    """A timestamp literal (a constant, so the Parquet reader can skip row groups by their statistics)."""
+    return f"TIMESTAMPTZ '{moment.isoformat()}'"
 
 
 def _column_type(con: duckdb.DuckDBPyConnection, table: ViewTable, column: str) -> str:
