@@ -7,10 +7,12 @@ view of the service, the user's latest row with event_timestamp <= at and event_
 Feast's registry names the tables (propensity.feature_store.offline_table) and their TTLs.
 
 What Feast's get_historical_features does not do: it builds the whole result in memory as a DataFrame.
-Here DuckDB streams it. Each view is read twice: first only (user, timestamp) to find each user's latest
-row, then the feature columns of row groups that can hold such a row (the tables are sorted by time, so
-older snapshots are skipped, not decoded). Memory is bounded by DuckDB's memory_limit (it spills to disk)
-plus one record batch.
+Here DuckDB streams it. Each view is read twice: first only (user, timestamp) to find the file row number
+of each user's latest row (newest time window first in snapshot tables), then the feature columns of just
+those rows, from the row groups whose time range can hold one (build-features writes the tables sorted by
+time, so older snapshots are skipped by row-group statistics, never decoded). Memory is bounded by DuckDB's
+memory_limit (beyond it, DuckDB spills to disk) plus one record batch. tests/test_offline_user_features.py
+checks the rule against a hand-written one; tests/test_batch_scoring.py against Feast's own.
 """
 
 from __future__ import annotations
