@@ -11,6 +11,8 @@ from this run; results go to docs/benchmarks/bulk_scoring.json and .md (a sectio
 from __future__ import annotations
 
 import argparse
+import asyncio
+import inspect
 import json
 import os
 import platform
@@ -83,7 +85,11 @@ def in_process(shop: Shop, users: list[str], seconds: float = 6.0) -> dict:
     from propensity.feature_store import open_store
     from propensity.model_registry import load_version
     from propensity.user_state import USER_MODEL_INPUTS, UserBatch, UserState
+    from propensity.settings import CandidateSettings, ServerSettings
+    from server.item_cache import StaticCatalog
+    from server.model_pool import ModelPool
     from server.online_features import OnlineUserFeatures, item_ids_in_offline_store, load_catalog
+    from server.recommender import Recommender
 
     store = open_store(shop.feature_repo)
     bundle = load_version(shop.work_dir / "models", num_threads=1)  # the server's policy: one thread per worker
@@ -94,23 +100,34 @@ def in_process(shop: Shop, users: list[str], seconds: float = 6.0) -> dict:
     # What ScoreUsers needs: the user model's inputs only (OnlineUserFeatures reads a subset when asked to).
     subset = OnlineUserFeatures(store, bundle.user_feature_service, only=USER_MODEL_INPUTS)
     chunks = [users[i : i + CHUNK] for i in range(0, len(users) - CHUNK + 1, CHUNK)]
-    stages: dict[str, list[float]] = {"read": [], "assemble": [], "predict": [], "total": [], "read_subset": []}
+    per_read = inspect.signature(Recommender.score_users).parameters["chunk"].default  # users per online read in ScoreUsers
+    recommender = Recommender(ModelPool(shop.work_dir / "models", lambda _: None, scoring_backend="auto"), features, StaticCatalog(catalog),
+                              CandidateSettings(), ServerSettings())
+    stages: dict[str, list[float]] = {"read": [], "assemble": [], "predict": [], "total": [], "read_subset": [], "data_plane": []}
     now = time.time()
     started, k = time.perf_counter(), 0
     while time.perf_counter() - started < seconds or k < 2 * len(chunks):
         ids = chunks[k % len(chunks)]
         k += 1
         t0 = time.perf_counter()
-        batch = UserBatch(ids, read(ids), catalog)
-        t1 = time.perf_counter()
-        rows = user_matrix(batch, now)
-        t2 = time.perf_counter()
-        np.where(batch.known, bundle.predict_users(rows), bundle.base_rate)
-        t3 = time.perf_counter()
-        subset.fetch_columns(ids)
-        t4 = time.perf_counter()
-        for name, value in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t3 - t0, t4 - t3)):
-            stages[name].append(value * 1000)
+        asyncio.run(recommender.score_users(ids))  # first: the stage timings below read the same ids again
+        data_plane = (time.perf_counter() - t0) * 1000
+        took = dict.fromkeys(stages, 0.0)
+        for part in (ids[i : i + per_read] for i in range(0, len(ids), per_read)):  # as ScoreUsers chunks a call
+            t0 = time.perf_counter()
+            batch = UserBatch(part, read(part), catalog)
+            t1 = time.perf_counter()
+            rows = user_matrix(batch, now)
+            t2 = time.perf_counter()
+            np.where(batch.known, bundle.predict_users(rows), bundle.base_rate)
+            t3 = time.perf_counter()
+            subset.fetch_columns(part)
+            t4 = time.perf_counter()
+            for name, value in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t3 - t0, t4 - t3)):
+                took[name] += value * 1000
+        took["data_plane"] = data_plane
+        for name, value in took.items():
+            stages[name].append(value)
     # The per-user loop ScoreUsers ran before (a UserState and a user_vector per user, one predict per chunk).
     loop_ms = []
     for ids in chunks[:3]:
@@ -120,7 +137,7 @@ def in_process(shop: Shop, users: list[str], seconds: float = 6.0) -> dict:
         loop_ms.append((time.perf_counter() - t0) * 1000)
     median = {name: float(np.median(values)) for name, values in stages.items()}
     return {
-        "chunk_users": CHUNK, "chunks_timed": k, "distinct_users": len(chunks) * CHUNK, "read_api": "fetch_columns",
+        "chunk_users": CHUNK, "users_per_read": per_read, "chunks_timed": k, "distinct_users": len(chunks) * CHUNK, "read_api": "fetch_columns",
         "predictor": "compiled (lleaves, 1 thread)" if compiled else "LightGBM, num_threads=1",
         **{f"{name}_ms_p50": round(value, 2) for name, value in median.items()},
         "users_per_second_in_process": round(CHUNK / median["total"] * 1000),
@@ -258,13 +275,15 @@ def _render_online(online: dict) -> str:
             "| server workers | concurrent calls | users/s | calls | p50 per call, ms | failures |", "|---|---|---|---|---|---|",
             *[f"| {c['workers']} | {c['concurrency']} | {c['users_per_second']:,.0f} | {c['calls']} | {c['call_p50_ms']} | {c['failures']} |" for c in shop["server"]],
             "",
-            f"In process, per chunk of {p['chunk_users']:,} users (median of {p['chunks_timed']} chunks; read through `{p['read_api']}`, "
-            f"predictor {p['predictor']}):\n",
+            f"In process, per call of {p['chunk_users']:,} users (median of {p['chunks_timed']} calls; ScoreUsers reads "
+            f"{p.get('users_per_read', p['chunk_users']):,} users per `{p['read_api']}`; predictor {p['predictor']}):\n",
             "| stage | ms per 1,000 users |", "|---|---|",
             f"| bulk online read (Feast's online store, TTLs applied) | {p['read_ms_p50']} |",
             f"| conversion + assembly (UserBatch, user_matrix) | {p['assemble_ms_p50']} |",
             f"| predict (one call) | {p['predict_ms_p50']} |",
             f"| **total** | **{p['total_ms_p50']}** ({p['users_per_second_in_process']:,} users/s) |",
+            *([f"| the data plane's `Recommender.score_users` on the same ids (what the servicer awaits) | {p['data_plane_ms_p50']} |"]
+              if "data_plane_ms_p50" in p else []),
             *([f"| for comparison: the read of the user model's inputs only (`OnlineUserFeatures(..., only=USER_MODEL_INPUTS)`) | "
                f"{p['read_subset_ms_p50']} |"] if "read_subset_ms_p50" in p else []),
             f"| for comparison: the per-user loop it replaced (UserState + user_vector per user, then predict) | {p['per_user_loop_assemble_predict_ms_p50']} (without the read) |",
