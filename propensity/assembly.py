@@ -111,17 +111,20 @@ def _user_rows(
             return out
     carted = in_cart > 0  # NaN (a shop without carts) is not in cart
     starts = offsets[:-1][nonempty]
-    # Sums: items in cart (NaN when the shop records no carts), recorded cart counts, carted items, in-cart items.
-    sums = np.add.reduceat(np.column_stack([in_cart, ~np.isnan(carts), carts > 0, carted]), starts)
-    # Maxima: most views and carts of one item (NaN if any is missing), the freshest in-cart interaction.
-    maxima = np.maximum.reduceat(np.column_stack([views, carts, np.where(carted, last_ts, -np.inf)]), starts)
-    # The most views of an in-cart item, ignoring items whose views are missing (fmax).
+    add, most = np.add.reduceat, np.maximum.reduceat
+    in_cart_items = add(in_cart, starts)  # NaN when the shop records no carts
+    recorded = add(~np.isnan(carts), starts, dtype=np.int64) > 0  # some cart count is known
+    carted_items = add(carts > 0, starts, dtype=np.int64)
+    any_in_cart = add(carted, starts, dtype=np.int64) > 0
+    # The most views and carts of one item (NaN if any is missing); the most views of an in-cart item, ignoring
+    # missing ones (fmax); the freshest in-cart interaction.
     cart_views = np.fmax.reduceat(np.where(carted, views, np.nan), starts)
+    freshest = most(np.where(carted, last_ts, -np.inf), starts)
     if times.ndim:
         times = times[nonempty, 0]
     derived = np.column_stack([
-        sums[:, 0], maxima[:, 0], maxima[:, 1], np.where(sums[:, 1] > 0, sums[:, 2], np.nan), cart_views,
-        np.where(sums[:, 3] > 0, (times - maxima[:, 2]) / DAY_SECONDS, np.nan),
+        in_cart_items, most(views, starts), most(carts, starts), np.where(recorded, carted_items, np.nan), cart_views,
+        np.where(any_in_cart, (times - freshest) / DAY_SECONDS, np.nan),
     ])
     if nonempty.all():
         out[:, _REDUCED] = derived

@@ -25,10 +25,9 @@ from server.recommender import Recommender
 from tests.conftest import BIN, Pipeline
 from tests.test_user_batch import assert_same_state, reference_state, reference_vector
 from training import offline_user_features as offline
-from training.batch_scoring import active_users, score_batch, score_users_batch
+from training.batch_scoring import _prefetched, active_users, score_batch, score_users_batch
 from training.prepare import load_prepared
 
-pytestmark = pytest.mark.slow
 QUIET = lambda _: None  # noqa: E731
 
 
@@ -41,6 +40,7 @@ def _catalog(settings: Settings) -> Catalog:
     return Catalog.from_frame(pd.DataFrame({"item_id": items.iloc[: len(items) * 4 // 5]}))  # some recent items unknown
 
 
+@pytest.mark.slow
 def test_score_batch_writes_top_items_for_every_active_user(pipeline, tmp_path: Path) -> None:
     settings = _settings(pipeline)
     at = load_prepared(settings.prepared_dir).as_of
@@ -58,6 +58,7 @@ def test_score_batch_writes_top_items_for_every_active_user(pipeline, tmp_path: 
     assert frame["propensity"].mean() == pytest.approx(bundle.base_rate, abs=0.15)
 
 
+@pytest.mark.slow
 def test_users_only_equals_the_get_historical_features_path(pipeline, tmp_path: Path) -> None:
     """Same users, same propensities: DuckDB's streamed point-in-time rows are Feast's get_historical_features rows."""
     settings = _settings(pipeline)
@@ -67,7 +68,7 @@ def test_users_only_equals_the_get_historical_features_path(pipeline, tmp_path: 
     score_batch(settings, at, tmp_path / "full.parquet", top_n=1, progress=QUIET)
     users = pd.read_parquet(tmp_path / "users.parquet")
     full = pd.read_parquet(tmp_path / "full.parquet").drop_duplicates("user_id")[["user_id", "propensity"]]
-    assert users["user_id"].tolist() == sorted(full["user_id"]) == active_users(settings.prepared_dir, at)
+    assert sorted(users["user_id"]) == sorted(full["user_id"]) == active_users(settings.prepared_dir, at)  # each user once
     merged = users.merge(full, on="user_id", suffixes=("", "_full"))
     np.testing.assert_allclose(merged["propensity"], merged["propensity_full"], rtol=0, atol=1e-9)
     assert merged["propensity"].nunique() > len(merged) // 2  # real scores, not the base rate
@@ -78,6 +79,7 @@ def test_users_only_equals_the_get_historical_features_path(pipeline, tmp_path: 
     assert sum("scored" in line for line in lines) == metadata.num_row_groups
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shift", [timedelta(days=-9, hours=-5, seconds=-7), timedelta(days=95)], ids=["mid-day", "activity-expired"])
 def test_users_only_equals_historical_features_at_other_times(pipeline, tmp_path: Path, shift: timedelta) -> None:
     """Between snapshots, and past user_activity's 90-day TTL (profile values still valid), for given ids incl. unknown."""
@@ -94,6 +96,7 @@ def test_users_only_equals_historical_features_at_other_times(pipeline, tmp_path
     assert fast.loc["nobody-1"] == load_version(settings.model_dir).base_rate
 
 
+@pytest.mark.slow
 def test_score_batch_users_only_from_the_cli(pipeline, tmp_path: Path) -> None:
     out = tmp_path / "cli.parquet"
     result = subprocess.run([str(BIN / "propensity"), "score-batch", "--users-only", "--out", str(out)], env=pipeline.env,
@@ -102,7 +105,7 @@ def test_score_batch_users_only_from_the_cli(pipeline, tmp_path: Path) -> None:
     assert "users/s" in result.stdout
     frame = pd.read_parquet(out)
     assert list(frame.columns) == ["user_id", "propensity"] and frame["propensity"].between(0, 1).all()
-    assert frame["user_id"].tolist() == active_users(_settings(pipeline).prepared_dir, load_prepared(_settings(pipeline).prepared_dir).as_of)
+    assert sorted(frame["user_id"]) == active_users(_settings(pipeline).prepared_dir, load_prepared(_settings(pipeline).prepared_dir).as_of)
 
 
 def _online_rows(pipeline: Pipeline, users: list[str]) -> list[dict]:
@@ -119,6 +122,7 @@ def _historical_rows(pipeline: Pipeline, users: list[str], at) -> list[dict]:
     return frame.set_index("user_id").reindex(users).reset_index().to_dict("records")
 
 
+@pytest.mark.slow
 def test_real_rows_give_the_reference_states_and_inputs_on_every_path(pipeline) -> None:
     """Online rows (with TTLs applied) and point-in-time rows, incl. expired views and unknown users."""
     settings = _settings(pipeline)
@@ -156,6 +160,7 @@ def test_real_rows_give_the_reference_states_and_inputs_on_every_path(pipeline) 
     np.testing.assert_array_equal(arrow, expected)
 
 
+@pytest.mark.slow
 def test_score_users_in_process_equals_per_user_scoring(pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
     """The data plane: one bulk read per chunk, vectorised assembly, the same numbers as scoring each user alone."""
     settings = _settings(pipeline)
@@ -188,3 +193,42 @@ def test_score_users_in_process_equals_per_user_scoring(pipeline, monkeypatch: p
     singles = [bundle.predict_users(reference_vector(reference_state(u, r, catalog), now)[None, :])[0] for u, r in zip(users, rows)]
     expected = [s if u != "nobody" else bundle.base_rate for u, s in zip(users, singles)]
     np.testing.assert_allclose(result.propensities, expected, rtol=0, atol=1e-12)
+
+
+def test_prefetched_keeps_order_and_bounds_what_is_in_flight() -> None:
+    produced: list[int] = []
+
+    def numbers():
+        for i in range(50):
+            produced.append(i)
+            yield i
+
+    with _prefetched(numbers(), depth=1) as items:
+        seen = []
+        for item in items:
+            seen.append(item)
+            assert len(produced) - len(seen) <= 2  # the one in the queue and the one being produced
+    assert seen == list(range(50))
+
+
+def test_prefetched_raises_the_producers_error_and_stops_when_the_consumer_fails() -> None:
+    def failing():
+        yield 1
+        raise ValueError("bad table")
+
+    with pytest.raises(ValueError, match="bad table"), _prefetched(failing()) as items:
+        list(items)
+    produced: list[int] = []
+
+    def endless():
+        while True:
+            produced.append(1)
+            yield len(produced)
+
+    with pytest.raises(RuntimeError), _prefetched(endless()) as items:
+        for item in items:
+            if item == 3:
+                raise RuntimeError("scoring failed")
+    count = len(produced)
+    time.sleep(0.3)
+    assert len(produced) == count  # the producer has stopped

@@ -9,18 +9,22 @@ propensity.assembly.user_matrix), a whole chunk of users at a time:
 - users only (`--users-only`): the purchase propensity at bulk speed. The same point-in-time rule runs
   in DuckDB over the tables behind the feature views (training.offline_user_features) and streams Arrow
   record batches; each is converted, assembled and predicted as a whole and written as it arrives
-  (user_id, propensity), so memory stays bounded however many users there are.
+  (user_id, propensity; each user once, in no particular order), so memory stays bounded however many users there are.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from queue import Empty, Full, Queue
+from typing import TypeVar
 
 import duckdb
 import numpy as np
@@ -41,6 +45,7 @@ from training.datasets import HISTORY_DAYS, historical_catalogs
 
 SCHEMA = pa.schema([("user_id", pa.string()), ("propensity", pa.float64()), ("rank", pa.int32()), ("item_id", pa.string()), ("item_score", pa.float64())])
 USERS_SCHEMA = pa.schema([("user_id", pa.string()), ("propensity", pa.float64())])
+T = TypeVar("T")
 USERS_CHUNK = 100_000  # users per record batch on the users-only path
 ITEMS_CHUNK = 5_000  # users per offline-store read and ranker call with items
 
@@ -133,6 +138,8 @@ def score_users_batch(
     at = _utc(at)
     threads = os.cpu_count() or 1
     bundle = load_version(settings.model_dir, version, num_threads=threads)  # a batch job may use every core
+    if bundle.has_compiled_cache():  # the compiled trees training cached (verified against LightGBM within 1e-9): ~5x faster
+        bundle.compile()
     store = open_store(settings.feature_repo, settings.feature_store_yaml)
     _check_services(store, bundle, (("user", USER_MODEL),))
     tables = offline.service_tables(store, bundle.user_feature_service, only=USER_MODEL_INPUTS)  # what the user model reads
@@ -146,8 +153,11 @@ def score_users_batch(
                  f"({bundle.user_feature_service}: {', '.join(t.name for t in tables)})")
         as_of_ts = at.timestamp()
         done = 0
-        with pq.ParquetWriter(out, USERS_SCHEMA) as writer:
-            for record_batch in offline.user_feature_batches(con, tables, at, chunk_size):
+        # Unordered, the join streams: DuckDB produces the next record batch (in its own threads) while this one is
+        # scored and written.
+        streamed = offline.user_feature_batches(con, tables, at, chunk_size, ordered=False)
+        with pq.ParquetWriter(out, USERS_SCHEMA) as writer, _prefetched(streamed) as batches:
+            for record_batch in batches:
                 writer.write_table(_propensities(record_batch, catalog, bundle, as_of_ts))
                 done += record_batch.num_rows
                 progress(f"  scored {done:,}/{n_users:,} users ({done / max(time.perf_counter() - started, 1e-9):,.0f} users/s)")
@@ -165,6 +175,57 @@ def _propensities(record_batch: pa.RecordBatch, catalog: Catalog, bundle: ModelB
     batch = UserBatch(user_ids, columns, catalog)
     propensity = np.where(batch.known, bundle.predict_users(user_matrix(batch, as_of_ts)), bundle.base_rate)
     return pa.table({"user_id": user_ids, "propensity": propensity}, schema=USERS_SCHEMA)
+
+
+@contextlib.contextmanager
+def _prefetched(items: Iterator[T], depth: int = 1) -> Generator[Iterator[T]]:
+    """items, each produced in a background thread while the caller works on the one before (at most depth + 2 alive).
+
+    Leaving the block early (an error while scoring) stops the producer before the block's exit returns, so
+    whatever the items come from (a DuckDB connection) can be closed safely afterwards.
+    """
+    queue: Queue = Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        queue.put(item, timeout=0.1)
+                        break
+                    except Full:
+                        continue
+                if stop.is_set():
+                    return
+            queue.put(end)
+        except BaseException as error:  # noqa: BLE001 - re-raised in the consumer
+            queue.put(_Failed(error))
+
+    def consume() -> Iterator[T]:
+        while (item := queue.get()) is not end:
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+
+    thread = threading.Thread(target=produce, name="record-batches", daemon=True)
+    thread.start()
+    try:
+        yield consume()
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting for room, then let it see `stop`
+            try:
+                queue.get(timeout=0.1)
+            except Empty:
+                pass
+        thread.join()
+
+
+@dataclass(frozen=True)
+class _Failed:
+    error: BaseException
 
 
 def _check_services(store, bundle: ModelBundle, roles: tuple[tuple[str, str], ...]) -> None:

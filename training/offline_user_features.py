@@ -104,8 +104,11 @@ def set_users(con: duckdb.DuckDBPyConnection, users: Sequence[str] | None = None
     return int(con.execute("SELECT count(*) FROM _users").fetchall()[0][0])
 
 
-def user_feature_batches(con: duckdb.DuckDBPyConnection, tables: Sequence[ViewTable], at: datetime, rows_per_batch: int) -> Iterator[pa.RecordBatch]:
-    """Record batches of user_id plus every feature of `tables` for the users in `_users`, ordered by user_id."""
+def user_feature_batches(
+    con: duckdb.DuckDBPyConnection, tables: Sequence[ViewTable], at: datetime, rows_per_batch: int, ordered: bool = True
+) -> Iterator[pa.RecordBatch]:
+    """Record batches of user_id plus every feature of `tables` for the users in `_users`, ordered by user_id unless not
+    `ordered` (then the first batch comes before the last row is read: the join streams instead of being sorted first)."""
     selects, joins = [], []
     for i, table in enumerate(tables):
         windows = _latest_rows(con, table, i, at)
@@ -123,7 +126,7 @@ def user_feature_batches(con: duckdb.DuckDBPyConnection, tables: Sequence[ViewTa
         )
         joins.append(f"LEFT JOIN ({rows}) {alias} ON {alias}._u = u._u")
         selects += [f'{alias}."{feature}"' for _, feature in table.features]
-    sql = f"SELECT u.{USER_KEY}, {', '.join(selects)} FROM _users u {' '.join(joins)} ORDER BY u._u"
+    sql = f"SELECT u.{USER_KEY}, {', '.join(selects)} FROM _users u {' '.join(joins)}" + (" ORDER BY u._u" if ordered else "")
     yield from con.sql(sql).to_arrow_reader(rows_per_batch)  # streamed, not materialised first
 
 
