@@ -20,6 +20,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -137,18 +138,21 @@ def score_users_batch(
     started = time.perf_counter()
     at = _utc(at)
     threads = os.cpu_count() or 1
-    bundle = load_version(settings.model_dir, version, num_threads=threads)  # a batch job may use every core
-    if bundle.has_compiled_cache():  # the compiled trees training cached (verified against LightGBM within 1e-9): ~5x faster
-        bundle.compile()
-    store = open_store(settings.feature_repo, settings.feature_store_yaml)
-    _check_services(store, bundle, (("user", USER_MODEL),))
-    tables = offline.service_tables(store, bundle.user_feature_service, only=USER_MODEL_INPUTS)  # what the user model reads
-    # The user model needs only which item ids are in the catalog (unknown recent items are dropped), not item features.
-    catalog = Catalog.from_frame(pd.DataFrame({"item_id": _item_ids(settings)}))
-    out.parent.mkdir(parents=True, exist_ok=True)
     con = offline.connect(memory_limit, threads, settings.work_dir / "tmp" / "duckdb")
     try:
-        n_users = offline.set_users(con, users, settings.prepared_dir / "events.parquet", at, HISTORY_DAYS)
+        # DuckDB finds the users (its own threads, no GIL) while the model, the registry and the catalog load here.
+        with ThreadPoolExecutor(1) as pool:
+            counted = pool.submit(offline.set_users, con, users, settings.prepared_dir / "events.parquet", at, HISTORY_DAYS)
+            bundle = load_version(settings.model_dir, version, num_threads=threads)  # a batch job may use every core
+            if bundle.has_compiled_cache():  # the compiled trees training cached (verified against LightGBM within 1e-9): ~5x faster
+                bundle.compile()
+            store = open_store(settings.feature_repo, settings.feature_store_yaml)
+            _check_services(store, bundle, (("user", USER_MODEL),))
+            tables = offline.service_tables(store, bundle.user_feature_service, only=USER_MODEL_INPUTS)  # what the user model reads
+            # The user model needs only which item ids are in the catalog (unknown recent items are dropped), not item features.
+            catalog = Catalog.from_frame(pd.DataFrame({"item_id": _item_ids(settings)}))
+            n_users = counted.result()
+        out.parent.mkdir(parents=True, exist_ok=True)
         progress(f"score-batch --users-only: {n_users:,} users at {at.isoformat()} with model {bundle.version} "
                  f"({bundle.user_feature_service}: {', '.join(t.name for t in tables)})")
         as_of_ts = at.timestamp()
