@@ -1,7 +1,10 @@
 """Load that h2load cannot make: ScoreUsers batches of 1,000 ids (the open loop is bench/open_loop.py).
 
 grpc.aio clients with one connection per channel (local subchannel pools), so SO_REUSEPORT
-workers each get connections; every loop is bounded by a duration.
+workers each get connections. The kernel spreads connections, not calls, by a hash: with as many
+connections as concurrent calls, 2 or 4 connections often land on one worker of two and leave the
+other idle. So calls go round-robin over at least CONNECTIONS connections, and each worker's share
+of the calls is its share of those. Every loop is bounded by a duration.
 """
 
 from __future__ import annotations
@@ -17,21 +20,24 @@ from propensity.v1 import recommendation_service_pb2 as pb
 from propensity.v1 import recommendation_service_pb2_grpc as pb_grpc
 
 _OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
+CONNECTIONS = 8
 
 
 async def _score_users(target: str, user_ids: Sequence[str], batch: int, concurrency: int, seconds: float) -> dict:
-    chans = [grpc.aio.insecure_channel(target, options=_OPTIONS) for _ in range(concurrency)]
+    chans = [grpc.aio.insecure_channel(target, options=_OPTIONS) for _ in range(max(CONNECTIONS, concurrency))]
+    stubs = [pb_grpc.RecommendationServiceStub(c) for c in chans]
+    next_call = 0
     batches = [list(user_ids[i : i + batch]) for i in range(0, len(user_ids) - batch + 1, batch)] or [list(user_ids)]
     calls, scored, errors = 0, 0, 0
     latencies: list[float] = []
 
     async def loop(worker: int, stop_at: float) -> None:
-        nonlocal calls, scored, errors
-        stub = pb_grpc.RecommendationServiceStub(chans[worker])
+        nonlocal calls, scored, errors, next_call
         i = worker
         while time.perf_counter() < stop_at:
             ids = batches[i % len(batches)]
             i += concurrency
+            stub, next_call = stubs[next_call % len(stubs)], next_call + 1
             t0 = time.perf_counter()
             try:
                 reply = await stub.ScoreUsers(pb.ScoreUsersRequest(user_ids=ids), timeout=30.0)
@@ -43,8 +49,8 @@ async def _score_users(target: str, user_ids: Sequence[str], batch: int, concurr
             scored += len(reply.scores)
 
     try:
-        stub = pb_grpc.RecommendationServiceStub(chans[0])
-        await stub.ScoreUsers(pb.ScoreUsersRequest(user_ids=batches[0]), timeout=30.0)  # warm-up
+        # Warm-up, and every connection up before the clock starts.
+        await asyncio.gather(*(stub.ScoreUsers(pb.ScoreUsersRequest(user_ids=batches[0]), timeout=30.0) for stub in stubs))
         t0 = time.perf_counter()
         await asyncio.wait_for(asyncio.gather(*(loop(w, t0 + seconds) for w in range(concurrency))), timeout=seconds + 60)
         elapsed = time.perf_counter() - t0

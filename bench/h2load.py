@@ -38,6 +38,7 @@ class Job:
     seconds: float
     log_file: Path
     expected_response_bytes: int = 0  # DATA bytes of one successful response (0: unknown)
+    rps: float = 0.0  # > 0: h2load's rate mode, this many requests per second per connection (open loop up to `streams`)
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ class LogRow:
 def command(job: Job) -> list[str]:
     """The h2load command line of a job (timing-based, no warm-up so byte counts match requests)."""
     cmd = ["h2load", "-c", str(job.clients), "-m", str(job.streams), "-t", "1", "-D", _duration(job.seconds)]
+    if job.rps > 0:
+        cmd += ["--rps", f"{job.rps:.4f}"]
     for header in GRPC_HEADERS:
         cmd += ["-H", header]
     return cmd + ["-d", str(job.body), "--log-file", str(job.log_file), job.url]

@@ -41,6 +41,8 @@ def verdict(row: dict) -> str:
         late = row.get("lateness_p99_ms")
         text += (" (generator-limited: the generator, not the server, is the limit here; its own sends were "
                  + (f"{late:.1f} ms late at p99)" if late is not None else "late)"))
+    if row.get("rate_kept") is False:
+        text += " (the offered rate was not achieved: an overloaded server's tail, not judged)"
     if row.get("exported") is False:
         text = "**short** (not exported)"
     return text
@@ -132,7 +134,9 @@ def _lag_text(lag: dict) -> str:
     if not lag.get("exported"):
         return f"Not exported: {lag.get('why', 'the server has no event-loop lag metric')}."
     workers = ", ".join(f"worker {w}: {v} ms" for w, v in (lag.get("max_ms_per_worker") or {}).items())
-    parts = [f"Scraped from `/metrics` after the warm-up and again after the Recommend load (health check, sweep, open loop). "
+    parts = [f"Scraped from `/metrics` just before and just after the open-loop phase (half of max load, not saturated), with the "
+             f"catalog refresh every 10 s and the registry polled every second (PERIODIC_OVERRIDES: 6x and 5x the defaults), so "
+             f"the phase holds every kind of periodic work. "
              f"`propensity_event_loop_lag_max_seconds`, the largest lag since each worker started serving: **{_ms(lag.get('max_ms'))}**"
              + (f" ({workers})" if workers else "") + f"; it was {_ms(lag.get('max_ms_before_load'))} before the load."]
     if lag.get("samples_during_load") is not None:
@@ -143,6 +147,12 @@ def _lag_text(lag: dict) -> str:
                      + (f"; all were at most {bound:g} ms (bucket bound)." if bound is not None else
                         "; some exceeded its largest bucket." if lag.get("over_largest_bucket") else "."))
     parts.append(f"Verdict from the {lag.get('verdict_from')}.")
+    sweep = lag.get("sweep")
+    if sweep:
+        parts.append(f"During the closed-loop sweep, for information (at saturation a ready request waits behind the queued ones, so lag "
+                     f"there measures the queue, not a stall): {sweep.get('samples_over_limit_during_load')} of "
+                     f"{sweep.get('samples_during_load')} samples over {lag['limit_ms']:g} ms, all at most "
+                     f"{sweep.get('max_bucket_bound_ms_during_load')} ms.")
     after = lag.get("after_score_users")
     if after:
         parts.append(f"After the ScoreUsers phase (bulk calls, not periodic work), for information: max since start {_ms(after.get('max_ms'))}, "
@@ -184,6 +194,8 @@ def readme(results: dict) -> str:
         f"the latency p99 of {half['p99']:.2f} ms, so the tail is the server's (the generator shares the cores with the server, so a "
         "saturated server delays it too)."
     )
+    rate_text = ("The offered rate was kept, so the tail is judged." if half.get("rate_kept") else
+                 "**The offered rate was not achieved**, so this tail describes an overloaded server and is not judged against the target.")
     prev_text = (f"{previous['max_rps']:,.1f} req/s from {previous['path'].split('/')[-1]} of {previous['date']} "
                  f"({previous.get('users')} users), read before this run wrote anything"
                  if previous else "no previous results.json was found")
@@ -258,10 +270,12 @@ for waking up for each request, so that figure is not the saturation cost.
 
 ## Tail at half of max throughput (open loop)
 
-`python -m bench.open_loop`, a process of its own: grpc.aio with {half.get('channels')} channels (one connection each,
-so SO_REUSEPORT spreads them over the workers), Recommend due every 1/{half['target_rate_rps']:,.0f} s whatever
-the earlier answers did, users rotating per request, latency from the time each request was due.
-It ran at niceness {half.get('generator_niceness', 'n/a')}, the server at {half.get('server_niceness', 'n/a')} (a lower value gets the CPU first).
+h2load in rate mode (`--rps`, bench/open_loop.py): {half.get('slots')} connections side by side (SO_REUSEPORT spreads
+them over the workers), each sending one user's Recommend at {half.get('rps_per_connection')} req/s whatever the earlier
+answers did (up to {half.get('streams_per_connection')} outstanding per connection) and handing over to the next user about
+{half.get('segments_per_slot')} times; {half.get('distinct_users_answered')} users. Latency runs from the time each request
+was due (h2load's --log-file gives the actual start and the elapsed time). h2load is C and needs a few percent of a core
+at this rate, so the generator hardly competes with the server for the cores.
 
 | | p50 | p95 | p99 | max |
 |---|---:|---:|---:|---:|
@@ -270,7 +284,7 @@ It ran at niceness {half.get('generator_niceness', 'n/a')}, the server at {half.
 | generator lateness: actual send - scheduled (ms) | {half['lateness_p50_ms']:.3f} | | {half['lateness_p99_ms']:.3f} | {half['lateness_max_ms']:.1f} |
 
 Target {half['target_rate_rps']:,.0f} req/s, achieved {half['achieved_rps']:,.0f} req/s; {half['requests']:,} requests,
-{half['failures']} failures, {half['fallbacks']} fallback answers; {half['late_over_1ms']:,} sends more than 1 ms late.
+{half['failures']} failures; {half['late_over_1ms']:,} sends more than 1 ms late. {rate_text}
 Server CPU during the phase: {half.get('server_cores_busy', 'n/a')} cores busy. {generator}
 For comparison, the closed-loop h2load level nearest half of max: {_nearest(half)}.
 

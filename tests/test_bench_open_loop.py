@@ -1,71 +1,66 @@
-"""bench.open_loop end to end against a stub server: every request accounted for, users rotated, raw times written.
-
-No timing assertions: only counts and the bookkeeping of due / issued / answered times.
-"""
+"""bench.open_loop's bookkeeping over h2load rate-mode logs: lateness against the schedule, latency from the
+due time (no coordinated omission), failures, and when a tail may be judged. Pure: synthetic h2load rows."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 
-from propensity.v1 import recommendation_service_pb2 as pb
-from propensity.v1 import recommendation_service_pb2_grpc as pb_grpc
-from tests.aio_server import ThreadedAioServer
+from bench.h2load import Job, LogRow, SlotRun, Summary, command
+from bench.open_loop import generator_limited, schedule_lateness_ms, summarise
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
-
-class StubRecommender(pb_grpc.RecommendationServiceServicer):
-    """Items for everyone; a fallback answer for u-fallback, an error for u-bad."""
-
-    def __init__(self) -> None:
-        self.seen: list[str] = []
-
-    async def Recommend(self, request, context):
-        self.seen.append(request.user_id)
-        if request.user_id == "u-bad":
-            await context.abort(grpc.StatusCode.INTERNAL, "boom")
-        return pb.RecommendResponse(user_id=request.user_id, items=[pb.RankedItem(item_id="i1", score=1.0)],
-                                    fallback_used=request.user_id == "u-fallback")
+T0 = 1_700_000_000_000_000  # us since epoch
 
 
-@pytest.fixture()
-def stub_server():
-    servicer = StubRecommender()
-    server = ThreadedAioServer(lambda s: pb_grpc.add_RecommendationServiceServicer_to_server(servicer, s))
-    try:
-        yield server.port, servicer
-    finally:
-        server.stop()
+def _run(rows: list[LogRow], rps: float, user: str, answer_bytes: int = 100, failed_answers: int = 0) -> SlotRun:
+    done = len(rows)
+    ok = sum(1 for r in rows if r.status == 200)
+    job = Job("http://127.0.0.1:1/x", Path("body.bin"), 1, 64, 1.0, Path("log"), answer_bytes, rps=rps)
+    summary = Summary(1.0, done, ok, done - ok, 0, ok, (ok - failed_answers) * answer_bytes, started=done)
+    return SlotRun(0, job, summary, tuple(rows), tag=user)
 
 
-def test_open_loop_accounts_for_every_request_and_rotates_users(stub_server, tmp_path):
-    port, servicer = stub_server
-    users = [f"u{i:03d}" for i in range(8)] + ["u-fallback", "u-bad"]
-    (tmp_path / "users.txt").write_text("\n".join(users) + "\n")
-    out, raw = tmp_path / "result.json", tmp_path / "requests.npz"
-    cmd = [sys.executable, "-m", "bench.open_loop", "--target", f"127.0.0.1:{port}", "--users-file", str(tmp_path / "users.txt"),
-           "--rate", "100", "--seconds", "0.5", "--channels", "3", "--out", str(out), "--raw", str(raw)]
-    done = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(out.read_text())
-    assert result["requests"] == 50 and result["channels"] == 3
-    assert result["failures"] == 5  # u-bad is every 10th request
-    assert result["answered"] == 45 and result["fallbacks"] == 5  # u-fallback answers, but from the fallback
-    assert result["distinct_users_answered"] == 9 and "u-bad" not in result["users_answered"]
-    for key in ("p50", "p99", "service_p50", "lateness_p50_ms", "lateness_p99_ms", "lateness_max_ms", "generator_limited"):
-        assert key in result
-    # Per user, in rotation: 5 each, plus the one warm-up call per channel (to the first user).
-    assert sorted(set(servicer.seen)) == sorted(users) and servicer.seen.count("u001") == 5 and servicer.seen.count("u000") == 5 + 3
-    times = np.load(raw)
-    assert times["due"].shape == (50,) and np.all(np.diff(times["due"]) > 0)
-    sent = ~np.isnan(times["issued"])
-    assert sent.all() and np.all(times["issued"] >= times["due"] - 1e-4)  # never (meaningfully) sent early
-    assert int(times["ok"].sum()) == 50 - 5  # the fallback answers have items
-    assert np.all(times["answered"][times["ok"]] >= times["issued"][times["ok"]])
+def test_rate_mode_is_on_the_h2load_command_line():
+    job = Job("http://127.0.0.1:1/x", Path("b"), 1, 64, 2.0, Path("l"), 10, rps=12.5)
+    cmd = command(job)
+    assert cmd[cmd.index("--rps") + 1] == "12.5000" and cmd[cmd.index("-m") + 1] == "64"
+    assert "--rps" not in command(Job("http://127.0.0.1:1/x", Path("b"), 1, 1, 2.0, Path("l")))
+
+
+def test_lateness_is_measured_against_the_schedule_not_the_previous_send():
+    # 10 req/s: due every 100 ms. The third send is 30 ms late; the ones after it are back on time.
+    starts = [T0, T0 + 100_000, T0 + 230_000, T0 + 300_000, T0 + 400_000]
+    assert schedule_lateness_ms(starts, 10.0).tolist() == pytest.approx([0, 0, 30, 0, 0])
+    # A generator that falls behind stays behind: every later send is late by the accumulated delay.
+    behind = [T0 + k * 150_000 for k in range(5)]
+    assert schedule_lateness_ms(behind, 10.0).tolist() == pytest.approx([0, 50, 100, 150, 200])
+
+
+def test_latency_counts_from_the_due_time_and_failures_are_counted():
+    rows = [LogRow(T0 + k * 100_000 + (40_000 if k == 2 else 0), 200, 2_000) for k in range(10)]
+    rows[5] = LogRow(rows[5].start_us, -1, 0)  # a failed stream
+    result = summarise(10.0, [_run(rows, 10.0, "u1", failed_answers=1)])  # and one 200 that carried no message
+    assert result["requests"] == 10 and result["failures"] == 2 and result["answered"] == 8
+    assert result["max"] == pytest.approx(42.0)  # 40 ms late + 2 ms of service
+    assert result["service_p50"] == pytest.approx(2.0)
+    assert result["lateness_max_ms"] == pytest.approx(40.0) and result["late_over_1ms"] == 1
+    assert result["distinct_users_answered"] == 1
+
+
+def test_rate_kept_and_generator_limited_decide_whether_a_tail_is_judged():
+    on_time = [LogRow(T0 + k * 10_000, 200, 1_000) for k in range(100)]  # 100 req/s for ~1 s
+    kept = summarise(100.0, [_run(on_time, 100.0, "u1")])
+    assert kept["rate_kept"] and not kept["generator_limited"]
+    assert not summarise(400.0, [_run(on_time, 100.0, "u1")])["rate_kept"]  # offered 400, achieved ~100
+    assert generator_limited(5.0, 10.0) and not generator_limited(0.5, 10.0) and not generator_limited(2.0, 100.0)
+    assert generator_limited(float("nan"), 1.0)
+
+
+def test_runs_of_several_users_merge():
+    a = [LogRow(T0 + k * 50_000, 200, 1_000) for k in range(20)]
+    b = [LogRow(T0 + 500_000 + k * 50_000, 200, 3_000) for k in range(20)]
+    result = summarise(20.0, [_run(a, 20.0, "u1"), _run(b, 20.0, "u2")])
+    assert result["answered"] == 40 and result["distinct_users_answered"] == 2
+    assert result["p50"] == pytest.approx(float(np.percentile([1.0] * 20 + [3.0] * 20, 50)))
