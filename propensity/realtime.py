@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 
@@ -24,7 +25,12 @@ INTERESTS_VIEW = "user_interests"
 HISTORY_VIEW = "user_purchase_history"
 MAINTAINED_VIEWS = (ACTIVITY_VIEW, INTERESTS_VIEW, HISTORY_VIEW)
 DAY_MS = 86_400_000
+# Ids (user, item, event, session, model version) are at most this long and carry no control characters.
+MAX_ID_LENGTH = 128
+# An event may be stamped at most this far ahead of the server's clock (client clock skew); never before 1970.
+MAX_FUTURE_MS = DAY_MS
 _EPOCH_MS = re.compile(r"^-?\d+$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _COUNTED = {"view": "views", "add_to_cart": "carts", "purchase": "purchases"}
 # Features the stream keeps exact (compared with a batch rebuild in the tests).
 MAINTAINED_ACTIVITY = (
@@ -48,38 +54,78 @@ class InvalidEvent(ValueError):
         self.reason = reason
 
 
+def id_problem(value: str) -> str | None:
+    """What is wrong with an id (empty, blank, too long, a control character), or None when it is usable."""
+    if not value:
+        return "empty id"
+    if not value.strip():
+        return "blank id (only whitespace)"
+    if len(value) > MAX_ID_LENGTH:
+        return f"at most {MAX_ID_LENGTH} characters, got {len(value)}"
+    control = _CONTROL.search(value)
+    if control:
+        return f"control character {control.group()!r} at position {control.start()}"
+    return None
+
+
+def shown(value: str, limit: int = 40) -> str:
+    """A client's value quoted for an error message, cut short: a hostile megabyte is not echoed back."""
+    return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value)} characters)"
+
+
 def parse_event(event_id: str, event_time: str, user_id: str, item_id: str, event_type: str,
-                session_id: str = "", price: float | None = None, quantity: float | None = None) -> StreamEvent:
-    """Check one event against the raw schema (same rules as the file loader) and normalise it."""
+                session_id: str = "", price: float | None = None, quantity: float | None = None,
+                now_ms: int | None = None) -> StreamEvent:
+    """Check one event against the raw schema (same rules as the file loader) and normalise it.
+
+    Streamed events also need a time between 1970 and MAX_FUTURE_MS past `now_ms` (default: the clock).
+    """
     for field, value in (("event_id", event_id), ("user_id", user_id), ("item_id", item_id)):
-        if not value or not value.strip():
-            raise InvalidEvent(field, "empty id")
+        problem = id_problem(value)
+        if problem:
+            raise InvalidEvent(field, problem)
+    if session_id:
+        problem = id_problem(session_id) if session_id.strip() else None  # blank means "no session"
+        if problem:
+            raise InvalidEvent("session_id", problem)
     if event_type not in EVENT_TYPES:
-        raise InvalidEvent("event_type", f"unknown event type {event_type!r} (expected one of {', '.join(EVENT_TYPES)})")
+        raise InvalidEvent("event_type", f"unknown event type {shown(event_type)} (expected one of {', '.join(EVENT_TYPES)})")
     if price is not None and not (math.isfinite(price) and price >= 0):
-        raise InvalidEvent("price", f"must be a number >= 0, got {price!r}")
+        raise InvalidEvent("price", f"must be a finite number >= 0, got {price!r}")
     if quantity is not None and not (math.isfinite(quantity) and quantity > 0):
-        raise InvalidEvent("quantity", f"must be a number > 0, got {quantity!r}")
+        raise InvalidEvent("quantity", f"must be a finite number > 0, got {quantity!r}")
     return StreamEvent(
-        event_id=event_id.strip(), event_time_ms=_parse_time_ms(event_time), user_id=user_id.strip(),
+        event_id=event_id.strip(), event_time_ms=_parse_time_ms(event_time, now_ms), user_id=user_id.strip(),
         item_id=item_id.strip(), event_type=event_type, session_id=session_id.strip() or None,
         price=price, quantity=1.0 if quantity is None else quantity,
     )
 
 
-def _parse_time_ms(text: str) -> int:
+def _parse_time_ms(text: str, now_ms: int | None = None) -> int:
     text = (text or "").strip()
     if not text:
         raise InvalidEvent("event_time", "missing time")
     if _EPOCH_MS.match(text):
-        return int(text)
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise InvalidEvent("event_time", f"unparsable time {text!r} (ISO-8601 or epoch milliseconds)") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)  # naive means UTC, as in the file loader
-    return int(moment.timestamp() * 1000)
+        if len(text) > 20:  # beyond any 64-bit millisecond count
+            raise InvalidEvent("event_time", f"epoch milliseconds out of range: {shown(text)}")
+        moment_ms = int(text)
+    else:
+        try:
+            moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise InvalidEvent("event_time", f"unparsable time {shown(text)} (ISO-8601 or epoch milliseconds)") from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=timezone.utc)  # naive means UTC, as in the file loader
+        try:
+            moment_ms = int(moment.timestamp() * 1000)
+        except (OverflowError, ValueError):  # an offset pushing year 1 or 9999 outside the calendar
+            raise InvalidEvent("event_time", f"out of range: {shown(text)}") from None
+    if moment_ms < 0:
+        raise InvalidEvent("event_time", f"before 1970-01-01T00:00:00Z: {shown(text)}")
+    limit_ms = (time.time_ns() // 1_000_000 if now_ms is None else now_ms) + MAX_FUTURE_MS
+    if moment_ms > limit_ms:
+        raise InvalidEvent("event_time", f"more than {MAX_FUTURE_MS // 3_600_000} hours in the future: {shown(text)}")
+    return moment_ms
 
 
 def apply_events(

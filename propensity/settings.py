@@ -115,6 +115,14 @@ class ServerSettings(_Section):
     scoring_backend: str = Field("auto", description="'lightgbm', 'compiled' (lleaves) or 'auto' (compiled when available and identical).")
     served_log_dir: Path | None = Field(None, description="Where sampled served features and scores are written as Parquet; unset disables it.")
     served_log_sample_rate: float = Field(0.01, description="Share of Recommend calls whose features and scores are logged.")
+    ingest_idle_timeout_seconds: float = Field(
+        60.0,
+        description="An IngestEvents stream that sends no message for this long is ended with DEADLINE_EXCEEDED; the events "
+        "it sent before are kept (counts in the details and trailing metadata). 0 turns the timeout off.",
+    )
+    max_message_bytes: int = Field(
+        4 * 1024 * 1024, description="Largest request message the server accepts (grpc.max_receive_message_length); a larger one gets RESOURCE_EXHAUSTED."
+    )
 
 
 class Settings(BaseSettings):

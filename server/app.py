@@ -137,7 +137,10 @@ async def serve(
     # One request is small linear algebra (ALS fold-in, 200-row products): BLAS threads only contend with the
     # other worker processes for the same cores, and made retrieval 1.6x slower when measured.
     threadpool_limits(1)
-    server = grpc.aio.server(interceptors=observability.interceptors, options=[("grpc.so_reuseport", 1 if reuse_port else 0)])
+    server = grpc.aio.server(interceptors=observability.interceptors, options=[
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
+        ("grpc.max_receive_message_length", settings.server.max_message_bytes),
+    ])
     pb_grpc.add_RecommendationServiceServicer_to_server(RecommendationServicer(components.recommender, settings.server, components.ingestor), server)
     health = health_async.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

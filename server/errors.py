@@ -25,3 +25,7 @@ class ModelUnavailable(RecommendationError):
 
 class IngestionUnavailable(RecommendationError):
     """Events cannot be ingested by this server (for example the registry lacks the push sources)."""
+
+
+class StreamIdle(RecommendationError):
+    """A client stream sent nothing for longer than the server's idle timeout; what it sent before is kept."""

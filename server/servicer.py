@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -13,7 +14,7 @@ from propensity.settings import ServerSettings
 from propensity.v1 import recommendation_service_pb2 as pb
 from propensity.v1 import recommendation_service_pb2_grpc as pb_grpc
 from server import validation
-from server.errors import IngestionUnavailable, InvalidArgument, ModelUnavailable, RecommendationError, UnknownModelVersion
+from server.errors import IngestionUnavailable, InvalidArgument, ModelUnavailable, RecommendationError, StreamIdle, UnknownModelVersion
 from server.ingest import EventIngestor, IngestReport
 from server.interceptors import current_request_id
 from server.queries import ItemScores, ModelsInfo, Recommendation, RecommendQuery, ScoredItem, UserScores
@@ -21,12 +22,14 @@ from server.recommender import Recommender
 
 log = logging.getLogger(__name__)
 Response = TypeVar("Response")
+Message = TypeVar("Message")
 
 _STATUS = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     UnknownModelVersion: grpc.StatusCode.NOT_FOUND,
     ModelUnavailable: grpc.StatusCode.FAILED_PRECONDITION,
     IngestionUnavailable: grpc.StatusCode.FAILED_PRECONDITION,
+    StreamIdle: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
 
@@ -61,7 +64,7 @@ class RecommendationServicer(pb_grpc.RecommendationServiceServicer):
             num_items=validation.num_items(request.num_items, self._limits),
             exclude_item_ids=validation.id_list(request.exclude_item_ids, "exclude_item_ids", self._limits.max_request_ids),
             candidate_item_ids=validation.id_list(request.candidate_item_ids, "candidate_item_ids", self._limits.max_request_ids),
-            model_version=request.model_version,
+            model_version=validation.model_version(request.model_version),
             explain=request.explain,
             deadline_seconds=context.time_remaining(),
             request_id=current_request_id(),
@@ -71,13 +74,15 @@ class RecommendationServicer(pb_grpc.RecommendationServiceServicer):
     @_handle_errors
     async def ScoreUsers(self, request: pb.ScoreUsersRequest, context: grpc.aio.ServicerContext) -> pb.ScoreUsersResponse:
         user_ids = validation.id_list(request.user_ids, "user_ids", self._limits.max_score_users, required=True)
-        return _user_scores(await self._recommender.score_users(list(user_ids), request.model_version))
+        version = validation.model_version(request.model_version)
+        return _user_scores(await self._recommender.score_users(list(user_ids), version))
 
     @_handle_errors
     async def ScoreItems(self, request: pb.ScoreItemsRequest, context: grpc.aio.ServicerContext) -> pb.ScoreItemsResponse:
         user_id = validation.user_id(request.user_id)
         item_ids = validation.id_list(request.item_ids, "item_ids", self._limits.max_request_ids, required=True)
-        return _item_scores(self._recommender.score_items(user_id, list(item_ids), request.model_version))
+        version = validation.model_version(request.model_version)
+        return _item_scores(self._recommender.score_items(user_id, list(item_ids), version))
 
     @_handle_errors
     async def IngestEvents(self, request_iterator: AsyncIterator[pb.IngestEventsRequest], context: grpc.aio.ServicerContext) -> pb.IngestEventsResponse:
@@ -87,9 +92,19 @@ class RecommendationServicer(pb_grpc.RecommendationServiceServicer):
             raise self._ingestor
         report = IngestReport()
         seen = 0
-        async for message in request_iterator:
-            self._ingestor.ingest((_event_fields(e) for e in message.events), report, first_index=seen)
-            seen += len(message.events)
+        try:
+            async for message in _messages(request_iterator, self._limits.ingest_idle_timeout_seconds):
+                self._ingestor.ingest((_event_fields(e) for e in message.events), report, first_index=seen)
+                seen += len(message.events)
+        except StreamIdle as error:
+            # Every event before the silence is already logged and applied: say so, in words and in numbers.
+            context.set_trailing_metadata(
+                (("ingest-accepted", str(report.accepted)), ("ingest-duplicates", str(report.duplicates)), ("ingest-rejected", str(report.rejected)))
+            )
+            raise StreamIdle(
+                f"{error} The stream is closed after {seen} events, all handled: accepted {report.accepted}, duplicates "
+                f"{report.duplicates}, rejected {report.rejected}; re-sending any of them is safe (a repeated event_id is a duplicate)."
+            ) from None
         return pb.IngestEventsResponse(
             accepted=report.accepted,
             duplicates=report.duplicates,
@@ -100,6 +115,18 @@ class RecommendationServicer(pb_grpc.RecommendationServiceServicer):
     @_handle_errors
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.GetModelInfoResponse:
         return _models_info(self._recommender.model_info())
+
+
+async def _messages(request_iterator: AsyncIterator[Message], idle_seconds: float) -> AsyncIterator[Message]:
+    """The stream's messages; StreamIdle when none arrives for idle_seconds (0: wait for ever)."""
+    messages = aiter(request_iterator)
+    while True:
+        try:
+            yield await asyncio.wait_for(anext(messages), timeout=idle_seconds or None)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise StreamIdle(f"IngestEvents: no message for {idle_seconds:g} s (server setting ingest_idle_timeout_seconds).") from None
 
 
 def _event_fields(event: pb.Event) -> dict:

@@ -4,17 +4,27 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from propensity.realtime import MAX_ID_LENGTH, id_problem
 from propensity.settings import ServerSettings
 from server.errors import InvalidArgument
 
-MAX_ID_LENGTH = 128
+__all__ = ["MAX_ID_LENGTH", "id_list", "model_version", "num_items", "user_id"]
 
 
 def user_id(value: str, field: str = "user_id") -> str:
     if not value:
         raise InvalidArgument(field, "required, got an empty string")
-    if len(value) > MAX_ID_LENGTH:
-        raise InvalidArgument(field, f"at most {MAX_ID_LENGTH} characters, got {len(value)}")
+    problem = id_problem(value)
+    if problem:
+        raise InvalidArgument(field, problem)
+    return value
+
+
+def model_version(value: str) -> str:
+    """Empty (the server decides) or a plausible version id; whether it exists is the model pool's answer (NOT_FOUND)."""
+    problem = id_problem(value) if value else None
+    if problem:
+        raise InvalidArgument("model_version", problem)
     return value
 
 
@@ -27,13 +37,13 @@ def num_items(value: int, limits: ServerSettings) -> int:
 
 
 def id_list(values: Sequence[str], field: str, limit: int, required: bool = False) -> tuple[str, ...]:
+    """The ids, each checked like a single id; a repeated id is allowed (each RPC documents what it does with one)."""
     if required and not values:
         raise InvalidArgument(field, "at least one id is required")
     if len(values) > limit:
         raise InvalidArgument(field, f"at most {limit} ids per request, got {len(values)}")
     for position, value in enumerate(values):
-        if not value:
-            raise InvalidArgument(f"{field}[{position}]", "empty id")
-        if len(value) > MAX_ID_LENGTH:
-            raise InvalidArgument(f"{field}[{position}]", f"at most {MAX_ID_LENGTH} characters, got {len(value)}")
+        problem = id_problem(value)
+        if problem:
+            raise InvalidArgument(f"{field}[{position}]", problem)
     return tuple(values)
