@@ -120,13 +120,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(settings.server.log_format)
     logging.getLogger("propensity.server").info("settings:\n%s", settings.describe())
 
+    from server.tls import InsecureTransportError, check_transport
+
+    try:
+        check_transport(settings)
+    except InsecureTransportError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    security = settings.security
+    grpcurl_tls, cli_tls = "-plaintext", ""
+    if security.tls_cert_file:  # how to call it: the server's own CA file is a guess; docs/security.md has the details
+        grpcurl_tls, cli_tls = "-cacert CA.pem", " --ca-cert CA.pem"
+        if security.client_ca_file:
+            grpcurl_tls, cli_tls = grpcurl_tls + " -cert CLIENT.pem -key CLIENT.key", cli_tls + " --cert CLIENT.pem --key CLIENT.key"
+
     def announce(started: object) -> None:
         target = f"{settings.server.host}:{started.port}"
         print(
             f"\nserving propensity.v1.RecommendationService on {target} with {settings.server.workers} process(es) "
             f"(model {started.model_version}, {started.n_items:,} items, ready in {started.seconds:.1f}s). Try:\n"
-            f"  .venv/bin/grpcurl -plaintext -d '{{\"user_id\": \"{args.example_user}\", \"num_items\": 5}}' {target} propensity.v1.RecommendationService/Recommend\n"
-            f"  .venv/bin/propensity recommend {args.example_user} --target {target}\n"
+            f"  .venv/bin/grpcurl {grpcurl_tls} -d '{{\"user_id\": \"{args.example_user}\", \"num_items\": 5}}' {target} propensity.v1.RecommendationService/Recommend\n"
+            f"  .venv/bin/propensity recommend {args.example_user} --target {target}{cli_tls}\n"
             f"Ctrl-C stops the server.",
             flush=True,
         )
@@ -170,9 +184,7 @@ def _example_user(settings: Settings) -> str:
 def cmd_recommend(args: argparse.Namespace) -> int:
     import grpc
 
-    from propensity.client import PropensityClient
-
-    with PropensityClient(args.target, timeout=args.timeout) as client:
+    with _client(args, timeout=args.timeout) as client:
         try:
             response = client.recommend(args.user_id, num_items=args.num_items, exclude_item_ids=args.exclude or ())
         except grpc.RpcError as error:
@@ -189,14 +201,13 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     import grpc
 
-    from propensity.client import PropensityClient
     from propensity.replay import messages, read_events
 
     frame = read_events(Path(args.file))
     total = min(len(frame), args.limit or len(frame))
     print(f"replaying {total:,} events from {args.file} at {args.rate:g} events/s to {args.target}", flush=True)
     started = time.perf_counter()
-    with PropensityClient(args.target) as client:
+    with _client(args) as client:
         try:
             response = client.ingest_events(messages(frame, args.rate, batch=args.batch, retime=not args.keep_times, limit=args.limit))
         except grpc.RpcError as error:
@@ -208,6 +219,19 @@ def cmd_replay(args: argparse.Namespace) -> int:
     for rejection in response.rejections[:10]:
         print(f"  event {rejection.index} ({rejection.event_id or 'no id'}) {rejection.field}: {rejection.reason}")
     return 0
+
+
+def _client(args: argparse.Namespace, **options: object) -> object:
+    """A PropensityClient with the command line's TLS options and token (--token-file, else $PROPENSITY_TOKEN)."""
+    import os
+
+    from propensity.client import PropensityClient, tls_credentials
+
+    credentials = None
+    if args.tls or args.ca_cert or args.cert:
+        credentials = tls_credentials(args.ca_cert, args.cert, args.key)
+    token = Path(args.token_file).read_text().strip() if args.token_file else os.environ.get("PROPENSITY_TOKEN", "").strip()
+    return PropensityClient(args.target, credentials=credentials, token=token or None, **options)
 
 
 def _reason(value: int) -> str:

@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="stop after this many events")
     p.add_argument("--keep-times", action="store_true", help="send the file's event times instead of the time of sending")
     p.add_argument("--target", default="localhost:50051")
+    credential_options(p)
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("recommend", help="ask a running server for recommendations")
@@ -112,8 +113,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", nargs="*", help="item ids to leave out")
     p.add_argument("--target", default="localhost:50051")
     p.add_argument("--timeout", type=float, default=2.0, help="deadline in seconds")
+    credential_options(p)
     p.set_defaults(func=cmd_recommend)
     return parser
+
+
+def credential_options(p: argparse.ArgumentParser) -> None:
+    """TLS and token options of the commands that call a server (docs/security.md)."""
+    p.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's CAs (implied by --ca-cert)")
+    p.add_argument("--ca-cert", help="PEM file of the CA that signed the server's certificate")
+    p.add_argument("--cert", help="client certificate (PEM) for mutual TLS")
+    p.add_argument("--key", help="client private key (PEM) for mutual TLS")
+    p.add_argument("--token-file", help="file holding a bearer token (default: the PROPENSITY_TOKEN environment variable); "
+                   "never on the command line, where other users' `ps` would see it")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,6 +46,7 @@ from server.interceptors import ObservabilityInterceptor
 from server.log_setup import configure_logging
 from server.metrics import Metrics, mark_process_dead, multiprocess_enabled, prepare_multiprocess_dir, start_metrics_http, use_in_process_values
 from server.served_log import ServedFeatureLogger
+from server.tls import CertificateFiles, check_transport
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +62,15 @@ class Observability:
     metrics_port: int
     metrics_addr: str
     serve_http: bool
+    tls: CertificateFiles | None = None  # the server's certificates (security section); /metrics is HTTPS with them
     _owned_dir: Path | None = None  # a metrics directory created here, removed on close
     _http: tuple[WSGIServer, threading.Thread] | None = field(default=None, repr=False)
 
     def start_http(self) -> int | None:
         """Start /metrics (when serve_http and metrics_port > 0) and return its port; None when off. Idempotent."""
         if self._http is None and self.serve_http and self.metrics_port > 0:
-            self._http = start_metrics_http(self.metrics_port, self.registry, self.metrics_addr)
-            log.info("metrics on http://%s:%d/metrics%s", self.metrics_addr, self._http[0].server_port,
+            self._http = start_metrics_http(self.metrics_port, self.registry, self.metrics_addr, tls=self.tls)
+            log.info("metrics on %s://%s:%d/metrics%s", "https" if self.tls else "http", self.metrics_addr, self._http[0].server_port,
                      " (all worker processes)" if multiprocess_enabled() else "")
         return self._http[0].server_port if self._http else None
 
@@ -106,6 +108,8 @@ def install_observability(
     """
     server = settings.server
     configure_logging(server.log_format)
+    check_transport(settings)  # before any port opens: no plaintext beyond loopback unless allowed
+    tls = CertificateFiles.from_settings(settings.security)
     parent_of_workers = serve_http and server.workers > 1
     owned: Path | None = None
     if parent_of_workers:
@@ -127,5 +131,6 @@ def install_observability(
         metrics_port=server.metrics_port,
         metrics_addr=metrics_addr or server.host,
         serve_http=serve_http,
+        tls=tls,
         _owned_dir=owned,
     )
