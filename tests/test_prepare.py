@@ -141,7 +141,8 @@ def test_the_log_is_streamed_in_chunks_with_the_same_result(tmp_path: Path, monk
     assert expected["event_id"].tolist() == ["b", "c", "a"] and expected["user_id"].tolist() == ["u1", "u2", "u1"]
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "chunked" / "events.parquet"), expected)
     assert (whole.n_events, whole.n_users) == (chunked.n_events, chunked.n_users) == (3, 2)
-    assert sorted(p.name for p in (tmp_path / "chunked").iterdir()) == ["events.parquet", "items.parquet", MANIFEST, "users.parquet"]
+    # The repeated event_id is quarantined (docs/reliability/data_files.md); nothing else is left behind.
+    assert sorted(p.name for p in (tmp_path / "chunked").iterdir()) == ["events.parquet", "items.parquet", MANIFEST, "quarantine", "users.parquet"]
 
 
 def test_manifest_records_the_shift_and_round_trips(tmp_path: Path) -> None:

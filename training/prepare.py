@@ -86,8 +86,10 @@ def prepare(
     """
     prepared_dir.mkdir(parents=True, exist_ok=True)
     staged_path = prepared_dir / "events.staged.parquet"
+    memory_limit_gb = memory_limit_gb or FeatureSettings().memory_limit_gb
     try:
-        dataset = stage_raw_dataset(source_dir, staged_path, progress=progress)
+        # Rejected and duplicate rows go to prepared_dir/quarantine/ (see docs/reliability/data_files.md).
+        dataset = stage_raw_dataset(source_dir, staged_path, progress=progress, memory_limit_gb=memory_limit_gb)
         progress(dataset.report.summary())
         if dataset.last_event_time is None:
             raise RawDataError(f"{source_dir}: no usable events")
@@ -98,7 +100,7 @@ def prepare(
             if as_of is None and original_as_of > today:
                 original_as_of = today  # a current log: build up to today's midnight, later events wait for the next build
             shift_days = max(0, (today - original_as_of).days)  # only historical logs move
-        con = connect(memory_limit_gb or FeatureSettings().memory_limit_gb, prepared_dir / "duckdb-spill")
+        con = connect(memory_limit_gb, prepared_dir / "duckdb-spill")
         try:
             stats = _write_events(con, dataset, extra_events, shift_days, prepared_dir / "events.parquet")
         finally:
@@ -163,27 +165,41 @@ def _write_events(con: duckdb.DuckDBPyConnection, dataset: StagedDataset, extra_
     con.execute(f"CREATE TEMP VIEW staged AS SELECT * FROM read_parquet('{dataset.events_path}')")
     extra = extra_events[columns] if extra_events is not None and len(extra_events) else pd.DataFrame(columns=columns)
     con.register("extra_events", pa.Table.from_pandas(extra, schema=raw_schema("events"), preserve_index=False))
+    # Repeated event_ids of the raw log were found while staging (and quarantined): those rows are left out.
+    dropped = f"read_parquet('{dataset.duplicates_path}')" if dataset.duplicates_path else "(SELECT NULL::BIGINT AS line_or_row WHERE false)"
+    con.execute(f"CREATE TEMP VIEW dropped AS SELECT line_or_row AS source_row FROM {dropped}")
     select = ", ".join(columns[1:])
     tmp = out.with_suffix(".parquet.tmp")
+    # No window or join over the whole log: only the small sides (dropped rows, ingested events) are
+    # hashed, so the sort is the one big operator, and it spills under DuckDB's memory cap (a window
+    # partitioned by event_id ran out of memory on a log 10x the cap: tests/test_hostile_files.py).
     con.execute(
         f"""
         COPY (
-            WITH combined AS (
-                SELECT event_time + INTERVAL ({shift_days}) DAY AS event_time, {select}, 0 AS origin, source_row AS position FROM staged
+            WITH extra AS (
+                SELECT *, row_number() OVER () AS position FROM extra_events
+            ),
+            extra_first AS (  -- ingested events: first of each event_id, and none the raw log already has
+                SELECT * FROM extra
+                QUALIFY row_number() OVER (PARTITION BY event_id ORDER BY position) = 1
+            ),
+            known AS (SELECT DISTINCT event_id FROM staged WHERE event_id IN (SELECT event_id FROM extra_events)),
+            combined AS (
+                SELECT event_time + INTERVAL ({shift_days}) DAY AS event_time, {select}, 0 AS origin, source_row AS position
+                FROM staged WHERE source_row NOT IN (SELECT source_row FROM dropped)
                 UNION ALL
                 -- Ingested events are on the serving clock already: never shifted.
-                SELECT event_time, {select}, 1 AS origin, row_number() OVER () AS position FROM extra_events
+                SELECT event_time, {select}, 1 AS origin, position FROM extra_first
+                WHERE event_id NOT IN (SELECT event_id FROM known)
             )
             SELECT event_time, {select} FROM combined
-            QUALIFY row_number() OVER (PARTITION BY event_id ORDER BY origin, position) = 1
             ORDER BY event_time, origin, position
         ) TO '{tmp}' (FORMAT PARQUET)
         """
     )
     tmp.replace(out)
-    n_events, n_users, types = con.execute(
-        f"SELECT count(*), count(DISTINCT user_id), list(DISTINCT event_type) FROM read_parquet('{out}')"
-    ).fetchone()
+    n_events, types = con.execute(f"SELECT count(*), list(DISTINCT event_type) FROM read_parquet('{out}')").fetchone()
+    n_users = con.execute(f"SELECT count(*) FROM (SELECT user_id FROM read_parquet('{out}') GROUP BY user_id)").fetchone()[0]
     return _EventStats(n_events, n_users, n_events - dataset.report.rows_loaded["events"], frozenset(types))
 
 

@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 
 from propensity.importers import ImportSummary, write_and_verify
+from propensity.importers.source import read_source
+from propensity.raw_data.readers import require_columns
 
 # A folder: views, purchases and categories are three files.
 DEFAULT_SOURCE = Path(__file__).resolve().parents[2].parent / "shared/data/diginetica_cikm2016"
@@ -19,6 +21,7 @@ _VIEW_FILES = ("train-item-views.csv", "train-item-views.csv.gz",
 # The SR-GNN sample uses snake_case headers; the challenge file uses camelCase.
 _VIEW_COLUMNS = {"session_id": "sessionId", "user_id": "userId", "item_id": "itemId"}
 _DAY = pd.Timedelta(days=1)
+_LINE_COLUMNS = ("sessionId", "userId", "itemId", "timeframe", "eventdate")
 
 
 def import_diginetica(
@@ -32,9 +35,9 @@ def import_diginetica(
     if views_path is None:
         raise FileNotFoundError(f"{source}: no item-views file (looked for {', '.join(_VIEW_FILES)})")
     progress(f"diginetica: reading {views_path.name}, train-purchases and product-categories in {source}")
-    views = _read(views_path).rename(columns=_VIEW_COLUMNS)
+    views = _read(views_path, rename=_VIEW_COLUMNS)
     purchases = _read(_first(source, "train-purchases"))
-    categories = _read(_first(source, "product-categories"))
+    categories = _read(_first(source, "product-categories"), ("itemId", "categoryId"))
     progress(f"diginetica: {len(views)} views, {len(purchases)} purchase lines, {len(categories)} categorised items")
 
     frames = []
@@ -91,6 +94,9 @@ def _first(folder: Path, stem: str) -> Path:
     raise FileNotFoundError(f"{folder}: missing {stem}.csv or {stem}.csv.gz")
 
 
-def _read(path: Path) -> pd.DataFrame:
+def _read(path: Path, columns: tuple[str, ...] = _LINE_COLUMNS, rename: dict[str, str] | None = None) -> pd.DataFrame:
     # Everything as text: "NA" user ids stay a marker instead of turning the column into floats.
-    return pd.read_csv(path, sep=";", dtype=str, keep_default_na=False, na_filter=False)
+    # A malformed file (empty, truncated, broken quote, stray field) is an error naming file and line.
+    frame = read_source(path, (), sep=";")[0].frame.rename(columns=rename or {})
+    require_columns(frame, path, columns)
+    return frame

@@ -10,12 +10,15 @@ import numpy as np
 import pandas as pd
 
 from propensity.importers import ImportSummary, write_and_verify
+from propensity.importers.source import numbers, read_source
+from propensity.importers.source import times as source_times
 
 DEFAULT_SOURCE = (
     Path(__file__).resolve().parents[2].parent / "shared/data/rees46_multicategory_2019oct_sample/sample.csv.gz"
 )
 
 _EVENT_TYPES = {"view": "view", "cart": "add_to_cart", "purchase": "purchase"}
+_COLUMNS = ("event_time", "event_type", "product_id", "category_id", "brand", "price", "user_id", "user_session")
 
 
 def import_rees46(
@@ -26,7 +29,8 @@ def import_rees46(
     started = time.perf_counter()
     source, out_dir = Path(source), Path(out_dir)
     progress(f"rees46: reading {source}")
-    raw = pd.read_csv(source, dtype=str, keep_default_na=False, na_filter=False)
+    chunk, blank_lines = read_source(source, _COLUMNS)
+    raw = chunk.frame
     progress(f"rees46: {len(raw)} rows read")
 
     kind = raw["event_type"].str.strip()
@@ -43,15 +47,15 @@ def import_rees46(
 
     session = raw["user_session"].str.strip()
     events = pd.DataFrame({
-        "event_time": pd.to_datetime(raw["event_time"].str.replace(" UTC", "", regex=False),
-                                     format="%Y-%m-%d %H:%M:%S", utc=True),
+        "event_time": source_times(chunk, "event_time", source, pd.to_datetime(
+            raw["event_time"].str.replace(" UTC", "", regex=False), format="%Y-%m-%d %H:%M:%S", utc=True, errors="coerce")),
         "user_id": raw["user_id"].str.strip(),
         "item_id": raw["product_id"].str.strip(),
         "event_type": kind.map(_EVENT_TYPES),
         # Source line number (header is line 1): the log has no event id of its own.
-        "event_id": source.name + ":" + pd.Series(np.arange(len(raw)) + 2).astype(str),
+        "event_id": source.name + ":" + pd.Series(chunk.lines).astype(str),
         "session_id": session.where(session.ne(""), None),
-        "price": pd.to_numeric(raw["price"].where(raw["price"].ne(""), np.nan), errors="raise").astype("float64"),
+        "price": numbers(chunk, "price", source, empty_ok=True),
         "quantity": 1.0,
     })[keep].reset_index(drop=True)
     attributes = pd.DataFrame({
@@ -66,6 +70,8 @@ def import_rees46(
     users["age"] = np.nan
     users["gender"] = pd.Series(np.full(len(users), None, dtype=object))
     users["region"] = pd.Series(np.full(len(users), None, dtype=object))
+    if blank_lines:
+        dropped["blank line"] = blank_lines
     return write_and_verify("rees46", source, out_dir, len(raw), dropped,
                             (events, items, users), started, progress)
 

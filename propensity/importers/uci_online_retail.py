@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 
 from propensity.importers import ImportSummary, write_and_verify
+from propensity.importers.source import numbers, read_source
+from propensity.importers.source import times as source_times
 
 DEFAULT_SOURCE = Path(__file__).resolve().parents[2].parent / "shared/data/uci_online_retail/online_retail.csv.gz"
 
@@ -18,6 +20,7 @@ DEFAULT_SOURCE = Path(__file__).resolve().parents[2].parent / "shared/data/uci_o
 # AMAZONFEE, CRUK, PADS, DCGS..., gift_0001_... There are no exceptions to the rule.
 _PRODUCT_CODE = r"^\d{5}"
 _LONDON = "Europe/London"
+_COLUMNS = ("InvoiceNo", "StockCode", "Description", "Quantity", "InvoiceDate", "UnitPrice", "CustomerID", "Country")
 
 
 def import_uci_online_retail(
@@ -28,15 +31,16 @@ def import_uci_online_retail(
     started = time.perf_counter()
     source, out_dir = Path(source), Path(out_dir)
     progress(f"uci-online-retail: reading {source}")
-    raw = pd.read_csv(source, dtype=str, keep_default_na=False, na_filter=False)
+    chunk, blank_lines = read_source(source, _COLUMNS)
+    raw = chunk.frame
     progress(f"uci-online-retail: {len(raw)} invoice lines read")
 
     invoice = raw["InvoiceNo"].str.strip()
     # Lower-case suffixes (85123a) are the same product as upper-case ones (85123A).
     code = raw["StockCode"].str.strip().str.upper()
     customer = raw["CustomerID"].str.strip()
-    quantity = pd.to_numeric(raw["Quantity"], errors="raise").astype("float64")
-    price = pd.to_numeric(raw["UnitPrice"], errors="raise").astype("float64")
+    quantity = numbers(chunk, "Quantity", source)
+    price = numbers(chunk, "UnitPrice", source)
     cancelled = invoice.str.startswith("C")
     # Line number within its invoice, counted before any filtering so ids never shift.
     line = invoice.groupby(invoice, sort=False).cumcount() + 1
@@ -58,6 +62,7 @@ def import_uci_online_retail(
     keep = remaining.to_numpy()
 
     times = _london_to_utc(raw["InvoiceDate"])
+    source_times(chunk, "InvoiceDate", source, times)
     events = pd.DataFrame({
         "event_time": times,
         "user_id": customer,
@@ -76,12 +81,14 @@ def import_uci_online_retail(
     )
     items = _items(code, raw["Description"], price, catalogue.to_numpy(), events["item_id"])
     users = _users(events, raw["Country"].str.strip()[keep].reset_index(drop=True))
+    if blank_lines:
+        dropped["blank line"] = blank_lines
     return write_and_verify("uci-online-retail", source, out_dir, len(raw), dropped,
                             (events, items, users), started, progress)
 
 
 def _london_to_utc(local: pd.Series) -> pd.Series:
-    naive = pd.to_datetime(local, format="%Y-%m-%d %H:%M:%S")
+    naive = pd.to_datetime(local.str.strip(), format="%Y-%m-%d %H:%M:%S", errors="coerce")
     # No invoice falls in a DST gap or overlap (shop hours); if one did, it is read as summer time.
     aware = naive.dt.tz_localize(_LONDON, ambiguous=np.ones(len(naive), dtype=bool),
                                  nonexistent="shift_forward")

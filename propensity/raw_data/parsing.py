@@ -58,7 +58,14 @@ def parse_time(values: pd.Series) -> tuple[pd.Series, np.ndarray, np.ndarray]:
     if pd.api.types.is_datetime64_any_dtype(values):
         times = values.dt.tz_localize("UTC") if values.dt.tz is None else values.dt.tz_convert("UTC")
         missing = times.isna().to_numpy()
-        return times.astype("datetime64[ns, UTC]"), np.zeros(len(values), bool), missing
+        # Parquet keeps microseconds (years 1 .. 9999); nanoseconds cover 1677 .. 2262 only.
+        out = ((times < pd.Timestamp.min.tz_localize("UTC")) | (times > pd.Timestamp.max.tz_localize("UTC"))).to_numpy()
+        if out.any():
+            times = times.where(~out)
+        return times.astype("datetime64[ns, UTC]"), out, missing
+    if pd.api.types.is_bool_dtype(values):  # True is not a time
+        missing = values.isna().to_numpy()
+        return pd.Series(pd.NaT, index=values.index, dtype="datetime64[ns, UTC]"), ~missing, missing
     if pd.api.types.is_numeric_dtype(values):
         times = pd.to_datetime(values, unit="ms", utc=True, errors="coerce")
         missing = values.isna().to_numpy()
@@ -80,6 +87,28 @@ def parse_time(values: pd.Series) -> tuple[pd.Series, np.ndarray, np.ndarray]:
         parsed = pd.to_datetime(text[naive], format="ISO8601", errors="coerce")
         times[naive] = parsed.dt.tz_localize("UTC")
     return times, (times.isna().to_numpy() & ~missing), missing
+
+
+def out_of_range(values: pd.Series, bad: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(too early, too late) among the unparsable times: valid-looking times outside what nanoseconds hold (1677 .. 2262).
+
+    ISO text is judged by its year, epoch milliseconds by their sign; anything else stays unparsable.
+    """
+    early = np.zeros(len(values), dtype=bool)
+    late = np.zeros(len(values), dtype=bool)
+    if not bad.any():
+        return early, late
+    if pd.api.types.is_datetime64_any_dtype(values):
+        times = values[bad]
+        late[bad] = (times > pd.Timestamp.max.tz_localize(times.dt.tz)).to_numpy() if times.dt.tz else (times > pd.Timestamp.max).to_numpy()
+        early[bad] = ~late[bad]
+        return early, late
+    text = to_text(values[bad]) if not pd.api.types.is_numeric_dtype(values) else values[bad].astype(str)
+    year = pd.to_numeric(text.str.extract(r"^\s*(\d{4})-\d\d-\d\d", expand=False), errors="coerce")
+    epoch = pd.to_numeric(text.where(text.str.fullmatch(r"\s*-?\d+(?:\.0)?\s*").fillna(False)), errors="coerce")
+    late[bad] = ((year > 2262) | (epoch > 0)).fillna(False).to_numpy()
+    early[bad] = ((year < 1678) | (epoch < 0)).fillna(False).to_numpy()
+    return early, late
 
 
 def parse_number(values: pd.Series) -> tuple[pd.Series, np.ndarray, np.ndarray]:

@@ -28,6 +28,13 @@ SCHEMAS = {
     ]),
 }
 
+# Every column name the raw schema knows; other columns in a file are ignored and reported.
+KNOWN_COLUMNS = frozenset(name for schema in SCHEMAS.values() for name in schema.names)
+
+# Event times outside [1970-01-01, now + this] are rejected: before the epoch is a broken clock or
+# a zero-filled field, and a log cannot hold what has not happened yet (one day of slack for clocks).
+FUTURE_SLACK_DAYS = 1
+
 
 def raw_schema(table: str) -> pa.Schema:
     """The Arrow schema of a raw table ("events", "items" or "users") as written to Parquet."""
