@@ -225,11 +225,14 @@ def serve_https(port: int, addr: str, app: object, files: CertificateFiles) -> t
     return httpd, thread
 
 
-async def start_plaintext_health(host: str, port: int, health: object) -> grpc.aio.Server:
-    """A second server with only grpc.health.v1, in plaintext: probes (the kubelet) have no client certificate."""
+async def start_plaintext_health(host: str, port: int, health: object, reuse_port: bool = False) -> grpc.aio.Server:
+    """A second server with only grpc.health.v1, in plaintext: probes (the kubelet) have no client certificate.
+
+    reuse_port: worker processes share the port, as they share the main one; otherwise a taken port is an error.
+    """
     from grpc_health.v1 import health_pb2_grpc
 
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if reuse_port else 0)])
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if server.add_insecure_port(f"{host}:{port}") == 0:
         raise OSError(f"cannot bind the health port {host}:{port} (security.health_port)")

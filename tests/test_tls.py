@@ -192,6 +192,32 @@ def test_a_bad_certificate_file_at_start_up_is_an_error(pki: Pki) -> None:
         pki.files()
 
 
+def test_plaintext_health_port_serves_health_only_and_refuses_a_taken_port() -> None:
+    import asyncio
+
+    from server.tls import start_plaintext_health
+    from tests.conftest import free_port
+
+    async def main() -> None:
+        health = health_async.HealthServicer()
+        await health.set("", health_pb2.HealthCheckResponse.SERVING)
+        port = free_port()
+        server = await start_plaintext_health("127.0.0.1", port, health)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                response = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+                assert response.status == health_pb2.HealthCheckResponse.SERVING
+                with pytest.raises(grpc.aio.AioRpcError) as error:
+                    await channel.unary_unary("/propensity.v1.RecommendationService/GetModelInfo")(b"", timeout=5)
+                assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            with pytest.raises((OSError, RuntimeError)):
+                await start_plaintext_health("127.0.0.1", port, health)
+        finally:
+            await server.stop(None)
+
+    asyncio.run(main())
+
+
 # -- rotation ----------------------------------------------------------------------------------------------------
 
 
@@ -394,3 +420,48 @@ def test_real_server_over_mtls_with_tokens_grpcurl_cli_metrics_and_rotation(pipe
     printed = next(json.loads(line)["message"] for line in text.splitlines() if '"settings:' in line)
     security = json.loads(printed.split("\n", 1)[1])["security"]
     assert [c["token_sha256"] for c in security["callers"]] == ["***", "***"]
+
+
+@pytest.mark.slow
+def test_worker_processes_serve_tls_and_the_parent_serves_https_metrics(pipeline, tmp_path: Path) -> None:
+    """server.workers=2 on a TLS port: each worker binds with the certificates, the parent's /metrics speaks HTTPS."""
+    import json
+    import subprocess
+    import sys
+
+    from propensity.client import PropensityClient, tls_credentials
+    from server.auth import hash_token
+    from tests.conftest import free_port, private_env, users, wait_until_serving
+
+    pki = Pki(tmp_path / "pki")
+    token = "workers-read-token-41d2"
+    env, _ = private_env(pipeline, "tls-workers", workers="2", metrics_port=str(free_port()))
+    health_port, port = free_port(), free_port()
+    env |= {
+        "PROPENSITY_SECURITY__TLS_CERT_FILE": str(pki.cert_file), "PROPENSITY_SECURITY__TLS_KEY_FILE": str(pki.key_file),
+        "PROPENSITY_SECURITY__AUTH": "on", "PROPENSITY_SECURITY__HEALTH_PORT": str(health_port),
+        "PROPENSITY_SECURITY__CALLERS": json.dumps([{"name": "reader", "roles": ["read"], "token_sha256": hash_token(token)}]),
+    }
+    log = tmp_path / "server.log"
+    with log.open("w") as out:
+        process = subprocess.Popen([str(Path(sys.executable).parent / "propensity"), "serve", "--port", str(port)],
+                                   env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until_serving(f"localhost:{health_port}", process, log, timeout=180)
+        with PropensityClient(f"localhost:{port}", timeout=10, credentials=tls_credentials(pki.ca_file), token=token) as client:
+            assert client.recommend(users(pipeline, 1)[0], num_items=2).items
+        with grpc.insecure_channel(f"localhost:{health_port}") as channel:  # the health port serves health only
+            with pytest.raises(grpc.RpcError) as error:
+                channel.unary_unary("/propensity.v1.RecommendationService/GetModelInfo")(b"", timeout=5)
+            assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        context = ssl.create_default_context(cafile=str(pki.ca_file))
+        metrics_url = f"https://localhost:{env['PROPENSITY_SERVER__METRICS_PORT']}/metrics"
+        with urllib.request.urlopen(metrics_url, context=context, timeout=5) as response:
+            assert 'propensity_caller_requests_total{caller="reader",code="OK",method="Recommend"}' in response.read().decode()
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    assert token not in log.read_text()
