@@ -189,8 +189,7 @@ class TableReader:
         message = str(error).strip()
         found = re.search(r"EOF inside string starting at row (\d+)", message)
         if found:
-            line = lines.line_of_record(int(found.group(1)) + 1)
-            column = _unclosed_quote_column(self.path, line, self.sep)
+            line, column = _unclosed_quote(self.path, int(found.group(1)) + 1, self.sep)
             where = f"line {line}" + (f" column {column}" if column else "")
             return RawDataError(
                 f"{self.path.name} {where}: unterminated quote: a quoted value opens here and never closes, so the "
@@ -297,19 +296,23 @@ def _line_texts(path: Path, wanted: set[int]) -> dict[int, str]:
     return found
 
 
-def _unclosed_quote_column(path: Path, line: int, sep: str) -> str | None:
-    """The header name of the field where the unterminated quote on `line` opens (error path only)."""
+def _unclosed_quote(path: Path, record: int, sep: str) -> tuple[int, str | None]:
+    """(physical line, column) where record `record` (header = 1) starts and its unterminated quote opens (error path only)."""
+    line, column = record, None
     try:
         with _open_text(path) as handle:
-            header = handle.readline()
-            for _ in range(line - 2):
-                handle.readline()
-            text = handle.readline()
-        fields = next(csv.reader(io.StringIO(text), delimiter=sep), [])
-        names = next(csv.reader(io.StringIO(header), delimiter=sep), [])
-        return names[len(fields) - 1].strip() if 0 < len(fields) <= len(names) else None
-    except (OSError, csv.Error, StopIteration):
-        return None
+            reader = csv.reader(handle, delimiter=sep)
+            names = next(reader, [])
+            for number in range(2, record + 1):
+                line = reader.line_num + 1
+                fields = next(reader, None)
+                if fields is None:
+                    break
+                if number == record and 0 < len(fields) <= len(names):
+                    column = names[len(fields) - 1].strip()  # the quoted field swallowed the rest of the file
+    except (OSError, csv.Error):
+        pass
+    return line, column
 
 
 def _corrupt_part(source: pq.ParquetFile) -> str:
