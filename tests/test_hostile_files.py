@@ -271,6 +271,30 @@ def test_times_before_1970_and_in_the_future_are_quarantined(tmp_path: Path) -> 
     assert "events.csv line 206 column event_time: in the future" in printed
 
 
+def test_epoch_seconds_given_for_milliseconds_are_quarantined(tmp_path: Path) -> None:
+    # 1704164645 is 2024-01-02 in seconds; read as milliseconds it would be 20 January 1970.
+    n = 100
+    times = pa.array([1704164645000] * (n - 1) + [1704164645], pa.int64())
+    prepared, printed = _prepare(_parquet(tmp_path, _table(n, event_time=times)), tmp_path)
+    assert len(_events(prepared)) == n - 1
+    assert f"events.parquet row {n} column event_time: epoch seconds, not milliseconds '1704164645'" in printed
+
+
+def test_hostile_rows_in_items_and_users_files_are_quarantined_too(tmp_path: Path) -> None:
+    source = _source(tmp_path, "events.csv", HEADER + "".join(_rows(20)))
+    (source / "items.csv").write_bytes(b"item_id,price\ni1,2.5\ni2,-1\ni3,1.0,surplus\n\ni4,3\n")
+    (source / "users.csv").write_bytes("user_id,age,region\nu1,30,UK\nu2,31,M\xfcnchen\nu1,40,DE\n".encode("latin-1"))
+    prepared, printed = _prepare(source, tmp_path)
+    quarantined = _quarantined(prepared)
+    assert sorted(zip(quarantined["table"], quarantined["line_or_row"], quarantined["column"], quarantined["reason"])) == [
+        ("items", 3, "price", "negative"), ("items", 4, "(line)", "wrong number of fields"), ("items", 5, "(line)", "blank line"),
+        ("users", 3, "region", "not UTF-8 text"), ("users", 4, "user_id", "duplicate user_id (first kept)"),
+    ]
+    assert "items.csv line 4 column (line): wrong number of fields '3 fields, the header has 2'" in printed
+    items = pd.read_parquet(prepared / "items.parquet")
+    assert {"i1", "i4"} <= set(items["item_id"]) and items.set_index("item_id").loc["i2", "price"] != -1
+
+
 def test_duplicated_events_keep_the_first_and_the_rest_are_quarantined(tmp_path: Path) -> None:
     text = HEADER + "".join(_rows(5)) + "2024-01-03T00:00:00Z,other,i1,purchase,e1\n" + "2024-01-04T00:00:00Z,third,i1,view,e1\n"
     # Identical rows without an event_id are separate events: ids come from the line.

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from propensity.raw_data.errors import RawDataError
-from propensity.raw_data.parsing import checked_number, nones, out_of_range, parse_time, to_text
+from propensity.raw_data.parsing import checked_number, epoch_seconds, nones, out_of_range, parse_time, to_text
 from propensity.raw_data.quarantine import Quarantine
 from propensity.raw_data.readers import Chunk, SkippedLines, TableReader, require_columns
 from propensity.raw_data.rejections import Problems, RejectedRows, merge_rejections, skipped_as_rejections
@@ -91,6 +91,7 @@ def _validate_events(chunk: Chunk, path: Path, strict: bool, latest: pd.Timestam
     usable = ~missing_time & ~bad_time
     problems.flag(too_early | (usable & (times < EPOCH).to_numpy()), "event_time", "before 1970-01-01", raw["event_time"])
     problems.flag(too_late | (usable & (times > latest).to_numpy()), "event_time", "in the future", raw["event_time"])
+    problems.flag(usable & epoch_seconds(raw["event_time"], times), "event_time", "epoch seconds, not milliseconds", raw["event_time"])
     ids = {}
     for column in ("user_id", "item_id"):
         ids[column] = to_text(raw[column])

@@ -111,6 +111,23 @@ def out_of_range(values: pd.Series, bad: np.ndarray) -> tuple[np.ndarray, np.nda
     return early, late
 
 
+# Epoch milliseconds below this are before 1973-03-03: almost surely epoch seconds (2024 in seconds
+# is 1.7e9, which as milliseconds is 20 January 1970).
+_SECONDS_NOT_MILLIS = 100_000_000_000
+
+
+def epoch_seconds(values: pd.Series, times: pd.Series) -> np.ndarray:
+    """Rows whose epoch number, read as milliseconds, lands in 1970 .. 1973-03-03: seconds given for milliseconds."""
+    if pd.api.types.is_datetime64_any_dtype(values) or pd.api.types.is_bool_dtype(values):
+        return np.zeros(len(values), dtype=bool)
+    if pd.api.types.is_numeric_dtype(values):
+        epoch = values.notna().to_numpy()
+    else:
+        epoch = _matches(to_text(values), r"^\d+$")
+    early = (times < pd.Timestamp(_SECONDS_NOT_MILLIS, unit="ms", tz="UTC")).to_numpy() & times.notna().to_numpy()
+    return epoch & early & (times >= pd.Timestamp(0, tz="UTC")).to_numpy()
+
+
 def parse_number(values: pd.Series) -> tuple[pd.Series, np.ndarray, np.ndarray]:
     """Return (float64 values, unparsable-or-infinite mask, missing mask)."""
     if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):

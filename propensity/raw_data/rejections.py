@@ -18,6 +18,7 @@ _HINTS = {
     "unknown event type": f"(expected one of {', '.join(EVENT_TYPES)})",
     "in the future": f"(more than {FUTURE_SLACK_DAYS} day after the time of the run)",
     "unparsable time": "(expected ISO-8601 or epoch milliseconds)",
+    "epoch seconds, not milliseconds": "(as milliseconds this is before 1973-03-03; multiply by 1000)",
 }
 
 
