@@ -2,12 +2,23 @@
 
 SQLite in WAL mode with synchronous=FULL: a committed event survives a crash, the event_id
 primary key makes ingestion idempotent, and several server processes can append concurrently.
+One transaction per append: after a crash an append is either wholly in the log or not at all.
+
+Each event also records whether its real-time feature update (the online-store push) is done, so
+pushes that failed while the online store was down are retried from the log:
+
+- `pushed` is 0 until the push succeeded, then 1 (events of logs written before this column existed
+  count as pushed: they were pushed before they were acknowledged);
+- `claimed_ms` is when a process took the push on. An append claims its own events; a claim older
+  than the lease has been abandoned (the process died or gave up) and may be claimed again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +34,18 @@ CREATE TABLE IF NOT EXISTS events (
     session_id TEXT,
     price REAL,
     quantity REAL NOT NULL,
-    ingested_at_ms INTEGER NOT NULL DEFAULT (CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER))
+    ingested_at_ms INTEGER NOT NULL DEFAULT (CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)),
+    pushed INTEGER NOT NULL DEFAULT 0,
+    claimed_ms INTEGER NOT NULL DEFAULT 0
 )
 """
+_PENDING_INDEX = "CREATE INDEX IF NOT EXISTS events_unpushed ON events (claimed_ms) WHERE pushed = 0"
+_COLUMNS = "event_id, event_time_ms, user_id, item_id, event_type, session_id, price, quantity"
+DEFAULT_BUSY_SECONDS = 2.0
+
+
+class EventLogError(RuntimeError):
+    """The log cannot store or read events right now (locked, unwritable, out of space, corrupt)."""
 
 
 @dataclass(frozen=True)
@@ -42,41 +62,77 @@ class StreamEvent:
     quantity: float = 1.0
 
 
-class EventLog:
-    """Append-only, de-duplicated by event_id."""
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
-    def __init__(self, directory: Path) -> None:
+
+class EventLog:
+    """Append-only, de-duplicated by event_id, with the push state of every event.
+
+    busy_seconds bounds the wait for another process's write lock; past it the call raises EventLogError.
+    """
+
+    def __init__(self, directory: Path, busy_seconds: float = DEFAULT_BUSY_SECONDS) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / "events.db"
-        self._conn = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
+        self._conn = sqlite3.connect(self.path, timeout=busy_seconds, check_same_thread=False, isolation_level=None)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute(_SCHEMA)
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(events)")}
+        if "pushed" not in columns:  # a log from before push states: its events were pushed before being acknowledged
+            self._conn.execute("ALTER TABLE events ADD COLUMN pushed INTEGER NOT NULL DEFAULT 1")
+            self._conn.execute("ALTER TABLE events ADD COLUMN claimed_ms INTEGER NOT NULL DEFAULT 0")
+        self._conn.execute(_PENDING_INDEX)
 
     def append(self, events: Sequence[StreamEvent]) -> tuple[list[StreamEvent], list[StreamEvent]]:
-        """Store new events durably in one transaction; return (accepted, duplicates)."""
+        """Store new events durably in one transaction, claimed for pushing by the caller; return (accepted, duplicates)."""
         accepted: list[StreamEvent] = []
         duplicates: list[StreamEvent] = []
         if not events:
             return accepted, duplicates
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
+        now = _now_ms()
+        with self._transaction():
             for event in events:
                 cursor = self._conn.execute(
-                    "INSERT OR IGNORE INTO events (event_id, event_time_ms, user_id, item_id, event_type, session_id, price, quantity) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    f"INSERT OR IGNORE INTO events ({_COLUMNS}, claimed_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (event.event_id, event.event_time_ms, event.user_id, event.item_id, event.event_type,
-                     event.session_id, event.price, event.quantity),
+                     event.session_id, event.price, event.quantity, now),
                 )
                 (accepted if cursor.rowcount == 1 else duplicates).append(event)
-            self._conn.execute("COMMIT")  # fsync'd (synchronous=FULL) before anyone is told "accepted"
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
-        return accepted, duplicates
+        return accepted, duplicates  # committed and fsync'd (synchronous=FULL) before anyone is told "accepted"
+
+    def mark_pushed(self, event_ids: Sequence[str]) -> None:
+        """Record that these events reached the online store."""
+        self._set(event_ids, "pushed = 1")
+
+    def release(self, event_ids: Sequence[str]) -> None:
+        """Give up the claim on these unpushed events, so that a retry may take them at once."""
+        self._set(event_ids, "claimed_ms = 0")
+
+    def claim_unpushed(self, limit: int, lease_seconds: float) -> list[StreamEvent]:
+        """Claim up to `limit` unpushed events that nobody holds (oldest event time first), in one transaction."""
+        now = _now_ms()
+        with self._transaction():
+            rows = self._conn.execute(
+                f"UPDATE events SET claimed_ms = ? WHERE event_id IN ("
+                f"  SELECT event_id FROM events WHERE pushed = 0 AND claimed_ms <= ? ORDER BY event_time_ms LIMIT ?"
+                f") RETURNING {_COLUMNS}",
+                (now, now - int(lease_seconds * 1000), limit),
+            ).fetchall()
+        return sorted((StreamEvent(*row) for row in rows), key=lambda e: e.event_time_ms)
+
+    def has_claimable(self, lease_seconds: float) -> bool:
+        """Whether claim_unpushed would find anything (a read, so idle retries take no write lock)."""
+        cutoff = _now_ms() - int(lease_seconds * 1000)
+        return bool(self._read(f"SELECT 1 FROM events WHERE pushed = 0 AND claimed_ms <= {cutoff} LIMIT 1"))
+
+    def unpushed(self) -> int:
+        """Events whose push has not succeeded yet (claimed or not)."""
+        return self._read("SELECT count(*) FROM events WHERE pushed = 0")[0][0]
 
     def count(self) -> int:
-        return self._conn.execute("SELECT count(*) FROM events").fetchone()[0]
+        return self._read("SELECT count(*) FROM events")[0][0]
 
     def to_frame(self) -> pd.DataFrame:
         """All logged events in the raw schema (event_time as UTC timestamps), oldest first."""
@@ -89,3 +145,32 @@ class EventLog:
 
     def close(self) -> None:
         self._conn.close()
+
+    def _set(self, event_ids: Sequence[str], assignment: str) -> None:
+        if not event_ids:
+            return
+        with self._transaction():
+            self._conn.executemany(f"UPDATE events SET {assignment} WHERE event_id = ?", [(e,) for e in event_ids])
+
+    def _read(self, sql: str) -> list[tuple]:
+        try:
+            return self._conn.execute(sql).fetchall()
+        except sqlite3.Error as error:
+            raise EventLogError(f"event log {self.path}: {error}") from error
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any failure; SQLite errors become EventLogError."""
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as error:
+            raise EventLogError(f"event log {self.path}: {error}") from error
+        try:
+            yield
+            self._conn.execute("COMMIT")
+        except BaseException as error:
+            with contextlib.suppress(sqlite3.Error):  # nothing open when SQLite already rolled back
+                self._conn.execute("ROLLBACK")
+            if isinstance(error, sqlite3.Error):
+                raise EventLogError(f"event log {self.path}: {error}") from error
+            raise

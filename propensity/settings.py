@@ -112,6 +112,14 @@ class ServerSettings(_Section):
     max_items_per_category: int = Field(0, description="Diversity cap on returned items per category; 0 means no cap.")
     deadline_floor_ms: float = Field(5.0, description="If less client deadline than this remains before scoring, answer from the fallback.")
     explain_top_features: int = Field(5, description="Contributions returned per item when a request sets explain.")
+    store_timeout_seconds: float = Field(
+        0.25, description="Longest wait for one online-store call (Redis socket and connect timeouts, SQLite busy timeout); "
+        "past it Recommend answers from the cached catalog (fallback STORE_UNAVAILABLE)."
+    )
+    store_retry_seconds: float = Field(
+        1.0, description="After a failed online-store call, calls fail fast for this long, then one probes the store again "
+        "(and failed IngestEvents pushes are retried from the event log at this period)."
+    )
     scoring_backend: str = Field("auto", description="'lightgbm', 'compiled' (lleaves) or 'auto' (compiled when available and identical).")
     served_log_dir: Path | None = Field(None, description="Where sampled served features and scores are written as Parquet; unset disables it.")
     served_log_sample_rate: float = Field(0.01, description="Share of Recommend calls whose features and scores are logged.")

@@ -92,6 +92,7 @@ def build_components(settings: Settings, observability: Observability | None = N
         ingestor: EventIngestor | IngestionUnavailable = EventIngestor(
             store, EventLog(settings.event_log_dir), settings.features.recent_items_per_user,
             settings.features.bought_items_per_user, recorded,
+            settings.server.store_timeout_seconds, settings.server.store_retry_seconds, observer=metrics,
         )
     except IngestionUnavailable as error:  # serve recommendations anyway; IngestEvents explains why it is off
         log.warning("%s", error)
@@ -100,7 +101,10 @@ def build_components(settings: Settings, observability: Observability | None = N
     freshness = FreshnessTracker(open_store(settings.feature_repo, settings.feature_store_yaml), lambda: dict(getattr(ingestor, "last_push", {})))
     recommender = Recommender(
         models,
-        OnlineUserFeatures(store, settings.user_feature_service),
+        OnlineUserFeatures(
+            store, settings.user_feature_service, timeout_seconds=settings.server.store_timeout_seconds,
+            retry_seconds=settings.server.store_retry_seconds, observer=metrics,
+        ),
         items,
         settings.candidates,
         settings.server,
@@ -157,6 +161,8 @@ async def serve(
         settings.server.item_cache_refresh_seconds, settings.server.model_poll_seconds,
     )
     background.start()
+    if isinstance(components.ingestor, EventIngestor):
+        components.ingestor.start(settings.server.store_retry_seconds)  # pushes that failed, retried from the event log
     started = Started(port, components.models.current.version, components.items.catalog.size, time.perf_counter() - t0)
     log.info("serving %s on %s:%d (model %s, %d items) after %.1fs", SERVICE_NAME, settings.server.host, port, started.model_version, started.n_items, started.seconds)
     if on_started:
@@ -170,6 +176,8 @@ async def serve(
     log.info("shutting down: health NOT_SERVING, %.1fs grace for in-flight calls", settings.server.grace_seconds)
     await health.enter_graceful_shutdown()
     await background.stop()
+    if isinstance(components.ingestor, EventIngestor):
+        await components.ingestor.stop()
     await server.stop(settings.server.grace_seconds)
     if own_observability:
         observability.close()

@@ -1,24 +1,52 @@
-"""Event ingestion: validate, log durably, then update the user's real-time features through Feast's push API."""
+"""Event ingestion: validate, log durably, then update the user's real-time features through Feast's push API.
+
+The log is the source of truth: an event is acknowledged once it is committed there, whether or not the
+online store took its feature update. A push that fails (store down) is left unpushed in the log, and a
+background task retries it once the store answers again, so the online features catch up with every
+acknowledged event. When the log itself cannot store events, the call fails (EventLogUnavailable) and
+nothing of the failing message is acknowledged; a retry with the same event_ids is safe (idempotent).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import pandas as pd
 from feast import FeatureStore
 from feast.data_source import PushMode
 
-from propensity.event_log import EventLog, StreamEvent
+from propensity.event_log import EventLog, EventLogError, StreamEvent
 from propensity.realtime import MAINTAINED_VIEWS, InvalidEvent, apply_events, parse_event
-from server.errors import IngestionUnavailable
+from server.errors import IngestionUnavailable, RecommendationError
+from server.store_reads import DEFAULT_RETRY_SECONDS, DEFAULT_TIMEOUT_SECONDS, StoreBreaker, harden_redis
 
 log = logging.getLogger(__name__)
 MAX_REPORTED_REJECTIONS = 1000
 PUSH_SOURCES = {view: f"{view}_push" for view in MAINTAINED_VIEWS}
+# A push claimed by a process that then died is taken over after this long (pushes take milliseconds).
+PUSH_LEASE_SECONDS = 5.0
+RETRY_BATCH = 500
+
+
+class EventLogUnavailable(RecommendationError):
+    """The durable event log cannot store events now; nothing of the failing message was acknowledged."""
+
+
+class PushObserver(Protocol):
+    """Where push failures and the retry backlog are reported (server.metrics.Metrics implements it)."""
+
+    def count_store_error(self, operation: str) -> None: ...
+
+    def set_store_up(self, operation: str, up: bool) -> None: ...
+
+    def set_pushes_pending(self, events: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -36,6 +64,7 @@ class IngestReport:
     accepted: int = 0
     duplicates: int = 0
     rejected: int = 0
+    pushes_pending: int = 0  # accepted, but the feature update waits for the online store (retried from the log)
     rejections: list[Rejection] = field(default_factory=list)
 
     def reject(self, index: int, event_id: str, error: InvalidEvent) -> None:
@@ -47,9 +76,22 @@ class IngestReport:
 class EventIngestor:
     """Applies batches of raw events: log first (durable, idempotent), then push real-time features."""
 
-    def __init__(self, store: FeatureStore, event_log: EventLog, recent_items: int, bought_items: int, recorded_types: frozenset[str]) -> None:
+    def __init__(
+        self,
+        store: FeatureStore,
+        event_log: EventLog,
+        recent_items: int,
+        bought_items: int,
+        recorded_types: frozenset[str],
+        timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
+        retry_seconds: float = DEFAULT_RETRY_SECONDS,
+        observer: PushObserver | None = None,
+    ) -> None:
         self._store = store
         self._log = event_log
+        self._observer = observer
+        self.breaker = StoreBreaker("push", retry_seconds, observer)
+        self._retries: asyncio.Task | None = None
         self._recent_items = recent_items
         self._bought_items = bought_items
         self._recorded_types = recorded_types
@@ -64,20 +106,87 @@ class EventIngestor:
         # The pushed rows must carry every feature of their view: read the schemas from the registry.
         self._names = {view: [f.name for f in store.get_feature_view(view).features] for view in MAINTAINED_VIEWS}
         self._refs = [f"{view}:{name}" for view, names in self._names.items() for name in names]
+        online = store.config.online_store
+        if str(online.type).lower() == "redis" or str(online.type).lower().endswith("redisonlinestore"):
+            harden_redis(store._get_provider().online_store._get_client(online), timeout_seconds)  # no 10 s retry backoff
 
     def ingest(self, raw_events: Iterable[dict], report: IngestReport, first_index: int) -> None:
-        """Validate and apply one message's events; bad events are reported and skipped, the rest proceed."""
+        """Validate, log and push one message's events; bad events are reported and skipped, the rest proceed.
+
+        Raises EventLogUnavailable when the log cannot store them (the message's events are then not in the log).
+        """
         valid: list[StreamEvent] = []
         for offset, raw in enumerate(raw_events):
             try:
                 valid.append(parse_event(**raw))
             except InvalidEvent as error:
                 report.reject(first_index + offset, raw.get("event_id", ""), error)
-        accepted, duplicates = self._log.append(valid)
+        try:
+            accepted, duplicates = self._log.append(valid)
+        except EventLogError as error:
+            log.error("IngestEvents refused: %s", error)
+            raise EventLogUnavailable(
+                f"IngestEvents: the event log cannot store events ({error}); events of this message were not accepted, "
+                f"retry them with the same event_ids"
+            ) from error
         report.duplicates += len(duplicates)
-        if accepted:
-            self._update_features(accepted)
         report.accepted += len(accepted)
+        if accepted and not self._push(accepted):
+            report.pushes_pending += len(accepted)
+
+    def retry_pending(self, limit: int = RETRY_BATCH) -> int:
+        """Push up to `limit` logged events whose push failed or was abandoned; returns how many reached the store."""
+        if not self.breaker.allows() or not self._log.has_claimable(PUSH_LEASE_SECONDS):
+            return 0
+        events = self._log.claim_unpushed(limit, PUSH_LEASE_SECONDS)
+        if events and self._push(events):
+            log.info("pushed %d events from the log that the online store missed", len(events))
+            return len(events)
+        return 0
+
+    def start(self, every_seconds: float = DEFAULT_RETRY_SECONDS) -> None:
+        """Retry failed pushes from the log in the background, on the running loop."""
+        self._retries = asyncio.create_task(self._retry_forever(every_seconds), name="push retries")
+
+    async def stop(self) -> None:
+        if self._retries is not None:
+            self._retries.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retries
+            self._retries = None
+
+    async def _retry_forever(self, every_seconds: float) -> None:
+        while True:
+            await asyncio.sleep(every_seconds)
+            try:
+                while self.retry_pending():  # a backlog drains in batches, the loop serving calls in between
+                    await asyncio.sleep(0)
+                if self._observer is not None:
+                    self._observer.set_pushes_pending(self._log.unpushed())
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("retrying pushes from the event log failed")
+
+    def _push(self, events: Sequence[StreamEvent]) -> bool:
+        """Update the online features for logged events; on failure leave them unpushed for a retry. True when pushed."""
+        ids = [event.event_id for event in events]
+        if not self.breaker.allows():
+            self._log.release(ids)
+            return False
+        try:
+            self._update_features(events)
+        except Exception as error:  # whatever the store raised: the events are safe in the log
+            self.breaker.failed(error)
+            with contextlib.suppress(EventLogError):  # else the lease expires and a retry takes them then
+                self._log.release(ids)
+            return False
+        self.breaker.succeeded()
+        try:
+            self._log.mark_pushed(ids)
+        except EventLogError as error:  # pushed, but not recorded: the lease expires and they are pushed again
+            log.error("pushed %d events but could not record it (%s): they will be pushed again", len(ids), error)
+        return True
 
     def _update_features(self, events: Sequence[StreamEvent]) -> None:
         started = time.perf_counter()
@@ -94,7 +203,9 @@ class EventIngestor:
                 {view: {name: current[name][i] for name in names} for view, names in self._names.items()},
                 by_user[user], self._recent_items, self._bought_items, self._recorded_types,
             )
-            moment = pd.Timestamp(max(e.event_time_ms for e in by_user[user]), unit="ms", tz="UTC")
+            # Never older than the row it replaces: Redis ignores a push not newer than the stored row, and a retried
+            # push can carry older events than a row pushed since. The row holds every event so far, so "now" is right.
+            moment = pd.Timestamp(max(max(e.event_time_ms for e in by_user[user]) / 1000, time.time()), unit="s", tz="UTC")
             for view, row in updated.items():
                 pushed[view].append({"user_id": user, "event_timestamp": moment, **row})
         for view, rows in pushed.items():

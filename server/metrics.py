@@ -27,7 +27,8 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # 0.5 ms .. 2 s: a cached Recommend is ~1 ms, a cold one with explanations can take ~1 s.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 STAGES = ("features", "candidates", "scoring", "explain")
-FALLBACK_REASONS = ("UNKNOWN_USER", "NO_HISTORY", "NO_CANDIDATES", "DEADLINE")
+FALLBACK_REASONS = ("UNKNOWN_USER", "NO_HISTORY", "NO_CANDIDATES", "DEADLINE", "STORE_UNAVAILABLE")
+STORE_OPERATIONS = ("read", "push")
 MODEL_ROLES = ("current", "split", "shadow")
 # 0.25 ms .. 1 s, dense around the 5 ms budget a periodic task may stall the loop for.
 LOOP_LAG_BUCKETS = (0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
@@ -71,6 +72,20 @@ class Metrics:
         self._served_log_errors = Counter(
             "propensity_served_log_errors", "Served-feature log batches that could not be written.", registry=registry
         )
+        self._store_errors = Counter(
+            "propensity_store_errors", "Online-store calls that failed or timed out, by operation (read, push).", ["operation"], registry=registry
+        )
+        self._store_up = Gauge(
+            "propensity_online_store_up", "1 while the online store answers, 0 while a worker's breaker is open, by operation.",
+            ["operation"], registry=registry, multiprocess_mode="livemin",
+        )
+        self._pushes_pending = Gauge(
+            "propensity_ingest_pushes_pending", "Logged events whose online-store push is still to be retried.",
+            registry=registry, multiprocess_mode="livemax",
+        )
+        for operation in STORE_OPERATIONS:
+            self._store_errors.labels(operation)
+            self._store_up.labels(operation).set(1)
         self._loop_lag: Histogram | None = None
         self._loop_lag_max: Gauge | None = None
         self._loop_lag_max_value = 0.0
@@ -149,6 +164,18 @@ class Metrics:
         if seconds > self._loop_lag_max_value:  # the gauge is written only when the maximum grows
             self._loop_lag_max_value = seconds
             self._loop_lag_max.set(seconds)
+
+    def count_store_error(self, operation: str) -> None:
+        """Count one failed online-store call (operation read or push)."""
+        self._store_errors.labels(operation).inc()
+
+    def set_store_up(self, operation: str, up: bool) -> None:
+        """Whether the online store answers this process's calls of one operation (read, push)."""
+        self._store_up.labels(operation).set(1 if up else 0)
+
+    def set_pushes_pending(self, events: int) -> None:
+        """Logged events whose push to the online store waits for a retry."""
+        self._pushes_pending.set(events)
 
     def count_served_log_error(self) -> None:
         """Count one served-feature log batch that was dropped because it could not be written."""

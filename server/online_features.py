@@ -6,6 +6,9 @@ once into a read plan (feature views, feature names, TTLs, the store's own keys)
 conversion to Python) and costs ~1.3 ms for one user row here; the plan-once read costs ~0.1-0.2 ms
 (docs/benchmarks/user_read.md). The data, its layout and its keys are Feast's: `feast apply` /
 `feast materialize` / pushes write it, and `feast` CLI users see the usual feature views.
+
+When the store fails (down, too slow, unreadable), reads raise StoreUnavailable at once, and keep doing so
+without touching the store until the breaker lets a probe through (server.store_reads.StoreBreaker).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from feast import FeatureStore
 
 from propensity.catalog import Catalog
 from propensity.feature_store import offline_table
-from server.store_reads import ViewPlan, reader_for
+from server.store_reads import DEFAULT_RETRY_SECONDS, DEFAULT_TIMEOUT_SECONDS, StoreBreaker, StoreObserver, ViewPlan, reader_for
 
 _CATALOG_CHUNK = 1000
 
@@ -31,8 +34,19 @@ class OnlineUserFeatures:
     so a push (IngestEvents, any worker or process) is visible to the next call.
     """
 
-    def __init__(self, store: FeatureStore, service_name: str, only: Collection[str] | None = None) -> None:
-        """only: read just these features of the service (bulk scoring needs the user model's, not the ranker's)."""
+    def __init__(
+        self,
+        store: FeatureStore,
+        service_name: str,
+        only: Collection[str] | None = None,
+        timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
+        retry_seconds: float = DEFAULT_RETRY_SECONDS,
+        observer: StoreObserver | None = None,
+    ) -> None:
+        """only: read just these features of the service (bulk scoring needs the user model's, not the ranker's).
+
+        timeout_seconds bounds one store call; after a failure, reads fail fast for retry_seconds.
+        """
         self.service_name = service_name
         service = store.get_feature_service(service_name)
         plans = []
@@ -46,14 +60,26 @@ class OnlineUserFeatures:
             raise ValueError(f"feature service {service_name!r} has no features {sorted(unknown)}")
         self._plans = tuple(plans)
         self.feature_names: tuple[str, ...] = tuple(name for plan in plans for name in plan.features)
-        self._reader = reader_for(store, self._plans)
+        self._reader = reader_for(store, self._plans, timeout_seconds)
         self.backend = type(self._reader).__name__
+        self.breaker = StoreBreaker("read", retry_seconds, observer)
 
     def fetch_columns(self, user_ids: Sequence[str]) -> dict[str, list[object]]:
-        """Feature name -> one value per user id, in order (None where missing or past the view's TTL)."""
+        """Feature name -> one value per user id, in order (None where missing or past the view's TTL).
+
+        Raises StoreUnavailable when the store fails, or failed recently and is not due for a probe.
+        """
         columns: dict[str, list[object]] = {name: [None] * len(user_ids) for name in self.feature_names}
         if user_ids:
-            self._reader.read(list(user_ids), columns, time.time())
+            breaker = self.breaker
+            if not breaker.allows():
+                raise breaker.unavailable()
+            try:
+                self._reader.read(list(user_ids), columns, time.time())
+            except self._reader.errors as error:
+                breaker.failed(error)
+                raise breaker.unavailable(error) from error
+            breaker.succeeded()
         return columns
 
     def fetch(self, user_ids: Sequence[str]) -> list[dict[str, object]]:

@@ -14,6 +14,7 @@ class Fallback(Enum):
     NO_CANDIDATES = 2
     NO_HISTORY = 3
     DEADLINE = 4
+    STORE_UNAVAILABLE = 5  # the online store did not answer: popular items from the cached catalog
 
 
 @dataclass(frozen=True)

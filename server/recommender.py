@@ -35,6 +35,7 @@ from server.queries import (
     ViewFreshness,
 )
 from server.ranking import best_positions, non_increasing, top_k
+from server.store_reads import StoreUnavailable
 
 log = logging.getLogger(__name__)
 DAY_SECONDS = 86_400.0
@@ -121,8 +122,11 @@ class Recommender:
         model = self._models.choose(query.user_id, query.model_version)
         if self._out_of_time(query, started):
             return self._fallback(query, model, catalog, Fallback.DEADLINE, model.base_rate)
-        with self._observer.stage("features"):
-            user = UserState.from_row(query.user_id, self._features.fetch([query.user_id])[0], catalog)
+        try:
+            with self._observer.stage("features"):
+                user = UserState.from_row(query.user_id, self._features.fetch([query.user_id])[0], catalog)
+        except StoreUnavailable:  # the cached catalog and popularity still make a useful answer
+            return self._fallback(query, model, catalog, Fallback.STORE_UNAVAILABLE, model.base_rate)
         now = time.time()
         user_row = user_vector(user, now)
         propensity = float(model.predict_users(user_row[None, :])[0]) if user.known else model.base_rate

@@ -15,10 +15,11 @@ from propensity.v1 import recommendation_service_pb2 as pb
 from propensity.v1 import recommendation_service_pb2_grpc as pb_grpc
 from server import validation
 from server.errors import IngestionUnavailable, InvalidArgument, ModelUnavailable, RecommendationError, StreamIdle, UnknownModelVersion
-from server.ingest import EventIngestor, IngestReport
+from server.ingest import EventIngestor, EventLogUnavailable, IngestReport
 from server.interceptors import current_request_id
 from server.queries import ItemScores, ModelsInfo, Recommendation, RecommendQuery, ScoredItem, UserScores
 from server.recommender import Recommender
+from server.store_reads import StoreUnavailable
 
 log = logging.getLogger(__name__)
 Response = TypeVar("Response")
@@ -29,6 +30,8 @@ _STATUS = {
     UnknownModelVersion: grpc.StatusCode.NOT_FOUND,
     ModelUnavailable: grpc.StatusCode.FAILED_PRECONDITION,
     IngestionUnavailable: grpc.StatusCode.FAILED_PRECONDITION,
+    EventLogUnavailable: grpc.StatusCode.UNAVAILABLE,  # nothing of the failing message was stored: retry it
+    StoreUnavailable: grpc.StatusCode.UNAVAILABLE,  # ScoreItems / ScoreUsers need the online store (Recommend degrades instead)
     StreamIdle: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
@@ -109,6 +112,7 @@ class RecommendationServicer(pb_grpc.RecommendationServiceServicer):
             accepted=report.accepted,
             duplicates=report.duplicates,
             rejected=report.rejected,
+            pushes_pending=report.pushes_pending,
             rejections=[pb.RejectedEvent(index=r.index, event_id=r.event_id, field=r.field, reason=r.reason) for r in report.rejections],
         )
 

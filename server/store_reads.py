@@ -10,10 +10,16 @@ response proto that is then converted back to Python.
 - Redis: Feast keeps every view of an entity in one hash, so one HMGET per entity fetches all the
   service's fields (pipelined for many entities), instead of one round trip per feature view.
 - Any other online store: Feast's `OnlineStore.online_read`, once per feature view.
+
+A store that fails never hangs a request: Redis calls have socket and connect timeouts and no retries
+(redis-py 7 retries a refused connection 3 times with 1-10 s backoff by default: 10.5 s measured), the
+SQLite reader's busy timeout is the same bound, and `StoreBreaker` fails fast for a while after a failure
+(docs/reliability/stores.md).
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -30,9 +36,98 @@ from feast.type_map import feast_value_type_to_python_type, python_values_to_pro
 from feast.value_type import ValueType
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from server.errors import RecommendationError
+
+log = logging.getLogger(__name__)
 # SQLite's default limit on bound parameters is 32,766; stay well below it per statement.
 _SQLITE_KEYS_PER_QUERY = 1000
 _LOCAL_ZONE_IS_UTC = time.timezone == 0 and time.altzone == 0 and not time.daylight
+# A user row is ~0.1-0.2 ms when the store is healthy: a call 1,000x slower is a store that is not answering.
+DEFAULT_TIMEOUT_SECONDS = 0.25
+DEFAULT_RETRY_SECONDS = 1.0
+
+
+class StoreUnavailable(RecommendationError):
+    """The online store did not answer: down, unreachable, too slow or unreadable."""
+
+
+class StoreObserver(Protocol):
+    """Where store failures are reported (server.metrics.Metrics implements it)."""
+
+    def count_store_error(self, operation: str) -> None: ...
+
+    def set_store_up(self, operation: str, up: bool) -> None: ...
+
+
+class StoreBreaker:
+    """A circuit breaker for one kind of store call (operation "read" or "push").
+
+    After a failed call it stays open for retry_seconds: callers fail fast without touching the store, so a
+    dead store costs nothing per request. Then the next call probes the store; its success closes the breaker,
+    so full service resumes by itself, without a restart. The event loop runs one call at a time, so exactly
+    one call probes. On the healthy path it costs one attribute check before and after the call.
+    """
+
+    def __init__(self, operation: str, retry_seconds: float = DEFAULT_RETRY_SECONDS, observer: StoreObserver | None = None) -> None:
+        self.operation = operation
+        self.retry_seconds = retry_seconds
+        self._observer = observer
+        self._open_until = 0.0
+        self.down_since: float | None = None  # monotonic time of the first failure of the current outage
+        self.failures = 0  # failed calls in the current outage
+
+    def allows(self) -> bool:
+        """True when the store may be called: the breaker is closed, or open long enough for a probe."""
+        return not self._open_until or time.monotonic() >= self._open_until
+
+    def failed(self, error: BaseException) -> None:
+        now = time.monotonic()
+        self._open_until = now + self.retry_seconds
+        self.failures += 1
+        if self._observer is not None:
+            self._observer.count_store_error(self.operation)
+        if self.down_since is None:
+            self.down_since = now
+            log.error("online store %s failed (%s: %s); degraded until it answers, probing every %.1fs",
+                      self.operation, type(error).__name__, error, self.retry_seconds)
+            if self._observer is not None:
+                self._observer.set_store_up(self.operation, False)
+        else:
+            log.debug("online store %s still failing: %s", self.operation, error)
+
+    def succeeded(self) -> None:
+        if not self._open_until:
+            return
+        down = time.monotonic() - (self.down_since or time.monotonic())
+        log.warning("online store %s answers again after %.1fs down (%d failed calls); full service resumed", self.operation, down, self.failures)
+        self._open_until, self.down_since, self.failures = 0.0, None, 0
+        if self._observer is not None:
+            self._observer.set_store_up(self.operation, True)
+
+    def unavailable(self, error: BaseException | None = None) -> StoreUnavailable:
+        """The error a caller raises while the store is down (with the cause when a call just failed)."""
+        down = time.monotonic() - self.down_since if self.down_since is not None else 0.0
+        cause = f": {type(error).__name__}: {error}" if error is not None else ""
+        return StoreUnavailable(f"online feature store unavailable for {down:.1f}s{cause}")
+
+
+def harden_redis(client: object, timeout_seconds: float) -> None:
+    """Give a redis-py client (Feast's, shared by reads and pushes) timeouts and no retry backoff.
+
+    A timeout set in the connection string (socket_timeout=..., socket_connect_timeout=...) is kept.
+    """
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    set_retry = getattr(client, "set_retry", None)
+    if set_retry is not None:
+        set_retry(Retry(NoBackoff(), 0))
+    pool = getattr(client, "connection_pool", None)
+    if pool is not None:
+        for name in ("socket_timeout", "socket_connect_timeout"):
+            if pool.connection_kwargs.get(name) is None:
+                pool.connection_kwargs[name] = timeout_seconds
+        pool.reset()  # connections made before this point would keep the old settings
 
 
 @dataclass(frozen=True)
@@ -45,17 +140,19 @@ class ViewPlan:
 
 
 class StoreRead(Protocol):
+    errors: tuple[type[BaseException], ...]  # what a failing store raises (the caller degrades on these, not on bugs)
+
     def read(self, entity_ids: list[str], columns: dict[str, list[object]], now: float) -> None:
         """Fill columns[feature][i] for entity_ids[i]; values past their view's TTL stay None."""
 
 
-def reader_for(store: FeatureStore, plans: Sequence[ViewPlan]) -> StoreRead:
-    """The fastest reader that understands the store's online store type."""
+def reader_for(store: FeatureStore, plans: Sequence[ViewPlan], timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> StoreRead:
+    """The fastest reader that understands the store's online store type; store calls time out after timeout_seconds."""
     online_type = str(store.config.online_store.type).lower()
     if online_type == "sqlite" or online_type.endswith("sqliteonlinestore"):
-        return SqliteRead(store, plans)
+        return SqliteRead(store, plans, timeout_seconds)
     if online_type == "redis" or online_type.endswith("redisonlinestore"):
-        return RedisRead(store, plans)
+        return RedisRead(store, plans, timeout_seconds)
     return FeastOnlineRead(store, plans)
 
 
@@ -108,18 +205,24 @@ def _check_one_entity(plans: Sequence[ViewPlan]) -> None:
 
 
 class SqliteRead:
-    """Feast's SQLite online store: a (entity_key, feature_name, value, event_ts) table per feature view."""
+    """Feast's SQLite online store: a (entity_key, feature_name, value, event_ts) table per feature view.
 
-    def __init__(self, store: FeatureStore, plans: Sequence[ViewPlan]) -> None:
+    After a failed read the connection is dropped and the next read opens the file again, so a file that
+    was moved away or replaced and then restored is read afresh.
+    """
+
+    errors = (sqlite3.Error,)
+
+    def __init__(self, store: FeatureStore, plans: Sequence[ViewPlan], timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> None:
         from feast.infra.online_stores.sqlite import SqliteOnlineStore, _table_id
 
         _check_one_entity(plans)
         config = store.config
         self._plans = tuple(plans)
         self._version = config.entity_key_serialization_version
-        path = Path(SqliteOnlineStore._get_db_path(config))
-        # Read-only, own connection: no type converters (event_ts stays an int), no contention with Feast's writer.
-        self._conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+        self._path = Path(SqliteOnlineStore._get_db_path(config))
+        self._timeout = timeout_seconds
+        self._conn: sqlite3.Connection | None = self._connect()
         versioning = config.registry.enable_online_feature_view_versioning
         self._tables = [_table_id(config.project, plan.view, versioning) for plan in plans]
         self._wanted = [set(plan.features) for plan in plans]
@@ -141,13 +244,28 @@ class SqliteRead:
             )
         return sql
 
+    def _connect(self) -> sqlite3.Connection:
+        # Read-only, own connection: no type converters (event_ts stays an int), no contention with Feast's writer.
+        # The busy timeout bounds the wait for a writer's lock.
+        return sqlite3.connect(f"file:{self._path}?mode=ro", uri=True, check_same_thread=False, timeout=self._timeout)
+
     def read(self, entity_ids: list[str], columns: dict[str, list[object]], now: float) -> None:
+        conn = self._conn or self._connect()
+        self._conn = conn
+        try:
+            self._read(conn, entity_ids, columns, now)
+        except sqlite3.Error:
+            self._conn = None
+            conn.close()
+            raise
+
+    def _read(self, conn: sqlite3.Connection, entity_ids: list[str], columns: dict[str, list[object]], now: float) -> None:
         keys = _entity_keys(self._plans, entity_ids, self._version)
         position = {key: i for i, key in enumerate(keys)}
         unique = list(position)  # a repeated id is read once, then copied to its other positions
         for start in range(0, len(unique), _SQLITE_KEYS_PER_QUERY):
             part = unique[start : start + _SQLITE_KEYS_PER_QUERY]
-            rows = self._conn.execute(self._query(len(part)), part * len(self._tables)).fetchall()
+            rows = conn.execute(self._query(len(part)), part * len(self._tables)).fetchall()
             oldest = [now - plan.ttl_seconds for plan in self._plans]
             wanted = self._wanted
             for view_index, key, name, value, stamp in rows:
@@ -175,10 +293,17 @@ def _stored_epoch(stamp: int | None) -> float | None:
 
 
 class RedisRead:
-    """Feast's Redis online store: one hash per entity key holding every view's fields and `_ts:<view>` stamps."""
+    """Feast's Redis online store: one hash per entity key holding every view's fields and `_ts:<view>` stamps.
 
-    def __init__(self, store: FeatureStore, plans: Sequence[ViewPlan]) -> None:
+    Reads go through Feast's own client (also used for pushes), given timeouts and no retry backoff here;
+    after a failure redis-py reconnects on the next call.
+    """
+
+    def __init__(self, store: FeatureStore, plans: Sequence[ViewPlan], timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> None:
+        import redis
         from feast.infra.online_stores.redis import _mmh3, _versioned_fv_name
+
+        self.errors = (redis.RedisError, OSError)
 
         _check_one_entity(plans)
         config = store.config
@@ -197,6 +322,7 @@ class RedisRead:
             fields.append(f"_ts:{name}")
             self._layout.append((first, len(plan.features), len(fields) - 1))
         self._fields = fields
+        harden_redis(self._online._get_client(config.online_store), timeout_seconds)
 
     def read(self, entity_ids: list[str], columns: dict[str, list[object]], now: float) -> None:
         client = self._online._get_client(self._config.online_store)
@@ -224,6 +350,8 @@ class RedisRead:
 
 class FeastOnlineRead:
     """Any other Feast online store, through its OnlineStore.online_read (one call per feature view)."""
+
+    errors = (Exception,)  # unknown stores raise their own types: any failure degrades the answer
 
     def __init__(self, store: FeatureStore, plans: Sequence[ViewPlan]) -> None:
         _check_one_entity(plans)

@@ -14,11 +14,13 @@ class FallbackReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FALLBACK_REASON_NO_CANDIDATES: _ClassVar[FallbackReason]
     FALLBACK_REASON_NO_HISTORY: _ClassVar[FallbackReason]
     FALLBACK_REASON_DEADLINE: _ClassVar[FallbackReason]
+    FALLBACK_REASON_STORE_UNAVAILABLE: _ClassVar[FallbackReason]
 FALLBACK_REASON_UNSPECIFIED: FallbackReason
 FALLBACK_REASON_UNKNOWN_USER: FallbackReason
 FALLBACK_REASON_NO_CANDIDATES: FallbackReason
 FALLBACK_REASON_NO_HISTORY: FallbackReason
 FALLBACK_REASON_DEADLINE: FallbackReason
+FALLBACK_REASON_STORE_UNAVAILABLE: FallbackReason
 
 class RecommendRequest(_message.Message):
     __slots__ = ("user_id", "num_items", "exclude_item_ids", "candidate_item_ids", "model_version", "explain")
@@ -245,13 +247,15 @@ class RejectedEvent(_message.Message):
     def __init__(self, index: _Optional[int] = ..., event_id: _Optional[str] = ..., field: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class IngestEventsResponse(_message.Message):
-    __slots__ = ("accepted", "duplicates", "rejected", "rejections")
+    __slots__ = ("accepted", "duplicates", "rejected", "rejections", "pushes_pending")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
     REJECTIONS_FIELD_NUMBER: _ClassVar[int]
+    PUSHES_PENDING_FIELD_NUMBER: _ClassVar[int]
     accepted: int
     duplicates: int
     rejected: int
     rejections: _containers.RepeatedCompositeFieldContainer[RejectedEvent]
-    def __init__(self, accepted: _Optional[int] = ..., duplicates: _Optional[int] = ..., rejected: _Optional[int] = ..., rejections: _Optional[_Iterable[_Union[RejectedEvent, _Mapping]]] = ...) -> None: ...
+    pushes_pending: int
+    def __init__(self, accepted: _Optional[int] = ..., duplicates: _Optional[int] = ..., rejected: _Optional[int] = ..., rejections: _Optional[_Iterable[_Union[RejectedEvent, _Mapping]]] = ..., pushes_pending: _Optional[int] = ...) -> None: ...

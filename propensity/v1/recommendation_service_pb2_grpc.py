@@ -100,7 +100,10 @@ class RecommendationServiceServicer:
 
     def IngestEvents(self, request_iterator, context):
         """IngestEvents takes a stream of shop events: each accepted event is stored durably and updates the
-        user's real-time features before the response; duplicates (same event_id) are ignored.
+        user's real-time features before the response; duplicates (same event_id) are ignored. While the online
+        store is down, events are still stored and acknowledged, and their feature updates are retried from the
+        log until the store is back (counted in pushes_pending). When the event log itself cannot store events,
+        the call fails with UNAVAILABLE; retrying it with the same event_ids is safe.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
