@@ -116,14 +116,14 @@ def stage_raw_dataset(
         con = _connect(memory_limit_gb, spill)
         try:
             staged = f"read_parquet('{staged_events}')"
-            # GROUP BY rather than count(DISTINCT): DuckDB's hash aggregate spills to disk, a distinct aggregate does not.
             rows, last = con.execute(f"SELECT count(*), max(event_time) FROM {staged}").fetchone()
-            unique = con.execute(f"SELECT count(*) FROM (SELECT event_id FROM {staged} GROUP BY event_id)").fetchone()[0]
+            duplicates = _repeated_ids(con, staged)
+            unique = rows - duplicates
             duplicates_path = None
-            if rows > unique:
+            if duplicates:
                 duplicates_path = _dir(quarantine_dir) / DUPLICATES
                 _quarantine_duplicates(con, staged, paths.events.name, duplicates_path)
-            _checked(validation, quarantine, rows - unique, max_rejected_fraction)
+            _checked(validation, quarantine, duplicates, max_rejected_fraction)
             item_ids = con.execute(f"SELECT DISTINCT item_id FROM {staged}").df()["item_id"]
         finally:
             con.close()
@@ -171,12 +171,21 @@ def _duplicates_frame(events: pd.DataFrame, duplicated: pd.Series, file: str) ->
     })
 
 
+def _repeated_ids(con: duckdb.DuckDBPyConnection, staged: str) -> int:
+    """Rows whose event_id an earlier row has; the repeated ids go to the temp table `firsts` (id, first row)."""
+    # GROUP BY rather than count(DISTINCT): DuckDB's hash aggregate spills to disk, a distinct aggregate does not.
+    con.execute(f"""
+        CREATE TEMP TABLE firsts AS
+        SELECT event_id, min(source_row) AS first, count(*) - 1 AS repeats FROM {staged} GROUP BY event_id HAVING count(*) > 1
+    """)
+    return int(con.execute("SELECT coalesce(sum(repeats), 0) FROM firsts").fetchone()[0])
+
+
 def _quarantine_duplicates(con: duckdb.DuckDBPyConnection, staged: str, file: str, out: Path) -> None:
-    """Quarantine records of the rows dropped as repeated event_ids, out of core (aggregate + join: both spill)."""
+    """Quarantine records of the rows dropped as repeated event_ids, out of core (the join's hashed side is the few repeated ids)."""
     file = file.replace("'", "''")
     con.execute(f"""
         COPY (
-            WITH firsts AS (SELECT event_id, min(source_row) AS first FROM {staged} GROUP BY event_id HAVING count(*) > 1)
             SELECT 'events' AS "table", '{file}' AS file, s.source_row AS line_or_row, 'event_id' AS "column",
                    'duplicate event_id (first kept)' AS reason, s.event_id AS value, f.first AS first_line_or_row,
                    to_json(struct_pack(s.event_time, s.user_id, s.item_id, s.event_type, s.event_id, s.session_id, s.price, s.quantity))::VARCHAR AS raw
