@@ -95,7 +95,8 @@ class EventLog:
         with self._transaction():
             for event in events:
                 cursor = self._conn.execute(
-                    f"INSERT OR IGNORE INTO events ({_COLUMNS}, claimed_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    # pushed = 0 explicitly: in a log migrated from before push states the column's default is 1
+                    f"INSERT OR IGNORE INTO events ({_COLUMNS}, pushed, claimed_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?)",
                     (event.event_id, event.event_time_ms, event.user_id, event.item_id, event.event_type,
                      event.session_id, event.price, event.quantity, now),
                 )

@@ -20,12 +20,11 @@ import grpc
 import pandas as pd
 import pytest
 
-from propensity.event_log import EventLog
+from propensity.event_log import EventLog, EventLogError, StreamEvent
 from propensity.v1 import recommendation_service_pb2 as pb
 from propensity.v1 import recommendation_service_pb2_grpc as pb_grpc
 from tests.conftest import BIN, Pipeline, private_env, running_server, wait_for
 
-pytestmark = pytest.mark.slow
 PER_MESSAGE = 50
 MESSAGES_PER_STREAM = 4
 
@@ -57,6 +56,7 @@ def ingest_env(pipeline: Pipeline) -> tuple[dict[str, str], Path]:
     return private_env(pipeline, "ingest-faults", copy_repo=True, store_retry_seconds=0.5)
 
 
+@pytest.mark.slow
 def test_a_log_that_cannot_store_answers_unavailable_acknowledges_nothing_and_a_retry_is_safe(pipeline: Pipeline, ingest_env) -> None:
     env, work = ingest_env
     path = work / "stream" / "events.db"
@@ -99,6 +99,7 @@ def test_a_log_that_cannot_store_answers_unavailable_acknowledges_nothing_and_a_
     print(f"\n[event log locked] UNAVAILABLE after {waited:.2f}s (busy timeout)")
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_long_stream_keeps_every_acknowledged_event_once_and_nothing_half_written(pipeline: Pipeline, ingest_env, tmp_path: Path) -> None:
     env, work = ingest_env
     path = work / "stream" / "events.db"
@@ -176,3 +177,53 @@ def test_sigkill_during_a_long_stream_keeps_every_acknowledged_event_once_and_no
     assert set(counts.index) == {i for i in logged if i.startswith("crash-")}
     print(f"\n[SIGKILL mid-stream] acknowledged {len(acknowledged)}, logged {len(logged)} "
           f"(of which {unacknowledged_logged} of the stream in flight, whole messages), prepared {len(crash)} crash events")
+
+
+# --- the event log's push state, without a server ----------------------------------------------------
+
+
+def test_the_log_records_push_state_and_hands_abandoned_pushes_to_one_retry(tmp_path: Path) -> None:
+    log = EventLog(tmp_path)
+    events = [StreamEvent(f"e{i}", 1_000 + i, "u1", "i1", "view") for i in range(4)]
+    assert log.append(events) == (events, [])
+    assert log.unpushed() == 4
+    assert log.claim_unpushed(10, lease_seconds=60) == []  # the appending call holds them
+    log.mark_pushed(["e0"])
+    log.release(["e1", "e2"])  # their push failed
+    assert log.has_claimable(lease_seconds=60)  # released: claimable at once
+    claimed = log.claim_unpushed(10, lease_seconds=60)
+    assert [e.event_id for e in claimed] == ["e1", "e2"] and claimed[0] == events[1]
+    assert log.claim_unpushed(10, lease_seconds=60) == []  # claimed once, by one retry
+    assert [e.event_id for e in log.claim_unpushed(10, lease_seconds=0)] == ["e1", "e2", "e3"]  # leases over: taken over
+    log.mark_pushed(["e1", "e2", "e3"])
+    assert log.unpushed() == 0 and not log.has_claimable(lease_seconds=0)
+    assert log.append(events[:2]) == ([], events[:2])  # idempotent
+
+
+def test_a_log_from_before_push_states_counts_its_events_as_pushed(tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / "events.db") as old:
+        old.execute("CREATE TABLE events (event_id TEXT PRIMARY KEY, event_time_ms INTEGER NOT NULL, user_id TEXT NOT NULL, "
+                    "item_id TEXT NOT NULL, event_type TEXT NOT NULL, session_id TEXT, price REAL, quantity REAL NOT NULL, "
+                    "ingested_at_ms INTEGER NOT NULL DEFAULT 0)")
+        old.execute("INSERT INTO events VALUES ('old-1', 5, 'u', 'i', 'view', NULL, NULL, 1.0, 0)")
+    log = EventLog(tmp_path)
+    assert (log.count(), log.unpushed()) == (1, 0)
+    log.append([StreamEvent("new-1", 6, "u", "i", "view")])
+    assert log.unpushed() == 1
+    assert list(log.to_frame()["event_id"]) == ["old-1", "new-1"]
+
+
+def test_a_locked_log_refuses_within_its_busy_timeout_and_stores_nothing(tmp_path: Path) -> None:
+    log = EventLog(tmp_path, busy_seconds=0.2)
+    blocker = sqlite3.connect(tmp_path / "events.db", isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    started = time.monotonic()
+    try:
+        with pytest.raises(EventLogError, match="database is locked"):
+            log.append([StreamEvent("x", 1, "u", "i", "view")])
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert time.monotonic() - started < 2
+    assert log.count() == 0
+    assert log.append([StreamEvent("x", 1, "u", "i", "view")])[0]

@@ -28,11 +28,11 @@ from propensity.feature_store import open_store
 from propensity.v1 import recommendation_service_pb2 as pb
 from propensity.v1 import recommendation_service_pb2_grpc as pb_grpc
 from server.online_features import OnlineUserFeatures
+from server.store_reads import StoreBreaker, StoreUnavailable
 from tests.conftest import PROJECT_ROOT, SHOPPER, Pipeline, RunningServer, free_port, private_env, running_server, users, wait_for
 from training.prepare import load_prepared
 from training.publish import publish_features
 
-pytestmark = pytest.mark.slow
 REDIS_SERVER = shutil.which("redis-server")
 DEADLINE = 1.0  # the client's deadline for every Recommend in these tests
 RETRY_SECONDS = 0.5
@@ -199,6 +199,7 @@ def report(name: str, **figures: object) -> None:
     print(f"\n[{name}] " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()))
 
 
+@pytest.mark.slow
 def test_redis_that_hangs_costs_requests_at_most_its_timeout_and_service_resumes_on_its_own(redis_serving: Serving, private_redis: PrivateRedis, pipeline: Pipeline) -> None:
     """SIGSTOP: Redis accepts connections and never answers, the case that needs socket timeouts."""
     stub, target = redis_serving.stub, redis_serving.server.target
@@ -229,6 +230,7 @@ def test_redis_that_hangs_costs_requests_at_most_its_timeout_and_service_resumes
            healthy_p99=p99([c[3] for c in before + after]), recovery_seconds=first_personal - resumed)
 
 
+@pytest.mark.slow
 def test_redis_killed_degrades_answers_keeps_ingesting_and_catches_up_when_it_returns(redis_serving: Serving, private_redis: PrivateRedis, pipeline: Pipeline) -> None:
     stub, target = redis_serving.stub, redis_serving.server.target
     with pytest.MonkeyPatch.context() as patch:
@@ -306,6 +308,7 @@ def sqlite_serving(pipeline: Pipeline) -> Iterator[Serving]:
         yield Serving(server, pb_grpc.RecommendationServiceStub(channel), env, work, Path(env["PROPENSITY_FEATURE_REPO"]), metrics_port)
 
 
+@pytest.mark.slow
 def test_sqlite_online_store_destroyed_and_restored_in_place(sqlite_serving: Serving, pipeline: Pipeline) -> None:
     """The SQLite file's contents vanish under the running server (truncated), then come back."""
     stub, target = sqlite_serving.stub, sqlite_serving.server.target
@@ -332,3 +335,36 @@ def test_sqlite_online_store_destroyed_and_restored_in_place(sqlite_serving: Ser
     assert personal(stub)
     lat = [c[3] for c in during]
     report("sqlite truncated", degraded_calls=len(during), degraded_p50=sorted(lat)[len(lat) // 2], degraded_max=max(lat), recovery_seconds=recovered - back)
+
+
+class _Recorder:
+    """What a breaker reports to metrics, kept in lists."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.states: list[tuple[str, bool]] = []
+
+    def count_store_error(self, operation: str) -> None:
+        self.errors.append(operation)
+
+    def set_store_up(self, operation: str, up: bool) -> None:
+        self.states.append((operation, up))
+
+
+def test_the_breaker_fails_fast_after_a_failure_then_lets_one_probe_through_and_closes_on_success() -> None:
+    recorder = _Recorder()
+    breaker = StoreBreaker("read", retry_seconds=0.2, observer=recorder)
+    breaker.succeeded()  # closed: nothing to report
+    assert breaker.allows() and recorder.states == []
+    breaker.failed(ConnectionError("refused"))
+    assert not breaker.allows()
+    assert isinstance(breaker.unavailable(), StoreUnavailable) and "unavailable" in str(breaker.unavailable())
+    time.sleep(0.25)
+    assert breaker.allows()  # due for a probe
+    breaker.failed(TimeoutError("timed out"))  # the probe fails: open again
+    assert not breaker.allows()
+    assert recorder.errors == ["read", "read"] and recorder.states == [("read", False)]
+    time.sleep(0.25)
+    breaker.succeeded()
+    assert breaker.allows() and breaker.down_since is None and breaker.failures == 0
+    assert recorder.states == [("read", False), ("read", True)]
