@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import warnings
 
 from propensity_cli.commands import (
@@ -18,6 +19,7 @@ from propensity_cli.commands import (
     cmd_serve,
     cmd_train,
 )
+from propensity.raw_data.errors import RawDataError
 from training.commands import add_evaluate_arguments, add_score_batch_arguments, cmd_evaluate, cmd_score_batch
 
 
@@ -133,4 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except RawDataError as error:
+        # Bad input files are the operator's to fix: the message names file, line/row and column; a
+        # traceback would only bury it.
+        print(f"propensity {args.command}: {error}", file=sys.stderr)
+        return 2

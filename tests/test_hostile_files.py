@@ -91,6 +91,15 @@ def test_a_zero_byte_events_file_is_refused_naming_the_file(tmp_path: Path, name
     assert not (tmp_path / "prepared" / "events.parquet").exists()
 
 
+def test_the_cli_reports_a_refused_file_in_one_line_without_a_traceback(tmp_path: Path, capsys) -> None:
+    from propensity_cli.main import main
+
+    source = _source(tmp_path, "events.csv", b"")
+    assert main(["prepare", "--data", str(source), "--work-dir", str(tmp_path / "work")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [err[-1]] and err[-1].startswith("propensity prepare: events.csv: empty file (0 bytes)")
+
+
 def test_a_zero_byte_items_file_is_refused_too(tmp_path: Path) -> None:
     source = _source(tmp_path, "events.csv", HEADER + "".join(_rows(3)))
     (source / "items.csv").write_bytes(b"")
