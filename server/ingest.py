@@ -172,14 +172,13 @@ class EventIngestor:
         """Update the online features for logged events; on failure leave them unpushed for a retry. True when pushed."""
         ids = [event.event_id for event in events]
         if not self.breaker.allows():
-            self._log.release(ids)
+            self._release(ids)
             return False
         try:
             self._update_features(events)
         except Exception as error:  # whatever the store raised: the events are safe in the log
             self.breaker.failed(error)
-            with contextlib.suppress(EventLogError):  # else the lease expires and a retry takes them then
-                self._log.release(ids)
+            self._release(ids)
             return False
         self.breaker.succeeded()
         try:
@@ -187,6 +186,11 @@ class EventIngestor:
         except EventLogError as error:  # pushed, but not recorded: the lease expires and they are pushed again
             log.error("pushed %d events but could not record it (%s): they will be pushed again", len(ids), error)
         return True
+
+    def _release(self, ids: list[str]) -> None:
+        """Hand unpushed events to the retry task at once (if even that fails, it takes them when their lease ends)."""
+        with contextlib.suppress(EventLogError):
+            self._log.release(ids)
 
     def _update_features(self, events: Sequence[StreamEvent]) -> None:
         started = time.perf_counter()
