@@ -2,12 +2,21 @@
 
 Layout: <root>/versions/<version>/{user_propensity.txt, item_ranker.txt, metadata.json}
 and <root>/CURRENT holding the current version id.
+
+The registry is a shared directory that people and jobs change under a running server, so
+everything read from it is checked before LightGBM sees it: the version id in CURRENT (a plain
+token, never a path), the metadata's shape, and each model file against the SHA-256 recorded
+when it was saved (older versions without one: the file must end the way LightGBM writes it).
+A truncated model file must never reach LightGBM: its parser aborts the whole process on some
+truncations instead of raising. Every problem is a ModelLoadError that names the file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +35,10 @@ RANKER_MODEL = "item_ranker"
 EXPECTED_FEATURES = {USER_MODEL: USER_MODEL_FEATURES, RANKER_MODEL: RANKER_FEATURES}
 METADATA = "metadata.json"
 CURRENT = "CURRENT"
+# What a version id may look like (new_version_id's "v20261128T051500", or any plain token): never a path.
+VERSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,127}")
+# The last line LightGBM's save_model writes: a file without it was cut short.
+_LIGHTGBM_LAST_LINE = "pandas_categorical:"
 
 
 class ModelLoadError(RuntimeError):
@@ -233,6 +246,7 @@ def save_version(root: Path, version: str, boosters: dict[str, lgb.Booster], met
     for name, booster in boosters.items():
         booster.save_model(str(staging / f"{name}.txt"))
         metadata["models"][name]["file"] = f"{name}.txt"
+        metadata["models"][name]["sha256"] = file_sha256(staging / f"{name}.txt")
     (staging / METADATA).write_text(json.dumps(metadata, indent=2, default=str))
     staging.rename(final)
     return final
@@ -248,10 +262,53 @@ def promote(root: Path, version: str) -> None:
 
 
 def current_version(root: Path) -> str:
+    """The version id CURRENT names; ModelLoadError when CURRENT is missing, unreadable or not a version id."""
     path = root / CURRENT
-    if not path.exists():
-        raise ModelLoadError(f"{root}: no current model; train one with `propensity train`")
-    return path.read_text().strip()
+    try:
+        raw = path.read_bytes()[:1024]
+    except FileNotFoundError:
+        raise ModelLoadError(f"{root}: no current model; train one with `propensity train`") from None
+    except OSError as error:
+        raise ModelLoadError(f"{path}: unreadable: {error}") from None
+    try:
+        version = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ModelLoadError(f"{path}: not a version id (binary content {raw[:32]!r})") from None
+    check_version_id(version, path)
+    return version
+
+
+def check_version_id(version: str, source: object = "model version") -> None:
+    """Refuse anything but a plain version token (no paths, no control characters, not empty)."""
+    if not VERSION_ID.fullmatch(version):
+        raise ModelLoadError(f"{source}: {version[:64]!r} is not a version id")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_model_file(path: Path, sha256: str | None) -> None:
+    """Refuse a model file that is missing, changed since it was saved, or cut short, before LightGBM parses it."""
+    try:
+        if sha256 is not None:
+            actual = file_sha256(path)
+            if actual != sha256:
+                raise ModelLoadError(f"{path}: cannot load LightGBM model: content differs from the one saved (sha256 {actual[:12]}, expected {sha256[:12]}): half-written or changed")
+            return
+        with path.open("rb") as file:
+            file.seek(max(0, path.stat().st_size - 4096))
+            tail = file.read().decode("utf-8", "replace").rstrip().rsplit("\n", 1)[-1]
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path}: cannot load LightGBM model: file missing") from None
+    except OSError as error:
+        raise ModelLoadError(f"{path}: cannot load LightGBM model: {error}") from None
+    if not tail.startswith(_LIGHTGBM_LAST_LINE):
+        raise ModelLoadError(f"{path}: cannot load LightGBM model: it does not end like one (cut short, half-written?)")
 
 
 def list_versions(root: Path) -> list[str]:
@@ -262,22 +319,31 @@ def list_versions(root: Path) -> list[str]:
 def load_version(root: Path, version: str | None = None, num_threads: int = 1) -> ModelBundle:
     """Load a version (default: current) and check that its feature lists match the code's layout."""
     version = version or current_version(root)
+    check_version_id(version)
     directory = root / "versions" / version
     try:
         metadata = json.loads((directory / METADATA).read_text())
     except FileNotFoundError:
         raise ModelLoadError(f"{directory}: model version {version} not found") from None
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ModelLoadError(f"{directory / METADATA}: unreadable model metadata: {error}") from None
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("models"), dict):
+        raise ModelLoadError(f"{directory / METADATA}: not model metadata (no 'models' object)")
     boosters = {}
     for name, expected in EXPECTED_FEATURES.items():
         info = metadata["models"].get(name)
         if info is None:
             raise ModelLoadError(f"{directory}: metadata has no model {name!r}")
+        if not isinstance(info, dict) or not isinstance(info.get("file"), str) or not isinstance(info.get("feature_names"), list):
+            raise ModelLoadError(f"{directory / METADATA}: model {name!r} lacks 'file' or 'feature_names'")
+        model_file = directory / info["file"]
+        if model_file.parent != directory:
+            raise ModelLoadError(f"{directory / METADATA}: model {name!r} file {info['file']!r} is outside the version directory")
+        check_model_file(model_file, info.get("sha256"))
         try:
-            booster = lgb.Booster(model_file=str(directory / info["file"]))
+            booster = lgb.Booster(model_file=str(model_file))
         except lgb.basic.LightGBMError as error:
-            raise ModelLoadError(f"{directory / info['file']}: cannot load LightGBM model: {error}") from None
+            raise ModelLoadError(f"{model_file}: cannot load LightGBM model: {error}") from None
         if list(info["feature_names"]) != list(expected) or booster.feature_name() != list(expected):
             missing = sorted(set(expected) - set(booster.feature_name()))
             extra = sorted(set(booster.feature_name()) - set(expected))

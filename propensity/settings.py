@@ -95,6 +95,17 @@ class ServerSettings(_Section):
     max_score_users: int = Field(10_000, description="Most user_ids in one ScoreUsers call.")
     grace_seconds: float = Field(5.0, description="Time in-flight calls get to finish on shutdown.")
     workers: int = Field(1, description="Server processes sharing the port through SO_REUSEPORT (use the core count in production).")
+    max_concurrent_requests: int = Field(
+        64,
+        description="Unary calls one worker handles at once; more are answered RESOURCE_EXHAUSTED at once (load shedding). "
+        "Health checks and streams never count. 0 turns the limit off. docs/reliability/processes.md shows how to size it.",
+    )
+    max_pending_requests: int = Field(
+        1000,
+        description="Calls that arrived but that a worker's event loop has not taken up yet (gRPC core's queue; 1000 is gRPC's "
+        "own default). Past it gRPC core cancels new arrivals at random, past twice it every one (the client sees CANCELLED). "
+        "Under overload this is the bound that holds: a busy loop takes calls slower than they arrive. docs/reliability/processes.md.",
+    )
     metrics_port: int = Field(0, description="Prometheus metrics HTTP port; 0 turns the endpoint off.")
     log_format: str = Field("text", description="'json' for structured logs with request ids, 'text' for people.")
     item_cache_refresh_seconds: float = Field(60.0, description="How often the in-process item catalog is re-read from the online store.")

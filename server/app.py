@@ -25,6 +25,7 @@ from propensity.v1 import recommendation_service_pb2_grpc as pb_grpc
 from propensity.event_log import EventLog
 from propensity.raw_data import EVENT_TYPES
 from server.errors import IngestionUnavailable
+from server.admission import AdmissionInterceptor
 from server.ingest import EventIngestor
 from server.background import Background, settle_garbage
 from server.item_cache import CatalogSpec, FreshnessTracker, ItemCache
@@ -141,8 +142,13 @@ async def serve(
     # One request is small linear algebra (ALS fold-in, 200-row products): BLAS threads only contend with the
     # other worker processes for the same cores, and made retrieval 1.6x slower when measured.
     threadpool_limits(1)
-    server = grpc.aio.server(interceptors=observability.interceptors, options=[
+    # Admission after observability: shed calls are counted and timed too (code RESOURCE_EXHAUSTED).
+    interceptors = [*observability.interceptors, AdmissionInterceptor(settings.server.max_concurrent_requests)]
+    server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.so_reuseport", 1 if reuse_port else 0),
+        # gRPC core's backlog protection (random early drop between the two): the queue in front of the event loop.
+        ("grpc.server.max_pending_requests", settings.server.max_pending_requests),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * settings.server.max_pending_requests),
         ("grpc.max_receive_message_length", settings.server.max_message_bytes),
     ])
     pb_grpc.add_RecommendationServiceServicer_to_server(RecommendationServicer(components.recommender, settings.server, components.ingestor), server)

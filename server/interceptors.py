@@ -1,10 +1,11 @@
-"""A grpc.aio server interceptor: request ids (in, out and in logs) and per-RPC latency and status metrics."""
+"""A grpc.aio server interceptor: request ids (in, out and in logs), the serving process, and per-RPC latency and status metrics."""
 
 from __future__ import annotations
 
 import asyncio
 import inspect
 import logging
+import os
 import re
 import time
 import uuid
@@ -15,6 +16,9 @@ import grpc
 
 log = logging.getLogger(__name__)
 REQUEST_ID_HEADER = "x-request-id"
+# The pid of the worker process that answered: with several workers on one port (SO_REUSEPORT) it tells
+# operators and tests which process holds a client's connection.
+SERVED_BY_HEADER = "x-served-by"
 # Infrastructure services pass through untouched: health probes would drown the request metrics.
 UNTRACKED_SERVICES = frozenset(
     {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"}
@@ -31,7 +35,7 @@ def current_request_id() -> str:
 
 
 class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
-    """For every unary-unary RPC: set and echo `x-request-id`, then record latency and final status code.
+    """For every unary-unary RPC: set and echo `x-request-id`, send `x-served-by`, then record latency and final status code.
 
     `observe` is called as observe(method, code, seconds), e.g. Metrics.observe_request; method is the
     short name ("Recommend"), code the StatusCode name ("OK", "INVALID_ARGUMENT"). Streaming handlers
@@ -72,7 +76,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             token = request_id_var.set(request_id)
             code = grpc.StatusCode.OK
             try:
-                await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
+                await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id), (SERVED_BY_HEADER, str(os.getpid()))))
                 response = behavior(request, context)
                 if inspect.isawaitable(response):
                     response = await response

@@ -72,6 +72,9 @@ class Metrics:
         self._served_log_errors = Counter(
             "propensity_served_log_errors", "Served-feature log batches that could not be written.", registry=registry
         )
+        self._worker_restarts = Counter(
+            "propensity_worker_restarts", "Worker processes that died and were replaced by the parent (server.workers).", registry=registry
+        )
         self._store_errors = Counter(
             "propensity_store_errors", "Online-store calls that failed or timed out, by operation (read, push).", ["operation"], registry=registry
         )
@@ -176,6 +179,10 @@ class Metrics:
     def set_pushes_pending(self, events: int) -> None:
         """Logged events whose push to the online store waits for a retry."""
         self._pushes_pending.set(events)
+
+    def count_worker_restart(self) -> None:
+        """Count one worker process that died while serving and is being replaced."""
+        self._worker_restarts.inc()
 
     def count_served_log_error(self) -> None:
         """Count one served-feature log batch that was dropped because it could not be written."""

@@ -1,4 +1,11 @@
-"""The model versions a server answers with: current, A/B split, shadow, pins; hot reload on promotion."""
+"""The model versions a server answers with: current, A/B split, shadow, pins; hot reload on promotion.
+
+The registry can change under a running server in any way (docs/reliability/processes.md): CURRENT
+rewritten with garbage or removed, a version directory deleted, a half-written version promoted.
+Whatever happens, the loaded bundles keep serving; each problem is logged once, when it appears,
+and a refused version is tried again when it or CURRENT changes on disk (so re-promoting a
+repaired version works, not only promoting a new id).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +16,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from propensity.feature_store import FeatureContractError
-from propensity.model_registry import ModelBundle, ModelLoadError, current_version, list_versions, load_version
+from propensity.model_registry import CURRENT, ModelBundle, ModelLoadError, current_version, list_versions, load_version
 from server.errors import ModelUnavailable, UnknownModelVersion
 
 log = logging.getLogger(__name__)
@@ -41,6 +48,8 @@ class ModelPool:
         self._bundles: dict[str, ModelBundle] = {}
         self._on_change = on_change
         self.rejected: dict[str, str] = {}  # version -> why it was refused
+        self._rejected_state: dict[str, tuple] = {}  # version -> what its files and CURRENT looked like then
+        self._registry_problem = ""  # the last registry-level problem logged (each is logged once)
         self.current = self._load(current_version(root))
         self._split = self._build_split(traffic_split or {})
         self.shadow = self._load(shadow_version) if shadow_version else None
@@ -76,16 +85,44 @@ class ModelPool:
         try:
             promoted = current_version(self._root)
         except ModelLoadError as error:
-            log.error("model registry unreadable, keeping %s: %s", self.current.version, error)
+            self._registry_trouble(f"model registry unreadable, keeping model {self.current.version}: {error}")
             return None
-        if promoted == self.current.version or promoted in self.rejected:
+        if promoted == self.current.version:
+            directory = self._root / "versions" / promoted
+            self._registry_trouble(
+                "" if directory.is_dir() else f"the served model version's directory {directory} is gone; still serving {promoted} from memory"
+            )
+            return None
+        self._registry_trouble("")
+        state = self._disk_state(promoted)
+        if self._rejected_state.get(promoted) == state:
             return None
         try:
             return self._load(promoted)
         except ModelUnavailable as error:
             self.rejected[promoted] = str(error)
+            self._rejected_state[promoted] = state
             log.error("refusing promoted model %s, still serving %s: %s", promoted, self.current.version, error)
             return None
+
+    def _registry_trouble(self, problem: str) -> None:
+        """Log a registry-level problem when it first appears (not on every poll), and when it is over."""
+        if problem and problem != self._registry_problem:
+            log.error("%s", problem)
+        elif not problem and self._registry_problem:
+            log.info("model registry readable again; serving %s", self.current.version)
+        self._registry_problem = problem
+
+    def _disk_state(self, version: str) -> tuple:
+        """What CURRENT and a version's files look like on disk: a refused version is retried when this changes."""
+        entries = []
+        for path in (self._root / CURRENT, *sorted((self._root / "versions" / version).glob("*"))):
+            try:
+                stat = path.stat()
+                entries.append((path.name, stat.st_ino, stat.st_size, stat.st_mtime_ns))
+            except OSError:
+                entries.append((path.name, None))
+        return tuple(entries)
 
     def install(self, bundle: ModelBundle) -> None:
         """Serve `bundle` from now on (hot reload): one assignment, cheap enough for the event loop."""
@@ -134,6 +171,8 @@ class ModelPool:
             self._check(bundle)
         except (ModelLoadError, FeatureContractError) as error:
             raise ModelUnavailable(f"model_version {version}: {error}") from error
+        except Exception as error:  # anything else in a registry that changed under us is a refusal too, never a crash
+            raise ModelUnavailable(f"model_version {version}: {type(error).__name__}: {error}") from error
         self._attach_compiled(bundle)
         self._bundles[version] = bundle
         return bundle
@@ -146,4 +185,12 @@ class ModelPool:
             if not bundle.compile() and self._backend == "compiled":
                 raise ModelUnavailable(f"model_version {bundle.version}: scoring_backend is 'compiled' but no verified compiled predictor could be built")
             return
-        threading.Thread(target=bundle.compile, name=f"compile-{bundle.version}", daemon=True).start()
+        threading.Thread(target=_compile_quietly, args=(bundle,), name=f"compile-{bundle.version}", daemon=True).start()
+
+
+def _compile_quietly(bundle: ModelBundle) -> None:
+    """Compile in the background; on failure (e.g. the version directory was deleted meanwhile) keep LightGBM and log why."""
+    try:
+        bundle.compile()
+    except Exception as error:
+        log.warning("model %s: compiling failed, scoring with LightGBM: %s: %s", bundle.version, type(error).__name__, error)

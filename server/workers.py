@@ -2,6 +2,14 @@
 
 The parent forks the workers before any of them creates gRPC objects (grpc's fork rules), waits
 until each reports SERVING, forwards SIGTERM/SIGINT to them and waits for their graceful stop.
+
+It also supervises them: a worker that dies while the server is not stopping (SIGKILL, the OOM
+killer, a crash in native code) is logged, counted (`propensity_worker_restarts_total`) and
+replaced by a fresh fork on the same port. The other workers keep serving meanwhile; only the
+calls that were in flight on the dead worker's connections fail, and their clients reconnect to a
+live worker. A worker that dies soon after it started waits longer before each new attempt
+(RESPAWN_BACKOFF_SECONDS doubling up to RESPAWN_BACKOFF_MAX_SECONDS), so a crash loop, e.g. a
+current model that no longer loads, cannot eat the machine.
 """
 
 from __future__ import annotations
@@ -11,15 +19,23 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import queue
 import signal
 import socket
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from multiprocessing.connection import wait as wait_for_exits
 
 from propensity.settings import Settings
 from server.app import Started, serve
-from server.observability import install_observability
+from server.observability import Observability, install_observability
 
 log = logging.getLogger("propensity.server")
+RESPAWN_BACKOFF_SECONDS = 0.2
+RESPAWN_BACKOFF_MAX_SECONDS = 30.0
+# A worker that served at least this long before dying is restarted after the initial backoff again.
+STABLE_SECONDS = 60.0
 
 
 @contextlib.contextmanager
@@ -39,50 +55,138 @@ def _worker(settings: Settings, ready: multiprocessing.Queue, number: int) -> No
     try:
         # Records into the parent's metrics directory; `number` labels this worker's event-loop lag.
         observability = install_observability(settings, serve_http=False, worker=number)
-        asyncio.run(serve(settings, on_started=lambda started: ready.put((number, started, None)), reuse_port=True, observability=observability))
+        asyncio.run(serve(settings, on_started=lambda started: ready.put((number, os.getpid(), started, None)), reuse_port=True, observability=observability))
         observability.close()
     except BaseException as error:  # report start-up failures to the parent instead of dying silently
-        ready.put((number, None, f"{type(error).__name__}: {error}"))
+        ready.put((number, os.getpid(), None, f"{type(error).__name__}: {error}"))
         raise
 
 
+@dataclass
+class _Slot:
+    """One worker number and the process currently filling it."""
+
+    number: int
+    process: multiprocessing.Process
+    started_at: float
+    served: bool = False  # the slot's first process reported SERVING
+    backoff: float = RESPAWN_BACKOFF_SECONDS
+    respawn_at: float | None = None  # set while the slot waits to be refilled
+    restarts: int = 0
+    first: Started | None = None  # the first process's start-up report
+    reaped_pid: int = 0  # the last process whose exit was handled
+
+
+class _Supervisor:
+    """Forks the workers, replaces those that die, and stops them all on SIGTERM/SIGINT."""
+
+    def __init__(self, settings: Settings, parent: Observability) -> None:
+        self._settings = settings
+        self._parent = parent
+        self._context = multiprocessing.get_context("fork")
+        self.ready: multiprocessing.Queue = self._context.Queue()
+        self.slots = [_Slot(i, self._fork(i), time.monotonic()) for i in range(settings.server.workers)]
+        self.stopping = False
+        self.failed = False  # a worker failed to start: the server stops
+
+    def _fork(self, number: int) -> multiprocessing.Process:
+        process = self._context.Process(target=_worker, args=(self._settings, self.ready, number), name=f"propensity-worker-{number}")
+        process.start()
+        return process
+
+    def stop(self, signum: int = signal.SIGTERM, frame: object = None) -> None:
+        self.stopping = True
+        for slot in self.slots:
+            if slot.process.is_alive():
+                os.kill(slot.process.pid, signal.SIGTERM)
+
+    def fail(self, message: str, *args: object) -> None:
+        log.error(message, *args)
+        self.failed = True
+        self.stop()
+
+    def handle_reports(self, on_all_serving: Callable[[list[Started]], None]) -> None:
+        """Read the workers' start-up reports: the first start of every slot, then replacements."""
+        while True:
+            try:
+                number, pid, started, error = self.ready.get_nowait()
+            except queue.Empty:
+                return
+            slot = self.slots[number]
+            if not slot.served:
+                if error:
+                    self.fail("worker %d failed to start: %s", number, error)
+                    continue
+                slot.served, slot.first = True, started
+                if all(s.served for s in self.slots):
+                    on_all_serving([s.first for s in self.slots])
+            elif error:
+                log.error("replacement worker %d (pid %d) failed to start: %s", number, pid, error)
+            else:
+                log.info("worker %d replaced: pid %d serving %.1fs after its fork (restart %d)", number, pid, started.seconds, slot.restarts)
+
+    def reap(self, timeout: float) -> None:
+        """Wait up to `timeout` for a worker to exit; log, count and schedule the replacement of each that died."""
+        running = [slot.process.sentinel for slot in self.slots if slot.respawn_at is None and slot.process.exitcode is None]
+        if running:
+            wait_for_exits(running, timeout)
+        else:
+            time.sleep(timeout)
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.respawn_at is not None or slot.reaped_pid == slot.process.pid or slot.process.is_alive():
+                continue
+            slot.reaped_pid = slot.process.pid
+            self._parent.worker_exited(slot.process.pid)
+            if self.stopping:
+                continue
+            if not slot.served:
+                self.fail("worker %d (pid %d) exited with code %s before it started serving", slot.number, slot.process.pid, slot.process.exitcode)
+                continue
+            code = slot.process.exitcode
+            how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+            lived = now - slot.started_at
+            if lived >= STABLE_SECONDS:
+                slot.backoff = RESPAWN_BACKOFF_SECONDS
+            slot.respawn_at = now + slot.backoff
+            log.error("worker %d (pid %d) %s after %.1fs; replacing it in %.1fs", slot.number, slot.process.pid, how, lived, slot.backoff)
+            self._parent.metrics.count_worker_restart()
+            slot.backoff = min(slot.backoff * 2, RESPAWN_BACKOFF_MAX_SECONDS)
+
+    def respawn_due(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.respawn_at is not None and now >= slot.respawn_at and not self.stopping:
+                slot.process = self._fork(slot.number)
+                slot.started_at, slot.respawn_at = time.monotonic(), None
+                slot.restarts += 1
+
+    def all_exited(self) -> bool:
+        return all(not slot.process.is_alive() for slot in self.slots)
+
+
 def run_workers(settings: Settings, on_started: Callable[[Started], None] | None = None, start_timeout: float = 300.0) -> int:
-    """Run settings.server.workers processes on one port until SIGTERM/SIGINT; return an exit code."""
-    count = settings.server.workers
-    context = multiprocessing.get_context("fork")
+    """Run settings.server.workers processes on one port until SIGTERM/SIGINT, replacing any that die; return an exit code."""
     parent = install_observability(settings, serve_http=True)  # before forking: the shared metrics directory
     with reserve_port(settings.server.host, settings.server.port) as port:
         settings = settings.model_copy(update={"server": settings.server.model_copy(update={"port": port})})
-        ready: multiprocessing.Queue = context.Queue()
-        workers = [context.Process(target=_worker, args=(settings, ready, i), name=f"propensity-worker-{i}") for i in range(count)]
-        for worker in workers:
-            worker.start()
+        supervisor = _Supervisor(settings, parent)
         parent.start_http()  # after forking, so workers do not inherit the listening socket
-        stopping = False
+        signal.signal(signal.SIGTERM, supervisor.stop)
+        signal.signal(signal.SIGINT, supervisor.stop)
 
-        def stop(signum: int, frame: object) -> None:
-            nonlocal stopping
-            stopping = True
-            for worker in workers:
-                if worker.is_alive():
-                    os.kill(worker.pid, signal.SIGTERM)
+        def all_serving(reports: list[Started]) -> None:
+            if on_started:
+                on_started(Started(port, reports[0].model_version, reports[0].n_items, max(r.seconds for r in reports)))
 
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
-        reports = []
-        for _ in workers:
-            number, started, error = ready.get(timeout=start_timeout)
-            if error:
-                log.error("worker %d failed to start: %s", number, error)
-                stop(signal.SIGTERM, None)
-                break
-            reports.append(started)
-        if len(reports) == count and on_started:
-            first = reports[0]
-            on_started(Started(port, first.model_version, first.n_items, max(r.seconds for r in reports)))
-        for worker in workers:
-            worker.join()
-            parent.worker_exited(worker.pid)
+        deadline = time.monotonic() + start_timeout
+        while not (supervisor.stopping and supervisor.all_exited()):
+            supervisor.handle_reports(all_serving)
+            if not supervisor.stopping and time.monotonic() > deadline and not all(s.served for s in supervisor.slots):
+                supervisor.fail("workers not serving after %.0fs; stopping", start_timeout)
+            supervisor.reap(0.2)
+            supervisor.respawn_due()
+        for slot in supervisor.slots:
+            slot.process.join()
         parent.close()
-        failed = [w.name for w in workers if w.exitcode not in (0, None) and not stopping]
-        return 1 if failed or len(reports) < count else 0
+        return 1 if supervisor.failed else 0
