@@ -7,6 +7,7 @@ Examples are derandomized (the same 150 per RPC on every run): CI stays reproduc
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import grpc
 import pandas as pd
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from propensity.realtime import InvalidEvent, parse_event
@@ -90,45 +91,77 @@ def score_items_problem(request: pb.ScoreItemsRequest) -> str | None:
 
 # --- strategies ------------------------------------------------------------------------------------------------------------
 
+def mostly(valid: st.SearchStrategy, hostile: st.SearchStrategy) -> st.SearchStrategy:
+    """Four in five draws valid: each field is broken often, and about a third of whole requests are valid.
+
+    (st.one_of flattens nested alternatives and would not keep these weights.)
+    """
+    return st.integers(0, 4).flatmap(lambda k: hostile if k == 0 else valid)
+
+
 hostile_text = st.text(max_size=140) | st.text(st.characters(codec="utf-8"), max_size=12) | st.sampled_from(["", " ", "\x00", "x" * 129, "a\nb"])
-user_ids = st.deferred(lambda: st.sampled_from(USERS) | hostile_text)
-item_ids = st.deferred(lambda: st.sampled_from(ITEMS) | hostile_text)
-versions = st.just("") | hostile_text | st.sampled_from(["v1", "../CURRENT", "CURRENT"])
-counts = st.integers(-(2**31), 2**31 - 1) | st.integers(-2, 102)
+# Any printable Unicode: unknown ids are valid requests (an unknown user gets the fallback, an unknown item known_item=False).
+fine_text = st.text(st.characters(exclude_categories=("Cc", "Cs")), min_size=1, max_size=128).filter(str.strip)
+user_ids = mostly(st.deferred(lambda: st.sampled_from(USERS)) | fine_text, hostile_text)
+valid_items = st.deferred(lambda: st.sampled_from(ITEMS)) | fine_text
+item_lists = mostly(st.lists(valid_items, max_size=8), st.lists(valid_items | hostile_text, min_size=1, max_size=8))
+versions = mostly(st.just(""), hostile_text | st.sampled_from(["v1", "../CURRENT", "CURRENT"]))
+counts = mostly(st.integers(0, 100), st.integers(-(2**31), 2**31 - 1) | st.integers(-2, 102))
 
 recommend_requests = st.builds(
     pb.RecommendRequest,
     user_id=user_ids,
     num_items=counts,
-    exclude_item_ids=st.lists(item_ids, max_size=8),
-    candidate_item_ids=st.lists(item_ids, max_size=8),
+    exclude_item_ids=item_lists,
+    candidate_item_ids=st.just([]) | item_lists,
     model_version=versions,
     explain=st.booleans(),
 )
 score_items_requests = st.builds(
-    pb.ScoreItemsRequest, user_id=user_ids, item_ids=st.lists(item_ids, max_size=8), model_version=versions
+    pb.ScoreItemsRequest, user_id=user_ids, item_ids=mostly(st.lists(valid_items, min_size=1, max_size=8), item_lists), model_version=versions
 )
 
 _now = datetime.now(timezone.utc)
-times = (
+recent = st.datetimes(min_value=(_now - timedelta(days=30)).replace(tzinfo=None), max_value=_now.replace(tzinfo=None))
+times = mostly(
+    recent.map(datetime.isoformat) | recent.map(lambda t: str(int(t.replace(tzinfo=timezone.utc).timestamp() * 1000))),
     st.datetimes(min_value=datetime(1960, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(timezone.utc)).map(datetime.isoformat)
-    | st.datetimes(min_value=(_now - timedelta(days=30)).replace(tzinfo=None), max_value=_now.replace(tzinfo=None)).map(datetime.isoformat)
     | st.integers(-(10**15), 10**15).map(str)
-    | hostile_text
+    | hostile_text,
 )
-numbers = st.none() | st.floats(allow_nan=True, allow_infinity=True) | st.floats(0.01, 1000)
-events = st.builds(
-    lambda **fields: pb.Event(**{k: v for k, v in fields.items() if v is not None}),
-    event_id=st.uuids().map(str) | hostile_text,
+numbers = mostly(st.none() | st.floats(0.0, 1000.0) | st.floats(0.01, 10.0), st.floats(allow_nan=True, allow_infinity=True))
+
+def _event(**fields: object) -> pb.Event:
+    return pb.Event(**{k: v for k, v in fields.items() if v is not None})
+
+
+_sequence = itertools.count()
+valid_events = st.builds(
+    _event,
+    event_id=st.uuids().map(lambda u: f"{u}-{next(_sequence)}"),  # hypothesis repeats uuids: these would be duplicates
+    event_time=recent.map(datetime.isoformat),
+    user_id=st.sampled_from(["prop-user-1", "prop-user-2"]) | fine_text,
+    item_id=valid_items,
+    event_type=st.sampled_from(["view", "add_to_cart", "purchase", "return"]),
+    session_id=st.just("") | fine_text,
+    price=st.none() | st.floats(0.0, 1000.0),
+    quantity=st.none() | st.floats(0.01, 10.0),
+)
+# Each field of a hostile event is broken one time in five (several may be at once).
+hostile_events = st.builds(
+    _event,
+    event_id=mostly(st.uuids().map(str), hostile_text),
     event_time=times,
-    user_id=st.sampled_from(["prop-user-1", "prop-user-2"]) | hostile_text,
-    item_id=item_ids,
-    event_type=st.sampled_from(["view", "add_to_cart", "purchase", "return"]) | hostile_text,
-    session_id=st.just("") | hostile_text,
+    user_id=mostly(st.sampled_from(["prop-user-1", "prop-user-2"]) | fine_text, hostile_text),
+    item_id=mostly(valid_items, hostile_text),
+    event_type=mostly(st.sampled_from(["view", "add_to_cart", "purchase", "return"]), hostile_text),
+    session_id=mostly(st.just("") | fine_text, hostile_text),
     price=numbers,
-    quantity=numbers,
+    quantity=mostly(st.none() | st.floats(0.01, 10.0), st.floats(allow_nan=True, allow_infinity=True)),
 )
-ingest_streams = st.lists(st.builds(pb.IngestEventsRequest, events=st.lists(events, max_size=5)), max_size=3)
+events = st.integers(0, 1).flatmap(lambda k: hostile_events if k else valid_events)
+# Small streams: each message with a valid event costs a Feast push (~50-250 ms here), and the file must stay under a minute.
+ingest_streams = st.lists(st.builds(pb.IngestEventsRequest, events=st.lists(events, max_size=4)), max_size=2)
 
 
 def _field_of(details: str) -> str:
@@ -146,12 +179,14 @@ def test_any_recommend_request_gets_the_predicted_status(served: Served, request
         response = served.stub.Recommend(request, timeout=10)
     except grpc.RpcError as error:
         code, details = error.code(), error.details()
+        event(f"{code.name} {_field_of(details).split('[')[0]}")
         if expected:
             assert (code, _field_of(details)) == (grpc.StatusCode.INVALID_ARGUMENT, expected), details
         else:  # a well-formed version that does not exist
             assert (code, _field_of(details)) == (grpc.StatusCode.NOT_FOUND, "model_version"), details
             assert request.model_version not in ("", served.current_version)
         return
+    event("OK fallback" if response.fallback_used else "OK ranked")
     assert expected is None, f"accepted a request with a bad {expected}"
     wanted = request.num_items or 10
     assert len(response.items) <= wanted
@@ -171,11 +206,13 @@ def test_any_score_items_request_gets_the_predicted_status(served: Served, reque
         response = served.stub.ScoreItems(request, timeout=10)
     except grpc.RpcError as error:
         code, details = error.code(), error.details()
+        event(f"{code.name} {_field_of(details).split('[')[0]}")
         if expected:
             assert (code, _field_of(details)) == (grpc.StatusCode.INVALID_ARGUMENT, expected), details
         else:
             assert (code, _field_of(details)) == (grpc.StatusCode.NOT_FOUND, "model_version"), details
         return
+    event("OK")
     assert expected is None, f"accepted a request with a bad {expected}"
     assert [s.item_id for s in response.scores] == list(request.item_ids)
     assert all(0.0 <= s.score <= 1.0 for s in response.scores)
@@ -201,6 +238,7 @@ def test_any_ingest_stream_is_answered_ok_with_every_bad_event_reported(served: 
     total = sum(len(m.events) for m in stream)
     response = served.stub.IngestEvents(iter(stream), timeout=30)
     expected = _rejected_by_rules(stream)
+    event(f"accepted {min(response.accepted, 3)}+, rejected {min(response.rejected, 3)}+")
     assert {r.index: r.field for r in response.rejections} == expected
     assert response.rejected == len(expected)
     assert response.accepted + response.duplicates == total - len(expected)
