@@ -37,3 +37,13 @@ propensity_item_v2 = FeatureService(
     description="v1 plus the retrieval tables behind ALS, co-purchase and content candidates (and their ranker features).",
     tags={"owner": "propensity-team"},
 )
+
+# v3 is v2 minus the sensitive profile attributes (training.sensitive_attributes: gender, age): a projection of
+# user_profile that keeps region and signup_ts. The user model's "age" input is then missing in training and
+# serving alike (propensity.assembly reads it as NaN), so no model trained on v3 can use it; v2 stays as it was.
+propensity_user_v3 = FeatureService(
+    name="propensity_user_v3",
+    features=[user_activity, user_profile[["region", "signup_ts"]], user_interests, user_purchase_history],
+    description="v2 without the sensitive attributes gender and age (minimisation; issue 12).",
+    tags={"owner": "propensity-team"},
+)

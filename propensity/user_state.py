@@ -14,7 +14,7 @@ hot path). tests/test_user_batch.py holds both to one per-user reference, on gen
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from itertools import chain, repeat
@@ -71,6 +71,17 @@ USER_INPUTS: tuple[str, ...] = (
 USER_MODEL_INPUTS: tuple[str, ...] = USER_SCALARS + USER_TIMESTAMPS + (
     "top_category_shares", "recent_item_ids", "recent_item_views_7d", "recent_item_carts_7d", "recent_item_in_cart", "recent_item_last_ts",
 )
+
+
+def read_inputs(served: Collection[str]) -> tuple[str, ...]:
+    """The USER_INPUTS that a feature service serving `served` provides; the others are missing (NaN) in training and serving alike.
+
+    This is how a user attribute is kept out of the models (training.sensitive_attributes): a feature service without it
+    (propensity_user_v3 has neither gender nor age) leaves its input column missing for every row, so no model can use it.
+    """
+    return tuple(name for name in USER_INPUTS if name in served)
+
+
 # Features whose presence tells a known user from an unknown one (columns of USER_TIMESTAMPS).
 _PRESENCE = [USER_TIMESTAMPS.index("last_event_ts"), USER_TIMESTAMPS.index("signup_ts")]
 _SEQUENCES = (list, tuple, np.ndarray)

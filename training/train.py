@@ -10,7 +10,7 @@ import hashlib
 import json
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import version as package_version
@@ -21,9 +21,10 @@ from feast import FeatureStore
 
 from propensity.assembly import RANKER_FEATURES, USER_MODEL_FEATURES
 from propensity.catalog import Catalog
-from propensity.feature_store import open_store, service_fingerprint
+from propensity.feature_store import open_store, service_fingerprint, service_schema
 from propensity.model_registry import RANKER_MODEL, USER_MODEL, check_continuation, load_version, new_version_id, promote, save_version
 from propensity.settings import Settings
+from propensity.user_state import read_inputs
 from training.datasets import CutoffData, assemble, cutoff_times, entity_rows, historical_catalogs, historical_user_features
 from training.models import RANKER_OBJECTIVES, FittedModel, fit_model
 from training.periods import Periods
@@ -107,6 +108,36 @@ def current_services(settings: Settings, store: FeatureStore) -> dict[str, dict[
     }
 
 
+def sensitive_inputs(settings: Settings, store: FeatureStore) -> dict[str, list[str]]:
+    """Which of training.sensitive_attributes the user feature service serves, and which of those the models read."""
+    served = {feature for _, feature, _ in service_schema(store, settings.user_feature_service)}
+    sensitive = settings.training.sensitive_attributes
+    return {
+        "sensitive_attributes": list(sensitive),
+        "served": [a for a in sensitive if a in served],
+        "model_inputs": [a for a in sensitive if a in read_inputs(served)],
+    }
+
+
+def minimised_user_service(store: FeatureStore, service: str, sensitive: Sequence[str]) -> str:
+    """The user feature service serving exactly what `service` serves without the sensitive attributes (`service` itself if it serves none).
+
+    Leaving an attribute out is a feature-service change, so it is a published `_vN` (propensity_user_v3 is v2 without
+    gender and age), never an edit of a live service; without one, this says so.
+    """
+    schema = service_schema(store, service)
+    wanted = sorted(entry for entry in schema if entry[1] not in sensitive)
+    if len(wanted) == len(schema):
+        return service
+    for candidate in sorted(s.name for s in store.list_feature_services()):
+        if sorted(service_schema(store, candidate)) == wanted:
+            return candidate
+    raise ValueError(
+        f"no feature service serves {service!r} without {sorted(set(sensitive) & {e[1] for e in schema})}; "
+        "publish one as a new _vN in feature_repo/feature_services.py"
+    )
+
+
 def data_fingerprint(prepared: PreparedData) -> dict:
     """Count, time range, per-type counts and an order-independent content hash of the prepared events."""
     con = duckdb.connect()
@@ -165,6 +196,9 @@ def train(
         "data": {**prepared.to_json(), "directory": None},
         "data_fingerprint": data_fingerprint(prepared),
         "feature_services": services,
+        # training.sensitive_attributes, which of them the user feature service serves, and which the models read
+        # (an input the service lacks is missing for every row: the models cannot use it).
+        "sensitive_inputs": sensitive_inputs(settings, store),
         "models": {
             name: {
                 "feature_names": list(features),

@@ -4,6 +4,7 @@ run          fit as training does, score the test period, write the report (the 
 propensity_scores / ranking    the test rows and test buyers, scored by every model and baseline
 comparison   paired bootstrap differences and verdicts; goals: what each dataset is held to
 oracle       the demo generator's true probabilities as a ceiling
+fairness     per-segment metrics and exposure, with and without the sensitive attributes
 report / summary    report.md per dataset; metrics.json and the README headline
 """
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from training.evaluation.comparison import MIN_POSITIVES, metric_label, signed
+from training.evaluation.fairness import report_lines as fairness_lines
 
 K = 10
 RANKING_METRICS = (f"recall_at_{K}", f"ndcg_at_{K}", f"hit_rate_at_{K}", f"mrr_at_{K}")
@@ -22,6 +23,8 @@ def write_report(target: Path, label: str, result: dict) -> Path:
     if not result["goals"]:
         lines.append("- none applies (no heuristic comparison recorded)")
     lines += _oracle(result["oracle"])
+    if "fairness" in result:
+        lines += fairness_lines(result["fairness"])
     lines += [
         "",
         "## Plots",

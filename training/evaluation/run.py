@@ -2,7 +2,7 @@
 
 Output directory layout (one run = one dataset label, e.g. uci_h30):
   <out>/<label>/report.md + *.png    the dataset's report and plots
-  <out>/metrics.json                 {label: {propensity, ranking, comparisons, best_baseline, oracle, goals, info}}, merged across runs
+  <out>/metrics.json                 {label: {propensity, ranking, comparisons, best_baseline, oracle, goals, fairness, info}}, merged across runs
   <out>/README.md                    the headline (conclusive claims, goals) over every label in metrics.json
 """
 
@@ -22,8 +22,10 @@ import pandas as pd
 from propensity.model_registry import RANKER_MODEL, USER_MODEL
 from propensity.settings import Settings, TrainingSettings
 from training import plots
+from training.evaluation import fairness
 from training.evaluation import oracle as oracles
 from training.evaluation.comparison import against_best_baseline, compare_propensity, compare_rankings
+from training.evaluation.fairness import evaluate_fairness
 from training.evaluation.goals import dataset_goals
 from training.evaluation.propensity_scores import MODEL, ScoredRows, propensity_table, score_test_rows
 from training.evaluation.ranking import K, RankingTables, rank_test_buyers, summarise
@@ -31,7 +33,7 @@ from training.evaluation.report import write_report
 from training.evaluation.summary import merge_metrics, write_summary
 from training.periods import Periods
 from training.prepare import PreparedData, load_prepared
-from training.train import build_training_data, fit_models
+from training.train import build_training_data, fit_models, sensitive_inputs
 from training.tuning import TuningBudget
 
 if TYPE_CHECKING:
@@ -53,7 +55,8 @@ def evaluate(
     started = time.perf_counter()
     seed = settings.training.seed
     prepared = load_prepared(settings.prepared_dir)
-    built = build_training_data(settings, prepared, progress, split=lambda cutoffs: evaluation_periods(cutoffs, settings.training, test_cutoffs))
+    split = lambda cutoffs: evaluation_periods(cutoffs, settings.training, test_cutoffs)  # noqa: E731 - the minimised models split alike
+    built = build_training_data(settings, prepared, progress, split=split)
     progress(f"evaluation periods: {len(built.periods.train)} train, {len(built.periods.validation)} validation, {len(built.periods.test)} test cut-off(s)")
     models = fit_models(settings, built, budget, progress)
     fit_seconds = time.perf_counter() - started
@@ -76,6 +79,8 @@ def evaluate(
         "info": _info(settings, prepared, built, models, rows, ranking, budget, n_boot, fit_seconds, command),
     }
     result["goals"] = dataset_goals(result["comparisons"], oracle)
+    result["fairness"] = evaluate_fairness(settings, prepared, built, models, rows.threshold, split, budget, n_boot, seed, progress)
+    fairness.write_plot(target, result["fairness"])
     user_model = models[USER_MODEL]
     test = built.periods.masks(built.data.users)[2]
     plots.write_plots(target, rows.y, {k: v for k, v in rows.scores.items() if k != "base_rate_baseline"}, user_model, models[RANKER_MODEL], built.data.users.features[test])
@@ -162,6 +167,7 @@ def _info(
             "validation_selection": ranker.alternatives,
             "params": ranker.params,
         },
+        "sensitive_inputs": sensitive_inputs(settings, built.store),
         "tuning": None if budget is None else {"trials": budget.n_trials, "seconds": budget.seconds, "folds": budget.folds},
         "fit_seconds": round(fit_seconds, 1),
         "command": command,
