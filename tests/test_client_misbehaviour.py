@@ -70,7 +70,8 @@ def logged_ids(served: Served, prefix: str) -> list[str]:
 # --- deadlines and cancellation ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("timeout", [-1.0, 1e-6], ids=["in the past", "one microsecond"])
+# (A 1 microsecond deadline is not reliably expired on arrival: grpc sometimes completed such a call here.)
+@pytest.mark.parametrize("timeout", [-1.0, -0.001], ids=["a second ago", "a millisecond ago"])
 def test_an_expired_deadline_gets_deadline_exceeded_and_the_server_keeps_serving(served: Served, timeout: float) -> None:
     for call, request in (
         (served.stub.Recommend, pb.RecommendRequest(user_id=served.user)),
