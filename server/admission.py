@@ -4,8 +4,9 @@ A worker is one event loop: calls beyond what it can finish only queue, and ever
 the others later. Two bounds, both per worker (docs/reliability/processes.md has the measurements):
 
 - max_concurrent_requests, here: a unary call arriving while that many are in their handlers is answered
-  at once with RESOURCE_EXHAUSTED (no feature read, no scoring). It bounds handlers that wait on I/O
-  (ScoreUsers' chunks, store reads), which would otherwise all be started and all be slow.
+  at once with RESOURCE_EXHAUSTED (no feature read, no scoring). It bounds handlers that await real I/O
+  (a thread, a socket), which would otherwise all be started and all be slow. `asyncio.sleep(0)` is not
+  enough for grpc.aio to start another call, so today's handlers rarely overlap (processes.md).
 - max_pending_requests, in gRPC core (server.app passes it as grpc.server.max_pending_requests): calls that
   arrived but that the event loop has not taken yet. grpc.aio takes one call at a time from gRPC core, and
   Recommend's handler runs without yielding, so under overload the queue builds there, where no Python

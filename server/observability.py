@@ -74,6 +74,10 @@ class Observability:
                      " (all worker processes)" if multiprocess_enabled() else "")
         return self._http[0].server_port if self._http else None
 
+    def listening_fds(self) -> list[int]:
+        """The /metrics listening socket, if serving: a worker forked later (a replacement) closes it first thing."""
+        return [self._http[0].fileno()] if self._http is not None else []
+
     def worker_exited(self, pid: int) -> None:
         """Tell the aggregate that worker `pid` is gone (multi-process mode; a no-op otherwise)."""
         if multiprocess_enabled():

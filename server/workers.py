@@ -50,8 +50,13 @@ def reserve_port(host: str, port: int) -> Iterator[int]:
         sock.close()
 
 
-def _worker(settings: Settings, ready: multiprocessing.Queue, number: int) -> None:
+def _worker(settings: Settings, ready: multiprocessing.Queue, number: int, inherited: tuple[int, ...] = ()) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop, via SIGTERM
+    # A replacement is forked after the parent opened /metrics: that socket is not ours. (The parent's socket object
+    # copied into this process is never closed again: multiprocessing ends a forked child with os._exit.)
+    for fd in inherited:
+        with contextlib.suppress(OSError):
+            os.close(fd)
     try:
         # Records into the parent's metrics directory; `number` labels this worker's event-loop lag.
         observability = install_observability(settings, serve_http=False, worker=number)
@@ -90,7 +95,8 @@ class _Supervisor:
         self.failed = False  # a worker failed to start: the server stops
 
     def _fork(self, number: int) -> multiprocessing.Process:
-        process = self._context.Process(target=_worker, args=(self._settings, self.ready, number), name=f"propensity-worker-{number}")
+        inherited = tuple(self._parent.listening_fds())
+        process = self._context.Process(target=_worker, args=(self._settings, self.ready, number, inherited), name=f"propensity-worker-{number}")
         process.start()
         return process
 

@@ -150,6 +150,9 @@ def test_a_killed_worker_is_replaced_and_only_its_in_flight_calls_fail(pipeline:
         assert re.search(rf"worker \d replaced: pid {replacement} serving", text), text[-3000:]
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
         assert re.search(r"^propensity_worker_restarts_total 1\.0$", metrics, re.MULTILINE), metrics[:2000]
+        # The replacement was forked after the parent opened /metrics: it must not hold that socket.
+        listeners = subprocess.run(["ss", "-ltnpH", f"sport = :{metrics_port}"], capture_output=True, text=True).stdout
+        assert f"pid={server.process.pid}," in listeners and f"pid={replacement}," not in listeners, listeners
 
         server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(timeout=60) == 0
