@@ -157,3 +157,28 @@ def test_a_killed_worker_is_replaced_and_only_its_in_flight_calls_fail(pipeline:
         server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(timeout=60) == 0
         assert not children(server.process.pid)
+
+
+def test_a_replacement_that_cannot_start_is_retried_with_backoff_while_the_other_worker_serves(pipeline: Pipeline) -> None:
+    """A crash loop: the served model's directory is gone, so a replacement cannot load it; the parent keeps trying,
+    waiting longer each time, the surviving worker answers meanwhile, and once the model is back the slot is refilled."""
+    env, work = private_env(pipeline, "worker-crash-loop", workers=2)
+    log = pipeline.root / "worker-crash-loop.log"
+    versions = work / "models" / "versions"
+    with running_server(env, log) as server, grpc.insecure_channel(server.target, options=[RETRY_UNAVAILABLE]) as channel:
+        workers = children(server.process.pid)
+        served = (versions / (work / "models" / "CURRENT").read_text().strip())
+        hidden = versions / f".{served.name}"  # dot-prefixed: not a version to the registry
+        served.rename(hidden)
+        os.kill(workers[0], signal.SIGKILL)
+        stub = pb_grpc.RecommendationServiceStub(channel)
+        assert wait_for(lambda: log.read_text().count("failed to start") >= 2, 60), log.read_text()[-3000:]
+        text = log.read_text()
+        assert re.search(r"replacement worker \d \(pid \d+\) failed to start: .*not found", text), text[-3000:]
+        assert "replacing it in 0.2s" in text and "replacing it in 0.4s" in text  # the wait doubles
+        for i in range(10):  # the surviving worker answers throughout
+            assert served_by(stub, f"crash-loop-{i}") == workers[1]
+        hidden.rename(served)
+        assert wait_for(lambda: len(children(server.process.pid)) == 2 and "replaced: pid" in log.read_text(), 60), log.read_text()[-3000:]
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=60) == 0
