@@ -80,7 +80,8 @@ class ModelPool:
         """A newly promoted version, loaded and validated, or None; blocking (file reads, model parsing): call it off the loop.
 
         Does not change what is served: hand the result to `install`. A version that fails to load or
-        validate is refused once and logged, and None is returned.
+        validate is refused and logged, and None is returned; it is tried again only once its files or
+        CURRENT change on disk (a repaired version promoted again).
         """
         try:
             promoted = current_version(self._root)
