@@ -255,3 +255,9 @@ def test_a_stream_mixing_every_bad_event_with_valid_ones_keeps_exactly_the_valid
     mixed = logged[logged["event_id"].str.startswith("mixed-")]
     assert sorted(mixed["event_id"]) == sorted(e.event_id for e in valid)  # each valid one exactly once, no bad one
     assert served.stub.Recommend(pb.RecommendRequest(user_id="hostile-shopper"), timeout=10).items  # still serving
+
+
+def test_an_empty_stream_and_empty_messages_are_answered_with_zero_counts(served: Served) -> None:
+    for stream in ([], [pb.IngestEventsRequest()], [pb.IngestEventsRequest()] * 50):
+        response = served.stub.IngestEvents(iter(stream), timeout=10)
+        assert (response.accepted, response.duplicates, response.rejected, list(response.rejections)) == (0, 0, 0, [])
