@@ -82,6 +82,13 @@ class TrainingSettings(_Section):
     seed: int = Field(13, description="LightGBM seed.")
     tuning_trials: int = Field(0, description="Optuna trials per model (time-series folds inside train + validation); 0 turns tuning off.")
     tuning_seconds: float = Field(60.0, description="Wall-time budget of the search per model (a running trial always finishes).")
+    sensitive_attributes: list[str] = Field(
+        ["gender", "age"],
+        description="User attributes kept out of model inputs by a minimised user feature service (propensity_user_v3 serves "
+        "neither gender nor age; the model's inputs read from them are then missing in training and serving alike). Training "
+        "records which of them a model reads; `propensity evaluate` reports fairness per each (and per region) for the "
+        "configured service and, side by side, for a model trained on the service without them.",
+    )
 
 
 class ServerSettings(_Section):
@@ -144,6 +151,35 @@ class ServerSettings(_Section):
     )
 
 
+class CallerSettings(_Section):
+    """One known caller: a name for logs and metrics, its roles, and how it proves who it is (a hashed token, certificate names, or both)."""
+
+    name: str = Field(description="The caller's name in logs and the `caller` metrics label.")
+    roles: list[str] = Field(default_factory=list, description="Roles granted, e.g. read, ingest, admin (docs/security.md has the policy table).")
+    token_sha256: str = Field("", description="sha256 (hex) of the caller's bearer token, never the token itself; `python -m server.auth new-token` makes a pair.")
+    subjects: list[str] = Field(
+        default_factory=list, description="Client-certificate SAN entries (DNS, URI, e-mail, IP) or subject CNs that identify this caller under mTLS."
+    )
+
+
+class SecuritySettings(_Section):
+    """Transport security and caller identity: TLS / mutual TLS on the gRPC and metrics ports, callers, roles, reflection."""
+
+    tls_cert_file: Path | None = Field(None, description="Server certificate chain (PEM). With tls_key_file it turns TLS on for the gRPC and metrics ports.")
+    tls_key_file: Path | None = Field(None, description="Server private key (PEM). Certificate, key and CA files are re-read on SIGHUP or when they change.")
+    client_ca_file: Path | None = Field(
+        None, description="CA bundle (PEM) that signs client certificates; set, it turns on mutual TLS: connections without a valid client certificate are refused."
+    )
+    allow_insecure_bind: bool = Field(
+        False, description="Allow plaintext on a non-loopback server.host (e.g. behind a proxy that terminates TLS); otherwise start-up refuses."
+    )
+    auth: str = Field("auto", description="'on', 'off' or 'auto': callers must authenticate unless server.host is loopback (auto).")
+    callers: list[CallerSettings] = Field(default_factory=list, description="Known callers (tokens hashed). Env: PROPENSITY_SECURITY__CALLERS as JSON.")
+    callers_file: Path | None = Field(None, description="A JSON or TOML file with more callers (a `callers` list), re-read on SIGHUP or when it changes.")
+    reflection: bool = Field(True, description="Serve gRPC server reflection (grpcurl and ghz without .proto files). Under auth it needs an authenticated caller.")
+    health_port: int = Field(0, description="A second, plaintext port serving only grpc.health.v1 (probes without client certificates); 0: none.")
+
+
 class Settings(BaseSettings):
     """Every knob of the product, documented; nested fields use PROPENSITY_SECTION__FIELD."""
 
@@ -173,6 +209,7 @@ class Settings(BaseSettings):
     candidates: CandidateSettings = CandidateSettings()
     training: TrainingSettings = TrainingSettings()
     server: ServerSettings = ServerSettings()
+    security: SecuritySettings = SecuritySettings()
 
     @classmethod
     def settings_customise_sources(

@@ -26,6 +26,8 @@ from propensity.event_log import EventLog
 from propensity.raw_data import EVENT_TYPES
 from server.errors import IngestionUnavailable
 from server.admission import AdmissionInterceptor
+from server.auth import build_interceptor
+from server.tls import grpc_server_credentials, start_plaintext_health
 from server.ingest import EventIngestor
 from server.background import Background, settle_garbage
 from server.item_cache import CatalogSpec, FreshnessTracker, ItemCache
@@ -143,22 +145,30 @@ async def serve(
     # other worker processes for the same cores, and made retrieval 1.6x slower when measured.
     threadpool_limits(1)
     # Admission after observability: shed calls are counted and timed too (code RESOURCE_EXHAUSTED).
-    interceptors = [*observability.interceptors, AdmissionInterceptor(settings.server.max_concurrent_requests)]
+    # Auth after observability (refusals are counted and timed too) and before admission (they take no slot).
+    auth = build_interceptor(settings, observe=metrics.observe_caller)
+    interceptors = [*observability.interceptors, *([auth] if auth else []), AdmissionInterceptor(settings.server.max_concurrent_requests)]
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.so_reuseport", 1 if reuse_port else 0),
+        ("grpc.max_receive_message_length", settings.server.max_message_bytes),
         # gRPC core's backlog protection (random early drop between the two): the queue in front of the event loop.
         ("grpc.server.max_pending_requests", settings.server.max_pending_requests),
         ("grpc.server.max_pending_requests_hard_limit", 2 * settings.server.max_pending_requests),
-        ("grpc.max_receive_message_length", settings.server.max_message_bytes),
     ])
     pb_grpc.add_RecommendationServiceServicer_to_server(RecommendationServicer(components.recommender, settings.server, components.ingestor), server)
     health = health_async.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{settings.server.host}:{settings.server.port}")
+    if settings.security.reflection:
+        reflection.enable_server_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    address, tls = f"{settings.server.host}:{settings.server.port}", observability.tls  # tls: None on loopback plaintext
+    port = server.add_secure_port(address, grpc_server_credentials(tls)) if tls else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind {settings.server.host}:{settings.server.port} (in use?)")
     await server.start()
+    health_server = (
+        await start_plaintext_health(settings.server.host, settings.security.health_port, health, reuse_port)
+        if settings.security.health_port else None
+    )
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -178,6 +188,16 @@ async def serve(
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
             loop.add_signal_handler(sig, stop.set)
+
+    def reload_credentials() -> None:
+        log.info("SIGHUP: certificates and callers are re-read at the next handshake / call")
+        if tls:
+            tls.reload()
+        if auth:
+            auth.table.reload()
+
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGHUP, reload_credentials)
     await stop.wait()
     log.info("shutting down: health NOT_SERVING, %.1fs grace for in-flight calls", settings.server.grace_seconds)
     await health.enter_graceful_shutdown()
@@ -185,6 +205,8 @@ async def serve(
     if isinstance(components.ingestor, EventIngestor):
         await components.ingestor.stop()
     await server.stop(settings.server.grace_seconds)
+    if health_server is not None:
+        await health_server.stop(None)
     if own_observability:
         observability.close()
     log.info("stopped")

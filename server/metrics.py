@@ -89,6 +89,11 @@ class Metrics:
         for operation in STORE_OPERATIONS:
             self._store_errors.labels(operation)
             self._store_up.labels(operation).set(1)
+        # Bounded: the caller names in settings.security plus "anonymous" and "unknown" (server/auth.py).
+        self._caller_requests = Counter(
+            "propensity_caller_requests", "RPCs by authenticated caller, method and status code (when auth is on).",
+            ["caller", "method", "code"], registry=registry,
+        )
         self._loop_lag: Histogram | None = None
         self._loop_lag_max: Gauge | None = None
         self._loop_lag_max_value = 0.0
@@ -168,6 +173,10 @@ class Metrics:
             self._loop_lag_max_value = seconds
             self._loop_lag_max.set(seconds)
 
+    def count_worker_restart(self) -> None:
+        """Count one worker process that died while serving and is being replaced."""
+        self._worker_restarts.inc()
+
     def count_store_error(self, operation: str) -> None:
         """Count one failed online-store call (operation read or push)."""
         self._store_errors.labels(operation).inc()
@@ -180,9 +189,9 @@ class Metrics:
         """Logged events whose push to the online store waits for a retry."""
         self._pushes_pending.set(events)
 
-    def count_worker_restart(self) -> None:
-        """Count one worker process that died while serving and is being replaced."""
-        self._worker_restarts.inc()
+    def observe_caller(self, caller: str, method: str, code: str) -> None:
+        """Count one RPC of `caller` (a known caller name, "anonymous" or "unknown") with its final status code."""
+        self._caller_requests.labels(caller, method, code).inc()
 
     def count_served_log_error(self) -> None:
         """Count one served-feature log batch that was dropped because it could not be written."""
@@ -240,16 +249,23 @@ def mark_process_dead(pid: int, path: str | Path | None = None) -> None:
 
 
 def start_metrics_http(
-    port: int, registry: CollectorRegistry | None = None, addr: str = "127.0.0.1"
+    port: int, registry: CollectorRegistry | None = None, addr: str = "127.0.0.1", tls: object | None = None
 ) -> tuple[WSGIServer, threading.Thread]:
     """Serve /metrics on addr:port in a daemon thread; port 0 picks a free one (see `server.server_port`).
 
     In multi-process mode the endpoint serves the aggregate of every process's files and `registry` is
     ignored; otherwise `registry` is served. Stop with `server.shutdown(); server.server_close()`.
+    tls: a server.tls.CertificateFiles; the endpoint then speaks HTTPS (mutual TLS when it has a client CA).
     """
     if multiprocess_enabled():
         registry = CollectorRegistry()
         _multiprocess.MultiProcessCollector(registry, path=str(multiprocess_dir()))
     elif registry is None:
         raise ValueError("a registry is required outside multi-process mode")
+    if tls is not None:
+        from prometheus_client import make_wsgi_app
+
+        from server.tls import serve_https
+
+        return serve_https(port, addr, make_wsgi_app(registry), tls)
     return start_http_server(port, addr=addr, registry=registry)
