@@ -14,13 +14,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from propensity.assembly import USER_MODEL_FEATURES
+from propensity.assembly import USER_MODEL_FEATURES, user_matrix
 from propensity.feature_store import open_store, service_schema
 from propensity.model_registry import USER_MODEL, load_version
 from propensity.settings import Settings
-from propensity.user_state import USER_SCALARS, read_inputs
+from propensity.user_state import USER_SCALARS, UserBatch, read_inputs
 from server.online_features import OnlineUserFeatures
 from tests.conftest import BIN, Pipeline
+from training.datasets import historical_user_features
 from training.evaluation import fairness
 from training.models import fit_model
 from training.prepare import load_prepared
@@ -120,20 +121,19 @@ def test_v3_serves_neither_gender_nor_age_and_is_found_as_v2_minimised(pipeline:
 
 
 def test_a_model_trained_on_v3_has_no_age_input_while_v2_models_read_it(pipeline: Pipeline) -> None:
-    prepared = load_prepared(_settings(pipeline).prepared_dir)
-    columns = {}
-    for service in ("propensity_user_v2", "propensity_user_v3"):
-        settings = _settings(pipeline, user_feature_service=service)
-        built = build_training_data(settings, prepared, progress=lambda _: None)
-        assert "gender" not in built.user_features or service == "propensity_user_v2"
-        columns[service] = built.data.users.features[:, AGE]
-        if service == "propensity_user_v3":
-            model = fit_model("user_propensity", built.data.users, USER_MODEL_FEATURES, built.periods, settings.training, progress=lambda _: None)
-            used = dict(zip(model.booster.feature_name(), model.booster.feature_importance("split")))
-            assert used["age"] == 0 and sum(used.values()) > 0  # a real model, which never splits on the absent input
-            assert np.isnan(built.data.pairs.features[:, AGE]).all()  # the ranker's copy of the user inputs too
-    assert np.isnan(columns["propensity_user_v3"]).all()
-    assert np.isfinite(columns["propensity_user_v2"]).mean() > 0.9  # the demo shop has ages: v2 reads them
+    settings = _settings(pipeline, user_feature_service="propensity_user_v3")
+    built = build_training_data(settings, load_prepared(settings.prepared_dir), progress=lambda _: None)
+    assert not {"gender", "age"} & set(built.user_features.columns)
+    assert np.isnan(built.data.users.features[:, AGE]).all() and np.isnan(built.data.pairs.features[:, AGE]).all()
+    model = fit_model("user_propensity", built.data.users, USER_MODEL_FEATURES, built.periods, settings.training, progress=lambda _: None)
+    used = dict(zip(model.booster.feature_name(), model.booster.feature_importance("split")))
+    assert used["age"] == 0 and sum(used.values()) > 0  # a real model, which never splits on the absent input
+    # The same rows through v2 and the same assembly: the demo shop's ages are there, so v2 models read them.
+    sample = built.rows.head(300)
+    v2 = historical_user_features(built.store, sample, "propensity_user_v2")
+    ages = user_matrix(UserBatch.from_rows(sample["user_id"].astype(str).tolist(), v2.to_dict("records"), next(iter(built.catalogs.values()))),
+                       pd.to_datetime(sample["event_timestamp"], utc=True).map(pd.Timestamp.timestamp).to_numpy())[:, AGE]
+    assert np.isfinite(ages).mean() > 0.9
     assert USER_SCALARS.index("age") == AGE  # the layout is unchanged: models trained on v2 keep loading
 
 
@@ -168,3 +168,5 @@ def test_evaluate_writes_a_fairness_section_with_and_without_the_sensitive_attri
     report = (out / "shop" / "report.md").read_text()
     assert "## Fairness" in report and "propensity_user_v3" in report
     assert (out / "shop" / "fairness.png").stat().st_size > 10_000
+    headline = (out / "README.md").read_text().split("## Fairness")[1]
+    assert "| shop | gender |" in headline and "| shop | region |" in headline

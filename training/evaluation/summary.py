@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from training.evaluation.comparison import INCONCLUSIVE, MIN_POSITIVES, metric_label
+from training.evaluation.comparison import INCONCLUSIVE, MIN_POSITIVES, metric_label, signed
 from training.evaluation.goals import GOAL_METRICS, HEURISTICS
 from training.evaluation.report import cell
 
@@ -83,12 +83,43 @@ def write_summary(out_dir: Path) -> Path:
     lines += [_claim(label, c) + f" {cell(c, with_verdict=False)} | {c['reason']} |" for label, c in claims if c["verdict"] == INCONCLUSIVE] or [
         "| (none) | | | | | | | |"
     ]
+    lines += fairness_summary(current)
     if stale:
         lines += ["", "## Not re-evaluated", "", "Evaluated before paired comparisons existed; re-run docs/evaluation/reproduce.sh: " + ", ".join(stale)]
     lines += ["", "## Reproduce", ""] + [f"- {label}: `{entry['info']['command']}`" for label, entry in sorted(merged.items())]
     path = out_dir / "README.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def fairness_summary(entries: dict[str, dict]) -> list[str]:
+    """Per dataset and attribute: the largest ROC-AUC and selection-rate gaps, with and without the sensitive attributes (docs/fairness.md)."""
+    rows = []
+    for label, entry in entries.items():
+        section = entry.get("fairness") or {}
+        cost = {c["metric"]: c for c in section.get("exclusion_cost", [])}
+        auc_cost = f"{cell(cost['roc_auc'], with_verdict=False)}" if "roc_auc" in cost else "not compared"
+        for attribute, arms in section.get("attributes", {}).items():
+            gaps = [fairness_gap(arms.get(arm, {}).get("gaps", {}).get(m)) for arm in ("configured", "minimised") for m in ("roc_auc", "selection_rate")]
+            rows.append(f"| {label} | {attribute} | " + " | ".join(gaps) + f" | {auc_cost} |")
+    if not rows:
+        return []
+    return [
+        "",
+        "## Fairness",
+        "",
+        "Largest gap between segments (highest minus lowest, 95% CI of that pair; chosen after looking), for the configured models "
+        "and for models refitted without training.sensitive_attributes; the last column is the ROC-AUC cost of excluding them "
+        "(minimised minus configured, paired bootstrap). Every segment's figures are in the dataset's report.md.",
+        "",
+        "| dataset | attribute | ROC-AUC gap | selection-rate gap | ROC-AUC gap, minimised | selection-rate gap, minimised | ROC-AUC, minimised minus configured |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+
+
+def fairness_gap(gap: dict | None) -> str:
+    return "n/a" if not gap else f"{gap['gap']:.3f} ({signed(gap['ci_low'])} .. {signed(gap['ci_high'])}) {gap['high']} vs {gap['low']}"
 
 
 def _claim(label: str, c: dict) -> str:
