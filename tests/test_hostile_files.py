@@ -391,8 +391,9 @@ def _env(tmp_path: Path, memory_limit_gb: float = 6.0) -> dict[str, str]:
 def test_the_cli_prints_the_file_line_and_column_and_exits_non_zero(tmp_path: Path) -> None:
     source = _source(tmp_path, "events.csv", HEADER + "".join(_rows(40)) + '2024-01-02T00:00:00Z,u1,i1,"view,e\n')
     done, _ = _run(_CLI, ["prepare", "--data", str(source), "--work-dir", str(tmp_path / "var")], _env(tmp_path))
-    assert done.returncode != 0
-    assert "RawDataError: events.csv line 42 column event_type: unterminated quote" in done.stderr
+    assert done.returncode == 2
+    assert "propensity prepare: events.csv line 42 column event_type: unterminated quote" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 BIG_ROWS = 2_300_000
