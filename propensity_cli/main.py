@@ -11,6 +11,13 @@ from propensity_cli.commands import (
     cmd_demo_data,
     cmd_import,
     cmd_materialize,
+    cmd_models_history,
+    cmd_models_list,
+    cmd_models_promote,
+    cmd_models_rollback,
+    cmd_models_shadow,
+    cmd_models_show,
+    cmd_models_split,
     cmd_prepare,
     cmd_publish,
     cmd_recommend,
@@ -19,7 +26,6 @@ from propensity_cli.commands import (
     cmd_serve,
     cmd_train,
 )
-from propensity.raw_data.errors import RawDataError
 from training.commands import add_evaluate_arguments, add_score_batch_arguments, cmd_evaluate, cmd_score_batch
 
 
@@ -117,7 +123,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=2.0, help="deadline in seconds")
     credential_options(p)
     p.set_defaults(func=cmd_recommend)
+
+    add_models_commands(sub, paths)
     return parser
+
+
+def add_models_commands(sub: argparse._SubParsersAction, paths: object) -> None:
+    """`propensity models ...`: list, show, compare, promote, rollback, history, split, shadow (docs/models.md)."""
+    models = sub.add_parser("models", help="list, compare, promote and roll back model versions; set the A/B split and shadow")
+    verbs = models.add_subparsers(dest="models_command", required=True)
+
+    def change(p: argparse.ArgumentParser) -> None:
+        paths(p)
+        p.add_argument("--reason", required=True, help="why (recorded in the registry's history)")
+        p.add_argument("--by", help="who (default: $USER)")
+
+    p = verbs.add_parser("list", help="every version: creation time, feature services, windows, metrics, role")
+    paths(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_models_list)
+
+    p = verbs.add_parser("show", help="one version's metadata and training report")
+    paths(p)
+    p.add_argument("version")
+    p.add_argument("--no-report", action="store_true", help="metadata only")
+    p.set_defaults(func=cmd_models_show)
+
+    p = verbs.add_parser("promote", help="make VERSION current (atomic; recorded with who and why)")
+    change(p)
+    p.add_argument("version")
+    p.set_defaults(func=cmd_models_promote)
+
+    p = verbs.add_parser("rollback", help="make the previously current version current again")
+    change(p)
+    p.set_defaults(func=cmd_models_rollback)
+
+    p = verbs.add_parser("history", help="every promotion, rollback, split and shadow change, oldest first")
+    paths(p)
+    p.add_argument("--json", action="store_true", help="the raw JSON lines")
+    p.set_defaults(func=cmd_models_history)
+
+    p = verbs.add_parser("split", help="set the A/B split in the registry: VERSION=WEIGHT ... (every replica follows)")
+    change(p)
+    p.add_argument("weights", nargs="*", metavar="VERSION=WEIGHT")
+    p.add_argument("--clear", action="store_true", help="no split: all unpinned traffic to the current version")
+    p.set_defaults(func=cmd_models_split)
+
+    p = verbs.add_parser("shadow", help="set the shadow version in the registry (scored alongside, never returned)")
+    change(p)
+    p.add_argument("version", nargs="?", default="")
+    p.add_argument("--off", action="store_true", help="no shadow version")
+    p.set_defaults(func=cmd_models_shadow)
 
 
 def credential_options(p: argparse.ArgumentParser) -> None:
@@ -137,7 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except RawDataError as error:
+    except ValueError as error:
+        from propensity.raw_data.errors import RawDataError  # here: the raw-data package imports pandas (~0.3 s of start-up)
+
+        if not isinstance(error, RawDataError):
+            raise
         # Bad input files are the operator's to fix: the message names file, line/row and column; a
         # traceback would only bury it.
         print(f"propensity {args.command}: {error}", file=sys.stderr)
