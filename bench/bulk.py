@@ -300,7 +300,9 @@ def _render_offline(offline: dict) -> str:
         f"{offline['items']:,} items, scored at the as-of time {offline['as_of']}. Command: `{offline['command']}`, which runs "
         "`propensity score-batch --users-only` as its own process (users/s over the whole command's wall time, start-up included; "
         "peak memory from os.wait4).\n",
-        f"Target: {_met(best, TARGET_OFFLINE)}.\n",
+        f"Target, over the process's whole wall time: {_met(best, TARGET_OFFLINE)}. By the command's own clock (from when it starts "
+        f"work, after the Python interpreter has imported Feast, LightGBM, pandas and DuckDB, ~3 s here whatever the number of users): "
+        f"{_met(max(r['users_per_second_after_startup'] for r in offline['runs']), TARGET_OFFLINE)}.\n",
         "| command | users | wall s | users/s | users/s after start-up | peak RSS, GB | row groups written |", "|---|---|---|---|---|---|---|",
         *[f"| `{r['command']}` | {r['users']:,} | {r['wall_seconds']} | {r['users_per_second']:,} | {r['users_per_second_after_startup']:,} | "
           f"{r['peak_rss_gb']} | {r['row_groups']} |" for r in offline["runs"]],
