@@ -238,3 +238,189 @@ def _reason(value: int) -> str:
     from propensity.v1 import recommendation_service_pb2 as pb
 
     return pb.FallbackReason.Name(value)
+
+
+# -- propensity models ... (docs/models.md) ------------------------------------------------------
+
+
+def _refusal(error: Exception) -> int:
+    """A missing version, nothing to roll back to, bad weights: one line on stderr, exit 1, no traceback."""
+    print(f"propensity models: {error}", file=sys.stderr)
+    return 1
+
+
+def _models_root(args: argparse.Namespace) -> Path:
+    return settings_from_args(args).model_dir
+
+
+def _roles(root: Path, settings: Settings | None = None) -> dict[str, list[str]]:
+    """version -> its roles: current, split (with weight), shadow; the registry's routing wins over settings."""
+    from propensity.model_registry import ModelLoadError, current_version
+    from propensity.registry_history import read_routing
+
+    routing = read_routing(root)
+    split = routing.traffic_split if routing.traffic_split is not None else (settings.server.traffic_split if settings else {})
+    shadow = routing.shadow_version if routing.shadow_version is not None else (settings.server.shadow_version if settings else "")
+    roles: dict[str, list[str]] = {}
+    try:
+        roles.setdefault(current_version(root), []).append("current")
+    except ModelLoadError:
+        pass
+    total = sum(split.values()) or 1.0
+    for version, weight in sorted(split.items()):
+        roles.setdefault(version, []).append(f"split {weight / total:.0%}")
+    if shadow:
+        roles.setdefault(shadow, []).append("shadow")
+    return roles
+
+
+def _metric(metrics: dict, name: str) -> str:
+    value = metrics.get(name)
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "-"
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    import json
+
+    from propensity.model_registry import METADATA, list_versions
+
+    settings = settings_from_args(args)
+    root = settings.model_dir
+    roles = _roles(root, settings)
+    rows = []
+    for version in list_versions(root):
+        try:
+            meta = json.loads((root / "versions" / version / METADATA).read_text())
+        except (OSError, ValueError) as error:
+            rows.append({"version": version, "error": str(error), "roles": roles.get(version, [])})
+            continue
+        user = meta.get("models", {}).get("user_propensity", {}).get("metrics", {})
+        ranker = meta.get("models", {}).get("item_ranker", {}).get("metrics", {})
+        services = meta.get("feature_services", {})
+        rows.append({
+            "version": version,
+            "created": meta.get("trained_at"),
+            "feature_services": [services.get(r, {}).get("name") for r in ("user", "item")],
+            "train_window": meta.get("train_window"),
+            "validation_window": meta.get("validation_window"),
+            "test_window": meta.get("test_window"),
+            "validation": {"user_auc": user.get("auc"), "user_logloss": user.get("logloss"), "ranker_ndcg_at_10": ranker.get("ndcg_at_10"),
+                           "ranker_recall_at_10": ranker.get("recall_at_10")},
+            "test": {"user_auc": user.get("test_auc"), "user_logloss": user.get("test_logloss"), "ranker_auc": ranker.get("test_auc")},
+            "roles": roles.get(version, []),
+        })
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no model versions in {root}")
+        return 0
+    print(f"{'VERSION':<20} {'CREATED':<20} {'FEATURE SERVICES':<38} {'TRAIN WINDOW':<23} "
+          f"{'VAL AUC':>7} {'VAL LL':>7} {'NDCG@10':>7} {'TEST AUC':>8} {'TEST LL':>7}  ROLE")
+    for row in rows:
+        if "error" in row:
+            print(f"{row['version']:<20} unreadable metadata: {row['error']}  {', '.join(row['roles'])}")
+            continue
+        window = row["train_window"] or {}
+        span = f"{(window.get('start') or '')[:10]}..{(window.get('end') or '')[:10]}"
+        v, t = row["validation"], row["test"]
+        print(f"{row['version']:<20} {(row['created'] or '')[:19]:<20} {' + '.join(map(str, row['feature_services'])):<38} {span:<23} "
+              f"{_metric(v, 'user_auc'):>7} {_metric(v, 'user_logloss'):>7} {_metric(v, 'ranker_ndcg_at_10'):>7} "
+              f"{_metric(t, 'user_auc'):>8} {_metric(t, 'user_logloss'):>7}  {', '.join(row['roles'])}")
+    return 0
+
+
+def cmd_models_show(args: argparse.Namespace) -> int:
+    import json
+
+    from propensity.model_registry import METADATA, check_version_id
+
+    settings = settings_from_args(args)
+    root = settings.model_dir
+    check_version_id(args.version)
+    directory = root / "versions" / args.version
+    if not (directory / METADATA).exists():
+        print(f"error: no model version {args.version} in {root}", file=sys.stderr)
+        return 1
+    meta = json.loads((directory / METADATA).read_text())
+    roles = _roles(root, settings).get(args.version, [])
+    print(f"model version {args.version} ({', '.join(roles) or 'not serving'}) in {directory}")
+    print(json.dumps(meta, indent=2))
+    report = directory / "report.md"
+    if report.exists() and not args.no_report:
+        print(f"\n--- {report}\n{report.read_text()}")
+    return 0
+
+
+def _print_entry(entry: dict) -> None:
+    forced = " (FORCED past the gate)" if entry.get("forced") else ""
+    print(f"{entry['action']}: {entry.get('version', entry.get('traffic_split', entry.get('shadow_version')))}"
+          f"{' (was ' + str(entry['previous']) + ')' if entry.get('previous') else ''}{forced} by {entry['by']} at {entry['time']}: {entry['reason']}")
+
+
+def cmd_models_promote(args: argparse.Namespace) -> int:
+    from propensity.registry_history import promote_version
+
+    from propensity.model_registry import ModelLoadError
+
+    try:
+        _print_entry(promote_version(_models_root(args), args.version, by=args.by, reason=args.reason))
+    except ModelLoadError as error:
+        return _refusal(error)
+    return 0
+
+
+def cmd_models_rollback(args: argparse.Namespace) -> int:
+    from propensity.registry_history import rollback
+
+    from propensity.model_registry import ModelLoadError
+
+    try:
+        _print_entry(rollback(_models_root(args), by=args.by, reason=args.reason))
+    except ModelLoadError as error:
+        return _refusal(error)
+    return 0
+
+
+def cmd_models_history(args: argparse.Namespace) -> int:
+    import json
+
+    from propensity.registry_history import read_history
+
+    for entry in read_history(_models_root(args)):
+        if args.json:
+            print(json.dumps(entry, sort_keys=True))
+        else:
+            _print_entry(entry)
+    return 0
+
+
+def cmd_models_split(args: argparse.Namespace) -> int:
+    from propensity.registry_history import set_split
+
+    weights = {}
+    for item in args.weights:
+        version, _, weight = item.partition("=")
+        if not weight:
+            print(f"error: expected VERSION=WEIGHT, got {item!r}", file=sys.stderr)
+            return 2
+        weights[version] = float(weight)
+    from propensity.model_registry import ModelLoadError
+
+    try:
+        _print_entry(set_split(_models_root(args), {} if args.clear else weights, by=args.by, reason=args.reason))
+    except (ModelLoadError, ValueError) as error:
+        return _refusal(error)
+    return 0
+
+
+def cmd_models_shadow(args: argparse.Namespace) -> int:
+    from propensity.registry_history import set_shadow
+
+    from propensity.model_registry import ModelLoadError
+
+    try:
+        _print_entry(set_shadow(_models_root(args), "" if args.off else args.version, by=args.by, reason=args.reason))
+    except (ModelLoadError, ValueError) as error:
+        return _refusal(error)
+    return 0

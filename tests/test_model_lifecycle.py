@@ -1,0 +1,157 @@
+"""Model lifecycle: `propensity models ...` on a real registry, the split/shadow reaching a real server, the promotion gate."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import lightgbm as lgb
+import numpy as np
+import pytest
+
+from propensity.assembly import RANKER_FEATURES, USER_MODEL_FEATURES
+from propensity.model_registry import CURRENT, RANKER_MODEL, USER_MODEL, ModelLoadError, current_version, save_version
+from propensity.registry_history import HISTORY, ROUTING, promote_version, read_history, read_routing, rollback, serving_stack
+from propensity_cli.main import main
+
+PARAMS = {"objective": "binary", "verbosity": -1, "num_leaves": 4, "min_data_in_leaf": 5, "num_threads": 1, "seed": 1}
+
+
+def _booster(features: tuple[str, ...], seed: int) -> lgb.Booster:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(200, len(features)))
+    y = (x[:, 0] + rng.normal(scale=0.5, size=200) > 0).astype(int)
+    return lgb.train(PARAMS, lgb.Dataset(x, y, feature_name=list(features)), num_boost_round=3)
+
+
+def _metadata(version: str, auc: float) -> dict:
+    return {
+        "version": version,
+        "trained_at": f"2026-01-0{version[-1]}T00:00:00+00:00",
+        "train_window": {"start": "2025-12-01T00:00:00+00:00", "end": "2025-12-22T00:00:00+00:00"},
+        "feature_services": {"user": {"name": "propensity_user_v2", "fingerprint": "a"}, "item": {"name": "propensity_item_v2", "fingerprint": "b"}},
+        "models": {
+            USER_MODEL: {"feature_names": list(USER_MODEL_FEATURES), "metrics": {"auc": auc, "logloss": 0.3, "test_auc": auc - 0.01}, "base_rate": 0.1},
+            RANKER_MODEL: {"feature_names": list(RANKER_FEATURES), "metrics": {"ndcg_at_10": 0.4}, "base_rate": 0.01},
+        },
+    }
+
+
+@pytest.fixture
+def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A registry with three real (tiny) versions v1..v3, none current; the CLI pointed at it."""
+    root = tmp_path / "work" / "models"
+    for i in (1, 2, 3):
+        boosters = {USER_MODEL: _booster(USER_MODEL_FEATURES, i), RANKER_MODEL: _booster(RANKER_FEATURES, 10 + i)}
+        save_version(root, f"v{i}", boosters, _metadata(f"v{i}", 0.6 + i / 100))
+    monkeypatch.setenv("PROPENSITY_WORK_DIR", str(tmp_path / "work"))
+    monkeypatch.setenv("PROPENSITY_CONFIG", str(tmp_path / "absent.toml"))
+    for name in ("TRAFFIC_SPLIT", "SHADOW_VERSION"):
+        monkeypatch.delenv(f"PROPENSITY_SERVER__{name}", raising=False)
+    return root
+
+
+def test_promote_and_rollback_through_the_cli_are_recorded_with_who_and_why(registry: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["models", "promote", "v1", "--reason", "first model", "--by", "alice"]) == 0
+    assert main(["models", "promote", "v2", "--reason", "better recall"]) == 0
+    assert main(["models", "promote", "v3", "--reason", "fresh data", "--by", "bob"]) == 0
+    assert current_version(registry) == "v3"
+    assert main(["models", "rollback", "--reason", "v3 misbehaves", "--by", "carol"]) == 0
+    assert current_version(registry) == "v2"
+    assert main(["models", "rollback", "--reason", "v2 too"]) == 0
+    assert current_version(registry) == "v1"
+    capsys.readouterr()
+    assert main(["models", "rollback", "--reason", "nothing left"]) == 1  # refused in one line, CURRENT untouched
+    assert "no previously current version" in capsys.readouterr().err and current_version(registry) == "v1"
+
+    history = read_history(registry)
+    assert [(e["action"], e["version"], e["previous"], e["by"], e["reason"]) for e in history] == [
+        ("promote", "v1", None, "alice", "first model"),
+        ("promote", "v2", "v1", history[1]["by"], "better recall"),
+        ("promote", "v3", "v2", "bob", "fresh data"),
+        ("rollback", "v2", "v3", "carol", "v3 misbehaves"),
+        ("rollback", "v1", "v2", history[4]["by"], "v2 too"),
+    ]
+    assert history[1]["by"]  # --by defaults to $USER
+    # Every line of the file is one whole JSON object; no temporary files are left behind.
+    assert len((registry / HISTORY).read_text().splitlines()) == 5
+    assert not list(registry.glob(".*.tmp"))
+
+
+def test_promoting_a_missing_version_is_refused_and_changes_nothing(registry: Path, capsys: pytest.CaptureFixture) -> None:
+    promote_version(registry, "v1", reason="start")
+    assert main(["models", "promote", "v9", "--reason", "typo"]) == 1
+    assert main(["models", "promote", "../v1", "--reason", "a path"]) == 1
+    assert "no model version v9" in capsys.readouterr().err
+    assert current_version(registry) == "v1" and len(read_history(registry)) == 1
+
+
+def test_rollback_knows_a_version_made_current_outside_the_history(registry: Path) -> None:
+    (registry / CURRENT).write_text("v1\n")  # older code promoted without a history
+    promote_version(registry, "v2", reason="new")
+    assert serving_stack(registry) == ["v1", "v2"]
+    assert rollback(registry, reason="back")["version"] == "v1"
+
+
+def test_concurrent_promotions_all_reach_the_history(registry: Path) -> None:
+    threads = [threading.Thread(target=promote_version, args=(registry, f"v{1 + i % 3}"), kwargs={"reason": f"r{i}"}) for i in range(24)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    history = read_history(registry)
+    assert sorted(e["reason"] for e in history) == sorted(f"r{i}" for i in range(24))
+    # Each entry's previous is the entry before it: the promotions were serialised.
+    assert all(b["previous"] == a["version"] for a, b in zip(history, history[1:]))
+    assert current_version(registry) == history[-1]["version"]
+
+
+def test_list_and_show_report_metadata_and_roles(registry: Path, capsys: pytest.CaptureFixture) -> None:
+    promote_version(registry, "v2", reason="start")
+    assert main(["models", "split", "v2=0.75", "v3=0.25", "--reason", "A/B v3"]) == 0
+    assert main(["models", "shadow", "v1", "--reason", "watch v1"]) == 0
+    capsys.readouterr()
+    assert main(["models", "list", "--json"]) == 0
+    rows = {row["version"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["v1"]["roles"] == ["shadow"]
+    assert rows["v2"]["roles"] == ["current", "split 75%"]
+    assert rows["v3"]["roles"] == ["split 25%"]
+    assert rows["v3"]["feature_services"] == ["propensity_user_v2", "propensity_item_v2"]
+    assert rows["v3"]["validation"]["user_auc"] == pytest.approx(0.63) and rows["v3"]["test"]["user_auc"] == pytest.approx(0.62)
+    assert rows["v3"]["train_window"]["start"].startswith("2025-12-01") and rows["v3"]["created"].startswith("2026-01-03")
+    assert main(["models", "list"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("VERSION") and "current, split 75%" in table[2] and "propensity_user_v2" in table[2]
+    assert main(["models", "show", "v3", "--no-report"]) == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith("model version v3 (split 25%)") and '"ndcg_at_10": 0.4' in shown
+
+
+def test_split_and_shadow_are_validated_and_recorded(registry: Path, capsys: pytest.CaptureFixture) -> None:
+    promote_version(registry, "v1", reason="start")
+    assert main(["models", "split", "v1=1", "v9=1", "--reason", "typo"]) == 1
+    assert main(["models", "split", "v1=-1", "v2=1", "--reason", "negative"]) == 1
+    assert main(["models", "shadow", "v9", "--reason", "typo"]) == 1
+    assert not (registry / ROUTING).exists()
+    assert read_routing(registry).traffic_split is None and read_routing(registry).shadow_version is None
+    assert main(["models", "split", "v1=1", "v2=3", "--reason", "try v2", "--by", "dana"]) == 0
+    assert main(["models", "shadow", "v3", "--reason", "watch"]) == 0
+    routing = read_routing(registry)
+    assert routing.traffic_split == {"v1": 1.0, "v2": 3.0} and routing.shadow_version == "v3"
+    assert main(["models", "split", "--clear", "--reason", "done"]) == 0
+    assert main(["models", "shadow", "--off", "--reason", "done"]) == 0
+    routing = read_routing(registry)
+    assert routing.traffic_split == {} and routing.shadow_version == ""
+    assert [(e["action"], e["by"] if e["reason"] == "try v2" else "") for e in read_history(registry)[1:]] == [
+        ("split", "dana"), ("shadow", ""), ("split", ""), ("shadow", "")
+    ]
+
+
+def test_a_damaged_routing_file_is_a_model_load_error(registry: Path) -> None:
+    (registry / ROUTING).write_text('{"traffic_split": {"../etc": 1}}')
+    with pytest.raises(ModelLoadError, match="not a version id"):
+        read_routing(registry)
+    (registry / ROUTING).write_text("{half")
+    with pytest.raises(ModelLoadError, match="unreadable"):
+        read_routing(registry)
