@@ -5,6 +5,11 @@ rewritten with garbage or removed, a version directory deleted, a half-written v
 Whatever happens, the loaded bundles keep serving; each problem is logged once, when it appears,
 and a refused version is tried again when it or CURRENT changes on disk (so re-promoting a
 repaired version works, not only promoting a new id).
+
+The A/B split and the shadow version come from the registry's routing.json when it sets them
+(`propensity models split` / `shadow`), else from server settings: the registry wins, so every
+replica agrees. It is re-read on every poll; a routing that names a version that cannot be loaded
+is refused (logged once) and the previous routing keeps serving.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from pathlib import Path
 
 from propensity.feature_store import FeatureContractError
 from propensity.model_registry import CURRENT, ModelBundle, ModelLoadError, current_version, list_versions, load_version
+from propensity.registry_history import read_routing
 from server.errors import ModelUnavailable, UnknownModelVersion
 
 log = logging.getLogger(__name__)
@@ -51,8 +57,13 @@ class ModelPool:
         self._rejected_state: dict[str, tuple] = {}  # version -> what its files and CURRENT looked like then
         self._registry_problem = ""  # the last registry-level problem logged (each is logged once)
         self.current = self._load(current_version(root))
-        self._split = self._build_split(traffic_split or {})
-        self.shadow = self._load(shadow_version) if shadow_version else None
+        self._settings_routing = (dict(traffic_split or {}), shadow_version)
+        self._routing_problem = ""
+        self._refused_routing: tuple | None = None
+        self._routing = self._settings_routing
+        self._split = self._build_split(self._routing[0])
+        self.shadow = self._load(self._routing[1]) if self._routing[1] else None
+        self._follow_routing()  # the registry's routing wins; one it cannot serve is logged and the settings' kept
 
     def get(self, version: str = "") -> ModelBundle:
         """A pinned version (loaded on first use), or the current one."""
@@ -68,21 +79,55 @@ class ModelPool:
 
     def choose(self, user_id: str, pinned: str = "") -> ModelBundle:
         """The version for a request: the pin if any, else the user's A/B arm, else current."""
-        if pinned or not self._split:
+        split = self._split  # read once: a routing change replaces the list, never edits it
+        if pinned or not split:
             return self.get(pinned)
         point = bucket(user_id)
-        for upper, bundle in self._split:
+        for upper, bundle in split:
             if point < upper:
                 return bundle
-        return self._split[-1][1]
+        return split[-1][1]
+
+    def _wanted_routing(self) -> tuple[dict[str, float], str]:
+        """(split, shadow): the registry's routing.json where it sets them, else the server settings."""
+        split, shadow = self._settings_routing
+        try:
+            routing = read_routing(self._root)
+        except ModelLoadError as error:
+            if str(error) != self._routing_problem:
+                log.error("model routing unreadable, keeping the split and shadow in use: %s", error)
+            self._routing_problem = str(error)
+            return self._routing
+        self._routing_problem = ""
+        return (routing.traffic_split if routing.traffic_split is not None else split,
+                routing.shadow_version if routing.shadow_version is not None else shadow)
+
+    def _follow_routing(self) -> None:
+        """Apply a changed split or shadow from the registry (blocking: loads the versions it names)."""
+        wanted = self._wanted_routing()
+        if wanted == self._routing or wanted == self._refused_routing:
+            return
+        try:
+            split = self._build_split(wanted[0])
+            shadow = self.get(wanted[1]) if wanted[1] else None
+        except (ModelUnavailable, UnknownModelVersion, ValueError) as error:
+            self._refused_routing = wanted
+            log.error("refusing model routing split=%s shadow=%r, keeping the one in use: %s", wanted[0], wanted[1], error)
+            return
+        self._split, self.shadow, self._routing = split, shadow, wanted
+        log.info("model routing: split %s, shadow %r", {v: w for v, w in wanted[0].items()} or "none", wanted[1] or "none")
+        if self._on_change:
+            self._on_change(self)
 
     def poll(self) -> ModelBundle | None:
         """A newly promoted version, loaded and validated, or None; blocking (file reads, model parsing): call it off the loop.
 
         Does not change what is served: hand the result to `install`. A version that fails to load or
         validate is refused and logged, and None is returned; it is tried again only once its files or
-        CURRENT change on disk (a repaired version promoted again).
+        CURRENT change on disk (a repaired version promoted again). A changed split or shadow in the
+        registry is applied here (it does not change the current version).
         """
+        self._follow_routing()
         try:
             promoted = current_version(self._root)
         except ModelLoadError as error:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import threading
+import time
 from pathlib import Path
 
+import grpc
 import lightgbm as lgb
 import numpy as np
 import pytest
@@ -13,7 +17,10 @@ import pytest
 from propensity.assembly import RANKER_FEATURES, USER_MODEL_FEATURES
 from propensity.model_registry import CURRENT, RANKER_MODEL, USER_MODEL, ModelLoadError, current_version, save_version
 from propensity.registry_history import HISTORY, ROUTING, promote_version, read_history, read_routing, rollback, serving_stack
+from propensity.v1 import recommendation_service_pb2 as pb
+from propensity.v1 import recommendation_service_pb2_grpc as pb_grpc
 from propensity_cli.main import main
+from tests.conftest import BIN, Pipeline, private_env, running_server, users, wait_for
 
 PARAMS = {"objective": "binary", "verbosity": -1, "num_leaves": 4, "min_data_in_leaf": 5, "num_threads": 1, "seed": 1}
 
@@ -155,3 +162,89 @@ def test_a_damaged_routing_file_is_a_model_load_error(registry: Path) -> None:
     (registry / ROUTING).write_text("{half")
     with pytest.raises(ModelLoadError, match="unreadable"):
         read_routing(registry)
+
+
+# -- against a real server: the registry's split and shadow reach it by polling; rollback under traffic ----------
+
+
+def _clone(models: Path, source: str, target: str) -> str:
+    """Another registry version with the same trees (answers differ only in model_version)."""
+    directory = models / "versions" / target
+    shutil.copytree(models / "versions" / source, directory)
+    metadata = json.loads((directory / "metadata.json").read_text())
+    (directory / "metadata.json").write_text(json.dumps({**metadata, "version": target}))
+    return target
+
+
+def _shadow_scored(log: Path, version: str) -> bool:
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    return any(r.get("message") == "shadow scoring" and r.get("shadow_version") == version for r in records)
+
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(BIN / "propensity"), "models", *args], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_split_shadow_and_rollback_set_in_the_registry_reach_a_running_server(pipeline: Pipeline) -> None:
+    env, work = private_env(pipeline, "lifecycle", model_poll_seconds=0.3, log_format="json")
+    models = work / "models"
+    base = current_version(models)
+    arm_b, watched = _clone(models, base, "v29990303T000000"), _clone(models, base, "v29990304T000000")
+    shoppers = users(pipeline, 60)
+    with running_server(env, pipeline.root / "lifecycle.log") as server, grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.RecommendationServiceStub(channel)
+
+        def arms() -> dict[str, str]:
+            return {u: stub.Recommend(pb.RecommendRequest(user_id=u, num_items=3), timeout=5).model_version for u in shoppers}
+
+        assert set(arms().values()) == {base}
+        _cli(env, "split", f"{base}=0.5", f"{arm_b}=0.5", "--reason", "A/B the clone")
+        assert wait_for(lambda: set(arms().values()) == {base, arm_b}, 10), "the registry's split never reached the server"
+        first = arms()
+        assert first == arms() and 10 <= sum(v == base for v in first.values()) <= 50  # stable per user, about half each
+
+        def loaded() -> set[str]:
+            return {m.version for m in stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5).models}
+
+        assert watched not in loaded()
+        _cli(env, "shadow", watched, "--reason", "watch it")
+        assert wait_for(lambda: watched in loaded(), 10), "the registry's shadow version was never loaded"
+        assert not _shadow_scored(server.log, watched)
+        arms()
+        assert wait_for(lambda: _shadow_scored(server.log, watched), 5), "no shadow scoring logged for the registry's shadow version"
+
+        _cli(env, "split", "--clear", "--reason", "A/B over")
+        assert wait_for(lambda: set(arms().values()) == {base}, 10)
+
+        # Promote the clone and roll back while four threads call Recommend: no call may fail.
+        failures, calls, stop = [], [0], threading.Event()
+
+        def traffic() -> None:
+            with grpc.insecure_channel(server.target) as own:
+                own_stub = pb_grpc.RecommendationServiceStub(own)
+                while not stop.is_set():
+                    try:
+                        own_stub.Recommend(pb.RecommendRequest(user_id=shoppers[calls[0] % len(shoppers)], num_items=3), timeout=5)
+                        calls[0] += 1
+                    except grpc.RpcError as error:
+                        failures.append(error.code())
+
+        threads = [threading.Thread(target=traffic) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        try:
+            _cli(env, "promote", arm_b, "--reason", "try the clone", "--by", "tester")
+            assert wait_for(lambda: stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5).current_version == arm_b, 10)
+            _cli(env, "rollback", "--reason", "back to base", "--by", "tester")
+            assert wait_for(lambda: stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5).current_version == base, 10)
+            time.sleep(0.5)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+        assert failures == [] and calls[0] > 20
+        assert set(arms().values()) == {base}
+    assert [e["action"] for e in read_history(models)] == ["split", "shadow", "split", "promote", "rollback"]
+
