@@ -82,6 +82,16 @@ class TrainingSettings(_Section):
     seed: int = Field(13, description="LightGBM seed.")
     tuning_trials: int = Field(0, description="Optuna trials per model (time-series folds inside train + validation); 0 turns tuning off.")
     tuning_seconds: float = Field(60.0, description="Wall-time budget of the search per model (a running trial always finishes).")
+    gate_ndcg_tolerance: float = Field(
+        0.01,
+        description="Promotion gate (`propensity train`): a new version is promoted only if its ranker NDCG@10 on the held-out "
+        "period is at most this much (absolute) below the current version's on the same period; --force overrides.",
+    )
+    gate_log_loss_tolerance: float = Field(
+        0.005,
+        description="Promotion gate: a new version's propensity log loss on the held-out period may exceed the current "
+        "version's by at most this much (absolute); otherwise it is registered without being promoted.",
+    )
     sensitive_attributes: list[str] = Field(
         ["gender", "age"],
         description="User attributes kept out of model inputs by a minimised user feature service (propensity_user_v3 serves "

@@ -109,7 +109,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from training.train import train
 
     settings = settings_from_args(args)
-    train(settings, load_prepared(settings.prepared_dir), promote_to_current=not args.no_promote, continue_from=getattr(args, "continue_from", None))
+    train(settings, load_prepared(settings.prepared_dir), promote_to_current=not args.no_promote, continue_from=getattr(args, "continue_from", None),
+          force=getattr(args, "force", False), by=getattr(args, "by", None), reason=getattr(args, "reason", "") or "")
     return 0
 
 
@@ -423,4 +424,41 @@ def cmd_models_shadow(args: argparse.Namespace) -> int:
         _print_entry(set_shadow(_models_root(args), "" if args.off else args.version, by=args.by, reason=args.reason))
     except (ModelLoadError, ValueError) as error:
         return _refusal(error)
+    return 0
+
+
+def cmd_models_compare(args: argparse.Namespace) -> int:
+    """Build the latest held-out period as training does, score both versions on it, print the differences with CIs."""
+    import json
+
+    from propensity.model_registry import ModelLoadError, load_version
+    from training.evaluation.comparison import metric_label, signed
+    from training.lifecycle import compare_versions, leakage, score_held_out
+    from training.prepare import load_prepared
+    from training.train import build_training_data
+
+    settings = settings_from_args(args)
+    try:
+        bundles = {v: load_version(settings.model_dir, v) for v in (args.a, args.b)}
+    except ModelLoadError as error:
+        return _refusal(error)
+    if args.a == args.b:
+        return _refusal(ValueError("compare needs two different versions"))
+    built = build_training_data(settings, load_prepared(settings.prepared_dir), progress=lambda line: print(line, file=sys.stderr))
+    scores = score_held_out(built, bundles)
+    comparisons = compare_versions(scores, args.a, args.b, n_boot=args.bootstrap, seed=settings.training.seed)
+    notes = {v: leakage(b.metadata, scores.period) for v, b in bundles.items()}
+    if args.json:
+        print(json.dumps({"period": scores.period, "summary": {v: scores.summary(v) for v in bundles},
+                          "differences": [c.to_json() for c in comparisons], "leakage": notes}, indent=2, default=float))
+        return 0
+    print(f"held-out period {', '.join(p[:10] for p in scores.period)}: {len(scores.y):,} users ({int(scores.y.sum())} bought), "
+          f"{len(scores.ranking[args.a]):,} buyers ranked; differences are {args.a} - {args.b} with paired bootstrap 95 % CIs")
+    print(f"{'TASK':<11} {'METRIC':<11} {args.a:>18} {args.b:>18} {'DIFFERENCE':>11} {'95% CI':>20}  VERDICT")
+    for c in comparisons:
+        print(f"{c.task:<11} {metric_label(c.metric):<11} {c.model_value:>18.4f} {c.baseline_value:>18.4f} {signed(c.difference):>11} "
+              f"{'[' + signed(c.ci_low) + ', ' + signed(c.ci_high) + ']':>20}  {c.verdict}{' (' + c.reason + ')' if c.reason else ''}")
+    for version, note in notes.items():
+        if note:
+            print(f"note: {version} has seen these labels: {note}")
     return 0

@@ -11,6 +11,7 @@ from propensity_cli.commands import (
     cmd_demo_data,
     cmd_import,
     cmd_materialize,
+    cmd_models_compare,
     cmd_models_history,
     cmd_models_list,
     cmd_models_promote,
@@ -74,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "train":
             p.add_argument("--no-promote", action="store_true", help="save the version without making it current")
             p.add_argument("--continue-from", help="the version this one replaces; refused if its feature services changed since")
+            p.add_argument("--force", action="store_true",
+                           help="promote even if the promotion gate refuses the new version (recorded in the registry's history)")
+            p.add_argument("--reason", default="", help="why (recorded with the promotion)")
+            p.add_argument("--by", help="who (recorded with the promotion; default: $USER)")
         if name == "materialize":
             p.add_argument("--every", type=float, help="keep running: materialize every this many minutes")
         p.set_defaults(func=func)
@@ -148,6 +153,14 @@ def add_models_commands(sub: argparse._SubParsersAction, paths: object) -> None:
     p.add_argument("version")
     p.add_argument("--no-report", action="store_true", help="metadata only")
     p.set_defaults(func=cmd_models_show)
+
+    p = verbs.add_parser("compare", help="score A and B on the same latest held-out period; differences with paired bootstrap CIs")
+    paths(p)
+    p.add_argument("a", metavar="A")
+    p.add_argument("b", metavar="B")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples (default 200)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_models_compare)
 
     p = verbs.add_parser("promote", help="make VERSION current (atomic; recorded with who and why)")
     change(p)

@@ -248,3 +248,50 @@ def test_split_shadow_and_rollback_set_in_the_registry_reach_a_running_server(pi
         assert set(arms().values()) == {base}
     assert [e["action"] for e in read_history(models)] == ["split", "shadow", "split", "promote", "rollback"]
 
+
+# -- the promotion gate and compare, with real LightGBM models trained on the pipeline's shop ----------------------
+
+# No leaf may hold fewer rows than the shop has: trees without a split, every user and item scored alike.
+CRIPPLED = {"PROPENSITY_TRAINING__NUM_BOOST_ROUND": "2", "PROPENSITY_TRAINING__MIN_DATA_IN_LEAF": "10000000"}
+
+
+def _train(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(BIN / "propensity"), "train", *args], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.slow
+def test_the_gate_refuses_a_worse_model_force_promotes_it_and_compare_shows_why(pipeline: Pipeline) -> None:
+    env, work = private_env(pipeline, "gate")
+    models = work / "models"
+    base = current_version(models)
+    crippled_env = {**env, **CRIPPLED}
+
+    refused = _train(crippled_env)
+    worse = [v for v in sorted(p.name for p in (models / "versions").iterdir()) if v not in (base,) and not v.startswith(".")][-1]
+    assert current_version(models) == base, refused.stdout
+    assert f"NOT promoted: {worse} is registered, {base} stays current" in refused.stdout
+    assert "propensity log loss" in refused.stdout  # the reason names the metric that failed
+    # Only the pipeline's first training promoted (nothing to compare with then); the refusal promoted nothing.
+    assert [(e["action"], e["version"], e["gate"]["passed"]) for e in read_history(models)] == [("promote", base, True)]
+
+    forced = _train(crippled_env, "--force", "--reason", "testing the override", "--by", "tester")
+    assert "FORCED" in forced.stdout
+    entry = read_history(models)[-1]
+    newest = entry["version"]
+    assert current_version(models) == newest and newest not in (base, worse)
+    assert entry["forced"] is True and entry["previous"] == base and entry["by"] == "tester" and entry["reason"] == "testing the override"
+    assert entry["gate"]["passed"] is False and entry["gate"]["current"] == base
+    assert entry["gate"]["new_metrics"]["log_loss"] > entry["gate"]["current_metrics"]["log_loss"] + 0.005
+
+    compared = subprocess.run([str(BIN / "propensity"), "models", "compare", base, worse, "--json"], env=env, capture_output=True, text=True, timeout=300)
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    report = json.loads(compared.stdout)
+    differences = {(d["task"], d["metric"]): d for d in report["differences"]}
+    loss = differences[("propensity", "log_loss")]
+    assert loss["model"] == base and loss["baseline"] == worse
+    assert loss["difference"] < 0 and loss["ci_high"] < 0  # base's log loss is lower, and the paired CI says so
+    assert loss["model_value"] == pytest.approx(entry["gate"]["current_metrics"]["log_loss"])
+    assert {("ranking", "ndcg_at_10"), ("propensity", "roc_auc")} <= set(differences)
+    assert report["summary"][base]["buyers"] == report["summary"][worse]["buyers"] > 0

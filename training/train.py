@@ -22,7 +22,8 @@ from feast import FeatureStore
 from propensity.assembly import RANKER_FEATURES, USER_MODEL_FEATURES
 from propensity.catalog import Catalog
 from propensity.feature_store import open_store, service_fingerprint, service_schema
-from propensity.model_registry import RANKER_MODEL, USER_MODEL, check_continuation, load_version, new_version_id, promote, save_version
+from propensity.model_registry import RANKER_MODEL, USER_MODEL, ModelLoadError, check_continuation, load_version, new_version_id, save_version
+from propensity.registry_history import promote_version
 from propensity.settings import Settings
 from propensity.user_state import read_inputs
 from training.datasets import CutoffData, assemble, cutoff_times, entity_rows, historical_catalogs, historical_user_features
@@ -38,6 +39,8 @@ class TrainingResult:
     version: str
     metrics: dict[str, dict[str, float]]
     seconds: float
+    promoted: bool = False
+    gate: dict | None = None  # the promotion gate's decision (training/lifecycle.py), None when promotion was not asked for
 
 
 @dataclass
@@ -169,11 +172,16 @@ def train(
     progress: Callable[[str], None] = print,
     continue_from: str | None = None,
     budget: TuningBudget | None = None,
+    force: bool = False,
+    by: str | None = None,
+    reason: str = "",
 ) -> TrainingResult:
-    """Build point-in-time training rows from Feast, fit both models, save (and promote) a new version.
+    """Build point-in-time training rows from Feast, fit both models, save (and promote, past the gate) a new version.
 
     continue_from names an earlier version this one replaces; training refuses it (ContinuationError)
     when that version's feature services or their fingerprints differ from the current ones.
+    Promotion goes through the gate (promote_past_gate); force promotes a version the gate refused, and the
+    registry's history records the override.
     """
     started = time.perf_counter()
     store = open_store(settings.feature_repo, settings.feature_store_yaml)
@@ -233,8 +241,9 @@ def train(
             progress(f"  compiled predictors built and verified in {time.perf_counter() - t0:.1f}s (max abs difference vs LightGBM {worst:.1e})")
         else:
             progress("  compiled predictors unavailable; servers will score with LightGBM")
+    promoted, gate = False, None
     if promote_to_current:
-        promote(settings.model_dir, version)
+        promoted, gate = promote_past_gate(settings, built, version, force, by, reason, progress)
     seconds = time.perf_counter() - started
     progress(
         f"trained {version} in {seconds:.1f}s: user propensity AUC {user.metrics['auc']:.3f}, "
@@ -242,4 +251,29 @@ def train(
         f"(validation {periods.validation[-1]:%Y-%m-%d}"
         + (f", test {periods.test[-1]:%Y-%m-%d}" if periods.test else ", no test period") + f"); report: {directory / 'report.md'}"
     )
-    return TrainingResult(version, {USER_MODEL: user.metrics, RANKER_MODEL: ranker.metrics}, seconds)
+    return TrainingResult(version, {USER_MODEL: user.metrics, RANKER_MODEL: ranker.metrics}, seconds, promoted, gate)
+
+
+def promote_past_gate(
+    settings: Settings, built: TrainingData, version: str, force: bool, by: str | None, reason: str, progress: Callable[[str], None] = print
+) -> tuple[bool, dict]:
+    """Promote `version` if it is at least as good as the current one on the held-out period (or if forced); say why either way."""
+    from training.lifecycle import promotion_gate  # imports the evaluation code, which imports this module
+
+    root = settings.model_dir
+    try:
+        current = load_version(root)
+    except ModelLoadError as error:  # none yet, or one that no longer loads: nothing to hold the new version to
+        current = None
+        progress(f"  promotion gate: no loadable current version ({error})")
+    decision = promotion_gate(built, load_version(root, version), current, settings.training)
+    gate = decision.to_json()
+    forced = force and not decision.passed
+    if decision.passed or force:
+        default = "trained; passed the promotion gate" if decision.passed else "trained; promoted with --force past the gate"
+        promote_version(root, version, by=by, reason=reason or default, forced=forced, gate=gate)
+        progress(f"  promoted {version}{' (FORCED: the gate refused it)' if forced else ''}: " + "; ".join(decision.reasons))
+        return True, gate
+    progress(f"  NOT promoted: {version} is registered, {decision.current} stays current: " + "; ".join(decision.reasons)
+             + f". Promote it anyway with `propensity models promote {version} --reason ...` or train with --force.")
+    return False, gate
