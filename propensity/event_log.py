@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS events (
 _PENDING_INDEX = "CREATE INDEX IF NOT EXISTS events_unpushed ON events (claimed_ms) WHERE pushed = 0"
 _COLUMNS = "event_id, event_time_ms, user_id, item_id, event_type, session_id, price, quantity"
 DEFAULT_BUSY_SECONDS = 2.0
+_IDS_PER_QUERY = 500  # bound parameters per statement (SQLite allows 32,766)
 
 
 class EventLogError(RuntimeError):
@@ -86,22 +87,40 @@ class EventLog:
         self._conn.execute(_PENDING_INDEX)
 
     def append(self, events: Sequence[StreamEvent]) -> tuple[list[StreamEvent], list[StreamEvent]]:
-        """Store new events durably in one transaction, claimed for pushing by the caller; return (accepted, duplicates)."""
+        """Store new events durably in one transaction, claimed for pushing by the caller; return (accepted, duplicates).
+
+        Inside the transaction (BEGIN IMMEDIATE: no other writer in between), one lookup finds the event_ids already
+        logged, a repeated id within the message is a duplicate of its first occurrence, and the new events are
+        inserted with one prepared statement (executemany).
+        """
         accepted: list[StreamEvent] = []
         duplicates: list[StreamEvent] = []
         if not events:
             return accepted, duplicates
         now = _now_ms()
         with self._transaction():
+            seen = self._logged([event.event_id for event in events])
             for event in events:
-                cursor = self._conn.execute(
-                    # pushed = 0 explicitly: in a log migrated from before push states the column's default is 1
-                    f"INSERT OR IGNORE INTO events ({_COLUMNS}, pushed, claimed_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?)",
-                    (event.event_id, event.event_time_ms, event.user_id, event.item_id, event.event_type,
-                     event.session_id, event.price, event.quantity, now),
-                )
-                (accepted if cursor.rowcount == 1 else duplicates).append(event)
+                if event.event_id in seen:
+                    duplicates.append(event)
+                else:
+                    seen.add(event.event_id)
+                    accepted.append(event)
+            # pushed = 0 explicitly: in a log migrated from before push states the column's default is 1
+            self._conn.executemany(
+                f"INSERT INTO events ({_COLUMNS}, pushed, claimed_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?)",
+                [(e.event_id, e.event_time_ms, e.user_id, e.item_id, e.event_type, e.session_id, e.price, e.quantity, now) for e in accepted],
+            )
         return accepted, duplicates  # committed and fsync'd (synchronous=FULL) before anyone is told "accepted"
+
+    def _logged(self, event_ids: Sequence[str]) -> set[str]:
+        """Which of these event_ids are in the log already."""
+        found: set[str] = set()
+        for start in range(0, len(event_ids), _IDS_PER_QUERY):
+            part = event_ids[start : start + _IDS_PER_QUERY]
+            found.update(row[0] for row in self._conn.execute(
+                f"SELECT event_id FROM events WHERE event_id IN ({','.join('?' * len(part))})", part))
+        return found
 
     def mark_pushed(self, event_ids: Sequence[str]) -> None:
         """Record that these events reached the online store."""
@@ -148,10 +167,26 @@ class EventLog:
         self._conn.close()
 
     def _set(self, event_ids: Sequence[str], assignment: str) -> None:
+        """A push-state change. Committed without its own fsync (synchronous=NORMAL in WAL: safe from a process crash,
+        made durable by the next append's fsync): only a power loss in between can lose it, and a lost mark means
+        a push done again after the lease, as when the process dies between a push and its mark (stores.md)."""
         if not event_ids:
             return
+        try:
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.Error as error:
+            raise EventLogError(f"event log {self.path}: {error}") from error
+        try:
+            self._update(event_ids, assignment)
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("PRAGMA synchronous=FULL")  # appends stay fsync'd before they are acknowledged
+
+    def _update(self, event_ids: Sequence[str], assignment: str) -> None:
         with self._transaction():
-            self._conn.executemany(f"UPDATE events SET {assignment} WHERE event_id = ?", [(e,) for e in event_ids])
+            for start in range(0, len(event_ids), _IDS_PER_QUERY):
+                part = list(event_ids[start : start + _IDS_PER_QUERY])
+                self._conn.execute(f"UPDATE events SET {assignment} WHERE event_id IN ({','.join('?' * len(part))})", part)
 
     def _read(self, sql: str) -> list[tuple]:
         try:

@@ -56,6 +56,8 @@ class InvalidEvent(ValueError):
 
 def id_problem(value: str) -> str | None:
     """What is wrong with an id (empty, blank, too long, a control character), or None when it is usable."""
+    if len(value) <= MAX_ID_LENGTH and value.isprintable() and not value.isspace() and value:
+        return None  # the usual case, in three C calls: printable excludes every control character
     if not value:
         return "empty id"
     if not value.strip():
