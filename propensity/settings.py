@@ -8,6 +8,7 @@ import os
 import re
 from datetime import datetime
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
@@ -80,6 +81,17 @@ class TrainingSettings(_Section):
     num_leaves: int = Field(31, description="LightGBM leaves per tree.")
     min_data_in_leaf: int = Field(20, description="LightGBM minimum rows per leaf.")
     seed: int = Field(13, description="LightGBM seed.")
+    engine: Literal["local", "dask"] = Field(
+        "local",
+        description="Where LightGBM fits: 'local' (one process) or 'dask' (lightgbm.dask on a Dask cluster, from the training rows "
+        "written as partitioned Parquet; for training rows beyond one machine). docs/dask_training.md.",
+    )
+    dask_scheduler: str = Field(
+        "", description="Dask scheduler address for engine 'dask' (tcp://host:8786 in production); empty starts a LocalCluster of 2 workers."
+    )
+    dask_partition_rows: int = Field(
+        500_000, description="Most training rows per Parquet partition for engine 'dask' (a partition holds whole users, never part of one)."
+    )
     tuning_trials: int = Field(0, description="Optuna trials per model (time-series folds inside train + validation); 0 turns tuning off.")
     tuning_seconds: float = Field(60.0, description="Wall-time budget of the search per model (a running trial always finishes).")
     gate_ndcg_tolerance: float = Field(

@@ -96,9 +96,16 @@ def build_training_data(
 
 
 def fit_models(settings: Settings, built: TrainingData, budget: TuningBudget | None, progress: Callable[[str], None] = print) -> dict[str, FittedModel]:
-    """Both models, fitted the one way training and evaluation share."""
-    user = fit_model("user_propensity", built.data.users, USER_MODEL_FEATURES, built.periods, settings.training, budget, ("binary",), progress)
-    ranker = fit_model("item_ranker", built.data.pairs, RANKER_FEATURES, built.periods, settings.training, budget, RANKER_OBJECTIVES, progress)
+    """Both models, fitted the one way training and evaluation share (through lightgbm.dask when training.engine is 'dask')."""
+    if settings.training.engine == "dask":
+        from training.dask_training import fit_models_dask  # Dask is imported only when asked for
+
+        if budget and budget.n_trials > 0:
+            progress("  tuning is not run on the Dask engine; fitting with the configured parameters")
+        user, ranker = fit_models_dask(settings.training, built.data, built.periods, settings.work_dir, progress)
+    else:
+        user = fit_model("user_propensity", built.data.users, USER_MODEL_FEATURES, built.periods, settings.training, budget, ("binary",), progress)
+        ranker = fit_model("item_ranker", built.data.pairs, RANKER_FEATURES, built.periods, settings.training, budget, RANKER_OBJECTIVES, progress)
     ranker.metrics.update(ranker.alternatives.get(ranker.objective, {}))  # validation recall@10 / NDCG@10 within candidates
     ranker.metrics["candidate_recall"] = built.data.candidate_recall
     return {USER_MODEL: user, RANKER_MODEL: ranker}
