@@ -296,3 +296,10 @@ def test_the_gate_refuses_a_worse_model_force_promotes_it_and_compare_shows_why(
     assert loss["model_value"] == pytest.approx(entry["gate"]["current_metrics"]["log_loss"])
     assert {("ranking", "ndcg_at_10"), ("propensity", "roc_auc")} <= set(differences)
     assert report["summary"][base]["buyers"] == report["summary"][worse]["buyers"] > 0
+
+    # A model trained with the normal settings beats the crippled current one: the gate lets it through.
+    recovered = _train(env)
+    entry = read_history(models)[-1]
+    assert entry["action"] == "promote" and entry["previous"] == newest and entry["forced"] is False, recovered.stdout
+    assert entry["gate"]["passed"] is True and current_version(models) == entry["version"]
+    assert entry["gate"]["new_metrics"]["log_loss"] < entry["gate"]["current_metrics"]["log_loss"]
