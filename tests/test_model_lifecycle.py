@@ -303,3 +303,30 @@ def test_the_gate_refuses_a_worse_model_force_promotes_it_and_compare_shows_why(
     assert entry["action"] == "promote" and entry["previous"] == newest and entry["forced"] is False, recovered.stdout
     assert entry["gate"]["passed"] is True and current_version(models) == entry["version"]
     assert entry["gate"]["new_metrics"]["log_loss"] < entry["gate"]["current_metrics"]["log_loss"]
+
+
+def test_the_server_pool_follows_the_registry_routing_and_refuses_one_it_cannot_serve(registry: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from propensity.registry_history import set_shadow, set_split
+    from server.model_pool import ModelPool
+
+    promote_version(registry, "v1", reason="start")
+    pool = ModelPool(registry, lambda bundle: None, traffic_split={"v1": 1, "v2": 1}, shadow_version="")
+    assert pool.roles() == {"v1": "current", "v2": "split"}  # no routing.json: the settings apply
+    set_split(registry, {"v3": 1}, reason="all to v3")
+    set_shadow(registry, "v2", reason="watch v2")
+    assert pool.poll() is None  # routing is applied in place; the current version did not change
+    assert pool.roles() == {"v3": "split", "v1": "current", "v2": "shadow"}
+    assert {pool.choose(f"user-{i}").version for i in range(50)} == {"v3"}
+    assert pool.choose("user-1", pinned="v1").version == "v1"
+
+    # A version that cannot be loaded (its model file cut short): the routing naming it is refused, once.
+    (registry / "versions" / "v2" / f"{USER_MODEL}.txt").write_text("tree\n")
+    with caplog.at_level("ERROR", logger="server.model_pool"):
+        fresh = ModelPool(registry, lambda bundle: None)  # a replica starting now: it starts, on the settings' routing
+        fresh.poll()
+        fresh.poll()
+    assert fresh.roles() == {"v1": "current"}  # split and shadow are one routing: refused together, never half applied
+    assert sum("refusing model routing" in r.message for r in caplog.records) == 1
+    (registry / ROUTING).write_text("{broken")
+    pool.poll()
+    assert pool.roles() == {"v3": "split", "v1": "current", "v2": "shadow"}  # an unreadable routing.json changes nothing
