@@ -272,6 +272,12 @@ Tested by tests/test_ingest_batching.py (batched vs one event at a time through 
 features read through Feast; every feature row of a written view carries the new stamp; duplicates within and
 across messages) and the streaming, fault and hostile-input suites.
 
+Not met: 10,000 events/s with 1,000-event messages. The server is CPU-bound there (~0.9 cores busy) at about 125 CPU
+ms per 1,000 events, so one free core gives at most ~8,000 events/s. What is left per 1,000 events (~700 users, ~24,000
+Feast feature rows): reading and decoding every feature row of the three views (~35 %), the write (re-stamp plus
+changed rows, ~35 %), `apply_events` and value encoding. Next steps: decode only the features `apply_events` changes
+and pass the others through as stored bytes; run the SQLite work off the event loop (sqlite3 releases the GIL).
+
 Not done: ingestion still runs on the worker's event loop (a 1,000-event message holds it for its whole CPU time,
 so `Recommend` waits behind it); small messages pay a transaction per message on each of the two SQLite files, so
 their rate is bound by commits, not by Python; `Recommend` p99 under ingestion load is not measured here, and this
