@@ -257,9 +257,13 @@ def _models_root(args: argparse.Namespace) -> Path:
 def _roles(root: Path, settings: Settings | None = None) -> dict[str, list[str]]:
     """version -> its roles: current, split (with weight), shadow; the registry's routing wins over settings."""
     from propensity.model_registry import ModelLoadError, current_version
-    from propensity.registry_history import read_routing
+    from propensity.registry_history import Routing, read_routing
 
-    routing = read_routing(root)
+    try:
+        routing = read_routing(root)
+    except ModelLoadError as error:  # roles are shown from CURRENT and settings; the damage is reported, not fatal
+        print(f"warning: {error}", file=sys.stderr)
+        routing = Routing()
     split = routing.traffic_split if routing.traffic_split is not None else (settings.server.traffic_split if settings else {})
     shadow = routing.shadow_version if routing.shadow_version is not None else (settings.server.shadow_version if settings else "")
     roles: dict[str, list[str]] = {}

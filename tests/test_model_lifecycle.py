@@ -330,3 +330,11 @@ def test_the_server_pool_follows_the_registry_routing_and_refuses_one_it_cannot_
     (registry / ROUTING).write_text("{broken")
     pool.poll()
     assert pool.roles() == {"v3": "split", "v1": "current", "v2": "shadow"}  # an unreadable routing.json changes nothing
+
+
+def test_list_still_works_with_a_damaged_routing_file(registry: Path, capsys: pytest.CaptureFixture) -> None:
+    promote_version(registry, "v1", reason="start")
+    (registry / ROUTING).write_text("{broken")
+    assert main(["models", "list", "--json"]) == 0
+    out = capsys.readouterr()
+    assert {row["version"]: row["roles"] for row in json.loads(out.out)}["v1"] == ["current"] and "routing.json" in out.err
