@@ -135,7 +135,10 @@ def test_a_killed_worker_is_replaced_and_only_its_in_flight_calls_fail(pipeline:
         for c in failed:
             print(f"  failed: client {c.client} started {1000 * (c.started - killed_at):+.1f} ms, ended {1000 * (c.ended - killed_at):+.1f} ms: {c.code}")
         assert all(c in in_flight for c in failed), (failed, in_flight)
-        assert len(failed) <= len(in_flight) <= len(victims)
+        # A client runs one call at a time, so the kill can cut at most one call per client of the victim. (in_flight
+        # itself may hold two calls of one client: one answered just before the kill took effect, the next started
+        # within DYING_SECONDS of it.)
+        assert len(failed) <= len(victims)
         assert all(c.code in ("UNAVAILABLE", "CANCELLED", "INTERNAL", "UNKNOWN") for c in failed), failed
         # The other worker kept serving throughout: its clients never failed and were answered while the victim was down.
         assert not [c for c in calls if c.client in survivors and c.code != "OK"]
