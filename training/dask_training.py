@@ -25,9 +25,8 @@ import pyarrow.parquet as pq
 
 from propensity.settings import TrainingSettings
 from training.boosters import base_params, group_sizes
-from training.calibration import choose_calibration
 from training.datasets import CutoffData, TrainingSet
-from training.models import FittedModel, candidate_ranking, classification_metrics
+from training.models import FittedModel, candidate_ranking, finish_model
 from training.periods import Periods
 
 LABEL, GROUP = "__label", "__group"
@@ -195,30 +194,7 @@ def fit_model_dask(
         candidates[objective] = (booster, params, selection)
         if len(objectives) > 1:
             progress(f"  {name} [{objective}, dask]: validation NDCG@10 {selection.get('ndcg_at_10', float('nan')):.3f} within candidates ({booster.best_iteration} trees)")
-    objective = max(candidates, key=lambda o: candidates[o][2].get("ndcg_at_10", 0.0)) if len(candidates) > 1 else objectives[0]
-    booster, params, _ = candidates[objective]
-    raw_valid = booster.predict(data.features[valid], num_iteration=booster.best_iteration)
-    calibration, _ = choose_calibration(data.labels[valid], raw_valid, raw=objective == "lambdarank", seed=training.seed)
-    model = FittedModel(booster, calibration, {**params, "engine": "dask"}, {}, objective, {o: c[2] for o, c in candidates.items()}, {o: c[0] for o, c in candidates.items()})
-    p_valid = model.predict(data.features[valid])
-    metrics = {
-        **classification_metrics(data.labels[valid], p_valid),
-        "train_rows": int(train.sum()),
-        "validation_rows": int(valid.sum()),
-        "best_iteration": int(booster.best_iteration),
-    }
-    if objective == "binary":
-        metrics["uncalibrated_logloss"] = classification_metrics(data.labels[valid], raw_valid)["logloss"]
-    if test.any() and len(np.unique(data.labels[test])) == 2:
-        metrics.update({f"test_{k}": v for k, v in classification_metrics(data.labels[test], model.predict(data.features[test])).items()})
-        metrics["test_rows"] = int(test.sum())
-    model.metrics = metrics
-    progress(
-        f"  {name} (dask): validation AUC {metrics['auc']:.3f}, PR-AUC {metrics['pr_auc']:.3f}"
-        + (f"; test AUC {metrics['test_auc']:.3f}" if "test_auc" in metrics else "")
-        + f" ({metrics['validation_rows']:,} rows, {metrics['best_iteration']} trees, {objective}, calibration {calibration['method']})"
-    )
-    return model
+    return finish_model(name, data, (train, valid, test), candidates, objectives, training, progress, engine="dask")
 
 
 def fit_models_dask(

@@ -105,10 +105,30 @@ def fit_model(
         candidates[objective] = (booster, params, selection)
         if len(objectives) > 1:
             progress(f"  {name} [{objective}]: validation NDCG@10 {selection.get('ndcg_at_10', float('nan')):.3f} within candidates ({booster.best_iteration} trees)")
+    return finish_model(name, data, (train, valid, test), candidates, objectives, training, progress)
+
+
+def finish_model(
+    name: str,
+    data: TrainingSet,
+    masks: tuple[np.ndarray, np.ndarray, np.ndarray],
+    candidates: dict[str, tuple[lgb.Booster, dict, dict]],
+    objectives: tuple[str, ...],
+    training: TrainingSettings,
+    progress: Callable[[str], None] = print,
+    engine: str = "",
+) -> FittedModel:
+    """The best objective's booster on validation, calibrated on validation, with its validation (and test) metrics.
+
+    Shared by every training engine (in process here, lightgbm.dask in training.dask_training): `candidates` holds
+    (booster, params, within-candidates ranking metrics) per objective. `engine` is recorded in the params.
+    """
+    train, valid, test = masks
     objective = max(candidates, key=lambda o: candidates[o][2].get("ndcg_at_10", 0.0)) if len(candidates) > 1 else objectives[0]
     booster, params, _ = candidates[objective]
     raw_valid = booster.predict(data.features[valid], num_iteration=booster.best_iteration)
     calibration, _ = choose_calibration(data.labels[valid], raw_valid, raw=objective == "lambdarank", seed=training.seed)
+    params = {**params, "engine": engine} if engine else params
     model = FittedModel(booster, calibration, params, {}, objective, {o: c[2] for o, c in candidates.items()}, {o: c[0] for o, c in candidates.items()})
     p_valid = model.predict(data.features[valid])
     metrics = {
@@ -124,7 +144,7 @@ def fit_model(
         metrics["test_rows"] = int(test.sum())
     model.metrics = metrics
     progress(
-        f"  {name}: validation AUC {metrics['auc']:.3f}, PR-AUC {metrics['pr_auc']:.3f}"
+        f"  {name}{f' ({engine})' if engine else ''}: validation AUC {metrics['auc']:.3f}, PR-AUC {metrics['pr_auc']:.3f}"
         + (f"; test AUC {metrics['test_auc']:.3f}" if "test_auc" in metrics else "")
         + f" ({metrics['validation_rows']:,} rows, {metrics['best_iteration']} trees, {objective}, calibration {calibration['method']})"
     )
