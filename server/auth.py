@@ -265,6 +265,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return check
 
 
+
+def _failure_code(error: BaseException, context: grpc.aio.ServicerContext) -> str:
+    """The status name a call that raised ends with, for the caller metric."""
+    if isinstance(error, grpc.aio.AbortError):
+        return (context.code() or grpc.StatusCode.UNKNOWN).name
+    if isinstance(error, asyncio.CancelledError):  # the client went away or its deadline passed
+        return "CANCELLED"
+    return "UNKNOWN"
+
 def _wrap(handler: grpc.RpcMethodHandler, check: Callable) -> grpc.RpcMethodHandler:
     """The same handler, with `check` run inside the call first, for all four arities."""
 
@@ -278,14 +287,8 @@ def _wrap(handler: grpc.RpcMethodHandler, check: Callable) -> grpc.RpcMethodHand
                 result = await result
             code = (context.code() or grpc.StatusCode.OK).name
             return result
-        except grpc.aio.AbortError:
-            code = (context.code() or grpc.StatusCode.UNKNOWN).name
-            raise
-        except asyncio.CancelledError:  # the client went away or its deadline passed
-            code = "CANCELLED"
-            raise
-        except BaseException:
-            code = "UNKNOWN"
+        except BaseException as error:
+            code = _failure_code(error, context)
             raise
         finally:
             caller_var.reset(reset)
@@ -303,14 +306,8 @@ def _wrap(handler: grpc.RpcMethodHandler, check: Callable) -> grpc.RpcMethodHand
             else:
                 for response in responses:
                     yield response
-        except grpc.aio.AbortError:
-            code = (context.code() or grpc.StatusCode.UNKNOWN).name
-            raise
-        except asyncio.CancelledError:  # the client went away or its deadline passed
-            code = "CANCELLED"
-            raise
-        except BaseException:
-            code = "UNKNOWN"
+        except BaseException as error:
+            code = _failure_code(error, context)
             raise
         finally:
             caller_var.reset(reset)
