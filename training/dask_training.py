@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from propensity.settings import TrainingSettings
 from training.boosters import base_params, group_sizes
 from training.datasets import CutoffData, TrainingSet
-from training.models import FittedModel, candidate_ranking, finish_model
+from training.models import FittedModel, candidate_ranking, finish_model, period_masks
 from training.periods import Periods
 
 LABEL, GROUP = "__label", "__group"
@@ -175,10 +175,7 @@ def fit_model_dask(
     progress: Callable[[str], None] = print,
 ) -> FittedModel:
     """training.models.fit_model on Dask: per objective a lightgbm.dask fit, the best on validation kept and calibrated."""
-    train, valid, test = periods.masks(data)
-    for part, mask in (("training", train), ("validation", valid)):
-        if len(np.unique(data.labels[mask])) < 2:
-            raise ValueError(f"{name}: the {part} period has only one label class ({int(mask.sum())} rows); use a longer log or other cut-offs")
+    train, valid, test = period_masks(name, data, periods)
     n_workers = max(len(client.scheduler_info()["workers"]), 1)
     train_dir, valid_dir = directory / name / "train", directory / name / "validation"
     started = time.perf_counter()

@@ -77,6 +77,15 @@ def candidate_ranking(scores: np.ndarray, data: TrainingSet, mask: np.ndarray, k
     }
 
 
+def period_masks(name: str, data: TrainingSet, periods: Periods) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The train / validation / test masks, refusing a training or validation period with only one label class."""
+    train, valid, test = periods.masks(data)
+    for part, mask in (("training", train), ("validation", valid)):
+        if len(np.unique(data.labels[mask])) < 2:
+            raise ValueError(f"{name}: the {part} period has only one label class ({int(mask.sum())} rows); use a longer log or other cut-offs")
+    return train, valid, test
+
+
 def fit_model(
     name: str,
     data: TrainingSet,
@@ -88,10 +97,7 @@ def fit_model(
     progress: Callable[[str], None] = print,
 ) -> FittedModel:
     """Tune (optional, train+validation folds), fit per objective, keep the best on validation, calibrate on validation."""
-    train, valid, test = periods.masks(data)
-    for part, mask in (("training", train), ("validation", valid)):
-        if len(np.unique(data.labels[mask])) < 2:
-            raise ValueError(f"{name}: the {part} period has only one label class ({int(mask.sum())} rows); use a longer log or other cut-offs")
+    train, valid, test = period_masks(name, data, periods)
     candidates: dict[str, tuple[lgb.Booster, dict, dict]] = {}
     for objective in objectives:
         params = base_params(training, objective)
