@@ -20,9 +20,8 @@ import pandas as pd
 
 from propensity.model_registry import ModelBundle
 from training import metrics
-from training.boosters import group_sizes
 from training.evaluation.comparison import Comparison, compare_propensity, compare_rankings
-from training.evaluation.ranking import K, find_test_buyers
+from training.evaluation.ranking import K, BuyerCandidates, find_test_buyers
 
 if TYPE_CHECKING:
     from propensity.settings import TrainingSettings
@@ -62,21 +61,11 @@ def score_held_out(built: TrainingData, bundles: dict[str, ModelBundle]) -> Held
     propensity = {version: np.asarray(b.predict_users(users.features[rows]), dtype=float) for version, b in bundles.items()}
 
     buyers = find_test_buyers(built) if periods.test else _validation_buyers(built)
-    pairs = built.data.pairs
-    inside = np.isin(pairs.groups, buyers.row_ids)
-    groups, labels, features = pairs.groups[inside], pairs.labels[inside].astype(bool), pairs.features[inside]
-    sizes = group_sizes(groups)
-    starts = np.r_[0, np.cumsum(sizes)[:-1]].astype(int)
-    spans = {int(groups[s]): (s, n) for s, n in zip(starts, sizes)}
-    n_relevant = [len(r) for r in buyers.relevant]
+    candidates = BuyerCandidates.of(built, buyers)  # the same rows and hit rule as `propensity evaluate`
     ranking = {}
     for version, bundle in bundles.items():
-        raw = bundle.score_items(features).raw if len(features) else np.empty(0)
-        hits = []
-        for i in buyers.row_ids:  # buyers without candidates count with zero hits, as in `propensity evaluate`
-            s, n = spans.get(int(i), (0, 0))
-            hits.append(labels[s : s + n][np.argsort(-raw[s : s + n], kind="stable")])
-        ranking[version] = metrics.ranking_from_hits(hits, n_relevant, K)
+        raw = bundle.score_items(candidates.features).raw if len(candidates.features) else np.empty(0)
+        ranking[version] = metrics.ranking_from_hits(candidates.hits(raw), candidates.n_relevant, K)
     return HeldOutScores([c.isoformat() for c in part], users.labels[rows], propensity, ranking)
 
 

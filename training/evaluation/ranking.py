@@ -51,6 +51,37 @@ class RankingTables:
         return [name for name in self.tables if name.endswith("_baseline")]
 
 
+@dataclass(frozen=True)
+class BuyerCandidates:
+    """The candidate (user, item) rows of some buyers, contiguous per buyer, with what each buyer bought."""
+
+    row_ids: np.ndarray  # the buyers, in report order
+    labels: np.ndarray  # bool per candidate row: bought in the label window
+    features: np.ndarray  # ranker input per candidate row
+    spans: dict[int, tuple[int, int]]  # buyer row id -> (first candidate row, number of candidates)
+    n_relevant: list[int]  # items each buyer bought (candidates or not)
+
+    @classmethod
+    def of(cls, built: TrainingData, buyers: RankedBuyers) -> BuyerCandidates:
+        pairs = built.data.pairs
+        inside = np.isin(pairs.groups, buyers.row_ids)
+        groups = pairs.groups[inside]
+        sizes = group_sizes(groups)
+        starts = np.r_[0, np.cumsum(sizes)[:-1]].astype(int)
+        spans = {int(groups[s]): (s, n) for s, n in zip(starts, sizes)}
+        return cls(buyers.row_ids, pairs.labels[inside].astype(bool), pairs.features[inside], spans, [len(r) for r in buyers.relevant])
+
+    def hits(self, score: np.ndarray | None) -> list[np.ndarray]:
+        """Per buyer, the bought flags of its candidates in score order (candidate order for None). Buyers without
+        any candidate still count, with zero hits, so a ranker is not flattered."""
+        out = []
+        for i in self.row_ids:
+            s, n = self.spans.get(int(i), (0, 0))
+            flags = self.labels[s : s + n]
+            out.append(flags if score is None else flags[np.argsort(-score[s : s + n], kind="stable")])
+        return out
+
+
 def find_test_buyers(built: TrainingData) -> RankedBuyers:
     """Every buyer row at a test cut-off, in entity-row order."""
     rows = built.rows
@@ -68,37 +99,23 @@ def find_test_buyers(built: TrainingData) -> RankedBuyers:
 def rank_test_buyers(built: TrainingData, ranker: FittedModel, prepared_dir: Path, progress: Callable[[str], None] = print) -> RankingTables:
     """Ranking metrics per test buyer for the ranker's raw scores (each objective), candidate order and the baselines."""
     buyers = find_test_buyers(built)
-    pairs = built.data.pairs
-    in_test = np.isin(pairs.groups, buyers.row_ids)
-    groups, labels, features = pairs.groups[in_test], pairs.labels[in_test].astype(bool), pairs.features[in_test]
-    sizes = group_sizes(groups)
-    starts = np.r_[0, np.cumsum(sizes)[:-1]].astype(int)
-    spans = {int(groups[s]): (s, n) for s, n in zip(starts, sizes)}
-    n_relevant = [len(r) for r in buyers.relevant]
-    covered = sum(int(labels[s : s + n].sum()) for s, n in spans.values())
+    candidates = BuyerCandidates.of(built, buyers)
+    features, n_relevant = candidates.features, candidates.n_relevant
+    covered = sum(int(candidates.labels[s : s + n].sum()) for s, n in candidates.spans.values())
     candidate_recall = covered / max(sum(n_relevant), 1)
-    without = sum(int(i) not in spans for i in buyers.row_ids)
+    without = sum(int(i) not in candidates.spans for i in buyers.row_ids)
     progress(
         f"  ranking: {len(buyers.row_ids):,} test buyers over {len(built.periods.test)} test cut-off(s), "
         f"candidates hold {candidate_recall:.1%} of the items they bought"
     )
-
-    def hits_for(score: np.ndarray | None) -> list[np.ndarray]:
-        # Buyers without any candidate still count (with zero hits), so the ranker is not flattered.
-        out = []
-        for i in buyers.row_ids:
-            s, n = spans.get(int(i), (0, 0))
-            flags = labels[s : s + n]
-            out.append(flags if score is None else flags[np.argsort(-score[s : s + n], kind="stable")])
-        return out
 
     tables: dict[str, pd.DataFrame] = {}
     for objective, booster in ranker.boosters.items():
         # The raw booster score orders the served list (the calibrated probability is monotone in it).
         name = MODEL if objective == ranker.objective else f"{MODEL}_{objective}"
         raw = np.asarray(booster.predict(features, num_iteration=booster.best_iteration)) if len(features) else np.empty(0)
-        tables[name] = metrics.ranking_from_hits(hits_for(raw), n_relevant, K)
-    tables["candidate_order_baseline"] = metrics.ranking_from_hits(hits_for(None), n_relevant, K)
+        tables[name] = metrics.ranking_from_hits(candidates.hits(raw), n_relevant, K)
+    tables["candidate_order_baseline"] = metrics.ranking_from_hits(candidates.hits(None), n_relevant, K)
     for name, ranked in baseline_lists(built, buyers, prepared_dir).items():
         tables[f"{name}_baseline"] = metrics.ranking_metrics_per_user(ranked, buyers.relevant, K)
     return RankingTables(buyers, tables, float(candidate_recall), int(without))
