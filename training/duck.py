@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Protocol
 
 import duckdb
 
@@ -17,3 +18,15 @@ def connect(memory_limit_gb: float, spill_dir: Path) -> duckdb.DuckDBPyConnectio
     # Every query that needs an order says so (ORDER BY); without this DuckDB buffers to keep file order.
     con.execute("SET preserve_insertion_order = false")
     return con
+
+
+class Connection(Protocol):
+    """What the feature builders use of a connection: DuckDB's own, or training.spark_engine.SparkConnection."""
+
+    def execute(self, sql: str) -> Any: ...
+
+    def register(self, name: str, table: Any) -> Any: ...
+
+    def unregister(self, name: str) -> Any: ...
+
+    def close(self) -> None: ...

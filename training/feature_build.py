@@ -18,13 +18,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from propensity.settings import FeatureSettings
 from training import item_features, item_retrieval, user_features
-from training.duck import connect
+from training.duck import Connection, connect
 from training.feature_sql import DAY_SECONDS
 
 
@@ -46,7 +45,7 @@ def day_index(moment: datetime) -> int:
     return seconds // DAY_SECONDS
 
 
-Builder = Callable[[duckdb.DuckDBPyConnection, frozenset[str], FeatureSettings], None]
+Builder = Callable[[Connection, frozenset[str], FeatureSettings], None]
 # Item tables need every user's events; user tables need only their own user's (so they can go in buckets).
 ITEM_BUILDERS: list[tuple[str, Builder]] = [
     ("item_stats", item_features.item_stats),
@@ -74,8 +73,8 @@ def build_features(
     """Compute every feature table from the prepared raw events and write them under offline_dir."""
     started = time.perf_counter()
     offline_dir.mkdir(parents=True, exist_ok=True)
-    spill_dir = offline_dir.parent / "duckdb-spill"
-    con = connect(settings.memory_limit_gb, spill_dir)
+    spill_dir = offline_dir.parent / ("spark-scratch" if settings.engine == "spark" else "duckdb-spill")
+    con = _connect(settings, spill_dir)
     n_events = _load_inputs(con, prepared_dir, day_index(as_of), settings)
     rows: dict[str, int] = {}
     seconds: dict[str, float] = {}
@@ -99,15 +98,18 @@ def build_features(
     for name, build in ITEM_BUILDERS:  # every user's events at once
         build_and_write(name, build, 0, 1)
     # User tables one bucket of users at a time: memory follows the bucket, not the log.
-    n_buckets = max(1, -(-n_events // settings.events_per_user_bucket))
-    con.execute("ALTER TABLE ev RENAME TO ev_all")
-    con.execute("ALTER TABLE user_item_day RENAME TO user_item_day_all")
-    con.execute("ALTER VIEW users RENAME TO users_all")
+    # Spark spreads one pass over its executors instead (and its hash() is not DuckDB's anyway).
+    n_buckets = 1 if settings.engine == "spark" else max(1, -(-n_events // settings.events_per_user_bucket))
+    if n_buckets > 1:
+        con.execute("ALTER TABLE ev RENAME TO ev_all")
+        con.execute("ALTER TABLE user_item_day RENAME TO user_item_day_all")
+        con.execute("ALTER VIEW users RENAME TO users_all")
     for bucket in range(n_buckets):
-        mine = f"hash(user_id) % {n_buckets} = {bucket}"
-        con.execute(f"CREATE OR REPLACE TEMP TABLE ev AS SELECT * FROM ev_all WHERE {mine}")
-        con.execute(f"CREATE OR REPLACE TEMP TABLE user_item_day AS SELECT * FROM user_item_day_all WHERE {mine}")
-        con.execute(f"CREATE OR REPLACE TEMP VIEW users AS SELECT * FROM users_all WHERE {mine}")
+        if n_buckets > 1:
+            mine = f"hash(user_id) % {n_buckets} = {bucket}"
+            con.execute(f"CREATE OR REPLACE TEMP TABLE ev AS SELECT * FROM ev_all WHERE {mine}")
+            con.execute(f"CREATE OR REPLACE TEMP TABLE user_item_day AS SELECT * FROM user_item_day_all WHERE {mine}")
+            con.execute(f"CREATE OR REPLACE TEMP VIEW users AS SELECT * FROM users_all WHERE {mine}")
         for name, build in USER_BUILDERS:
             build_and_write(name, build, bucket, n_buckets)
         if n_buckets > 1:
@@ -115,6 +117,15 @@ def build_features(
     con.close()
     shutil.rmtree(spill_dir, ignore_errors=True)
     return FeatureBuildSummary(rows=rows, files=files, seconds=time.perf_counter() - started, as_of=as_of)
+
+
+def _connect(settings: FeatureSettings, scratch_dir: Path) -> Connection:
+    """The engine of settings.engine behind DuckDB's connection surface (the builders' SQL is DuckDB's dialect)."""
+    if settings.engine == "spark":
+        from training.spark_engine import SparkConnection, spark_session
+
+        return SparkConnection(spark_session(settings.spark_master, settings.spark_conf), scratch_dir)
+    return connect(settings.memory_limit_gb, scratch_dir)
 
 
 def _concatenate(parts: list[Path], path: Path) -> Path:
@@ -136,7 +147,7 @@ def _concatenate(parts: list[Path], path: Path) -> Path:
     return path
 
 
-def _load_inputs(con: duckdb.DuckDBPyConnection, prepared_dir: Path, as_of_day: int, settings: FeatureSettings) -> int:
+def _load_inputs(con: Connection, prepared_dir: Path, as_of_day: int, settings: FeatureSettings) -> int:
     gap = settings.session_gap_minutes * 60
     con.execute(f"CREATE TEMP VIEW raw_events AS SELECT * FROM read_parquet('{prepared_dir / 'events.parquet'}')")
     con.execute(f"CREATE TEMP VIEW items AS SELECT * FROM read_parquet('{prepared_dir / 'items.parquet'}')")

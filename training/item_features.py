@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import duckdb
 
 from propensity.settings import FeatureSettings
+from training.duck import Connection
 from training.feature_sql import DAY_SECONDS, NEIGHBOR_WEEKS, count_expr, snapshot_boundaries
 
 
-def item_stats(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], settings: FeatureSettings) -> None:
+def item_stats(con: Connection, event_types: frozenset[str], settings: FeatureSettings) -> None:
     con.execute(
         """
         CREATE TEMP TABLE item_day AS
@@ -70,7 +70,7 @@ def item_stats(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], sett
     )
 
 
-def item_neighbors(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], settings: FeatureSettings) -> None:
+def item_neighbors(con: Connection, event_types: frozenset[str], settings: FeatureSettings) -> None:
     # Weekly snapshots ending at as-of, each over the 4 weeks before it: co-visitation moves
     # slowly, and pairs counted per week bucket are summed per snapshot without re-joining days.
     # A point-in-time join at any cut-off picks the latest week before it, never a later one.
@@ -95,7 +95,7 @@ def item_neighbors(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], 
         f"""
         CREATE TEMP TABLE item_neighbors AS
         WITH snapshots AS (
-            SELECT k FROM range(0, 1 + (SELECT coalesce(max(week), 0) FROM pair_week)) t(k)
+            SELECT unnest(range(0, 1 + (SELECT coalesce(max(week), 0) FROM pair_week))) AS k  -- a form Spark's EXPLODE takes too
         ), scored AS (
             SELECT p.item_id, s.k, p.neighbor_id, sum(p.n)::DOUBLE AS score
             FROM snapshots s JOIN pair_week p ON p.week >= s.k AND p.week < s.k + {NEIGHBOR_WEEKS}

@@ -12,20 +12,20 @@ from __future__ import annotations
 import re
 import warnings
 
-import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import scipy.sparse as sp
 
 from propensity.settings import FeatureSettings
+from training.duck import Connection
 from training.feature_sql import DAY_SECONDS
 
 # Interaction weights of the user x item matrix behind ALS and co-purchase (a purchase says most).
 EVENT_WEIGHTS = {"views": 1.0, "carts": 3.0, "purchases": 5.0}
 
 
-def item_factors(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], settings: FeatureSettings) -> None:
+def item_factors(con: Connection, event_types: frozenset[str], settings: FeatureSettings) -> None:
     """ALS (implicit) item factors per weekly snapshot; a user's vector is folded in at request time from their items."""
     from implicit.als import AlternatingLeastSquares
     from threadpoolctl import threadpool_limits
@@ -55,7 +55,7 @@ def item_factors(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], se
     _register(con, "item_factors", rows, {"als_factors": pa.list_(pa.float64()), "als_alpha": pa.float64(), "als_regularization": pa.float64()})
 
 
-def item_copurchase(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], settings: FeatureSettings) -> None:
+def item_copurchase(con: Connection, event_types: frozenset[str], settings: FeatureSettings) -> None:
     """Items bought (or carted) by the same shoppers, time-decayed and BM25-weighted, per weekly snapshot."""
     from implicit.nearest_neighbours import BM25Recommender
 
@@ -75,7 +75,7 @@ def item_copurchase(con: duckdb.DuckDBPyConnection, event_types: frozenset[str],
     _register(con, "item_copurchase", rows, {"copurchase_item_ids": pa.list_(pa.string()), "copurchase_scores": pa.list_(pa.float64())})
 
 
-def item_content(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], settings: FeatureSettings) -> None:
+def item_content(con: Connection, event_types: frozenset[str], settings: FeatureSettings) -> None:
     """Most similar items by title words, category, brand and price band (TF-IDF cosine): items with little history."""
     from sklearn.feature_extraction.text import TfidfVectorizer
 
@@ -131,14 +131,14 @@ def _one_token(value: object) -> str:
     return "_".join(str(value).split())
 
 
-def _catalog_and_snapshots(con: duckdb.DuckDBPyConnection, settings: FeatureSettings) -> tuple[np.ndarray, list[int]]:
+def _catalog_and_snapshots(con: Connection, settings: FeatureSettings) -> tuple[np.ndarray, list[int]]:
     items = con.execute("SELECT item_id FROM items UNION SELECT DISTINCT item_id FROM user_item_day ORDER BY item_id").df()["item_id"].to_numpy()
     as_of_day, first_day = con.execute("SELECT as_of_day, first_day FROM params").fetchall()[0]
     snapshots = [as_of_day - 7 * k for k in range(settings.retrieval_snapshots)]
     return items, [b for b in snapshots if first_day is not None and b > first_day]
 
 
-def _interactions(con: duckdb.DuckDBPyConnection, items: np.ndarray, b: int, half_life_days: float, kinds: tuple[str, ...] = tuple(EVENT_WEIGHTS)) -> sp.csr_matrix:
+def _interactions(con: Connection, items: np.ndarray, b: int, half_life_days: float, kinds: tuple[str, ...] = tuple(EVENT_WEIGHTS)) -> sp.csr_matrix:
     """users x items: weighted event counts per day before day b, each day decayed by its age (half-life in days)."""
     weight = " + ".join(f"{EVENT_WEIGHTS[k]} * coalesce({k}, 0)" for k in kinds)
     frame = con.execute(
@@ -169,7 +169,7 @@ def _top_lists(similarity: sp.csr_matrix, item_ids: np.ndarray, k: int) -> tuple
     return ids, scores
 
 
-def _register(con: duckdb.DuckDBPyConnection, name: str, parts: list[pd.DataFrame], types: dict[str, pa.DataType]) -> None:
+def _register(con: Connection, name: str, parts: list[pd.DataFrame], types: dict[str, pa.DataType]) -> None:
     """Create temp table `name` (item_id, event_timestamp, feature columns) from per-snapshot frames, typed even when empty."""
     columns = ["item_id", "b", *types]
     schema = pa.schema([("item_id", pa.string()), ("b", pa.int64()), *types.items()])

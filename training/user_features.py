@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import duckdb
 
 from propensity.settings import FeatureSettings
+from training.duck import Connection
 from training.feature_sql import DAY_SECONDS, WINDOW_LENGTHS, count_expr, snapshot_boundaries
 
 
-def user_activity(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], settings: FeatureSettings) -> None:
+def user_activity(con: Connection, event_types: frozenset[str], settings: FeatureSettings) -> None:
     windows = WINDOW_LENGTHS
     longest = max(windows)
     # An active day d enters every window at boundary d+1 and leaves window w at d+1+w.
@@ -109,6 +109,21 @@ def user_activity(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], s
         GROUP BY s.user_id, s.b
         """
     )
+    # Which day's running totals each snapshot sees: the latest active day before it. An ASOF JOIN in
+    # DuckDB alone; this running max over snapshots and days in one order is the same in both engines.
+    con.execute(
+        """
+        CREATE OR REPLACE TEMP TABLE running_at AS
+        SELECT user_id, b, b_from FROM (
+            SELECT user_id, b, is_snapshot,
+                   max(b_from) OVER (PARTITION BY user_id ORDER BY b, is_snapshot ROWS UNBOUNDED PRECEDING) AS b_from
+            FROM (SELECT user_id, b, 1 AS is_snapshot, NULL::BIGINT AS b_from FROM user_snapshots
+                  UNION ALL
+                  SELECT user_id, day + 1 AS b, 0 AS is_snapshot, day + 1 AS b_from FROM user_running) t
+        ) w
+        WHERE is_snapshot = 1 AND b_from IS NOT NULL
+        """
+    )
     con.execute(
         f"""
         CREATE OR REPLACE TEMP TABLE user_activity AS
@@ -120,12 +135,13 @@ def user_activity(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], s
         FROM activity a
         JOIN activity_items i USING (user_id, b)
         JOIN activity_sessions x USING (user_id, b)
-        ASOF JOIN (SELECT *, day + 1 AS b_from FROM user_running) r ON r.user_id = a.user_id AND a.b >= r.b_from
+        JOIN running_at t USING (user_id, b)
+        JOIN user_running r ON r.user_id = a.user_id AND r.day + 1 = t.b_from
         """
     )
 
 
-def user_profile(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], settings: FeatureSettings) -> None:
+def user_profile(con: Connection, event_types: frozenset[str], settings: FeatureSettings) -> None:
     # Profile attributes have no history: one row per user, valid from sign-up (or the log's start).
     con.execute(
         f"""
@@ -139,7 +155,7 @@ def user_profile(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], se
     )
 
 
-def user_interests(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], settings: FeatureSettings) -> None:
+def user_interests(con: Connection, event_types: frozenset[str], settings: FeatureSettings) -> None:
     # Reads snapshot_items, which user_activity builds (USER_BUILDERS runs it first).
     n_items = settings.recent_items_per_user
 
@@ -207,7 +223,7 @@ def user_interests(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], 
     )
 
 
-def user_purchase_history(con: duckdb.DuckDBPyConnection, event_types: frozenset[str], settings: FeatureSettings) -> None:
+def user_purchase_history(con: Connection, event_types: frozenset[str], settings: FeatureSettings) -> None:
     # The history only changes the day after a purchase, so those are the only snapshots it needs.
     n_items = settings.bought_items_per_user
     con.execute(
