@@ -10,7 +10,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -202,6 +202,26 @@ class SecuritySettings(_Section):
     health_port: int = Field(0, description="A second, plaintext port serving only grpc.health.v1 (probes without client certificates); 0: none.")
 
 
+class IngestSettings(_Section):
+    """Where IngestEvents logs events durably (docs/deploy.md: the shared event log)."""
+
+    event_log: Literal["sqlite", "postgres"] = Field(
+        "sqlite",
+        description="'sqlite': an embedded log per process under stream_dir (one machine); 'postgres': one log in PostgreSQL "
+        "shared by every replica (idempotent by event_id across them; read by `propensity prepare`).",
+    )
+    postgres_dsn: SecretStr = Field(
+        SecretStr(""),
+        description="PostgreSQL URL of the shared event log, database included (postgresql://user:password@host:5432/db; a "
+        "SQLAlchemy postgresql+psycopg:// URL works too). Empty: ${PROPENSITY_PG_URL}/${PROPENSITY_PG_DATABASE}, the "
+        "feature store profiles' registry database (propensity.store_profiles defaults).",
+    )
+    postgres_table: str = Field("propensity_events", description="Table of the shared event log (created if missing).")
+    postgres_timeout_seconds: float = Field(
+        2.0, description="Longest wait to connect, for a lock or for one statement of the PostgreSQL event log; past it the message is refused (UNAVAILABLE)."
+    )
+
+
 class Settings(BaseSettings):
     """Every knob of the product, documented; nested fields use PROPENSITY_SECTION__FIELD."""
 
@@ -232,6 +252,7 @@ class Settings(BaseSettings):
     training: TrainingSettings = TrainingSettings()
     server: ServerSettings = ServerSettings()
     security: SecuritySettings = SecuritySettings()
+    ingest: IngestSettings = IngestSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -57,12 +57,13 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from training.prepare import prepare
 
-    from propensity.event_log import EventLog
+    from propensity.erasure import tombstones
+    from propensity.event_log_postgres import read_event_log
 
     settings = settings_from_args(args)
-    ingested = EventLog(settings.event_log_dir).to_frame() if (settings.event_log_dir / "events.db").exists() else None
+    ingested = read_event_log(settings)  # the shared PostgreSQL log or this machine's SQLite one (ingest.event_log)
     prepare(settings.data_dir, settings.prepared_dir, as_of=settings.as_of, rebase_to=_today() if settings.rebase_to_now else None,
-            extra_events=ingested, memory_limit_gb=settings.features.memory_limit_gb)
+            extra_events=ingested, memory_limit_gb=settings.features.memory_limit_gb, forgotten=tombstones(settings))
     return 0
 
 

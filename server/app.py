@@ -22,7 +22,7 @@ from propensity.model_registry import ModelBundle
 from propensity.settings import Settings
 from propensity.v1 import recommendation_service_pb2 as pb
 from propensity.v1 import recommendation_service_pb2_grpc as pb_grpc
-from propensity.event_log import EventLog
+from propensity.event_log_postgres import open_event_log
 from propensity.raw_data import EVENT_TYPES
 from server.errors import IngestionUnavailable
 from server.admission import AdmissionInterceptor
@@ -93,7 +93,7 @@ def build_components(settings: Settings, observability: Observability | None = N
     recorded = frozenset(manifest.get("event_types", EVENT_TYPES))
     try:
         ingestor: EventIngestor | IngestionUnavailable = EventIngestor(
-            store, EventLog(settings.event_log_dir), settings.features.recent_items_per_user,
+            store, open_event_log(settings), settings.features.recent_items_per_user,
             settings.features.bought_items_per_user, recorded,
             settings.server.store_timeout_seconds, settings.server.store_retry_seconds, observer=metrics,
         )
