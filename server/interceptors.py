@@ -74,34 +74,37 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         async def observed(request: object, context: grpc.aio.ServicerContext) -> object:
             start = time.perf_counter()
             token = request_id_var.set(request_id)
-            code = grpc.StatusCode.OK
+            error: BaseException | None = None
             try:
                 await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id), (SERVED_BY_HEADER, str(os.getpid()))))
                 response = behavior(request, context)
                 if inspect.isawaitable(response):
                     response = await response
-                code = context.code() or grpc.StatusCode.OK  # a handler may set_code() without aborting
                 return response
-            except grpc.aio.AbortError:
-                code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
-            except asyncio.CancelledError:
-                # The client went away or its deadline passed; gRPC answers nobody, but the time was spent.
-                remaining = context.time_remaining()
-                expired = remaining is not None and remaining <= 0
-                code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
-                raise
-            except Exception:
-                code = grpc.StatusCode.UNKNOWN  # what grpc.aio answers for an unhandled exception
+            except BaseException as raised:
+                error = raised
                 raise
             finally:
                 request_id_var.reset(token)
                 try:
-                    observe(method, code.name, time.perf_counter() - start)
+                    observe(method, final_code(context, error).name, time.perf_counter() - start)
                 except Exception:  # metrics must never fail a request
                     log.exception("recording metrics for %s failed", method)
 
         return observed
+
+
+def final_code(context: grpc.aio.ServicerContext, error: BaseException | None) -> grpc.StatusCode:
+    """The status code a unary handler ended with, given what it raised (None: it returned)."""
+    if error is None:
+        return context.code() or grpc.StatusCode.OK  # a handler may set_code() without aborting
+    if isinstance(error, grpc.aio.AbortError):
+        return context.code() or grpc.StatusCode.UNKNOWN
+    if isinstance(error, asyncio.CancelledError):
+        # The client went away or its deadline passed; gRPC answers nobody, but the time was spent.
+        remaining = context.time_remaining()
+        return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.UNKNOWN  # what grpc.aio answers for an unhandled exception
 
 
 def _request_id(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:

@@ -9,6 +9,8 @@ import sys
 from datetime import datetime, timezone
 from typing import TextIO
 
+from opentelemetry import trace
+
 from server.interceptors import current_request_id
 
 FORMATS = ("json", "text")
@@ -26,7 +28,11 @@ class _RequestIdFilter(logging.Filter):
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, request_id, pid, extra fields, exception."""
+    """One JSON object per line: time, level, logger, message, request_id, trace_id and span_id, pid, extra fields, exception.
+
+    trace_id and span_id (lower-case hex, as trace backends show them) are there while a recording span is
+    current, i.e. inside a traced RPC (server/tracing.py); with tracing off they are absent.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
@@ -39,6 +45,10 @@ class JsonFormatter(logging.Formatter):
         request_id = current_request_id()
         if request_id:
             entry["request_id"] = request_id
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:
+            entry["trace_id"] = trace.format_trace_id(span.trace_id)
+            entry["span_id"] = trace.format_span_id(span.span_id)
         for key, value in vars(record).items():
             if key not in _STANDARD_ATTRS and key not in entry:
                 entry[key] = value
