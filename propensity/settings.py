@@ -137,6 +137,13 @@ class ServerSettings(_Section):
     )
     metrics_port: int = Field(0, description="Prometheus metrics HTTP port; 0 turns the endpoint off.")
     log_format: str = Field("text", description="'json' for structured logs with request ids, 'text' for people.")
+    otlp_endpoint: str = Field(
+        "", description="OpenTelemetry collector for traces over OTLP/gRPC, e.g. 'http://otel-collector:4317'; empty: "
+        "OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT if set, else tracing is off (no tracing code on the request path). docs/deploy.md#traces."
+    )
+    trace_sample_rate: float = Field(
+        1.0, ge=0.0, le=1.0, description="Share of traces the server starts that are recorded; a caller's traceparent decision is kept."
+    )
     item_cache_refresh_seconds: float = Field(60.0, description="How often the in-process item catalog is re-read from the online store.")
     model_poll_seconds: float = Field(5.0, description="How often the model registry is checked for a newly promoted version (hot reload).")
     traffic_split: dict[str, float] = Field(

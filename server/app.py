@@ -37,6 +37,7 @@ from server.online_features import OnlineUserFeatures
 from server.queries import ViewFreshness
 from server.recommender import Recommender
 from server.servicer import RecommendationServicer
+from server.tracing import Tracing, start_tracing
 
 log = logging.getLogger("propensity.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RecommendationService"].full_name
@@ -64,7 +65,7 @@ class Components:
     freshness: FreshnessTracker
 
 
-def build_components(settings: Settings, observability: Observability | None = None) -> Components:
+def build_components(settings: Settings, observability: Observability | None = None, tracing: Tracing | None = None) -> Components:
     store = open_store(settings.feature_repo, settings.feature_store_yaml)
 
     def check_contract(bundle: ModelBundle) -> None:
@@ -112,7 +113,7 @@ def build_components(settings: Settings, observability: Observability | None = N
         settings.candidates,
         settings.server,
         as_of,
-        observer=metrics,
+        observer=tracing.observer(metrics) if tracing and metrics else metrics,
         served_log=observability.served_log if observability else None,
         freshness=lambda: [ViewFreshness(view, age, ttl) for view, (age, ttl) in sorted(freshness.views.items())],
     )
@@ -125,14 +126,20 @@ async def serve(
     stop: asyncio.Event | None = None,
     reuse_port: bool = False,
     observability: Observability | None = None,
+    tracing: Tracing | None = None,
 ) -> None:
-    """Serve until SIGINT/SIGTERM (or `stop` is set); health turns NOT_SERVING before the grace period."""
+    """Serve until SIGINT/SIGTERM (or `stop` is set); health turns NOT_SERVING before the grace period.
+
+    tracing: None starts it from the settings (server.tracing.start_tracing: off unless an OTLP endpoint is set).
+    """
     t0 = time.perf_counter()
     own_observability = observability is None
     if observability is None:
         observability = install_observability(settings)
         observability.start_http()
-    components = build_components(settings, observability)
+    own_tracing = tracing is None
+    tracing = start_tracing(settings) if tracing is None else tracing
+    components = build_components(settings, observability, tracing)
     metrics = observability.metrics
     metrics.set_models(components.models.roles())
     for view, (age, _) in components.freshness.refresh().items():
@@ -147,7 +154,9 @@ async def serve(
     # Admission after observability: shed calls are counted and timed too (code RESOURCE_EXHAUSTED).
     # Auth after observability (refusals are counted and timed too) and before admission (they take no slot).
     auth = build_interceptor(settings, observe=metrics.observe_caller)
-    interceptors = [*observability.interceptors, *([auth] if auth else []), AdmissionInterceptor(settings.server.max_concurrent_requests)]
+    # Tracing right after observability: its span sees the request id and covers auth, admission and the handler.
+    traced = [tracing.interceptor()] if tracing else []
+    interceptors = [*observability.interceptors, *traced, *([auth] if auth else []), AdmissionInterceptor(settings.server.max_concurrent_requests)]
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.so_reuseport", 1 if reuse_port else 0),
         ("grpc.max_receive_message_length", settings.server.max_message_bytes),
@@ -209,4 +218,6 @@ async def serve(
         await health_server.stop(None)
     if own_observability:
         observability.close()
+    if own_tracing and tracing:
+        tracing.close()
     log.info("stopped")
