@@ -163,6 +163,23 @@ class EventLog:
         frame.insert(0, "event_time", pd.to_datetime(frame.pop("event_time_ms"), unit="ms", utc=True).astype("datetime64[ns, UTC]"))
         return frame
 
+    def forget(self, user_ids: Sequence[str]) -> int:
+        """Delete every event of these users (erasure); returns how many. Then the file is rebuilt (VACUUM) and the WAL
+        truncated, so that no freed page or old WAL frame still holds their bytes (docs/privacy.md)."""
+        deleted = 0
+        with self._transaction():
+            for start in range(0, len(user_ids), _IDS_PER_QUERY):
+                part = list(user_ids[start : start + _IDS_PER_QUERY])
+                deleted += self._conn.execute(f"DELETE FROM events WHERE user_id IN ({','.join('?' * len(part))})", part).rowcount
+        try:
+            self._conn.execute("VACUUM")
+            busy = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        except sqlite3.Error as error:
+            raise EventLogError(f"event log {self.path}: events deleted, but the file was not rebuilt: {error}") from error
+        if busy:
+            raise EventLogError(f"event log {self.path}: events deleted, but a reader kept the WAL from being truncated; retry")
+        return deleted
+
     def close(self) -> None:
         self._conn.close()
 

@@ -137,6 +137,9 @@ class ServerSettings(_Section):
     )
     metrics_port: int = Field(0, description="Prometheus metrics HTTP port; 0 turns the endpoint off.")
     log_format: str = Field("text", description="'json' for structured logs with request ids, 'text' for people.")
+    log_level: str = Field(
+        "INFO", description="Root log level (DEBUG, INFO, WARNING, ...). At INFO and above user ids appear only pseudonymised (docs/privacy.md)."
+    )
     otlp_endpoint: str = Field(
         "", description="OpenTelemetry collector for traces over OTLP/gRPC, e.g. 'http://otel-collector:4317'; empty: "
         "OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT if set, else tracing is off (no tracing code on the request path). docs/deploy.md#traces."
@@ -229,6 +232,17 @@ class IngestSettings(_Section):
     )
 
 
+class PrivacySettings(_Section):
+    """Erasure (`propensity forget`, ForgetUsers) and pseudonymous logs: docs/privacy.md."""
+
+    key: SecretStr = Field(
+        SecretStr(""),
+        description="HMAC-SHA256 key that pseudonymises user ids in logs and in the erasure tombstones (never stored in clear). "
+        "Provision it from a secret store (PROPENSITY_PRIVACY__KEY); empty: a random key is made once in <work_dir>/privacy/key (0600). "
+        "Changing it orphans existing tombstones.",
+    )
+
+
 class Settings(BaseSettings):
     """Every knob of the product, documented; nested fields use PROPENSITY_SECTION__FIELD."""
 
@@ -259,6 +273,7 @@ class Settings(BaseSettings):
     training: TrainingSettings = TrainingSettings()
     server: ServerSettings = ServerSettings()
     security: SecuritySettings = SecuritySettings()
+    privacy: PrivacySettings = PrivacySettings()
     ingest: IngestSettings = IngestSettings()
 
     @classmethod

@@ -27,6 +27,7 @@ from propensity_cli.commands import (
     cmd_serve,
     cmd_train,
 )
+from propensity_cli.forget import add_forget_command
 from training.commands import add_evaluate_arguments, add_score_batch_arguments, cmd_evaluate, cmd_score_batch
 
 
@@ -130,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_recommend)
 
     add_models_commands(sub, paths)
+    add_forget_command(sub, paths)
     return parser
 
 

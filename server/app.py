@@ -37,6 +37,8 @@ from server.online_features import OnlineUserFeatures
 from server.queries import ViewFreshness
 from server.recommender import Recommender
 from server.servicer import RecommendationServicer
+from server.forgetting import Forgetter
+from propensity.pseudonyms import privacy_key, set_log_key
 from server.tracing import Tracing, start_tracing
 
 log = logging.getLogger("propensity.server")
@@ -133,6 +135,7 @@ async def serve(
     tracing: None starts it from the settings (server.tracing.start_tracing: off unless an OTLP endpoint is set).
     """
     t0 = time.perf_counter()
+    set_log_key(privacy_key(settings))  # user ids in this process's logs become keyed hashes (pseudonymise)
     own_observability = observability is None
     if observability is None:
         observability = install_observability(settings)
@@ -164,7 +167,8 @@ async def serve(
         ("grpc.server.max_pending_requests", settings.server.max_pending_requests),
         ("grpc.server.max_pending_requests_hard_limit", 2 * settings.server.max_pending_requests),
     ])
-    pb_grpc.add_RecommendationServiceServicer_to_server(RecommendationServicer(components.recommender, settings.server, components.ingestor), server)
+    forgetter = Forgetter(settings, observability.served_log)  # ForgetUsers (admin role): docs/privacy.md
+    pb_grpc.add_RecommendationServiceServicer_to_server(RecommendationServicer(components.recommender, settings.server, components.ingestor, forgetter), server)
     health = health_async.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if settings.security.reflection:

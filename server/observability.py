@@ -111,7 +111,7 @@ def install_observability(
     metrics_addr defaults to settings.server.host.
     """
     server = settings.server
-    configure_logging(server.log_format)
+    configure_logging(server.log_format, server.log_level)
     check_transport(settings)  # before any port opens: no plaintext beyond loopback unless allowed
     tls = CertificateFiles.from_settings(settings.security)
     parent_of_workers = serve_http and server.workers > 1

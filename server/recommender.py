@@ -17,6 +17,7 @@ from propensity.assembly import RANKER_FEATURES, pair_matrix, user_matrix, user_
 from propensity.candidates import generate_candidates
 from propensity.retrieval import RetrievalWeights, UserSignals, stored_weights
 from propensity.catalog import Catalog
+from propensity.pseudonyms import pseudonymise
 from propensity.model_registry import RANKER_MODEL, USER_MODEL, ModelBundle
 from propensity.settings import CandidateSettings, ServerSettings
 from propensity.user_state import UserBatch, UserState
@@ -267,7 +268,7 @@ class Recommender:
         top = top_k(scored.raw, query.num_items)
         log.info(
             "shadow scoring",
-            extra={"shadow_version": shadow.version, "served_version": served.version, "user_id": query.user_id,
+            extra={"shadow_version": shadow.version, "served_version": served.version, "user": pseudonymise(query.user_id),
                    "shadow_items": [str(ids[i]) for i in top], "shadow_scores": [round(float(s), 6) for s in non_increasing(scored.calibrated[top])]},
         )
 

@@ -138,6 +138,16 @@ class ServedFeatureLogger:
             self._failed("served-feature log: request %s not logged", request_id)
             return False
 
+    def forget(self, user_ids: Sequence[str]) -> int:
+        """Drop these users' buffered rows (erasure); returns how many. When it returns, no write that could still
+        name them is in flight, so the files already written are all there is to scrub (propensity.erasure)."""
+        users = set(user_ids)
+        with self._write_lock, self._lock:
+            kept = [batch for batch in self._buffer if batch.user_id not in users]
+            dropped = self._buffered_rows - sum(len(batch.item_ids) for batch in kept)
+            self._buffer, self._buffered_rows = kept, self._buffered_rows - dropped
+        return dropped
+
     def flush(self) -> None:
         """Write everything buffered now, in the caller's thread."""
         with self._lock:

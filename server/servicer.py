@@ -15,6 +15,7 @@ from propensity.v1 import recommendation_service_pb2 as pb
 from propensity.v1 import recommendation_service_pb2_grpc as pb_grpc
 from server import validation
 from server.errors import IngestionUnavailable, InvalidArgument, ModelUnavailable, RecommendationError, StreamIdle, UnknownModelVersion
+from server.forgetting import ErasureUnavailable, Forgetter
 from server.ingest import EventIngestor, EventLogUnavailable, IngestReport
 from server.interceptors import current_request_id
 from server.queries import ItemScores, ModelsInfo, Recommendation, RecommendQuery, ScoredItem, UserScores
@@ -30,6 +31,7 @@ _STATUS = {
     UnknownModelVersion: grpc.StatusCode.NOT_FOUND,
     ModelUnavailable: grpc.StatusCode.FAILED_PRECONDITION,
     IngestionUnavailable: grpc.StatusCode.FAILED_PRECONDITION,
+    ErasureUnavailable: grpc.StatusCode.FAILED_PRECONDITION,
     EventLogUnavailable: grpc.StatusCode.UNAVAILABLE,  # nothing of the failing message was stored: retry it
     StoreUnavailable: grpc.StatusCode.UNAVAILABLE,  # ScoreItems / ScoreUsers need the online store (Recommend degrades instead)
     StreamIdle: grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -55,10 +57,14 @@ def _handle_errors(method: Callable[..., Awaitable[Response]]) -> Callable[..., 
 class RecommendationServicer(pb_grpc.RecommendationServiceServicer):
     """Thin adapter over Recommender."""
 
-    def __init__(self, recommender: Recommender, limits: ServerSettings, ingestor: EventIngestor | IngestionUnavailable | None = None) -> None:
+    def __init__(
+        self, recommender: Recommender, limits: ServerSettings, ingestor: EventIngestor | IngestionUnavailable | None = None,
+        forgetter: Forgetter | None = None,
+    ) -> None:
         self._recommender = recommender
         self._limits = limits
         self._ingestor = ingestor  # or why ingestion is off
+        self._forgetter = forgetter
 
     @_handle_errors
     async def Recommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext) -> pb.RecommendResponse:
@@ -114,6 +120,17 @@ class RecommendationServicer(pb_grpc.RecommendationServiceServicer):
             rejected=report.rejected,
             pushes_pending=report.pushes_pending,
             rejections=[pb.RejectedEvent(index=r.index, event_id=r.event_id, field=r.field, reason=r.reason) for r in report.rejections],
+        )
+
+    @_handle_errors
+    async def ForgetUsers(self, request: pb.ForgetUsersRequest, context: grpc.aio.ServicerContext) -> pb.ForgetUsersResponse:
+        user_ids = validation.id_list(request.user_ids, "user_ids", self._limits.max_score_users, required=True)
+        if self._forgetter is None:
+            raise ErasureUnavailable("ForgetUsers: this server was started without erasure (use `propensity forget`)")
+        report = await self._forgetter.forget(list(user_ids))
+        return pb.ForgetUsersResponse(
+            users=report.users, event_log_events=report.event_log_events, online_rows=report.online_rows,
+            files_rewritten=report.files_rewritten, file_rows=report.file_rows,
         )
 
     @_handle_errors

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 from propensity.assembly import pair_matrix, user_matrix
 from propensity.candidates import generate_candidates
 from propensity.catalog import Catalog
+from propensity.erasure import record_output
 from propensity.retrieval import stored_weights
 from propensity.feature_store import check_service, open_store
 from propensity.model_registry import RANKER_MODEL, USER_MODEL, ModelBundle, load_version
@@ -272,6 +273,7 @@ def cmd_score_batch(args: argparse.Namespace, settings: Settings) -> int:
     if at.tzinfo is None:
         at = at.replace(tzinfo=timezone.utc)
     out = Path(args.out).resolve()
+    record_output(settings, out)  # before writing: `propensity forget` must find it even if this run is cut short
     if args.users_only:
         score_users_batch(settings, at, out, chunk_size=args.chunk_size or USERS_CHUNK, version=args.version)
     else:

@@ -23,8 +23,10 @@ import duckdb
 import pandas as pd
 import pyarrow as pa
 
+from propensity.erasure import scrub_parquet
 from propensity.raw_data import RawDataError, StagedDataset, raw_schema, stage_raw_dataset, write_table
 from propensity.settings import FeatureSettings
+from propensity.tombstones import Tombstones
 from training.duck import connect
 
 DAY = timedelta(days=1)
@@ -78,11 +80,14 @@ def prepare(
     extra_events: pd.DataFrame | None = None,
     memory_limit_gb: float | None = None,
     progress: Callable[[str], None] = print,
+    forgotten: Tombstones | None = None,
 ) -> PreparedData:
     """Load and validate source_dir, shift it so as_of lands on rebase_to's day, write prepared_dir.
 
     extra_events are events ingested by the server (already on the serving clock, so never shifted);
     they join the log after the shift, duplicates by event_id dropped.
+    forgotten: erased shoppers (docs/privacy.md); their events dated up to their forgetting (each on its own clock,
+    before any shift) and their profile rows are left out, and their quarantined rows are removed.
     """
     prepared_dir.mkdir(parents=True, exist_ok=True)
     staged_path = prepared_dir / "events.staged.parquet"
@@ -102,7 +107,8 @@ def prepare(
             shift_days = max(0, (today - original_as_of).days)  # only historical logs move
         con = connect(memory_limit_gb, prepared_dir / "duckdb-spill")
         try:
-            stats = _write_events(con, dataset, extra_events, shift_days, prepared_dir / "events.parquet")
+            erased = _forgotten_users(con, dataset, extra_events, forgotten)
+            stats = _write_events(con, dataset, extra_events, shift_days, prepared_dir / "events.parquet", erased)
         finally:
             con.close()
     finally:
@@ -110,8 +116,14 @@ def prepare(
         shutil.rmtree(prepared_dir / "duckdb-spill", ignore_errors=True)
     if stats.n_extra:
         progress(f"added {stats.n_extra:,} ingested events from the event log")
+    users = dataset.users
+    if erased:
+        users = users[~users["user_id"].astype(str).isin(erased)]
+        for quarantined in sorted((prepared_dir / "quarantine").glob("*.parquet")):
+            scrub_parquet(quarantined, sorted(erased))
+        progress(f"left out {len(erased):,} forgotten user(s) (tombstones)")
     write_table("items", dataset.items, prepared_dir)
-    write_table("users", _shift_users(dataset.users, timedelta(days=shift_days)), prepared_dir)
+    write_table("users", _shift_users(users, timedelta(days=shift_days)), prepared_dir)
     prepared = PreparedData(
         directory=prepared_dir,
         source=str(source_dir),
@@ -158,13 +170,32 @@ class _EventStats:
     event_types: frozenset[str]
 
 
+def _forgotten_users(con: duckdb.DuckDBPyConnection, dataset: StagedDataset, extra_events: pd.DataFrame | None,
+                     forgotten: Tombstones | None) -> dict[str, datetime]:
+    """The users of this log that have a tombstone, with its time; registered as the `forgotten` table."""
+    erased: dict[str, datetime] = {}
+    if forgotten is not None and forgotten.hashes():
+        # Hashing every distinct id once is cheap next to the log itself (about a microsecond an id).
+        users = [row[0] for row in con.execute(f"SELECT DISTINCT user_id FROM read_parquet('{dataset.events_path}')").fetchall()]
+        users += [str(u) for u in dataset.users["user_id"]] if "user_id" in dataset.users else []
+        users += [str(u) for u in extra_events["user_id"].unique()] if extra_events is not None and len(extra_events) else []
+        erased = forgotten.forgotten(dict.fromkeys(users))
+    con.register("forgotten", pa.table(
+        {"user_id": pa.array(list(erased), pa.string()), "forgotten_at": pa.array(list(erased.values()), pa.timestamp("us", tz="UTC"))}
+    ))
+    return erased
+
+
 def _write_events(con: duckdb.DuckDBPyConnection, dataset: StagedDataset, extra_events: pd.DataFrame | None,
-                  shift_days: int, out: Path) -> _EventStats:
-    """Shift, add the ingested events, drop repeated event_ids (first kept) and sort by time, out of core."""
+                  shift_days: int, out: Path, erased: dict[str, datetime]) -> _EventStats:
+    """Shift, add the ingested events, drop repeated event_ids (first kept) and forgotten users' events, sort by time, out of core."""
     columns = raw_schema("events").names
-    con.execute(f"CREATE TEMP VIEW staged AS SELECT * FROM read_parquet('{dataset.events_path}')")
+    # A tombstone covers events up to its time, on the event's own clock (the raw log's before the shift).
+    not_forgotten = "NOT EXISTS (SELECT 1 FROM forgotten f WHERE f.user_id = e.user_id AND e.event_time <= f.forgotten_at)"
+    con.execute(f"CREATE TEMP VIEW staged AS SELECT * FROM read_parquet('{dataset.events_path}') e WHERE {not_forgotten}")
     extra = extra_events[columns] if extra_events is not None and len(extra_events) else pd.DataFrame(columns=columns)
-    con.register("extra_events", pa.Table.from_pandas(extra, schema=raw_schema("events"), preserve_index=False))
+    con.register("extra_all", pa.Table.from_pandas(extra, schema=raw_schema("events"), preserve_index=False))
+    con.execute(f"CREATE TEMP VIEW extra_events AS SELECT * FROM extra_all e WHERE {not_forgotten}")
     # Repeated event_ids of the raw log were found while staging (and quarantined): those rows are left out.
     dropped = f"read_parquet('{dataset.duplicates_path}')" if dataset.duplicates_path else "(SELECT NULL::BIGINT AS line_or_row WHERE false)"
     con.execute(f"CREATE TEMP VIEW dropped AS SELECT line_or_row AS source_row FROM {dropped}")
@@ -200,7 +231,8 @@ def _write_events(con: duckdb.DuckDBPyConnection, dataset: StagedDataset, extra_
     tmp.replace(out)
     n_events, types = con.execute(f"SELECT count(*), list(DISTINCT event_type) FROM read_parquet('{out}')").fetchone()
     n_users = con.execute(f"SELECT count(*) FROM (SELECT user_id FROM read_parquet('{out}') GROUP BY user_id)").fetchone()[0]
-    return _EventStats(n_events, n_users, n_events - dataset.report.rows_loaded["events"], frozenset(types))
+    n_raw = con.execute("SELECT count(*) FROM staged WHERE source_row NOT IN (SELECT source_row FROM dropped)").fetchone()[0]
+    return _EventStats(n_events, n_users, n_events - n_raw, frozenset(types))
 
 
 def _shift_users(users: pd.DataFrame, offset: timedelta) -> pd.DataFrame:

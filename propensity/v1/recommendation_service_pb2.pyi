@@ -259,3 +259,23 @@ class IngestEventsResponse(_message.Message):
     rejections: _containers.RepeatedCompositeFieldContainer[RejectedEvent]
     pushes_pending: int
     def __init__(self, accepted: _Optional[int] = ..., duplicates: _Optional[int] = ..., rejected: _Optional[int] = ..., rejections: _Optional[_Iterable[_Union[RejectedEvent, _Mapping]]] = ..., pushes_pending: _Optional[int] = ...) -> None: ...
+
+class ForgetUsersRequest(_message.Message):
+    __slots__ = ("user_ids",)
+    USER_IDS_FIELD_NUMBER: _ClassVar[int]
+    user_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, user_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ForgetUsersResponse(_message.Message):
+    __slots__ = ("users", "event_log_events", "online_rows", "files_rewritten", "file_rows")
+    USERS_FIELD_NUMBER: _ClassVar[int]
+    EVENT_LOG_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    ONLINE_ROWS_FIELD_NUMBER: _ClassVar[int]
+    FILES_REWRITTEN_FIELD_NUMBER: _ClassVar[int]
+    FILE_ROWS_FIELD_NUMBER: _ClassVar[int]
+    users: int
+    event_log_events: int
+    online_rows: int
+    files_rewritten: int
+    file_rows: int
+    def __init__(self, users: _Optional[int] = ..., event_log_events: _Optional[int] = ..., online_rows: _Optional[int] = ..., files_rewritten: _Optional[int] = ..., file_rows: _Optional[int] = ...) -> None: ...

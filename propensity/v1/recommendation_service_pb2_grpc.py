@@ -61,6 +61,11 @@ class RecommendationServiceStub:
                 request_serializer=propensity_dot_v1_dot_recommendation__service__pb2.IngestEventsRequest.SerializeToString,
                 response_deserializer=propensity_dot_v1_dot_recommendation__service__pb2.IngestEventsResponse.FromString,
                 _registered_method=True)
+        self.ForgetUsers = channel.unary_unary(
+                '/propensity.v1.RecommendationService/ForgetUsers',
+                request_serializer=propensity_dot_v1_dot_recommendation__service__pb2.ForgetUsersRequest.SerializeToString,
+                response_deserializer=propensity_dot_v1_dot_recommendation__service__pb2.ForgetUsersResponse.FromString,
+                _registered_method=True)
 
 
 class RecommendationServiceServicer:
@@ -109,6 +114,17 @@ class RecommendationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForgetUsers(self, request, context):
+        """ForgetUsers erases shoppers (right to erasure; needs the admin role): their events in the durable event log,
+        their rows in every online feature view, and their rows in the prepared data, the offline feature tables, the
+        served-feature log and batch-scoring outputs. A tombstone (a keyed hash of the id, never the id) keeps their
+        events from the raw input out of the next build. Afterwards Recommend answers for them as for an unknown
+        user; events that arrive later are a new shopper's. Retrying is safe. docs/privacy.md has the rules.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RecommendationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -136,6 +152,11 @@ def add_RecommendationServiceServicer_to_server(servicer, server):
                     servicer.IngestEvents,
                     request_deserializer=propensity_dot_v1_dot_recommendation__service__pb2.IngestEventsRequest.FromString,
                     response_serializer=propensity_dot_v1_dot_recommendation__service__pb2.IngestEventsResponse.SerializeToString,
+            ),
+            'ForgetUsers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForgetUsers,
+                    request_deserializer=propensity_dot_v1_dot_recommendation__service__pb2.ForgetUsersRequest.FromString,
+                    response_serializer=propensity_dot_v1_dot_recommendation__service__pb2.ForgetUsersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -275,6 +296,33 @@ class RecommendationService:
             '/propensity.v1.RecommendationService/IngestEvents',
             propensity_dot_v1_dot_recommendation__service__pb2.IngestEventsRequest.SerializeToString,
             propensity_dot_v1_dot_recommendation__service__pb2.IngestEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForgetUsers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/propensity.v1.RecommendationService/ForgetUsers',
+            propensity_dot_v1_dot_recommendation__service__pb2.ForgetUsersRequest.SerializeToString,
+            propensity_dot_v1_dot_recommendation__service__pb2.ForgetUsersResponse.FromString,
             options,
             channel_credentials,
             insecure,

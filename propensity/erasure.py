@@ -1,0 +1,239 @@
+"""Right to erasure: remove shoppers from everything the product manages (`propensity forget`, the ForgetUsers RPC).
+
+In this order, so that a failure half-way never lets the shopper back in:
+
+1. a tombstone (keyed hash + time) is appended: the next `prepare` leaves their events out of every build;
+2. the durable event log: their events deleted, the file rebuilt;
+3. the online store: their rows in every view keyed by user (SQLite rows, then the file rebuilt; Redis keys);
+4. every Parquet file the product wrote under the work directory, the offline store and the served-feature log
+   directory, and every batch-scoring output recorded in `<work_dir>/privacy/outputs.txt`: rewritten without
+   the rows that name them.
+
+Raw input files belong to the shop and are never edited. docs/privacy.md has the rules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from propensity.event_log import EventLog
+from propensity.pseudonyms import privacy_key
+from propensity.realtime import id_problem
+from propensity.settings import Settings
+from propensity.tombstones import TOMBSTONES_FILE, Tombstones
+
+OUTPUTS_FILE = Path("privacy") / "outputs.txt"
+USER_KEY = "user_id"
+_REGEX_IDS = 200  # ids per substring pattern (one regex pass per column and chunk of ids)
+
+
+class ErasureError(ValueError):
+    """The request to forget cannot be carried out as given (no ids, an empty or oversized id)."""
+
+
+@dataclass
+class ErasureReport:
+    """What one erasure removed, per place."""
+
+    users: int = 0
+    tombstones: int = 0
+    event_log_events: int = 0
+    online_rows: int = 0
+    files_rewritten: int = 0
+    file_rows: int = 0
+    places: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (
+            f"forgot {self.users} user(s): {self.event_log_events} logged events, {self.online_rows} online-store rows, "
+            f"{self.file_rows} rows in {self.files_rewritten} file(s); tombstones written: {self.tombstones}"
+        )
+
+
+def checked_ids(user_ids: Iterable[str]) -> list[str]:
+    """The ids to forget, de-duplicated in order; ErasureError names the first bad one."""
+    ids = list(dict.fromkeys(user_ids))
+    if not ids:
+        raise ErasureError("user_ids: at least one user id is required")
+    for position, user in enumerate(ids):
+        problem = id_problem(user) if isinstance(user, str) else f"not a string: {type(user).__name__}"
+        if problem:
+            raise ErasureError(f"user_ids[{position}]: {problem}")  # the id itself is not echoed: it may be personal
+    return ids
+
+
+def tombstones(settings: Settings) -> Tombstones:
+    """The work directory's tombstones, read with the settings' key."""
+    return Tombstones(settings.work_dir / TOMBSTONES_FILE, privacy_key(settings))
+
+
+def record_output(settings: Settings, path: Path) -> None:
+    """Remember a file the product wrote outside its own directories (e.g. `score-batch --out`), so erasure finds it."""
+    listing = settings.work_dir / OUTPUTS_FILE
+    listing.parent.mkdir(parents=True, exist_ok=True)
+    known = set(listing.read_text().splitlines()) if listing.exists() else set()
+    if str(path.resolve()) not in known:
+        with listing.open("a") as out:
+            out.write(f"{path.resolve()}\n")
+
+
+def forget_users(settings: Settings, user_ids: Iterable[str], *, at: datetime | None = None, store: object | None = None) -> ErasureReport:
+    """Erase these shoppers everywhere the product keeps data (see the module docstring); returns the counts."""
+    ids = checked_ids(user_ids)
+    report = ErasureReport(users=len(ids))
+    report.tombstones = tombstones(settings).add(ids, at or datetime.now(timezone.utc))
+    if (settings.event_log_dir / "events.db").exists():
+        event_log = EventLog(settings.event_log_dir)
+        try:
+            report.event_log_events = event_log.forget(ids)
+        finally:
+            event_log.close()
+        report.places.append(str(event_log.path))
+    report.online_rows = forget_online(store if store is not None else _open_store(settings), ids)
+    for path in product_files(settings):
+        removed = scrub_parquet(path, ids)
+        if removed:
+            report.files_rewritten += 1
+            report.file_rows += removed
+    return report
+
+
+def _open_store(settings: Settings) -> object:
+    from propensity.feature_store import open_store  # Feast: imported only when erasing
+
+    return open_store(settings.feature_repo, settings.feature_store_yaml)
+
+
+def forget_online(store: object, user_ids: Sequence[str]) -> int:
+    """Delete the users' rows from every online feature view keyed by user; returns rows (SQLite) or keys (Redis) deleted.
+
+    Feast 0.67 has no per-entity delete, so this deletes on its layout: SQLite tables of (entity_key, feature_name)
+    rows, Redis one hash per entity key holding every view of that entity.
+    """
+    from feast.infra.key_encoding_utils import serialize_entity_key
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
+    from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+
+    config = store.config
+    views = [fv for fv in store.list_feature_views() if [c.name for c in fv.entity_columns] == [USER_KEY]]
+    keys = [
+        serialize_entity_key(EntityKeyProto(join_keys=[USER_KEY], entity_values=[ValueProto(string_val=user)]),
+                             entity_key_serialization_version=config.entity_key_serialization_version)
+        for user in user_ids
+    ]
+    kind = str(config.online_store.type).lower()
+    if kind == "sqlite" or kind.endswith("sqliteonlinestore"):
+        return _forget_sqlite(config, views, keys)
+    if kind == "redis" or kind.endswith("redisonlinestore"):
+        client = store._get_provider().online_store._get_client(config.online_store)
+        project = config.project.encode()
+        return int(client.delete(*[key + project for key in keys])) if keys else 0
+    raise ErasureError(f"online store type {config.online_store.type!r}: erasure knows the sqlite and redis layouts only")
+
+
+def _forget_sqlite(config: object, views: list, keys: list[bytes]) -> int:
+    from feast.infra.online_stores.sqlite import SqliteOnlineStore, _table_id
+
+    path = Path(SqliteOnlineStore._get_db_path(config))
+    if not path.exists():
+        return 0
+    versioning = config.registry.enable_online_feature_view_versioning
+    conn = sqlite3.connect(path, timeout=30, isolation_level=None)
+    try:
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        deleted = 0
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for fv in views:
+                table = _table_id(config.project, fv, versioning)
+                if table not in tables:
+                    continue
+                for start in range(0, len(keys), 500):
+                    part = keys[start : start + 500]
+                    deleted += conn.execute(f'DELETE FROM "{table}" WHERE entity_key IN ({",".join("?" * len(part))})', part).rowcount
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        # Updates in place leave old copies of a row in free space: only a rebuilt file is free of them.
+        conn.execute("VACUUM")
+        if conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return deleted
+    finally:
+        conn.close()
+
+
+def product_files(settings: Settings) -> list[Path]:
+    """Every Parquet file the product wrote: under the work directory, the offline store, the served-feature log
+    directory, and the recorded outputs. Raw input files are not among them."""
+    roots = [settings.work_dir, settings.offline_dir]
+    if settings.server.served_log_dir is not None:
+        roots.append(settings.server.served_log_dir)
+    raw = settings.data_dir.resolve()
+    found: dict[Path, None] = {}
+    for root in roots:
+        if root.exists():
+            for path in sorted(root.rglob("*.parquet")):
+                found[path.resolve()] = None
+    listing = settings.work_dir / OUTPUTS_FILE
+    if listing.exists():
+        for line in listing.read_text().splitlines():
+            path = Path(line)
+            if line and path.exists():
+                found[path.resolve()] = None
+    return [path for path in found if not path.is_relative_to(raw)]
+
+
+def scrub_parquet(path: Path, user_ids: Sequence[str]) -> int:
+    """Rewrite a Parquet file without the rows that name any of these users; returns rows removed (0: untouched).
+
+    A row names a user when a string column equals the id, or holds it as a quoted JSON value (the quarantine's
+    `raw` column). The new file replaces the old one atomically.
+    """
+    try:
+        source = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError):
+        return 0  # not a Parquet file after all (or a half-written temporary): nothing we wrote
+    text_columns = [f.name for f in source.schema_arrow if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
+    if not text_columns:
+        return 0
+    wanted = pa.array(list(user_ids), pa.string())
+    patterns = [
+        "|".join(re.escape(json.dumps(user)) for user in user_ids[start : start + _REGEX_IDS])
+        for start in range(0, len(user_ids), _REGEX_IDS)
+    ]
+
+    def named(batch: pa.RecordBatch) -> pa.Array:
+        mask = pa.array([False] * batch.num_rows)
+        for name in text_columns:
+            column = batch.column(name)
+            hit = pc.is_in(column, value_set=wanted)
+            for pattern in patterns:
+                hit = pc.or_(hit, pc.match_substring_regex(column, pattern))
+            mask = pc.or_(mask, pc.fill_null(hit, False))
+        return mask
+
+    hits = sum(pc.sum(named(batch)).as_py() or 0 for batch in source.iter_batches(columns=text_columns))
+    if not hits:
+        return 0
+    tmp = path.with_name(f".{path.name}.erasure.tmp")
+    try:
+        with pq.ParquetWriter(tmp, source.schema_arrow) as writer:
+            for batch in source.iter_batches():
+                writer.write_table(pa.Table.from_batches([batch.filter(pc.invert(named(batch)))], schema=source.schema_arrow))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return hits
