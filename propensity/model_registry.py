@@ -9,15 +9,22 @@ token, never a path), the metadata's shape, and each model file against the SHA-
 when it was saved (older versions without one: the file must end the way LightGBM writes it).
 A truncated model file must never reach LightGBM: its parser aborts the whole process on some
 truncations instead of raising. Every problem is a ModelLoadError that names the file.
+
+The root is a local directory, or the local mirror of an fsspec URL (settings.model_registry_root,
+propensity/registry_remote.py): then reads pull CURRENT and download the versions they need (once: a
+version is immutable), and writes push the version (files, metadata.json last) before the pointer.
+A plain local root never touches fsspec.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -28,6 +35,7 @@ import lightgbm as lgb
 import numpy as np
 
 from propensity import compiled as compiled_trees
+from propensity import registry_remote
 from propensity.assembly import RANKER_FEATURES, USER_MODEL_FEATURES
 
 USER_MODEL = "user_propensity"
@@ -211,8 +219,9 @@ def check_continuation(root: Path, version: str, current: dict[str, dict[str, st
     """
     path = root / "versions" / version / METADATA
     try:
+        ensure_local_version(root, version)
         metadata = json.loads(path.read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, ModelLoadError):
         raise ContinuationError(f"{path.parent}: cannot continue model version {version}: not found") from None
     previous = metadata.get("feature_services", {})
     changed = [
@@ -238,7 +247,8 @@ def new_version_id(now: datetime | None = None) -> str:
 def save_version(root: Path, version: str, boosters: dict[str, lgb.Booster], metadata: dict) -> Path:
     """Write a new version directory (never overwrites) and return it."""
     final = root / "versions" / version
-    if final.exists():
+    remote = registry_remote.remote_for(root)
+    if final.exists() or (remote is not None and remote.exists(f"versions/{version}/{METADATA}")):
         raise FileExistsError(f"{final}: model version {version} already exists")
     staging = root / "versions" / f".{version}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
@@ -249,13 +259,86 @@ def save_version(root: Path, version: str, boosters: dict[str, lgb.Booster], met
         metadata["models"][name]["sha256"] = file_sha256(staging / f"{name}.txt")
     (staging / METADATA).write_text(json.dumps(metadata, indent=2, default=str))
     staging.rename(final)
+    if remote is not None:
+        _publish_version(root, version, remote)
     return final
 
 
+def _publish_version(root: Path, version: str, remote: registry_remote.Remote) -> None:
+    """Upload a local version's files the URL lacks, metadata.json last: a version with metadata there is complete."""
+    directory = root / "versions" / version
+    present = set(remote.children(f"versions/{version}", "file"))
+    files = sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))  # not compiled/: built per machine
+    for path in sorted(files, key=lambda p: p.name == METADATA):
+        if path.name not in present:
+            remote.upload(path, f"versions/{version}/{path.name}")
+
+
+def ensure_local_version(root: Path, version: str) -> None:
+    """For a URL root: download a version the local mirror lacks, its model files checked against metadata.json's sha256.
+
+    A no-op for a plain root, for a version already mirrored (immutable), and for one the URL does not have
+    complete (no metadata.json yet): the caller then reports it as missing.
+    """
+    if registry_remote.remote_url(root) is None or (root / "versions" / version / METADATA).exists():
+        return
+    check_version_id(version)
+    try:
+        remote = registry_remote.Remote(registry_remote.remote_url(root) or "")
+        raw = remote.read(f"versions/{version}/{METADATA}")
+        if raw is None:
+            return
+        staging = root / "versions" / f".{version}.{os.getpid()}.{threading.get_ident()}.download"
+        registry_remote.discard(staging)
+        staging.mkdir(parents=True)
+        try:
+            for name in remote.children(f"versions/{version}", "file"):
+                if name != METADATA and not name.startswith("."):
+                    remote.download(f"versions/{version}/{name}", staging / name)
+            (staging / METADATA).write_bytes(raw)  # last: a mirrored version with metadata is complete here too
+            _check_download(staging, raw, f"{remote.url}/versions/{version}")
+            try:
+                staging.rename(root / "versions" / version)
+            except OSError:  # another process sharing this cache mirrored it first
+                if not (root / "versions" / version / METADATA).exists():
+                    raise
+        finally:
+            registry_remote.discard(staging)
+    except registry_remote.RemoteRegistryError as error:
+        raise ModelLoadError(str(error)) from None
+
+
+def _check_download(directory: Path, raw: bytes, source: str) -> None:
+    try:
+        metadata = json.loads(raw)
+        models = metadata["models"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ModelLoadError(f"{source}/{METADATA}: unreadable model metadata: {error}") from None
+    for name, info in models.items():
+        if isinstance(info, dict) and isinstance(info.get("file"), str) and info.get("sha256"):
+            path = directory / Path(info["file"]).name
+            if not path.exists() or file_sha256(path) != info["sha256"]:
+                raise ModelLoadError(f"{source}/{info['file']}: missing or differs from the sha256 in its metadata: not mirrored")
+
+
 def promote(root: Path, version: str) -> None:
-    """Make version the current one; readers see the old or the new pointer, never a partial one."""
+    """Make version the current one; readers see the old or the new pointer, never a partial one.
+
+    Local root: CURRENT is written aside and renamed over (os.replace). URL root: the version is made complete at
+    the URL first, then CURRENT is replaced with one write (one PUT on an object store), then the local mirror's.
+    """
+    ensure_local_version(root, version)
     if not (root / "versions" / version / METADATA).exists():
         raise ModelLoadError(f"{root}: no model version {version} to promote")
+    remote = registry_remote.remote_for(root)
+    if remote is not None:
+        try:
+            _publish_version(root, version, remote)
+            remote.write(CURRENT, (version + "\n").encode())
+        except registry_remote.RemoteRegistryError as error:
+            raise ModelLoadError(f"cannot promote {version}: {error}") from None
+        registry_remote.write_local(root / CURRENT, (version + "\n").encode())
+        return
     tmp = root / f".{CURRENT}.tmp"
     tmp.write_text(version + "\n")
     os.replace(tmp, root / CURRENT)
@@ -264,6 +347,10 @@ def promote(root: Path, version: str) -> None:
 def current_version(root: Path) -> str:
     """The version id CURRENT names; ModelLoadError when CURRENT is missing, unreadable or not a version id."""
     path = root / CURRENT
+    try:
+        registry_remote.pull_file(root, CURRENT)  # a URL root: the mirror's pointer becomes the URL's (no-op for a local root)
+    except registry_remote.RemoteRegistryError as error:
+        raise ModelLoadError(str(error)) from None
     try:
         raw = path.read_bytes()[:1024]
     except FileNotFoundError:
@@ -312,6 +399,13 @@ def check_model_file(path: Path, sha256: str | None) -> None:
 
 
 def list_versions(root: Path) -> list[str]:
+    """Version ids in the registry (for a URL root: the complete ones there, mirrored; the mirror's when it is unreachable)."""
+    with contextlib.suppress(registry_remote.RemoteRegistryError):  # unreachable: list what is mirrored, never fail a listing
+        remote = registry_remote.remote_for(root)
+        for version in remote.children("versions", "directory") if remote is not None else ():
+            if VERSION_ID.fullmatch(version):
+                with contextlib.suppress(ModelLoadError):  # a damaged version is refused when it is loaded, by name
+                    ensure_local_version(root, version)
     versions = root / "versions"
     return sorted(p.name for p in versions.iterdir() if p.is_dir() and not p.name.startswith(".")) if versions.exists() else []
 
@@ -320,6 +414,7 @@ def load_version(root: Path, version: str | None = None, num_threads: int = 1) -
     """Load a version (default: current) and check that its feature lists match the code's layout."""
     version = version or current_version(root)
     check_version_id(version)
+    ensure_local_version(root, version)
     directory = root / "versions" / version
     try:
         metadata = json.loads((directory / METADATA).read_text())

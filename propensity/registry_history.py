@@ -9,6 +9,11 @@ Files under the models root, next to CURRENT (docs/models.md describes the file 
   uses instead of its own settings (server.traffic_split / server.shadow_version) once the file exists.
 
 Changes take an exclusive lock (.lock, flock), so two operators promoting at once both end up in the history.
+
+With a URL root (propensity/registry_remote.py) both files are single objects: read from the URL before use,
+written whole (one PUT) after the local write. The flock then serialises the processes of one machine only:
+two operators changing the registry from two machines at the same moment can lose one history line (the
+pointer itself stays atomic); run registry changes from one place (the pipeline job, one operator).
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from propensity.model_registry import METADATA, ModelLoadError, check_version_id, current_version, promote
+from propensity import registry_remote
+from propensity.model_registry import METADATA, ModelLoadError, check_version_id, current_version, ensure_local_version, promote
 
 HISTORY = "history.jsonl"
 ROUTING = "routing.json"
@@ -66,10 +72,24 @@ def _write_atomically(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+    try:
+        registry_remote.push_file(path.parent, path.name)  # a URL root: the URL's object too (no-op for a local root)
+    except registry_remote.RemoteRegistryError as error:
+        raise ModelLoadError(str(error)) from None
+
+
+def _pull(root: Path, name: str, fatal: bool) -> None:
+    """A URL root: refresh the mirror's copy of `name` from the URL (fatal=False keeps the mirror's copy when unreachable)."""
+    try:
+        registry_remote.pull_file(root, name)
+    except registry_remote.RemoteRegistryError as error:
+        if fatal:
+            raise ModelLoadError(str(error)) from None
 
 
 def read_history(root: Path) -> list[dict]:
     """Every recorded change, oldest first (a line that does not parse is skipped, never fatal)."""
+    _pull(root, HISTORY, fatal=False)
     try:
         lines = (root / HISTORY).read_text().splitlines()
     except FileNotFoundError:
@@ -87,6 +107,7 @@ def read_history(root: Path) -> list[dict]:
 
 def _append(root: Path, entry: dict) -> dict:
     """Append one entry (call under `locked`)."""
+    _pull(root, HISTORY, fatal=True)  # never overwrite the URL's history with a stale copy
     path = root / HISTORY
     existing = path.read_text() if path.exists() else ""
     if existing and not existing.endswith("\n"):
@@ -105,6 +126,7 @@ def _current_or_none(root: Path) -> str | None:
 
 def _check_exists(root: Path, version: str) -> None:
     check_version_id(version)
+    ensure_local_version(root, version)
     if not (root / "versions" / version / METADATA).exists():
         raise ModelLoadError(f"{root}: no model version {version}")
 
@@ -152,6 +174,7 @@ def rollback(root: Path, by: str | None = None, reason: str = "") -> dict:
 
 def read_routing(root: Path) -> Routing:
     """The split and shadow recorded in the registry; fields the file lacks (or no file) are None."""
+    _pull(root, ROUTING, fatal=True)
     try:
         data = json.loads((root / ROUTING).read_text())
     except FileNotFoundError:

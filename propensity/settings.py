@@ -265,6 +265,14 @@ class Settings(BaseSettings):
         description="A feature_store.yaml to use instead of the repository's own, e.g. feature_repo/profiles/redis.yaml (store profiles).",
     )
     stream_dir: Path | None = Field(None, description="Where ingested events are logged durably; default <work_dir>/stream.")
+    model_registry_root: str = Field(
+        "",
+        description="Model registry root: a local path (default <work_dir>/models) or any fsspec URL (s3://bucket/models, "
+        "gs://..., file:///shared/models) shared by every replica; a URL is mirrored in model_cache_dir (docs/deploy.md).",
+    )
+    model_cache_dir: Path | None = Field(
+        None, description="Local mirror of a URL model registry (servers load models from local disk); default <work_dir>/model-cache."
+    )
     user_feature_service: str = Field("propensity_user_v2", description="Feast feature service read per request (user features).")
     item_feature_service: str = Field("propensity_item_v2", description="Feast feature service cached in the server (item features).")
     demo: DemoSettings = DemoSettings()
@@ -296,8 +304,10 @@ class Settings(BaseSettings):
 
     @property
     def model_dir(self) -> Path:
-        """Model registry root."""
-        return self.work_dir / "models"
+        """Model registry root on local disk: model_registry_root itself, or for a URL its local mirror (created on first use)."""
+        from propensity.registry_remote import local_root
+
+        return local_root(self.model_registry_root, self.work_dir / "models", self.model_cache_dir or self.work_dir / "model-cache")
 
     @property
     def event_log_dir(self) -> Path:
