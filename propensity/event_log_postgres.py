@@ -54,6 +54,7 @@ class EventLogBackend(Protocol):
     def unpushed(self) -> int: ...
     def count(self) -> int: ...
     def to_frame(self) -> pd.DataFrame: ...
+    def forget(self, user_ids: Sequence[str]) -> int: ...
     def close(self) -> None: ...
 
 
@@ -182,6 +183,23 @@ class PostgresEventLog:
             frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("float64")
         frame.insert(0, "event_time", pd.to_datetime(frame.pop("event_time_ms"), unit="ms", utc=True).astype("datetime64[ns, UTC]"))
         return frame
+
+    def forget(self, user_ids: Sequence[str]) -> int:
+        """Delete every event of these users (erasure, docs/privacy.md); returns how many.
+
+        Then VACUUM the table, so the dead rows' space is reclaimed for reuse; their bytes can survive in
+        PostgreSQL's WAL, replicas and backups until those roll over (plan backup retention accordingly).
+        """
+        if not user_ids:
+            return 0
+        with self._transaction() as conn:
+            deleted = conn.execute(self._sql("DELETE FROM {t} WHERE user_id = ANY(%s)"), (list(user_ids),)).rowcount
+        with self._lock:
+            try:
+                self._connect().execute(self._sql("VACUUM {t}"))  # autocommit: VACUUM cannot run in a transaction
+            except Exception as error:
+                raise EventLogError(f"event log {self.location}: events deleted, but the table was not vacuumed: {error}") from error
+        return deleted
 
     def close(self) -> None:
         with self._lock:

@@ -100,6 +100,10 @@ def test_the_postgres_log_keeps_the_sqlite_logs_contract(pg_dsn: str, tmp_path: 
         assert (log.unpushed(), log.has_claimable(0)) == (0, False)
     pd.testing.assert_frame_equal(postgres.to_frame(), sqlite.to_frame())
     assert postgres.to_frame()["event_id"].tolist() == ["e4", "e2", "e3", "e1"]
+    for log in (sqlite, postgres):  # erasure (docs/privacy.md): every event of the users, nobody else's
+        assert (log.forget(["user-0", "nobody"]), log.forget([])) == (2, 0)  # e4 (minute 0) and e1 (minute 3)
+    pd.testing.assert_frame_equal(postgres.to_frame(), sqlite.to_frame())
+    assert postgres.to_frame()["event_id"].tolist() == ["e2", "e3"]
     postgres.close()
 
 
