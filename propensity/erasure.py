@@ -19,7 +19,7 @@ import os
 import re
 import sqlite3
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -52,7 +52,6 @@ class ErasureReport:
     online_rows: int = 0
     files_rewritten: int = 0
     file_rows: int = 0
-    places: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         return (
@@ -93,13 +92,7 @@ def forget_users(settings: Settings, user_ids: Iterable[str], *, at: datetime | 
     ids = checked_ids(user_ids)
     report = ErasureReport(users=len(ids))
     report.tombstones = tombstones(settings).add(ids, at or datetime.now(timezone.utc))
-    if (settings.event_log_dir / "events.db").exists():
-        event_log = EventLog(settings.event_log_dir)
-        try:
-            report.event_log_events = event_log.forget(ids)
-        finally:
-            event_log.close()
-        report.places.append(str(event_log.path))
+    report.event_log_events = forget_event_log(settings, ids)
     report.online_rows = forget_online(store if store is not None else _open_store(settings), ids)
     for path in product_files(settings):
         removed = scrub_parquet(path, ids)
@@ -107,6 +100,37 @@ def forget_users(settings: Settings, user_ids: Iterable[str], *, at: datetime | 
             report.files_rewritten += 1
             report.file_rows += removed
     return report
+
+
+def forget_event_log(settings: Settings, user_ids: Sequence[str]) -> int:
+    """Delete the users' events from the durable event log the settings choose (SQLite file or shared PostgreSQL table)."""
+    if settings.ingest.event_log == "postgres":
+        return _forget_postgres(settings, user_ids)
+    if not (settings.event_log_dir / "events.db").exists():
+        return 0  # nothing was ever ingested here
+    event_log = EventLog(settings.event_log_dir)
+    try:
+        return event_log.forget(user_ids)
+    finally:
+        event_log.close()
+
+
+def _forget_postgres(settings: Settings, user_ids: Sequence[str]) -> int:
+    """DELETE in one transaction. PostgreSQL frees the rows' space at its next (auto)vacuum; its own files, WAL and
+    backups are the database's to manage (docs/privacy.md)."""
+    import psycopg
+
+    from propensity.event_log_postgres import libpq_dsn, postgres_dsn
+
+    table = settings.ingest.postgres_table
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", table):
+        raise ErasureError(f"ingest.postgres_table: {table!r} is not a plain table name")
+    timeout = max(1, round(settings.ingest.postgres_timeout_seconds))
+    with psycopg.connect(libpq_dsn(postgres_dsn(settings)), connect_timeout=timeout) as conn:
+        exists = conn.execute("SELECT to_regclass(%s)", (table,)).fetchone()[0]
+        if exists is None:
+            return 0  # the log was never written
+        return conn.execute(f"DELETE FROM {table} WHERE user_id = ANY(%s)", (list(user_ids),)).rowcount
 
 
 def _open_store(settings: Settings) -> object:

@@ -312,3 +312,39 @@ def test_forget_deletes_the_users_redis_hash_and_nothing_else(pipeline: Pipeline
     assert holding(SHOPPER) == []
     assert activity(SHOPPER) == [None]
     assert holding(other) and activity(other) != [None]  # everyone else stays
+
+
+def test_forget_deletes_the_users_events_from_the_shared_postgresql_log(tmp_path: Path) -> None:
+    import os
+    import secrets
+
+    import psycopg
+
+    from propensity.erasure import forget_event_log
+    from propensity.event_log_postgres import PostgresEventLog, libpq_dsn, postgres_dsn
+
+    from propensity.store_profiles import apply_defaults
+
+    apply_defaults()
+    table = f"forget_test_{secrets.token_hex(4)}"
+    server = os.environ["PROPENSITY_PG_URL"].rstrip("/")
+    # The server's own `postgres` database and a private table: nothing of another test's is touched.
+    settings = Settings(work_dir=tmp_path, ingest={"event_log": "postgres", "postgres_table": table, "postgres_dsn": f"{server}/postgres"})
+    dsn = libpq_dsn(postgres_dsn(settings))
+    try:
+        psycopg.connect(dsn, connect_timeout=2).close()
+    except psycopg.OperationalError as error:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL is down: {error}")
+        pytest.skip(f"PostgreSQL is down: {error}")
+    assert forget_event_log(settings, ["gone"]) == 0  # no table yet: nothing was ever logged
+    log = PostgresEventLog(dsn, table)
+    try:
+        now = int(time.time() * 1000)
+        log.append([StreamEvent(f"e{i}", now + i, user, "i1", "view") for i, user in enumerate(["gone", "stays", "gone", "gone-not"])])
+        assert forget_event_log(settings, ["gone"]) == 2
+        assert sorted(log.to_frame()["user_id"]) == ["gone-not", "stays"]
+    finally:
+        log.close()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"DROP TABLE IF EXISTS {table}")
