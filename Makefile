@@ -18,6 +18,8 @@ venv: $(STAMP)
 # Pinned install: pyproject.toml says what we need, requirements.lock fixes every version.
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@# Spark (features.engine = "spark", the spark store profile) needs a Java runtime: Debian's if none is installed.
+	@command -v java >/dev/null || (apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless)
 	$(BIN)/pip install --quiet --upgrade "pip>=24"
 	$(BIN)/pip install --quiet -c requirements.lock -e ".[dev]"
 	touch $(STAMP)
@@ -51,5 +53,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.run
 
 # The offline pipeline on ~20 million generated events: time and peak memory per stage (docs/benchmarks/scale.md).
+# ENGINE=spark builds the features on Spark local[2]; ARGS="--users 25000 --items 4000" for a small shop.
+ENGINE ?= duckdb
 bench-scale: $(STAMP)
-	$(BIN)/python -m bench.scale
+	$(BIN)/python -m bench.scale --engine $(ENGINE) $(ARGS)

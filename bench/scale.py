@@ -5,6 +5,8 @@ resident memory is its own (os.wait4). Writes docs/benchmarks/scale.{md,json,png
 
     python -m bench.scale --users 475000 --items 40000      # ~20 million events (the issue's goal)
     python -m bench.scale --users 20000 --items 4000        # a quick look
+    python -m bench.scale --engine spark --users 24000 --items 4000 --out var/scale-spark/report
+        # features on Spark local[2], Feast through the spark profile (docs/scale.md)
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -57,12 +60,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=PROJECT_ROOT / "var" / "scale", help="work directory (data, repo, models)")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--resume", action="store_true", help="keep the stages already measured under --root, run the rest")
+    parser.add_argument("--engine", choices=("duckdb", "spark"), default="duckdb",
+                        help="spark: the feature build on Spark and publish/train through the spark store profile")
+    parser.add_argument("--spark-master", default="local[2]", help="Spark master of --engine spark")
     args = parser.parse_args(argv)
 
     root = args.root.resolve()
     repo = copy_definitions(root / "feature_repo")
     env = {**os.environ, "PROPENSITY_DATA_DIR": str(root / "raw"), "PROPENSITY_WORK_DIR": str(root / "var"),
            "PROPENSITY_FEATURE_REPO": str(repo), "FEAST_USAGE": "False"}
+    if args.engine == "spark":
+        shutil.copytree(PROJECT_ROOT / "feature_repo" / "profiles", repo / "profiles", dirs_exist_ok=True)
+        env.update({
+            "PROPENSITY_FEATURES__ENGINE": "spark", "PROPENSITY_FEATURES__SPARK_MASTER": args.spark_master,
+            # The driver is the executor in local mode: give it the memory DuckDB would get.
+            "PROPENSITY_FEATURES__SPARK_CONF": json.dumps({"spark.sql.shuffle.partitions": "8", "spark.driver.memory": "6g", "spark.ui.enabled": "false"}),
+            "PROPENSITY_FEATURE_STORE_YAML": str(repo / "profiles" / "spark.yaml"),
+            "PROPENSITY_SPARK_MASTER": args.spark_master, "PROPENSITY_SPARK_SHUFFLE_PARTITIONS": "8",
+        })
     demo = ["--users", str(args.users), "--items", str(args.items), "--days", str(args.days)]
     measured = root / "stages.json"
     done = {r["stage"]: StageResult(**r) for r in json.loads(measured.read_text())} if args.resume and measured.exists() else {}
@@ -94,6 +109,7 @@ def write_report(out: Path, results: list[StageResult], manifest: dict, args: ar
     data = {
         "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "engine": args.engine,
         "log": {"events": manifest["n_events"], "users": manifest["n_users"], "items": manifest["n_items"],
                 "generated_users": args.users, "days": args.days},
         "stages": [{k: v for k, v in asdict(r).items() if k != "log_tail"} for r in results],
@@ -113,21 +129,21 @@ def write_report(out: Path, results: list[StageResult], manifest: dict, args: ar
     right.set_title("peak memory per stage")
     for axis in (left, right):
         axis.invert_yaxis()
-    fig.suptitle(f"{manifest['n_events']:,} events, {manifest['n_users']:,} users, {manifest['n_items']:,} items")
+    fig.suptitle(f"{args.engine}: {manifest['n_events']:,} events, {manifest['n_users']:,} users, {manifest['n_items']:,} items")
     fig.tight_layout()
     fig.savefig(out / "scale.png", dpi=110)
     plt.close(fig)
 
     rows = "\n".join(f"| {r.stage} | {r.seconds / 60:.1f} | {r.peak_rss_gb:.2f} |" for r in results)
     (out / "scale.md").write_text(
-        f"# Offline pipeline at scale\n\n"
+        f"# Offline pipeline at scale ({args.engine})\n\n"
         f"{manifest['n_events']:,} generated events ({manifest['n_users']:,} active users, {manifest['n_items']:,} items, "
         f"{args.days} days) on {os.cpu_count()} cores, measured {data['measured_at']}. Each stage is its own "
         f"`propensity` process; peak memory is that process's peak resident set (`os.wait4`).\n\n"
         f"| stage | minutes | peak RSS, GB |\n|---|---|---|\n{rows}\n\n"
         f"**prepare -> train: {total / 60:.1f} min, peak {data['pipeline_peak_rss_gb']:.2f} GB.**\n\n"
         f"![time and memory per stage](scale.png)\n\n"
-        f"Reproduce: `make bench-scale` (or `.venv/bin/python -m bench.scale --users {args.users} --items {manifest['n_items']}`).\n"
+        f"Reproduce: `make bench-scale ENGINE={args.engine}` (or `.venv/bin/python -m bench.scale --engine {args.engine} --users {args.users} --items {manifest['n_items']}`).\n"
     )
 
 
