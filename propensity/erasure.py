@@ -14,11 +14,13 @@ Raw input files belong to the shop and are never edited. docs/privacy.md has the
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,6 +36,7 @@ from propensity.settings import Settings
 from propensity.tombstones import TOMBSTONES_FILE, Tombstones
 
 OUTPUTS_FILE = Path("privacy") / "outputs.txt"
+LOCK_FILE = Path("privacy") / "erasure.lock"
 USER_KEY = "user_id"
 _REGEX_IDS = 200  # ids per substring pattern (one regex pass per column and chunk of ids)
 
@@ -91,15 +94,29 @@ def forget_users(settings: Settings, user_ids: Iterable[str], *, at: datetime | 
     """Erase these shoppers everywhere the product keeps data (see the module docstring); returns the counts."""
     ids = checked_ids(user_ids)
     report = ErasureReport(users=len(ids))
-    report.tombstones = tombstones(settings).add(ids, at or datetime.now(timezone.utc))
-    report.event_log_events = forget_event_log(settings, ids)
-    report.online_rows = forget_online(store if store is not None else _open_store(settings), ids)
-    for path in product_files(settings):
-        removed = scrub_parquet(path, ids)
-        if removed:
-            report.files_rewritten += 1
-            report.file_rows += removed
+    with _exclusive(settings.work_dir / LOCK_FILE):
+        report.tombstones = tombstones(settings).add(ids, at or datetime.now(timezone.utc))
+        report.event_log_events = forget_event_log(settings, ids)
+        report.online_rows = forget_online(store if store is not None else _open_store(settings), ids)
+        for path in product_files(settings):
+            removed = scrub_parquet(path, ids)
+            if removed:
+                report.files_rewritten += 1
+                report.file_rows += removed
     return report
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """One erasure at a time per work directory, across processes (server workers, the CLI): two rewriting the same
+    file at once would each write back a copy that still holds the other's users."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def forget_event_log(settings: Settings, user_ids: Sequence[str]) -> int:
