@@ -37,6 +37,7 @@ from server.online_features import OnlineUserFeatures
 from server.queries import ViewFreshness
 from server.recommender import Recommender
 from server.servicer import RecommendationServicer
+from server.registration import lenient_requests
 from server.forgetting import Forgetter
 from propensity.pseudonyms import privacy_key, set_log_key
 from server.tracing import Tracing, start_tracing
@@ -168,7 +169,8 @@ async def serve(
         ("grpc.server.max_pending_requests_hard_limit", 2 * settings.server.max_pending_requests),
     ])
     forgetter = Forgetter(settings, observability.served_log)  # ForgetUsers (admin role): docs/privacy.md
-    pb_grpc.add_RecommendationServiceServicer_to_server(RecommendationServicer(components.recommender, settings.server, components.ingestor, forgetter), server)
+    # Requests parsed leniently: bytes that are not the request message get INVALID_ARGUMENT, not grpc's UNKNOWN.
+    lenient_requests(pb_grpc.add_RecommendationServiceServicer_to_server, pb.DESCRIPTOR.services_by_name["RecommendationService"])(RecommendationServicer(components.recommender, settings.server, components.ingestor, forgetter), server)
     health = health_async.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if settings.security.reflection:

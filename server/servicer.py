@@ -20,6 +20,7 @@ from server.ingest import EventIngestor, EventLogUnavailable, IngestReport
 from server.interceptors import current_request_id
 from server.queries import ItemScores, ModelsInfo, Recommendation, RecommendQuery, ScoredItem, UserScores
 from server.recommender import Recommender
+from server.registration import Undecodable, UndecodableRequest
 from server.store_reads import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ def _handle_errors(method: Callable[..., Awaitable[Response]]) -> Callable[..., 
     @functools.wraps(method)
     async def wrapper(self: RecommendationServicer, request: object, context: grpc.aio.ServicerContext) -> Response:
         try:
+            if type(request) is Undecodable:  # bytes that are not the request message (server/registration.py)
+                raise UndecodableRequest(request.details)
             return await method(self, request, context)
         except RecommendationError as error:
             code = next((c for kind, c in _STATUS.items() if isinstance(error, kind)), grpc.StatusCode.INTERNAL)
@@ -105,12 +108,12 @@ class RecommendationServicer(pb_grpc.RecommendationServiceServicer):
             async for message in _messages(request_iterator, self._limits.ingest_idle_timeout_seconds):
                 self._ingestor.ingest((_event_fields(e) for e in message.events), report, first_index=seen)
                 seen += len(message.events)
-        except StreamIdle as error:
-            # Every event before the silence is already logged and applied: say so, in words and in numbers.
+        except (StreamIdle, UndecodableRequest) as error:
+            # Every event before the silence (or the bad message) is already logged and applied: say so, in words and in numbers.
             context.set_trailing_metadata(
                 (("ingest-accepted", str(report.accepted)), ("ingest-duplicates", str(report.duplicates)), ("ingest-rejected", str(report.rejected)))
             )
-            raise StreamIdle(
+            raise type(error)(
                 f"{error} The stream is closed after {seen} events, all handled: accepted {report.accepted}, duplicates "
                 f"{report.duplicates}, rejected {report.rejected}; re-sending any of them is safe (a repeated event_id is a duplicate)."
             ) from None
@@ -139,15 +142,20 @@ class RecommendationServicer(pb_grpc.RecommendationServiceServicer):
 
 
 async def _messages(request_iterator: AsyncIterator[Message], idle_seconds: float) -> AsyncIterator[Message]:
-    """The stream's messages; StreamIdle when none arrives for idle_seconds (0: wait for ever)."""
+    """The stream's messages; StreamIdle when none arrives for idle_seconds (0: wait for ever), UndecodableRequest for bytes that are not one."""
     messages = aiter(request_iterator)
+    number = 0
     while True:
         try:
-            yield await asyncio.wait_for(anext(messages), timeout=idle_seconds or None)
+            message = await asyncio.wait_for(anext(messages), timeout=idle_seconds or None)
         except StopAsyncIteration:
             return
         except TimeoutError:
             raise StreamIdle(f"IngestEvents: no message for {idle_seconds:g} s (server setting ingest_idle_timeout_seconds).") from None
+        number += 1
+        if type(message) is Undecodable:
+            raise UndecodableRequest(f"IngestEvents message {number}: {message.details}.")
+        yield message
 
 
 def _event_fields(event: pb.Event) -> dict:

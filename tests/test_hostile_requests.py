@@ -168,19 +168,42 @@ def test_get_model_info_ignores_unknown_fields(served: Served) -> None:
 
 
 @pytest.mark.parametrize(
-    ("payload", "problem"),
-    [(b"\xff\xff\xff\xff", "Wire format was corrupt"), (b"\x0a\x03\xff\xfe\xfd", "bad UTF-8")],
-    ids=["not protobuf", "invalid UTF-8 in user_id"],
+    ("rpc", "payload", "message", "problem"),
+    [
+        ("Recommend", b"\xff\xff\xff\xff", "propensity.v1.RecommendRequest", "Wire format was corrupt"),
+        ("Recommend", b"\x0a\x03\xff\xfe\xfd", "propensity.v1.RecommendRequest", "String field had bad UTF-8"),
+        ("ScoreUsers", b"\x0a\x03\xff\xfe\xfd", "propensity.v1.ScoreUsersRequest", "String field had bad UTF-8"),
+    ],
+    ids=["not protobuf", "invalid UTF-8 in user_id", "invalid UTF-8 in user_ids"],
 )
-def test_bytes_that_are_not_a_request_are_refused_before_the_servicer(served: Served, payload: bytes, problem: str) -> None:
-    """grpc's own deserialiser refuses them with UNKNOWN and names the message type (known gap: not INVALID_ARGUMENT)."""
+def test_bytes_that_are_not_a_request_are_invalid_argument_naming_the_message_type(
+    served: Served, rpc: str, payload: bytes, message: str, problem: str
+) -> None:
+    """Parsed leniently (server/registration.py): INVALID_ARGUMENT naming the type and the parser's reason, not grpc's UNKNOWN."""
     with grpc.insecure_channel(served.target) as channel:
-        raw = channel.unary_unary("/propensity.v1.RecommendationService/Recommend")
+        raw = channel.unary_unary(f"/propensity.v1.RecommendationService/{rpc}")
         with pytest.raises(grpc.RpcError) as raised:
             raw(payload, timeout=10)
-    assert raised.value.code() == grpc.StatusCode.UNKNOWN
-    assert "propensity.v1.RecommendRequest" in raised.value.details() and problem in raised.value.details()
+    assert raised.value.code() == INVALID
+    assert raised.value.details() == f"request body is not a valid {message}: {problem}"
     assert served.stub.Recommend(pb.RecommendRequest(user_id=served.user), timeout=10).items  # still serving
+
+
+def test_a_stream_message_that_is_not_a_message_ends_the_stream_with_invalid_argument_after_keeping_the_ones_before(served: Served) -> None:
+    event = pb.Event(event_id="undecodable-neighbour", event_time=datetime.now(timezone.utc).isoformat(), user_id="hostile-shopper",
+                     item_id="i00001", event_type="view")
+    with grpc.insecure_channel(served.target) as channel:
+        raw = channel.stream_unary("/propensity.v1.RecommendationService/IngestEvents")
+        with pytest.raises(grpc.RpcError) as raised:
+            raw(iter([pb.IngestEventsRequest(events=[event]).SerializeToString(), b"\xff\xff\xff\xff"]), timeout=30)
+    assert raised.value.code() == INVALID
+    details = raised.value.details()
+    assert details.startswith("IngestEvents message 2: request body is not a valid propensity.v1.IngestEventsRequest: Wire format was corrupt."), details
+    assert "closed after 1 events, all handled: accepted 1" in details
+    assert dict(raised.value.trailing_metadata())["ingest-accepted"] == "1"
+    # Kept: sending it again is a duplicate.
+    again = served.stub.IngestEvents(iter([pb.IngestEventsRequest(events=[event])]), timeout=30)
+    assert (again.accepted, again.duplicates) == (0, 1)
 
 
 # --- IngestEvents: bad events are rejected one by one, the valid ones around them are kept ---------------------------------
