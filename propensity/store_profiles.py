@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ PROFILES: dict[str, str | None] = {
     "redis": "redis.yaml",
     "postgres": "postgres.yaml",
     "production": "production.yaml",
+    "spark": "spark.yaml",  # Spark offline store and materialization (docs/scale.md)
 }
 
 # The variables the profiles use, with the local servers of scripts/services.sh as defaults.
@@ -29,6 +31,11 @@ DEFAULTS: dict[str, str] = {
     "PROPENSITY_REDIS_DB": "0",  # Redis database number: isolates tests and environments on one server
     "PROPENSITY_PG_URL": "postgresql+psycopg://postgres@127.0.0.1:5432",  # SQLAlchemy URL of the server, no database
     "PROPENSITY_PG_DATABASE": "propensity",  # the registry's database: one per environment (or test)
+    "PROPENSITY_SPARK_MASTER": "local[*]",  # the spark profile's master: spark://host:7077 or k8s://... on a cluster
+    # Spark's Python workers run Feast's materialization code: this interpreter here, the executors' on a cluster
+    # (pyspark's local mode reads only this variable, never spark.pyspark.python).
+    "PYSPARK_PYTHON": sys.executable,
+    "PROPENSITY_SPARK_SHUFFLE_PARTITIONS": "200",  # Spark's own default; a few on one machine, ~3x the cores on a cluster
 }
 
 _TIMEOUT_SECONDS = 3.0

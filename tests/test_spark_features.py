@@ -32,7 +32,7 @@ KEYS = {name: ["item_id" if name.startswith("item_") else "user_id", "event_time
 UCI = PROJECT_ROOT.parent / "shared" / "data" / "uci_online_retail" / "online_retail.csv.gz"
 # Small on purpose: 2 shared cores. Spark in one local JVM with few shuffle partitions.
 SPARK = {"spark.sql.shuffle.partitions": "4", "spark.ui.enabled": "false", "spark.driver.memory": "2g"}
-UCI_CUSTOMERS = 400  # the UCI sample: these many customers (all their events), so the test stays in minutes
+UCI_CUSTOMERS = 150  # the UCI sample: these many customers (all their events), so the test stays in minutes
 
 
 def _quiet(_: str) -> None:

@@ -82,11 +82,11 @@ def _normalised(values: dict[str, list]) -> dict[str, list]:
 def test_profile_yaml_names_the_files_in_the_repository(tmp_path: Path) -> None:
     repo = copy_repo_with_profiles(tmp_path / "repo")
     assert profile_yaml("local", repo) is None
-    for name in ("redis", "postgres", "production"):
+    for name in ("redis", "postgres", "production", "spark"):
         assert profile_yaml(name, repo) == repo / "profiles" / f"{name}.yaml"
-    with pytest.raises(ValueError, match="unknown feature store profile 'mongo'; known: local, redis, postgres, production"):
+    with pytest.raises(ValueError, match="unknown feature store profile 'mongo'; known: local, redis, postgres, production, spark"):
         profile_yaml("mongo", repo)
-    assert set(PROFILES) == {"local", "redis", "postgres", "production"}
+    assert set(PROFILES) == {"local", "redis", "postgres", "production", "spark"}
 
 
 def test_apply_defaults_fills_only_unset_variables(monkeypatch: pytest.MonkeyPatch) -> None:

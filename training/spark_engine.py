@@ -11,8 +11,10 @@ files (like DuckDB's temp tables) instead of growing one lineage over the whole 
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import sys
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,6 +43,8 @@ def spark_session(master: str, conf: Mapping[str, str] | None = None, app_name: 
     """A SparkSession on `master` with BASE_CONF plus `conf` (conf wins); getOrCreate reuses a running one."""
     from pyspark.sql import SparkSession
 
+    # Python workers (Arrow conversions, Feast's materialization) run this interpreter unless told otherwise.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = SparkSession.builder.master(master).appName(app_name)
     for key, value in {**BASE_CONF, **(conf or {})}.items():
         builder = builder.config(key, value)
