@@ -6,12 +6,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import time
 
 import grpc
 import pytest
 
 from propensity import pseudonyms
+from propensity.model_registry import current_version
 from propensity.v1 import recommendation_service_pb2 as pb
 from propensity.v1 import recommendation_service_pb2_grpc as pb_grpc
 from tests.conftest import SHOPPER, Pipeline, private_env, running_server, users
@@ -19,6 +21,7 @@ from tests.conftest import SHOPPER, Pipeline, private_env, running_server, users
 READ_TOKEN, INGEST_TOKEN, ADMIN_TOKEN = "logs-read-token-91ac", "logs-ingest-token-2f7e", "logs-admin-token-c4d8"
 WRONG_TOKEN = "logs-wrong-token-0000"
 NEW_SHOPPER = "log-privacy-new-shopper"
+SHADOW = "v29990303T000000"
 FORGOTTEN = "log-privacy-forgotten-shopper"
 INFO_AND_ABOVE = {"INFO", "WARNING", "ERROR", "CRITICAL"}
 
@@ -67,7 +70,13 @@ def _traffic(stub: pb_grpc.RecommendationServiceStub, shoppers: list[str], item:
 @pytest.mark.slow
 def test_info_and_above_log_lines_carry_no_ids_tokens_or_feature_values(pipeline: Pipeline) -> None:
     env, work = private_env(pipeline, "log-privacy", copy_repo=True, log_format="json", log_level="DEBUG")
-    env.update({"PROPENSITY_SECURITY__AUTH": "on", "PROPENSITY_SECURITY__CALLERS": _callers()})
+    # A shadow version (a copy of the current one): its INFO line is about one user, and must name them by pseudonym.
+    versions = work / "models" / "versions"
+    served = current_version(work / "models")
+    shutil.copytree(versions / served, versions / SHADOW)
+    metadata = json.loads((versions / SHADOW / "metadata.json").read_text())
+    (versions / SHADOW / "metadata.json").write_text(json.dumps({**metadata, "version": SHADOW}))
+    env.update({"PROPENSITY_SECURITY__AUTH": "on", "PROPENSITY_SECURITY__CALLERS": _callers(), "PROPENSITY_SERVER__SHADOW_VERSION": SHADOW})
     shoppers = [SHOPPER, *users(pipeline, 3)]
     log_file = pipeline.root / "log-privacy-server.log"
     with running_server(env, log_file) as server, grpc.insecure_channel(server.target) as channel:
@@ -78,6 +87,9 @@ def test_info_and_above_log_lines_carry_no_ids_tokens_or_feature_values(pipeline
     assert any(line["level"] == "DEBUG" for line in lines)
     assert any(line.get("caller") == "reader" and "denied" in line["message"] for line in kept)
     assert any("ForgetUsers: forgot 1 user(s)" in line["message"] for line in kept)
+    key = (work / "privacy" / "key").read_text().encode()
+    shadowed = {line.get("user") for line in kept if line["message"] == "shadow scoring"}
+    assert "u:" + pseudonyms.keyed_hash(key, SHOPPER)[: pseudonyms.LOG_HASH_CHARS] in shadowed
 
     text = "\n".join(json.dumps(line) for line in kept)
     for secret in [*shoppers, NEW_SHOPPER, FORGOTTEN, READ_TOKEN, INGEST_TOKEN, ADMIN_TOKEN, WRONG_TOKEN]:
