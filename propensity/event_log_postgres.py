@@ -111,7 +111,9 @@ class PostgresEventLog:
             first.setdefault(event.event_id, index)
         if not first:
             return [], []
-        rows = [events[index] for index in first.values()]
+        # Inserted in event_id order: two replicas inserting overlapping messages take the unique-index entries in
+        # the same order, so one waits for the other instead of both deadlocking (and one failing).
+        rows = sorted((events[index] for index in first.values()), key=lambda e: e.event_id)
         now = _now_ms()
         with self._transaction(durable=True) as conn:
             inserted = {
@@ -120,7 +122,7 @@ class PostgresEventLog:
                     self._sql(
                         f"INSERT INTO {{t}} ({_COLUMNS}, pushed, claimed_ms) "
                         "SELECT *, false, %s FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::text[], %s::text[], %s::text[], "
-                        "%s::double precision[], %s::double precision[]) "
+                        "%s::double precision[], %s::double precision[]) ORDER BY 1 "
                         "ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
                     ),
                     (
@@ -196,7 +198,12 @@ class PostgresEventLog:
             deleted = conn.execute(self._sql("DELETE FROM {t} WHERE user_id = ANY(%s)"), (list(user_ids),)).rowcount
         with self._lock:
             try:
-                self._connect().execute(self._sql("VACUUM {t}"))  # autocommit: VACUUM cannot run in a transaction
+                conn = self._connect()
+                conn.execute("SET statement_timeout = 0")  # a large table's VACUUM outlasts the per-statement bound
+                try:
+                    conn.execute(self._sql("VACUUM {t}"))  # autocommit: VACUUM cannot run in a transaction block
+                finally:
+                    conn.execute(f"SET statement_timeout = {self._timeout_ms}")
             except Exception as error:
                 raise EventLogError(f"event log {self.location}: events deleted, but the table was not vacuumed: {error}") from error
         return deleted
