@@ -77,7 +77,7 @@ def checked_ids(user_ids: Iterable[str]) -> list[str]:
 
 def tombstones(settings: Settings) -> Tombstones:
     """The work directory's tombstones, read with the settings' key."""
-    return Tombstones(settings.work_dir / TOMBSTONES_FILE, privacy_key(settings))
+    return Tombstones(settings.work_dir / TOMBSTONES_FILE, lambda: privacy_key(settings))
 
 
 def record_output(settings: Settings, path: Path) -> None:

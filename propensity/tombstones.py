@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -25,9 +25,15 @@ TOMBSTONES_FILE = Path("privacy") / "tombstones.jsonl"
 class Tombstones:
     """The tombstone file of one work directory, read and appended with one key."""
 
-    def __init__(self, path: Path, key: bytes) -> None:
+    def __init__(self, path: Path, key: bytes | Callable[[], bytes]) -> None:
         self.path = path
-        self._key = key
+        self._key_source = key  # a callable is asked only when a hash is needed: reading no tombstones needs no key
+
+    @property
+    def _key(self) -> bytes:
+        if callable(self._key_source):
+            self._key_source = self._key_source()
+        return self._key_source
 
     def add(self, user_ids: Iterable[str], at: datetime) -> int:
         """Record that these users were forgotten at `at`; returns how many lines were written (durably)."""

@@ -216,6 +216,12 @@ def test_tombstones_hold_keyed_hashes_never_ids(tmp_path: Path) -> None:
     # Another key sees nothing: without the key a tombstone cannot be matched to a guessed id.
     assert Tombstones(tmp_path / "t.jsonl", b"k2").forgotten(["alice", "bob"]) == {}
 
+    def no_key() -> bytes:
+        raise AssertionError("the key was asked for although there are no tombstones")
+
+    # No tombstones (every prepare of a shop that never forgot anyone): the key is never needed, nor made.
+    assert Tombstones(tmp_path / "none.jsonl", no_key).forgotten(["alice"]) == {}
+
 
 def test_scrub_parquet_removes_rows_naming_the_user_in_any_text_column(tmp_path: Path) -> None:
     path = tmp_path / "q.parquet"
