@@ -154,10 +154,11 @@ def test_a_plain_path_root_stays_local_and_never_imports_fsspec(tmp_path: Path, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["path", "file-url"])
-def test_two_replicas_on_one_shared_root_follow_a_promotion_with_zero_failed_calls(pipeline: Pipeline, kind: str) -> None:
-    env, work = private_env(pipeline, f"registry-root-{kind}", model_poll_seconds="0.5")
-    shared = pipeline.root / f"shared-models-{kind}"
+def test_two_replicas_on_one_shared_root_follow_a_promotion_with_zero_failed_calls(pipeline: Pipeline) -> None:
+    """Replica A reads the shared root as a plain path, replica B as a file:// URL (the object-store code path, with its
+    own mirror); `propensity models promote` in a third process, through the URL, moves both under traffic."""
+    env, work = private_env(pipeline, "registry-root", model_poll_seconds="0.5")
+    shared = pipeline.root / "shared-models"
     shutil.copytree(work / "models", shared, ignore=shutil.ignore_patterns("compiled", ".lock"))
     current = (shared / CURRENT).read_text().strip()
     new = f"{current}-b"
@@ -166,15 +167,14 @@ def test_two_replicas_on_one_shared_root_follow_a_promotion_with_zero_failed_cal
     metadata = json.loads((shared / "versions" / f".{new}.tmp" / METADATA).read_text())
     (shared / "versions" / f".{new}.tmp" / METADATA).write_text(json.dumps({**metadata, "version": new}))
     (shared / "versions" / f".{new}.tmp").rename(shared / "versions" / new)
-    env["PROPENSITY_MODEL_REGISTRY_ROOT"] = str(shared) if kind == "path" else shared.as_uri()
     shutil.rmtree(work / "models")  # nothing may come from the work directory's own registry
+    as_path = {**env, "PROPENSITY_MODEL_REGISTRY_ROOT": str(shared)}
 
-    def replica_env(name: str) -> dict[str, str]:
-        return {**env, "PROPENSITY_MODEL_CACHE_DIR": str(pipeline.root / f"cache-{kind}-{name}")}  # a pod's own disk
+    def as_url(name: str) -> dict[str, str]:  # a pod of its own: its own mirror on its own disk
+        return {**env, "PROPENSITY_MODEL_REGISTRY_ROOT": shared.as_uri(), "PROPENSITY_MODEL_CACHE_DIR": str(pipeline.root / f"cache-{name}")}
 
     shoppers = users(pipeline, 20)
-    with running_server(replica_env("a"), pipeline.root / f"registry-{kind}-a.log") as a, \
-            running_server(replica_env("b"), pipeline.root / f"registry-{kind}-b.log") as b:
+    with running_server(as_path, pipeline.root / "registry-a.log") as a, running_server(as_url("b"), pipeline.root / "registry-b.log") as b:
         stop = threading.Event()
         calls: dict[str, list[str]] = {"a": [], "b": []}
         failures: list[str] = []
@@ -196,7 +196,7 @@ def test_two_replicas_on_one_shared_root_follow_a_promotion_with_zero_failed_cal
         try:
             time.sleep(1.0)
             promote = subprocess.run([str(BIN / "propensity"), "models", "promote", new, "--reason", "shared root test"],
-                                     env=replica_env("operator"), capture_output=True, text=True, timeout=120)
+                                     env=as_url("operator"), capture_output=True, text=True, timeout=120)
             assert promote.returncode == 0, promote.stdout + promote.stderr
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and not all(c and c[-1] == new for c in calls.values()):
@@ -213,5 +213,9 @@ def test_two_replicas_on_one_shared_root_follow_a_promotion_with_zero_failed_cal
         assert set(seen[:switch]) == {current} and set(seen[switch:]) == {new}, name  # one switch, never back
         assert len(seen) > 20, (name, len(seen))
     assert (shared / CURRENT).read_text() == f"{new}\n"
-    if kind == "file-url":  # each replica loaded from its own mirror, downloaded from the URL
-        assert all((pipeline.root / f"cache-{kind}-{r}").exists() for r in ("a", "b", "operator"))
+    # B loaded both versions from its own mirror, downloaded from the URL (A read the shared directory in place).
+    assert (pipeline.root / "cache-b").exists() and not (work / "model-cache").exists()
+    mirror = next(p for p in (pipeline.root / "cache-b").iterdir() if (p / MARKER).exists())
+    assert sorted(p.name for p in (mirror / "versions").iterdir() if not p.name.startswith(".")) == [current, new]
+    assert (mirror / CURRENT).read_text() == f"{new}\n"
+    assert [e["version"] for e in read_history(shared) if e.get("reason") == "shared root test"] == [new]
