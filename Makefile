@@ -37,6 +37,7 @@ demo: $(STAMP)
 	$(BIN)/propensity demo-data
 
 test: $(STAMP) proto-check
+	@command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client)  # the overload and open-loop tests drive h2load
 	$(BIN)/python -m pytest
 
 test-fast: $(STAMP)

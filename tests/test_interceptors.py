@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -95,12 +96,13 @@ def _call(channel: grpc.Channel, method: str):
 
 
 def _eventually(read, expected: float) -> float:
-    """The server records after it answered (abort sends the status first): poll briefly for the value."""
-    for _ in range(250):
-        value = read()
-        if value == expected:
-            break
+    """The server records after it answered (abort sends the status first; a handler past its deadline only ends
+    after its own 2 s sleep): poll for the value, for longer than that on a loaded machine."""
+    deadline = time.monotonic() + 10.0
+    value = read()
+    while value != expected and time.monotonic() < deadline:
         threading.Event().wait(0.01)
+        value = read()
     return value
 
 
