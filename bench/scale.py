@@ -28,6 +28,7 @@ from propensity.feature_store import copy_definitions
 
 STAGES = ("demo-data", "prepare", "build-features", "publish", "train")
 OUT = PROJECT_ROOT / "docs" / "benchmarks"
+KEEP_MARKER = "<!-- kept by bench.scale: everything below is written by hand -->"
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,9 @@ def write_report(out: Path, results: list[StageResult], manifest: dict, args: ar
     plt.close(fig)
 
     rows = "\n".join(f"| {r.stage} | {r.seconds / 60:.1f} | {r.peak_rss_gb:.2f} |" for r in results)
+    # Hand-written sections (the small two-engine run, the projection) survive a new measurement.
+    previous = (out / "scale.md").read_text() if (out / "scale.md").exists() else ""
+    kept = previous[previous.index(KEEP_MARKER):] if KEEP_MARKER in previous else ""
     (out / "scale.md").write_text(
         f"# Offline pipeline at scale ({args.engine})\n\n"
         f"{manifest['n_events']:,} generated events ({manifest['n_users']:,} active users, {manifest['n_items']:,} items, "
@@ -144,6 +148,7 @@ def write_report(out: Path, results: list[StageResult], manifest: dict, args: ar
         f"**prepare -> train: {total / 60:.1f} min, peak {data['pipeline_peak_rss_gb']:.2f} GB.**\n\n"
         f"![time and memory per stage](scale.png)\n\n"
         f"Reproduce: `make bench-scale ENGINE={args.engine}` (or `.venv/bin/python -m bench.scale --engine {args.engine} --users {args.users} --items {manifest['n_items']}`).\n"
+        + (f"\n{kept}" if kept else "")
     )
 
 

@@ -62,7 +62,45 @@ def to_spark_sql(sql: str, star_columns: Any = None) -> str:
 def _spark_tree(tree: exp.Expression, star_columns: Any = None) -> exp.Expression:
     if star_columns is not None:
         tree = _expand_star_excludes(tree, star_columns)
+    tree = tree.transform(lambda node: _asof_to_range_join(node) if isinstance(node, exp.Select) else node)
     return tree.transform(_rewrite)
+
+
+def _asof_to_range_join(select: exp.Select) -> exp.Expression:
+    """`A ASOF JOIN R r ON <equalities> AND a.x >= r.y` (Spark has none): the inner range join, keeping per
+    (equality keys, a.x) only the right rows with the largest r.y (the smallest for <=).
+
+    DuckDB keeps its ASOF JOIN (faster there than any portable form measured); on Spark the range join
+    costs snapshots x earlier active days per user, which is fine for daily snapshots of one entity.
+    """
+    for join in select.args.get("joins") or []:
+        if (join.args.get("method") or "").upper() != "ASOF":
+            continue
+        alias = join.alias_or_name
+        condition = join.args["on"]
+        parts = list(condition.flatten()) if isinstance(condition, exp.And) else [condition]
+        keys, order = [], None
+        for part in parts:
+            sides = (part.this, part.expression)
+            right = [side for side in sides if isinstance(side, exp.Column) and side.table == alias]
+            left = [side for side in sides if side not in right]
+            if isinstance(part, exp.EQ) and right and left:
+                keys.append(left[0].copy())
+            elif isinstance(part, (exp.GTE, exp.GT, exp.LTE, exp.LT)) and right and left:
+                latest = isinstance(part, (exp.GTE, exp.GT)) == (part.this is left[0])  # a.x >= r.y: the largest r.y
+                order = (left[0].copy(), right[0].copy(), "MAX" if latest else "MIN")
+        if order is None:
+            raise ValueError(f"ASOF JOIN without an inequality on {alias}: no Spark form in training.spark_engine")
+        point, target, pick = order
+        keys.append(point)
+        names = [projection.alias_or_name for projection in select.expressions]
+        join.set("method", None)
+        inner = select.copy()
+        inner.select(exp.alias_(target, "_asof_y"), copy=False)
+        inner.select(f"{pick}({target.sql('spark')}) OVER (PARTITION BY {', '.join(k.sql('spark') for k in keys)}) AS _asof_w",
+                     dialect="spark", copy=False)
+        return exp.select(*names).from_(inner.subquery("_asof")).where("_asof_y = _asof_w")
+    return select
 
 
 def _rewrite(node: exp.Expression) -> exp.Expression:

@@ -109,21 +109,6 @@ def user_activity(con: Connection, event_types: frozenset[str], settings: Featur
         GROUP BY s.user_id, s.b
         """
     )
-    # Which day's running totals each snapshot sees: the latest active day before it. An ASOF JOIN in
-    # DuckDB alone; this running max over snapshots and days in one order is the same in both engines.
-    con.execute(
-        """
-        CREATE OR REPLACE TEMP TABLE running_at AS
-        SELECT user_id, b, b_from FROM (
-            SELECT user_id, b, is_snapshot,
-                   max(b_from) OVER (PARTITION BY user_id ORDER BY b, is_snapshot ROWS UNBOUNDED PRECEDING) AS b_from
-            FROM (SELECT user_id, b, 1 AS is_snapshot, NULL::BIGINT AS b_from FROM user_snapshots
-                  UNION ALL
-                  SELECT user_id, day + 1 AS b, 0 AS is_snapshot, day + 1 AS b_from FROM user_running) t
-        ) w
-        WHERE is_snapshot = 1 AND b_from IS NOT NULL
-        """
-    )
     con.execute(
         f"""
         CREATE OR REPLACE TEMP TABLE user_activity AS
@@ -135,8 +120,7 @@ def user_activity(con: Connection, event_types: frozenset[str], settings: Featur
         FROM activity a
         JOIN activity_items i USING (user_id, b)
         JOIN activity_sessions x USING (user_id, b)
-        JOIN running_at t USING (user_id, b)
-        JOIN user_running r ON r.user_id = a.user_id AND r.day + 1 = t.b_from
+        ASOF JOIN (SELECT *, day + 1 AS b_from FROM user_running) r ON r.user_id = a.user_id AND a.b >= r.b_from
         """
     )
 
