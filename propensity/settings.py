@@ -52,6 +52,13 @@ class FeatureSettings(_Section):
     )
     memory_limit_gb: float = Field(6.0, description="DuckDB's memory cap in prepare and the feature build; beyond it, it spills to disk.")
     session_gap_minutes: int = Field(30, description="Inactivity gap that starts a new session when events carry no session_id.")
+    engine: Literal["duckdb", "spark"] = Field(
+        "duckdb", description="Engine of the feature build: 'duckdb' embedded (default), 'spark' the same SQL transpiled to Spark SQL (docs/scale.md)."
+    )
+    spark_master: str = Field("local[*]", description="Spark master of the 'spark' engine: local[*] on one machine, spark://host:7077 (or k8s://...) on a cluster.")
+    spark_conf: dict[str, str] = Field(
+        {}, description="Extra Spark properties for the 'spark' engine (e.g. spark.executor.memory, spark.sql.shuffle.partitions)."
+    )
 
 
 class CandidateSettings(_Section):
