@@ -315,6 +315,8 @@ Server time = {results['server_time']['how']}:
 |---:|---:|---:|---:|---:|
 {score_lines}
 
+{firehose_section(results.get("firehose"))}
+
 ## How it is measured
 
 - h2load posts `/propensity.v1.RecommendationService/Recommend` with `content-type: application/grpc`
@@ -336,6 +338,58 @@ Server time = {results['server_time']['how']}:
 ## Notes
 
 {notes}
+"""
+
+
+def firehose_section(firehose: dict | None) -> str:
+    """The event firehose (bench/firehose.py): IngestEvents events/s per message size, Recommend beside it, freshness."""
+    head = "## Event firehose: IngestEvents into one server process (issue 15)\n\n"
+    if not firehose or "sizes" not in firehose:
+        return head + f"Not measured in this run ({(firehose or {}).get('not_measured', 'no firehose figures in results.json')}).\n"
+    rows = "\n".join(
+        f"| {r['events_per_message']:,} | {r['events_per_second']:,.0f} | {r['server_cpu_ms_per_1000_events']} | {r['server_cores_busy']} "
+        f"| {r['generator_cores_busy']} | {r['accepted']:,} / {r['events_sent']:,} | {r['failed_streams']} |"
+        for r in firehose["sizes"]
+    )
+    alone, during = firehose["recommend_alone"], firehose["recommend_under_half_ingestion"]
+    took = during["ingestion"]
+    fresh = firehose["freshness"]
+    full = fresh["ingestion"]
+    probes = "\n".join(
+        f"| {p['user']} | {p['item']} | {p['ack_ms']} | {p['next_answer_ms']} | {'yes' if p['raised_in_next_answer'] else 'no'} "
+        f"| {p['visible_ms'] if p['visible_ms'] is not None else 'not within 3 s'} |"
+        for p in fresh["probes"]
+    )
+
+    def tail(r: dict) -> str:
+        return (f"| {r['target_rate_rps']:g} | {r['achieved_rps']:g} | {r['p50']:.2f} | {r['p95']:.2f} | {r['p99']:.2f} | {r['max']:.1f} "
+                f"| {r['failures']} | {r['lateness_p99_ms']} |")
+
+    return head + f"""{firehose['server']}; generator: {firehose['generator']}. Every message is acknowledged only once its events are
+committed to the event log (one transaction per message) and their real-time features written (one online write per user
+and view); accepted must equal sent. Generator cores busy = the load processes' own CPU seconds per wall second.
+
+| events/message | events/s | server CPU ms / 1,000 events | server cores busy | generator cores busy | accepted / sent | failed streams |
+|---:|---:|---:|---:|---:|---:|---:|
+{rows}
+
+Recommend at a fixed {firehose['recommend_rate_rps']:g} req/s (h2load --rps, users not in the firehose's events), alone and while
+1,000-event messages are offered at half the maximum above ({took.get('offered_events_per_second', 0):,.0f} events/s; the server took
+{took['events_per_second']:,.0f} events/s, {took['server_cores_busy']} server cores busy):
+
+| Recommend | offered req/s | achieved req/s | p50 ms | p95 ms | p99 ms | max ms | failures | generator lateness p99 ms |
+|---|---:|---:|---:|---:|---:|---:|---:|---:|
+| alone {tail(alone)}
+| with ingestion at half its max {tail(during)}
+
+Freshness at full ingestion load ({full['events_per_second']:,.0f} events/s of 1,000-event messages meanwhile): a view and an
+add-to-cart for (user, item), the item the user scored lowest, then Recommend for that user with the item as its only candidate.
+**{fresh['fresh_within']} of {fresh['probes_sent']}** raised the item's score within {fresh['within_seconds']:g} s of sending
+({fresh['raised_in_next_answer']} in the very next answer; slowest {fresh['visible_ms_max']} ms).
+
+| user | item | ack ms | next answer ms (from send) | raised in the next answer | raised after ms |
+|---|---|---:|---:|---|---:|
+{probes}
 """
 
 

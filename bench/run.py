@@ -236,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="PROPENSITY_SERVER__WORKERS for the real server")
     parser.add_argument("--open-loop-seconds", type=float, default=20.0, help="length of the open-loop phase (it spans catalog refreshes)")
     parser.add_argument("--open-loop-slots", type=int, default=16, help="h2load processes (connections) side by side in the open loop; SO_REUSEPORT spreads connections")
+    parser.add_argument("--no-firehose", action="store_true", help="skip the IngestEvents section (bench/firehose.py, about 2 minutes)")
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.levels.split(",")]
     ensure_h2load()
@@ -374,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         payloads.verify(naive.target, naive_rotation.users, require_personalised=False, concurrency=8)
         naive_levels = sweep("naive", naive.target, payloads, levels, args.seconds, naive_segments, work, naive_rotation, NAIVE_MAX_PROCS, GroupCpu(naive.pid))
 
+    firehose = {"not_measured": "--no-firehose"} if args.no_firehose else measure_firehose(state, payloads, users, work)
+
     users_summary = {
         "sampled_with_history": len(users),
         "verified_through_stub": len(users),
@@ -387,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     results = build_results(machine=machine_info(), settings=settings_used, ours=ours_levels, naive=naive_levels, health_c1=health,
                             half_load=half, floor=floor, user_read=user_read, score_users=scores, candidates=candidates,
                             users=users_summary, event_loop_lag=lag, previous=previous, notes=notes)
+    results["firehose"] = firehose
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -394,6 +398,28 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + table(results) + "\n\n" + targets_table(results) + "\n", flush=True)
     say(f"wrote {out / 'results.json'}, README.md and latency_throughput.png")
     return 0
+
+
+def measure_firehose(state: BenchState, payloads: Payloads, users: Sequence[str], work: Path) -> dict:
+    """The IngestEvents section (bench/firehose.py) on its own server: Recommend's open loop rotates over 100 of the
+    sampled users, the freshness probes take 6 others; none of them is in the firehose's events."""
+    from bench import firehose
+
+    recommend_users, probe_users = list(users[:100]), list(users[100 : 100 + firehose.PROBES])
+    rotation = UserRotation(recommend_users)
+
+    def prepare(target: str) -> firehose.OpenLoop:
+        payloads.verify(target, recommend_users, require_personalised=True)  # the answer sizes h2load checks, from this server
+
+        def run(target: str, rate: float, seconds: float) -> dict:
+            segments = max(1, round(seconds / OPEN_LOOP_SEGMENT_SECONDS))
+            return bench_open_loop.run_phase(f"http://{target}{RECOMMEND}", lambda: rotation.take(1)[0],
+                                             lambda user: (payloads.files[user], payloads.response_bytes[user]), rate, seconds,
+                                             firehose.RECOMMEND_SLOTS, segments, work)
+        return run
+
+    say("firehose: IngestEvents into one server process (bench/firehose.py)")
+    return firehose.measure(state, recommend_users, probe_users, prepare, progress=lambda message: say(f"  firehose: {message}"))
 
 
 def score_users(target: str, user_ids: Sequence[str], batch: int, concurrency: int, seconds: float) -> dict:

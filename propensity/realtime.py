@@ -141,7 +141,8 @@ def apply_events(
 
     Every event changes user_activity and user_interests; only a purchase changes user_purchase_history.
     rows maps each view to its row as Feast returned it (every feature of the view, None where absent);
-    features the stream does not maintain pass through unchanged. recorded_types are the event types the
+    features the stream does not maintain pass through unchanged and unread, so a caller may hand them over in any
+    form (the ingestion's SQLite path passes a marker for a stored value it did not decode). recorded_types are the event types the
     shop records: their counts start at 0 for a new user, as in the batch build; counts of types it does
     not record stay null until such an event arrives.
     """
@@ -151,9 +152,13 @@ def apply_events(
             for column in columns:
                 if activity.get(column) is None:
                     activity[column] = 0
-    # Every interests and history feature is a list.
-    interests = {name: list(value or []) for name, value in rows[INTERESTS_VIEW].items()}
-    history = {name: list(value or []) for name, value in rows[HISTORY_VIEW].items()}
+    # Every interests and history feature is a list: a missing one becomes empty, a maintained one is copied to be
+    # changed here, any other is passed on as given.
+    interests = {name: [] if value is None else value for name, value in rows[INTERESTS_VIEW].items()}
+    history = {name: [] if value is None else value for name, value in rows[HISTORY_VIEW].items()}
+    for lists, maintained in ((interests, MAINTAINED_INTERESTS), (history, MAINTAINED_HISTORY)):
+        for name in maintained:
+            lists[name] = list(lists.get(name) or [])
     bought = False
     for event in sorted(events, key=lambda e: e.event_time_ms):
         ts = event.event_time_ms // 1000

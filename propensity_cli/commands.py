@@ -203,22 +203,25 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     import grpc
 
-    from propensity.replay import messages, read_events
+    from propensity.replay import messages, read_events, replay
 
     frame = read_events(Path(args.file))
     total = min(len(frame), args.limit or len(frame))
-    print(f"replaying {total:,} events from {args.file} at {args.rate:g} events/s to {args.target}", flush=True)
-    started = time.perf_counter()
+    print(f"replaying {total:,} events from {args.file} at {args.rate:g} events/s to {args.target} "
+          f"({args.streams} streams of up to {args.messages_per_stream} messages of {args.batch} events)", flush=True)
+    source = messages(frame, args.rate, batch=args.batch, retime=not args.keep_times, limit=args.limit)
     with _client(args) as client:
         try:
-            response = client.ingest_events(messages(frame, args.rate, batch=args.batch, retime=not args.keep_times, limit=args.limit))
+            done = replay(source, total, lambda stream: client.ingest_events(stream), streams=args.streams,
+                          messages_per_stream=args.messages_per_stream,
+                          on_progress=lambda progress, rate: print(f"  {progress.line(rate)}", flush=True))
         except grpc.RpcError as error:
             print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
             return 1
-    seconds = time.perf_counter() - started
-    print(f"accepted {response.accepted:,}, duplicates {response.duplicates:,}, rejected {response.rejected:,} "
-          f"in {seconds:.1f}s ({total / seconds:,.0f} events/s)")
-    for rejection in response.rejections[:10]:
+    print(f"accepted {done.accepted:,}, duplicates {done.duplicates:,}, rejected {done.rejected:,} "
+          f"in {done.seconds:.1f}s ({done.acknowledged / max(done.seconds, 1e-9):,.0f} events/s)"
+          + (f"; {done.pushes_pending:,} feature updates wait for the online store" if done.pushes_pending else ""))
+    for rejection in done.rejections[:10]:
         print(f"  event {rejection.index} ({rejection.event_id or 'no id'}) {rejection.field}: {rejection.reason}")
     return 0
 

@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="events file in the raw schema (CSV or Parquet)")
     p.add_argument("--rate", type=float, default=100.0, help="events per second (0: as fast as possible)")
     p.add_argument("--batch", type=int, default=50, help="events per stream message")
+    p.add_argument("--streams", type=int, default=4, help="client streams open at once (the server overlaps their messages)")
+    p.add_argument("--messages-per-stream", type=int, default=20, help="messages per stream before it is closed and answered")
     p.add_argument("--limit", type=int, help="stop after this many events")
     p.add_argument("--keep-times", action="store_true", help="send the file's event times instead of the time of sending")
     p.add_argument("--target", default="localhost:50051")

@@ -106,7 +106,7 @@ class RecommendationServicer(pb_grpc.RecommendationServiceServicer):
         seen = 0
         try:
             async for message in _messages(request_iterator, self._limits.ingest_idle_timeout_seconds):
-                self._ingestor.ingest((_event_fields(e) for e in message.events), report, first_index=seen)
+                await self._ingestor.ingest_message([_event_fields(e) for e in message.events], report, first_index=seen)
                 seen += len(message.events)
         except (StreamIdle, UndecodableRequest) as error:
             # Every event before the silence (or the bad message) is already logged and applied: say so, in words and in numbers.
