@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Iterable
 
 import grpc
 
-from server.interceptors import UNTRACKED_SERVICES
+from server.interceptors import UNTRACKED_SERVICES, application_unary, rewrapped
 
 
 class AdmissionInterceptor(grpc.aio.ServerInterceptor):
@@ -48,15 +48,10 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if self.limit == 0 or handler is None or handler.unary_unary is None:
+        handler, _, _, wrap = await application_unary(continuation, handler_call_details, self._exempt)
+        if self.limit == 0 or not wrap:
             return handler
-        service, _, _ = handler_call_details.method.lstrip("/").rpartition("/")
-        if service in self._exempt:
-            return handler
-        return grpc.unary_unary_rpc_method_handler(
-            self._admit(handler.unary_unary), request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
-        )
+        return rewrapped(handler, self._admit(handler.unary_unary))
 
     def _admit(self, behavior: Callable) -> Callable:
         async def admitted(request: object, context: grpc.aio.ServicerContext) -> object:

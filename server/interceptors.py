@@ -34,6 +34,26 @@ def current_request_id() -> str:
     return request_id_var.get()
 
 
+async def application_unary(
+    continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+    handler_call_details: grpc.HandlerCallDetails,
+    untracked: frozenset[str],
+) -> tuple[grpc.RpcMethodHandler | None, str, str, bool]:
+    """The next handler, its service and method, and whether an interceptor should wrap it: only unary-unary
+    calls of services not in `untracked` (streams, health and reflection pass through unchanged)."""
+    handler = await continuation(handler_call_details)
+    service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
+    wrap = handler is not None and handler.unary_unary is not None and service not in untracked
+    return handler, service, method, wrap
+
+
+def rewrapped(handler: grpc.RpcMethodHandler, behavior: Callable) -> grpc.RpcMethodHandler:
+    """A unary-unary handler running `behavior` with `handler`'s (de)serialisers."""
+    return grpc.unary_unary_rpc_method_handler(
+        behavior, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+    )
+
+
 class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
     """For every unary-unary RPC: set and echo `x-request-id`, send `x-served-by`, then record latency and final status code.
 
@@ -55,18 +75,10 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+        handler, _, method, wrap = await application_unary(continuation, handler_call_details, self._untracked)
+        if not wrap:
             return handler
-        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
-        if service in self._untracked:
-            return handler
-        request_id = _request_id(handler_call_details.invocation_metadata)
-        return grpc.unary_unary_rpc_method_handler(
-            self._wrap(handler.unary_unary, method, request_id),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return rewrapped(handler, self._wrap(handler.unary_unary, method, _request_id(handler_call_details.invocation_metadata)))
 
     def _wrap(self, behavior: Callable, method: str, request_id: str) -> Callable:
         observe = self._observe

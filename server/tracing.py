@@ -33,7 +33,7 @@ from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 
 from propensity.settings import Settings
-from server.interceptors import UNTRACKED_SERVICES, current_request_id, final_code
+from server.interceptors import UNTRACKED_SERVICES, application_unary, current_request_id, final_code, rewrapped
 from server.recommender import Observer
 
 log = logging.getLogger(__name__)
@@ -111,18 +111,11 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
-        if service in self._untracked:
+        handler, service, method, wrap = await application_unary(continuation, handler_call_details, self._untracked)
+        if not wrap:
             return handler
         parent = propagate.extract(_carrier(handler_call_details.invocation_metadata))
-        return grpc.unary_unary_rpc_method_handler(
-            self._wrap(handler.unary_unary, service, method, parent),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return rewrapped(handler, self._wrap(handler.unary_unary, service, method, parent))
 
     def _wrap(self, behavior: Callable, service: str, method: str, parent: Context) -> Callable:
         tracer, name = self._tracer, f"{service}/{method}"
