@@ -318,12 +318,14 @@ while 1,000-event messages flow as fast as the server takes them) and the stream
 **Not shown yet: the targets (10,000 events/s with 1,000-event messages, 2,000 with 10-event messages).** Round 2 was
 measured while the 2-core machine ran at a load average of 15-20 (six sessions' tests, pipelines and benches): the
 server process got 0.15-0.4 of a core, so its events/s above say how much CPU it was given, not what it can do. What
-the runs do show (round 2 before / after above, minutes apart at a load average of 12-14): the round-2 server took
-10-event messages at 2.2x and 1,000-event messages at 1.7x the rate of the round-1 code, at the same server CPU per
-1,000 events (x1.09, x1.03): the gain is overlap (one stream's log commit during another's feature update, SQLite and
-fsync waits outside the GIL), not less CPU in the server. In process, `EventIngestor.ingest` alone spent 210-260
-against 285-355 CPU ms per 1,000 events (same window): the read and write got cheaper, and the thread hand-offs
-and GIL contention of the server path spend about that much again. The quiet-machine figures are for `make bench`'s
+the runs do show (round 2 before / after above, one after the other at a load average of 7-8; an earlier pair at 12-14
+gave 2.2x and 1.7x for 10- and 1,000-event messages): the round-2 server took 100-event messages at 1.3x and 1,000-event
+messages at 1.2x the rate of the round-1 code, 10-event messages at the same rate, at the same server CPU per 1,000
+events (x0.98-1.13): the gain is overlap (one stream's log commit during another's feature update, SQLite and fsync
+waits outside the GIL), not less CPU in the server. In process, `EventIngestor.ingest` alone spent 210-260 against
+285-355 CPU ms per 1,000 events (same window): the read and write got cheaper, and the thread hand-offs and GIL
+contention of the server path spend about that much again. 10,000 events/s needs about 100 CPU ms per 1,000 events
+on a free core; at ~230 (this machine, loaded) it is not in reach. The quiet-machine figures are for `make bench`'s
 firehose section (bench/firehose.py) to give. What is left per 1,000-event message: the
 SQLite read of ~22,000 Feast rows (one row per user and feature) and the re-stamp of every row of a written view, both
 in C, plus decoding and encoding the maintained values in Python; a layout with one row per user and view (Redis
@@ -345,7 +347,10 @@ own stalls in that run (1.4 s alone, 0.5 s beside it); the quiet-machine run is 
 `--messages-per-stream` messages each (so the server answers, and the progress counts acknowledged events, while it
 runs) from one paced source, and prints a progress line every 2 s (sent, acknowledged, events/s overall and now). Its
 message building costs 3-4 us per event (260,000-315,000 events per CPU second measured), so one client process can
-offer well over the 10,000 events/s target; tests/test_firehose_freshness.py checks the pacing and the progress lines.
+offer well over the 10,000 events/s target. End to end into one server on a copy of the bench shop (load average ~6.5):
+`--rate 0 --batch 1000 --streams 4` 30,000 events at 7,517 events/s (the server's limit, not the client's);
+`--rate 2000 --batch 10` held 1,998 events/s (those ids were already logged: the duplicate path). tests/test_firehose_freshness.py
+checks the pacing and the progress lines.
 
 ## Round 1: where the time went, and what changed
 
