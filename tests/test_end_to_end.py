@@ -149,7 +149,7 @@ def test_grpcurl_lists_and_describes_through_reflection(server: RunningServer) -
     assert listed.returncode == 0, listed.stderr
     assert SERVICE in listed.stdout.split() and "grpc.health.v1.Health" in listed.stdout.split()
     methods = grpcurl(server.target, "list", SERVICE).stdout.split()
-    assert methods == [f"{SERVICE}.{m}" for m in ("GetModelInfo", "IngestEvents", "Recommend", "ScoreItems", "ScoreUsers")]
+    assert methods == [f"{SERVICE}.{m}" for m in ("ForgetUsers", "GetModelInfo", "IngestEvents", "Recommend", "ScoreItems", "ScoreUsers")]
     described = grpcurl(server.target, "describe", "propensity.v1.RecommendRequest")
     assert "candidate_item_ids" in described.stdout
 
