@@ -217,13 +217,16 @@ def test_redis_that_hangs_costs_requests_at_most_its_timeout_and_service_resumes
         resumed = time.monotonic()
         assert wait_for(lambda: any(c[0] > resumed and c[1] == "OK" and c[2] == 0 for c in traffic.calls), timeout=10)
         time.sleep(1.5)
-    before, during = traffic.between(0, stopped), traffic.between(stopped + 0.3, resumed)
+    # A call that started just before SIGSTOP may reach Redis after it (a loaded machine widens that gap): such calls
+    # belong to neither window, like those in the 0.3 s after the stop.
+    before, during = traffic.between(0, stopped - 0.5), traffic.between(stopped + 0.3, resumed)
     first_personal = min(c[0] for c in traffic.calls if c[0] > resumed and c[2] == 0)
     after = traffic.between(first_personal, float("inf"))
     assert before and during and after
     assert all(c[1] == "OK" for c in traffic.calls), {c[1] for c in traffic.calls}  # no call failed, none missed its deadline
     assert all(c[2] == STORE_DOWN for c in during), {c[2] for c in during}
-    assert not any(c[2] == STORE_DOWN for c in before + after)
+    assert not any(c[2] == STORE_DOWN for c in before), [c for c in before if c[2] == STORE_DOWN]
+    assert not any(c[2] == STORE_DOWN for c in after), [c for c in after if c[2] == STORE_DOWN]
     latencies = [c[3] for c in during]
     assert max(latencies) < DEADLINE
     report("redis SIGSTOP", degraded_calls=len(during), degraded_p50=sorted(latencies)[len(latencies) // 2], degraded_max=max(latencies),
