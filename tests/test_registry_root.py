@@ -19,7 +19,6 @@ from pathlib import Path
 import fsspec
 import grpc
 import lightgbm as lgb
-import numpy as np
 import pytest
 
 from propensity.assembly import RANKER_FEATURES, USER_MODEL_FEATURES
@@ -40,20 +39,7 @@ from propensity.settings import Settings
 from propensity.v1 import recommendation_service_pb2 as pb
 from propensity.v1 import recommendation_service_pb2_grpc as pb_grpc
 from tests.conftest import BIN, PROJECT_ROOT, Pipeline, private_env, running_server, users
-
-PARAMS = {"objective": "binary", "verbosity": -1, "num_leaves": 4, "min_data_in_leaf": 5, "num_threads": 1, "seed": 1}
-
-
-def _booster(features: tuple[str, ...], seed: int) -> lgb.Booster:
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(200, len(features)))
-    y = (x[:, 0] + rng.normal(scale=0.5, size=200) > 0).astype(int)
-    return lgb.train(PARAMS, lgb.Dataset(x, y, feature_name=list(features)), num_boost_round=5)
-
-
-@pytest.fixture(scope="module")
-def boosters() -> dict[str, lgb.Booster]:
-    return {USER_MODEL: _booster(USER_MODEL_FEATURES, 0), RANKER_MODEL: _booster(RANKER_FEATURES, 1)}
+from tests.test_model_registry import boosters  # noqa: F401 - boosters is a fixture (the same tiny models)
 
 
 def _metadata(version: str) -> dict:
