@@ -40,7 +40,7 @@ from tests.aio_server import ThreadedAioServer
 from tests.conftest import Pipeline, free_port, private_env, running_server, users
 
 LIMIT = 4  # max_concurrent_requests of the server under test
-PENDING = 4  # its max_pending_requests (gRPC core's queue in front of the event loop)
+PENDING = 1  # its max_pending_requests (gRPC core's queue in front of the event loop)
 LOADERS = 4  # h2load processes, one connection and one shopper each
 OVERLOAD = 3.0  # offered load / measured capacity
 SECONDS = 5.0
