@@ -10,8 +10,6 @@ import time
 from pathlib import Path
 
 import grpc
-import lightgbm as lgb
-import numpy as np
 import pytest
 
 from propensity.assembly import RANKER_FEATURES, USER_MODEL_FEATURES
@@ -20,17 +18,8 @@ from propensity.registry_history import HISTORY, ROUTING, promote_version, read_
 from propensity.v1 import recommendation_service_pb2 as pb
 from propensity.v1 import recommendation_service_pb2_grpc as pb_grpc
 from propensity_cli.main import main
+from tests.tiny_models import tiny_booster
 from tests.conftest import BIN, Pipeline, private_env, running_server, users, wait_for
-
-PARAMS = {"objective": "binary", "verbosity": -1, "num_leaves": 4, "min_data_in_leaf": 5, "num_threads": 1, "seed": 1}
-
-
-def _booster(features: tuple[str, ...], seed: int) -> lgb.Booster:
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(200, len(features)))
-    y = (x[:, 0] + rng.normal(scale=0.5, size=200) > 0).astype(int)
-    return lgb.train(PARAMS, lgb.Dataset(x, y, feature_name=list(features)), num_boost_round=3)
-
 
 def _metadata(version: str, auc: float) -> dict:
     return {
@@ -50,7 +39,7 @@ def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A registry with three real (tiny) versions v1..v3, none current; the CLI pointed at it."""
     root = tmp_path / "work" / "models"
     for i in (1, 2, 3):
-        boosters = {USER_MODEL: _booster(USER_MODEL_FEATURES, i), RANKER_MODEL: _booster(RANKER_FEATURES, 10 + i)}
+        boosters = {USER_MODEL: tiny_booster(USER_MODEL_FEATURES, i, rounds=3), RANKER_MODEL: tiny_booster(RANKER_FEATURES, 10 + i, rounds=3)}
         save_version(root, f"v{i}", boosters, _metadata(f"v{i}", 0.6 + i / 100))
     monkeypatch.setenv("PROPENSITY_WORK_DIR", str(tmp_path / "work"))
     monkeypatch.setenv("PROPENSITY_CONFIG", str(tmp_path / "absent.toml"))

@@ -21,20 +21,11 @@ from propensity.model_registry import (
     promote,
     save_version,
 )
-
-PARAMS = {"objective": "binary", "verbosity": -1, "num_leaves": 4, "min_data_in_leaf": 5, "num_threads": 1, "seed": 1}
-
-
-def _booster(features: tuple[str, ...] | list[str], seed: int = 0) -> lgb.Booster:
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(200, len(features)))
-    y = (x[:, 0] + rng.normal(scale=0.5, size=200) > 0).astype(int)
-    return lgb.train(PARAMS, lgb.Dataset(x, y, feature_name=list(features)), num_boost_round=5)
-
+from tests.tiny_models import tiny_booster
 
 @pytest.fixture(scope="module")
 def boosters() -> dict[str, lgb.Booster]:
-    return {USER_MODEL: _booster(USER_MODEL_FEATURES), RANKER_MODEL: _booster(RANKER_FEATURES, seed=1)}
+    return {USER_MODEL: tiny_booster(USER_MODEL_FEATURES), RANKER_MODEL: tiny_booster(RANKER_FEATURES, seed=1)}
 
 
 def _metadata(version: str, user_features: tuple[str, ...] | list[str] = USER_MODEL_FEATURES) -> dict:
@@ -158,7 +149,7 @@ def test_load_with_metadata_missing_a_model(tmp_path: Path, boosters: dict[str, 
 
 def test_booster_with_a_different_feature_layout_is_refused(tmp_path: Path, boosters: dict[str, lgb.Booster]) -> None:
     old_layout = [name for name in USER_MODEL_FEATURES if name != "sessions_7d"] + ["legacy_score"]
-    save_version(tmp_path, "v1", {USER_MODEL: _booster(old_layout), RANKER_MODEL: boosters[RANKER_MODEL]}, _metadata("v1", old_layout))
+    save_version(tmp_path, "v1", {USER_MODEL: tiny_booster(old_layout), RANKER_MODEL: boosters[RANKER_MODEL]}, _metadata("v1", old_layout))
     with pytest.raises(ModelLoadError) as error:
         load_version(tmp_path, "v1")
     message = str(error.value)
@@ -176,7 +167,7 @@ def test_metadata_feature_names_disagreeing_with_the_code_are_refused(tmp_path: 
 
 def test_booster_with_reordered_features_is_refused(tmp_path: Path, boosters: dict[str, lgb.Booster]) -> None:
     reordered = list(reversed(USER_MODEL_FEATURES))
-    save_version(tmp_path, "v1", {USER_MODEL: _booster(reordered), RANKER_MODEL: boosters[RANKER_MODEL]}, _metadata("v1"))
+    save_version(tmp_path, "v1", {USER_MODEL: tiny_booster(reordered), RANKER_MODEL: boosters[RANKER_MODEL]}, _metadata("v1"))
     with pytest.raises(ModelLoadError, match="different feature layout"):
         load_version(tmp_path, "v1")
 

@@ -19,17 +19,13 @@ from propensity.model_registry import (
     load_version,
     save_version,
 )
+from tests.tiny_models import tiny_booster
 
 ISOTONIC = {"method": "isotonic", "x": [0.0, 0.3, 0.3000001, 0.6, 0.6000001, 1.0], "y": [0.02, 0.02, 0.1, 0.1, 0.3, 0.3], "input": "probability"}
 
 
 def _booster(features: tuple[str, ...], objective: str = "binary", seed: int = 0) -> lgb.Booster:
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(400, len(features)))
-    y = (x[:, 0] + x[:, -1] + rng.normal(scale=0.5, size=400) > 0).astype(int)
-    params = {"objective": objective, "verbosity": -1, "num_leaves": 8, "min_data_in_leaf": 5, "num_threads": 1, "seed": seed}
-    data = lgb.Dataset(x, y, feature_name=list(features), group=[40] * 10 if objective == "lambdarank" else None)
-    return lgb.train(params, data, num_boost_round=15)
+    return tiny_booster(features, seed, rows=400, rounds=15, num_leaves=8, objective=objective, last_too=True)
 
 
 def _metadata(calibration: dict | None) -> dict:

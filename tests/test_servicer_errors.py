@@ -6,8 +6,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import lightgbm as lgb
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -24,6 +22,7 @@ from server.queries import ItemScores, ModelsInfo, Recommendation, RecommendQuer
 from server.recommender import Recommender
 from server.servicer import RecommendationServicer
 from tests.aio_server import ThreadedAioServer
+from tests.tiny_models import tiny_booster
 
 LIMITS = ServerSettings()  # max_num_items 100, max_request_ids 1000, max_score_users 10_000
 NOW = 1_700_000_000
@@ -205,14 +204,6 @@ class _UserRows:
         return {name: [self._rows.get(u, {}).get(name) for u in user_ids] for name in names}
 
 
-def _booster(features: tuple[str, ...] | list[str], seed: int) -> lgb.Booster:
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(200, len(features)))
-    y = (x[:, 0] + rng.normal(scale=0.5, size=200) > 0).astype(int)
-    params = {"objective": "binary", "verbosity": -1, "num_leaves": 4, "min_data_in_leaf": 5, "num_threads": 1}
-    return lgb.train(params, lgb.Dataset(x, y, feature_name=list(features)), num_boost_round=5)
-
-
 def _metadata(user_features: list[str]) -> dict:
     return {
         "trained_at": "2024-01-01T00:00:00+00:00",
@@ -229,10 +220,10 @@ def _metadata(user_features: list[str]) -> dict:
 @pytest.fixture(scope="module")
 def real_stub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pb_grpc.RecommendationServiceStub]:
     root: Path = tmp_path_factory.mktemp("models")
-    ranker = _booster(RANKER_FEATURES, 1)
-    save_version(root, "v1", {USER_MODEL: _booster(USER_MODEL_FEATURES, 0), RANKER_MODEL: ranker}, _metadata(list(USER_MODEL_FEATURES)))
+    ranker = tiny_booster(RANKER_FEATURES, 1)
+    save_version(root, "v1", {USER_MODEL: tiny_booster(USER_MODEL_FEATURES, 0), RANKER_MODEL: ranker}, _metadata(list(USER_MODEL_FEATURES)))
     stale = [*USER_MODEL_FEATURES[:-1], "legacy_feature"]
-    save_version(root, "v2", {USER_MODEL: _booster(stale, 0), RANKER_MODEL: ranker}, _metadata(stale))
+    save_version(root, "v2", {USER_MODEL: tiny_booster(stale, 0), RANKER_MODEL: ranker}, _metadata(stale))
     promote(root, "v1")
     catalog = Catalog.from_frame(
         pd.DataFrame({"item_id": ["a", "b", "c", "d"], "category_id": ["c1", "c1", "c2", "c2"], "item_purchases_7d": [4, 3, 2, 1]})
