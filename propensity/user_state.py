@@ -361,9 +361,14 @@ def _arrow(column: object) -> pa.Array | None:
     return column if isinstance(column, pa.Array) else None
 
 
+def _all_null(column: object) -> bool:
+    """No column, or an Arrow column of nulls only (a bulk read where no user has the feature)."""
+    return column is None or (isinstance(column, (pa.Array, pa.ChunkedArray)) and column.null_count == len(column))
+
+
 def _numbers(column: object, n: int) -> np.ndarray:
     """One float per user: NaN where missing or not a number."""
-    if column is None:
+    if _all_null(column):
         return np.full(n, np.nan)
     arrow = _arrow(column)
     if arrow is not None:
@@ -376,7 +381,7 @@ def _numbers(column: object, n: int) -> np.ndarray:
 
 def _flatten(column: object, n: int, strings: bool = False) -> tuple[np.ndarray, np.ndarray | pa.Array | list]:
     """Offsets of each user's list (empty where the value is not a list) and all values in one sequence (floats unless strings)."""
-    if column is None:
+    if _all_null(column):
         return np.zeros(n + 1, dtype=np.int64), ([] if strings else np.empty(0))
     arrow = _arrow(column)
     if arrow is not None:

@@ -14,14 +14,14 @@ without touching the store until the breaker lets a probe through (server.store_
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import pandas as pd
 from feast import FeatureStore
 
 from propensity.catalog import Catalog
 from propensity.feature_store import offline_table
-from server.store_reads import DEFAULT_RETRY_SECONDS, DEFAULT_TIMEOUT_SECONDS, StoreBreaker, StoreObserver, ViewPlan, reader_for
+from server.store_reads import DEFAULT_RETRY_SECONDS, DEFAULT_TIMEOUT_SECONDS, Column, StoreBreaker, StoreObserver, ViewPlan, reader_for
 
 _CATALOG_CHUNK = 1000
 
@@ -80,6 +80,26 @@ class OnlineUserFeatures:
                 breaker.failed(error)
                 raise breaker.unavailable(error) from error
             breaker.succeeded()
+        return columns
+
+    def fetch_arrays(self, user_ids: Sequence[str]) -> Mapping[str, Column]:
+        """fetch_columns for many users at once (bulk scoring): the same values, as Arrow arrays where the store allows.
+
+        Feature name -> one value per user id, in order: an Arrow array (null where missing or past the view's TTL)
+        from the SQLite store, each decoded in bulk when first looked up; from other stores, fetch_columns' lists. Either is what
+        propensity.user_state.UserBatch takes. Raises StoreUnavailable as fetch_columns does.
+        """
+        if not user_ids:
+            return {name: [] for name in self.feature_names}
+        breaker = self.breaker
+        if not breaker.allows():
+            raise breaker.unavailable()
+        try:
+            columns = self._reader.read_arrays(list(user_ids), time.time())
+        except self._reader.errors as error:
+            breaker.failed(error)
+            raise breaker.unavailable(error) from error
+        breaker.succeeded()
         return columns
 
     def fetch(self, user_ids: Sequence[str]) -> list[dict[str, object]]:

@@ -19,24 +19,29 @@ SQLite reader's busy timeout is the same bound, and `StoreBreaker` fails fast fo
 
 from __future__ import annotations
 
+import functools
 import logging
 import sqlite3
+import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+import pyarrow as pa
 from feast import FeatureStore, FeatureView
 from feast.infra.key_encoding_utils import serialize_entity_key
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
-from feast.type_map import feast_value_type_to_python_type, python_values_to_proto_values
+from feast.type_map import python_values_to_proto_values
 from feast.value_type import ValueType
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from server.errors import RecommendationError
+from server.value_columns import decode_column, python_value
 
 log = logging.getLogger(__name__)
 # SQLite's default limit on bound parameters is 32,766; stay well below it per statement.
@@ -145,6 +150,20 @@ class StoreRead(Protocol):
     def read(self, entity_ids: list[str], columns: dict[str, list[object]], now: float) -> None:
         """Fill columns[feature][i] for entity_ids[i]; values past their view's TTL stay None."""
 
+    def read_arrays(self, entity_ids: list[str], now: float) -> Mapping[str, Column]:
+        """Feature name -> one value per entity id, as an Arrow array where the reader decodes in bulk, else a list."""
+
+
+# A feature column of a bulk read: an Arrow array (nulls where missing) or a list of Python values (None where missing).
+Column = pa.Array | list[object]
+
+
+def read_as_lists(reader: StoreRead, plans: Sequence[ViewPlan], entity_ids: list[str], now: float) -> dict[str, Column]:
+    """A bulk read through the reader's per-row path: what readers without a bulk decoder return."""
+    columns: dict[str, Column] = {name: [None] * len(entity_ids) for plan in plans for name in plan.features}
+    reader.read(entity_ids, columns, now)  # type: ignore[arg-type]
+    return columns
+
 
 def reader_for(store: FeatureStore, plans: Sequence[ViewPlan], timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> StoreRead:
     """The fastest reader that understands the store's online store type; store calls time out after timeout_seconds."""
@@ -154,24 +173,6 @@ def reader_for(store: FeatureStore, plans: Sequence[ViewPlan], timeout_seconds: 
     if online_type == "redis" or online_type.endswith("redisonlinestore"):
         return RedisRead(store, plans, timeout_seconds)
     return FeastOnlineRead(store, plans)
-
-
-_SCALAR_KINDS = frozenset({"int32_val", "int64_val", "float_val", "double_val", "string_val", "bytes_val", "bool_val"})
-_LIST_KINDS = frozenset(
-    {"int32_list_val", "int64_list_val", "float_list_val", "double_list_val", "string_list_val", "bytes_list_val", "bool_list_val"}
-)
-
-
-def python_value(value: ValueProto) -> object:
-    """A Feast Value as get_online_features would return it (None when unset), fast for scalars and lists."""
-    kind = value.WhichOneof("val")
-    if kind in _SCALAR_KINDS:
-        return getattr(value, kind)
-    if kind in _LIST_KINDS:
-        return list(getattr(value, kind).val)
-    if kind is None or kind == "null_val":
-        return None
-    return feast_value_type_to_python_type(value)  # timestamps, sets, maps, structs: Feast's own conversion
 
 
 def decode(value_bytes: bytes | None) -> object:
@@ -189,6 +190,9 @@ def _entity_keys(plans: Sequence[ViewPlan], entity_ids: list[str], version: int)
     join_key = view.entity_columns[0].name
     value_type = view.entity_columns[0].dtype.to_value_type() if view.entity_columns else ValueType.STRING
     if value_type == ValueType.STRING:
+        prefix = _string_key_prefix(join_key, version)
+        if prefix is not None:  # the bytes serialize_entity_key writes, without building two protos per id
+            return [prefix + len(b).to_bytes(4, "little") + b for b in (str(e).encode("utf8") for e in entity_ids)]
         protos = [ValueProto(string_val=str(e)) for e in entity_ids]
     else:
         protos = python_values_to_proto_values(entity_ids, value_type)
@@ -196,6 +200,27 @@ def _entity_keys(plans: Sequence[ViewPlan], entity_ids: list[str], version: int)
         serialize_entity_key(EntityKeyProto(join_keys=[join_key], entity_values=[p]), entity_key_serialization_version=version)
         for p in protos
     ]
+
+
+@functools.cache
+def _string_key_prefix(join_key: str, version: int) -> bytes | None:
+    """What serialize_entity_key writes before a string id's length and bytes; None unless that layout is confirmed.
+
+    The layout (version 3: key count, key type and length, the key, value type; then the value's length and bytes)
+    is checked against Feast's own function on sample ids, so a Feast release that changes it falls back to Feast.
+    """
+    if version < 3:
+        return None
+    prefix = b"".join(struct.pack("<I", v) for v in (1, ValueType.STRING.value, len(join_key.encode("utf8"))))
+    prefix += join_key.encode("utf8") + struct.pack("<I", ValueType.STRING.value)
+    for sample in ("u000123", "", "é-\u00fc-\u4e2d"):
+        expected = serialize_entity_key(
+            EntityKeyProto(join_keys=[join_key], entity_values=[ValueProto(string_val=sample)]), entity_key_serialization_version=version
+        )
+        encoded = sample.encode("utf8")
+        if prefix + len(encoded).to_bytes(4, "little") + encoded != expected:
+            return None
+    return prefix
 
 
 def _check_one_entity(plans: Sequence[ViewPlan]) -> None:
@@ -281,6 +306,88 @@ class SqliteRead:
                         values[i] = values[j]
 
 
+    def read_arrays(self, entity_ids: list[str], now: float) -> Mapping[str, Column]:
+        """Every feature of every view as one Arrow array per feature: one query per view and chunk, decoded per column.
+
+        Per view, SQLite joins the ids (with their positions) to the view's table and hands back, per feature, the
+        positions, lengths and bytes of the stored values concatenated (group_concat): three values per feature
+        instead of a row per entity and feature. The TTL is applied in the query, with the same rule as read():
+        a row with a timestamp older than now - TTL is missing. server.value_columns decodes each column in bulk, when it is first used.
+        """
+        if not _LOCAL_ZONE_IS_UTC:  # stored stamps need a per-stamp local-time conversion (_stored_epoch): read row by row
+            return read_as_lists(self, self._plans, entity_ids, now)
+        conn = self._conn or self._connect()
+        self._conn = conn
+        try:
+            return self._read_arrays(conn, entity_ids, now)
+        except sqlite3.Error:
+            self._conn = None
+            conn.close()
+            raise
+
+    def _read_arrays(self, conn: sqlite3.Connection, entity_ids: list[str], now: float) -> Mapping[str, Column]:
+        keys = _entity_keys(self._plans, entity_ids, self._version)
+        parts: dict[str, tuple[list[np.ndarray], list[np.ndarray], list[bytes]]] = {
+            name: ([], [], []) for plan in self._plans for name in plan.features
+        }
+        for start in range(0, len(keys), _SQLITE_KEYS_PER_QUERY):
+            chunk = keys[start : start + _SQLITE_KEYS_PER_QUERY]
+            for view_index, plan in enumerate(self._plans):
+                oldest = now - plan.ttl_seconds
+                params = [*chunk, oldest] if oldest > float("-inf") else chunk
+                for name, positions, lengths, blobs in conn.execute(self._bulk_query(view_index, len(chunk), oldest > float("-inf")), params):
+                    if name not in parts:
+                        continue
+                    found = parts[name]
+                    found[0].append(np.fromstring(positions, dtype=np.int64, sep=",") + start)
+                    found[1].append(np.fromstring(lengths, dtype=np.int64, sep=","))
+                    found[2].append(blobs)
+        return ColumnsDecodedOnUse(parts, len(keys))
+
+    def _bulk_query(self, view_index: int, n_keys: int, with_ttl: bool) -> str:
+        cache = self.__dict__.setdefault("_bulk_sql", {})
+        sql = cache.get((view_index, n_keys, with_ttl))
+        if sql is None:
+            plan = self._plans[view_index]
+            ids = ",".join(f"({i},?)" for i in range(n_keys))
+            names = ",".join(f"'{_sql_text(n)}'" for n in plan.features)
+            # A value's three parts are concatenated in one pass over the group's rows, so they stay aligned.
+            # Empty values (Feast's nulls) are left out, as read() skips them; so are rows past the TTL.
+            sql = cache[(view_index, n_keys, with_ttl)] = (
+                f"WITH ids(pos, key) AS (VALUES {ids}) "
+                "SELECT t.feature_name, group_concat(ids.pos), group_concat(length(t.value)), CAST(group_concat(t.value, '') AS BLOB) "
+                f'FROM ids JOIN "{self._tables[view_index]}" t ON t.entity_key = ids.key '
+                f"WHERE +t.feature_name IN ({names}) AND length(t.value) > 0"  # unary +: filter the key's rows, not seek each name
+                + (" AND NOT (ifnull(t.event_ts + 0, 0) != 0 AND t.event_ts + 0 < ?)" if with_ttl else "")
+                + " GROUP BY t.feature_name"
+            )
+        return sql
+
+
+class ColumnsDecodedOnUse(Mapping[str, Column]):
+    """A bulk read's columns, each decoded when first looked up: scoring users never pays for the item lists it does not use."""
+
+    def __init__(self, parts: dict[str, tuple[list[np.ndarray], list[np.ndarray], list[bytes]]], n: int) -> None:
+        self._parts = parts
+        self._n = n
+        self._decoded: dict[str, Column] = {}
+
+    def __getitem__(self, name: str) -> Column:
+        column = self._decoded.get(name)
+        if column is None:
+            positions, lengths, blobs = self._parts[name]  # KeyError for a feature the read does not have
+            column = self._decoded[name] = (
+                decode_column(b"".join(blobs), np.concatenate(lengths), np.concatenate(positions), self._n) if blobs else pa.nulls(self._n)
+            )
+        return column
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._parts)
+
+    def __len__(self) -> int:
+        return len(self._parts)
+
+
 def _sql_text(name: str) -> str:
     return name.replace("'", "''")
 
@@ -324,6 +431,9 @@ class RedisRead:
         self._fields = fields
         harden_redis(self._online._get_client(config.online_store), timeout_seconds)
 
+    def read_arrays(self, entity_ids: list[str], now: float) -> dict[str, Column]:
+        return read_as_lists(self, self._plans, entity_ids, now)
+
     def read(self, entity_ids: list[str], columns: dict[str, list[object]], now: float) -> None:
         client = self._online._get_client(self._config.online_store)
         keys = [key + self._project for key in _entity_keys(self._plans, entity_ids, self._version)]
@@ -358,6 +468,9 @@ class FeastOnlineRead:
         self._config = store.config
         self._online = store._get_provider().online_store
         self._plans = tuple(plans)
+
+    def read_arrays(self, entity_ids: list[str], now: float) -> dict[str, Column]:
+        return read_as_lists(self, self._plans, entity_ids, now)
 
     def read(self, entity_ids: list[str], columns: dict[str, list[object]], now: float) -> None:
         view = self._plans[0].view
