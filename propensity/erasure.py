@@ -33,7 +33,7 @@ from propensity.event_log import EventLog
 from propensity.pseudonyms import privacy_key
 from propensity.realtime import id_problem
 from propensity.settings import Settings
-from propensity.tombstones import TOMBSTONES_FILE, Tombstones
+from propensity.tombstones import TOMBSTONES_FILE, TombstoneFeed, Tombstones
 
 OUTPUTS_FILE = Path("privacy") / "outputs.txt"
 LOCK_FILE = Path("privacy") / "erasure.lock"
@@ -107,12 +107,13 @@ def forget_users(settings: Settings, user_ids: Iterable[str], *, at: datetime | 
 
 
 @contextlib.contextmanager
-def _exclusive(path: Path) -> Iterator[None]:
+def _exclusive(path: Path, *, shared: bool = False) -> Iterator[None]:
     """One erasure at a time per work directory, across processes (server workers, the CLI): two rewriting the same
-    file at once would each write back a copy that still holds the other's users."""
+    file at once would each write back a copy that still holds the other's users. shared: a writer fenced against
+    erasures (WriteFence), which may run beside other writers."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        fcntl.flock(handle, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -278,3 +279,144 @@ def scrub_parquet(path: Path, user_ids: Sequence[str]) -> int:
     finally:
         tmp.unlink(missing_ok=True)
     return hits
+
+
+@contextlib.contextmanager
+def erasure_lock(settings: Settings, *, shared: bool = False) -> Iterator[None]:
+    """The work directory's erasure lock. Erasures take it exclusively; a writer of user rows takes it shared while it
+    checks the tombstones and writes (or settles what it wrote), so it sees either none or all of an erasure."""
+    with _exclusive(settings.work_dir / LOCK_FILE, shared=shared):
+        yield
+
+
+class WriteFence:
+    """Keeps a writer that read shoppers' data earlier from writing a shopper forgotten since (docs/privacy.md).
+
+    `begin()` waits for any erasure in flight, then marks the tombstone file's end: data read after it is free of
+    every earlier forgetting (the erasure finished; `prepare` honours tombstones from its start). Later, under the
+    erasure lock, `forgotten_since(ids)` names the readers' shoppers tombstoned after the mark. Two ways to use it:
+
+    - filter at write time: `with fence.holding(): drop fence.forgotten_since(ids), then write` (the served-feature
+      log does this at every flush);
+    - settle after writing: `fence.settle_files(paths)` / `fence.settle_online(store)` once the stage's outputs are
+      in place (the pipeline stages: their writers are DuckDB COPY and Feast's materialize, which cannot filter).
+
+    With no tombstone added since the mark (the usual case) both cost a stat() and a lock.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._feed: TombstoneFeed | None = None
+        self._since: dict[str, datetime] = {}
+
+    @classmethod
+    def begin(cls, settings: Settings) -> WriteFence:
+        fence = cls(settings)
+        with erasure_lock(settings, shared=True):
+            fence._feed = TombstoneFeed(tombstones(settings))
+        return fence
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """The erasure lock, shared: no erasure runs (nor starts) while it is held."""
+        with erasure_lock(self.settings, shared=True):
+            yield
+
+    def new_hashes(self) -> dict[str, datetime]:
+        """Tombstones added since the last call (since begin() for the first); call while holding()."""
+        assert self._feed is not None, "WriteFence.begin() first"
+        fresh = self._feed.new_hashes()
+        self._since.update(fresh)
+        return fresh
+
+    def matching(self, hashes: dict[str, datetime] | set[str], user_ids: Iterable[str]) -> list[str]:
+        """The ids among user_ids whose keyed hash is among these tombstone hashes."""
+        assert self._feed is not None, "WriteFence.begin() first"
+        return self._feed.matching(hashes, user_ids)
+
+    def forgotten_since(self, user_ids: Iterable[str]) -> list[str]:
+        """The ids among user_ids forgotten since begin(); call while holding() so none is added before the write."""
+        self.new_hashes()
+        assert self._feed is not None
+        return self._feed.matching(self._since, user_ids)
+
+    def settle_files(self, paths: Iterable[Path]) -> int:
+        """Remove from these Parquet files the rows of shoppers forgotten since begin(); returns rows removed.
+
+        Run after the stage wrote them (and replaced the old files): an erasure that ran meanwhile may have scrubbed
+        the old files only. Exclusive, as an erasure: the files are rewritten."""
+        files = [Path(p) for p in paths if Path(p).exists()]
+        with _exclusive(self.settings.work_dir / LOCK_FILE):
+            self.new_hashes()
+            if not self._since or not files:
+                return 0
+            assert self._feed is not None
+            ids = self._feed.matching(self._since, _user_ids(files))
+            return sum(scrub_parquet(path, ids) for path in files) if ids else 0
+
+    def settle_online(self, store: object | None = None) -> int:
+        """Delete from the online store the rows of shoppers forgotten since begin(); returns rows (or keys) deleted.
+
+        Run after a materialization: it may have copied offline rows read before an erasure scrubbed them."""
+        with _exclusive(self.settings.work_dir / LOCK_FILE):
+            self.new_hashes()
+            if not self._since:
+                return 0
+            store = store if store is not None else _open_store(self.settings)
+            assert self._feed is not None
+            ids = self._feed.matching(self._since, online_user_ids(store))
+            return forget_online(store, ids) if ids else 0
+
+
+def _user_ids(files: Sequence[Path]) -> Iterator[str]:
+    """The distinct values of the `user_id` column of these Parquet files (files without one are skipped)."""
+    for path in files:
+        try:
+            source = pq.ParquetFile(path)
+        except (pa.ArrowInvalid, OSError):
+            continue
+        if USER_KEY not in source.schema_arrow.names:
+            continue
+        for batch in source.iter_batches(columns=[USER_KEY]):
+            yield from (value for value in pc.unique(batch.column(0)).to_pylist() if isinstance(value, str))
+
+
+def online_user_ids(store: object) -> set[str]:
+    """Every user id with a row in a user-keyed view of the online store (Feast's SQLite and Redis layouts)."""
+    from feast.infra.key_encoding_utils import deserialize_entity_key
+
+    config = store.config
+    version = config.entity_key_serialization_version
+    kind = str(config.online_store.type).lower()
+    keys: set[bytes] = set()
+    if kind == "sqlite" or kind.endswith("sqliteonlinestore"):
+        from feast.infra.online_stores.sqlite import SqliteOnlineStore, _table_id
+
+        path = Path(SqliteOnlineStore._get_db_path(config))
+        if not path.exists():
+            return set()
+        views = [fv for fv in store.list_feature_views() if [c.name for c in fv.entity_columns] == [USER_KEY]]
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+        try:
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            for fv in views:
+                table = _table_id(config.project, fv, config.registry.enable_online_feature_view_versioning)
+                if table in tables:
+                    keys.update(row[0] for row in conn.execute(f'SELECT DISTINCT entity_key FROM "{table}"'))
+        finally:
+            conn.close()
+    elif kind == "redis" or kind.endswith("redisonlinestore"):
+        client = store._get_provider().online_store._get_client(config.online_store)
+        project = config.project.encode()
+        keys.update(key[: -len(project)] for key in client.scan_iter(match=b"*" + project, count=1000) if key.endswith(project))
+    else:
+        raise ErasureError(f"online store type {config.online_store.type!r}: erasure knows the sqlite and redis layouts only")
+    found = set()
+    for key in keys:
+        try:
+            entity = deserialize_entity_key(key, entity_key_serialization_version=version)
+        except Exception:  # another layout's key (an item's, another project's): not a user row
+            continue
+        if list(entity.join_keys) == [USER_KEY]:
+            found.add(entity.entity_values[0].string_val)
+    return found

@@ -30,7 +30,8 @@ class Tombstones:
         self._key_source = key  # a callable is asked only when a hash is needed: reading no tombstones needs no key
 
     @property
-    def _key(self) -> bytes:
+    def key(self) -> bytes:
+        """The key, asked of its source (and cached) on first use."""
         if callable(self._key_source):
             self._key_source = self._key_source()
         return self._key_source
@@ -38,7 +39,7 @@ class Tombstones:
     def add(self, user_ids: Iterable[str], at: datetime) -> int:
         """Record that these users were forgotten at `at`; returns how many lines were written (durably)."""
         stamp = at.astimezone(timezone.utc).isoformat()
-        lines = [json.dumps({"user": keyed_hash(self._key, user), "at": stamp}) + "\n" for user in dict.fromkeys(user_ids)]
+        lines = [json.dumps({"user": keyed_hash(self.key, user), "at": stamp}) + "\n" for user in dict.fromkeys(user_ids)]
         if not lines:
             return 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -73,10 +74,101 @@ class Tombstones:
             return {}
         matched = {}
         for user in user_ids:
-            at = hashes.get(keyed_hash(self._key, user))
+            at = hashes.get(keyed_hash(self.key, user))
             if at is not None:
                 matched[user] = at
         return matched
 
     def __len__(self) -> int:
         return len(self.hashes())
+
+
+class TombstoneFeed:
+    """The tombstones appended since some point of the file, read incrementally (the file is append-only).
+
+    What a writer holding data read earlier needs: which shoppers were forgotten since it read. `new_hashes()`
+    reads only the bytes added since the last call (complete lines only: a line being appended is read next time),
+    so asking costs one stat() when nothing changed. A file replaced or truncated (restored from a backup) is read
+    again from its start: more hashes than new, never fewer.
+    """
+
+    def __init__(self, tombstones: Tombstones, *, from_start: bool = False) -> None:
+        self.tombstones = tombstones
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the file read so far
+        self._offset = 0
+        if not from_start:
+            self._offset, self._identity = self._end()
+
+    def _end(self) -> tuple[int, tuple[int, int] | None]:
+        try:
+            stat = self.tombstones.path.stat()
+        except FileNotFoundError:
+            return 0, None
+        return stat.st_size, (stat.st_dev, stat.st_ino)
+
+    def new_hashes(self) -> dict[str, datetime]:
+        """Keyed hash -> time, for the tombstone lines appended since the last call (or since this feed began)."""
+        size, identity = self._end()
+        if identity is None:
+            return {}
+        if identity != self._identity or size < self._offset:
+            self._offset, self._identity = 0, identity
+        if size == self._offset:
+            return {}
+        with self.tombstones.path.open("rb") as source:
+            source.seek(self._offset)
+            data = source.read(size - self._offset)
+        complete = data[: data.rfind(b"\n") + 1]
+        found: dict[str, datetime] = {}
+        for number, line in enumerate(complete.decode().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                user, at = str(entry["user"]), datetime.fromisoformat(entry["at"])
+            except (ValueError, KeyError, TypeError) as error:
+                raise ValueError(f"{self.tombstones.path} at byte {self._offset}, new line {number}: not a tombstone ({error})") from error
+            if user not in found or at > found[user]:
+                found[user] = at
+        self._offset += len(complete)
+        return found
+
+    def matching(self, hashes: dict[str, datetime] | set[str], user_ids: Iterable[str]) -> list[str]:
+        """The ids among user_ids whose keyed hash is in hashes (each distinct id once)."""
+        if not hashes:
+            return []
+        key = self.tombstones.key
+        return [user for user in dict.fromkeys(user_ids) if keyed_hash(key, user) in hashes]
+
+
+FORGOTTEN_EVENT_REASON = "a forgotten shopper's event dated before their erasure (tombstone rule, docs/privacy.md)"
+
+
+class ForgottenIndex:
+    """Every tombstone of a work directory in memory, kept current cheaply: for a check per ingested event.
+
+    `forgotten_at(user)` is None for a shopper never forgotten. The file is re-read only when it changed (its
+    size or identity; appends are read incrementally), and no key is needed (nor made) while there are none.
+    """
+
+    def __init__(self, tombstones: Tombstones) -> None:
+        self._feed = TombstoneFeed(tombstones, from_start=True)
+        self._hashes: dict[str, datetime] = {}
+
+    def refresh(self) -> int:
+        """Read tombstones appended since the last refresh; returns how many shoppers are forgotten in all."""
+        for user, at in self._feed.new_hashes().items():
+            if user not in self._hashes or at > self._hashes[user]:
+                self._hashes[user] = at
+        return len(self._hashes)
+
+    def forgotten_at(self, user_id: str) -> datetime | None:
+        """When this shopper was (last) forgotten, after a refresh; None when never."""
+        if not self.refresh():
+            return None
+        return self._hashes.get(keyed_hash(self._feed.tombstones.key, user_id))
+
+    def covers(self, user_id: str, event_time_ms: int) -> bool:
+        """Whether an event of this shopper at this time is one the tombstone rule drops (dated up to the forgetting)."""
+        at = self.forgotten_at(user_id)
+        return at is not None and event_time_ms <= at.timestamp() * 1000

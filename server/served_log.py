@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -10,6 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -17,6 +19,20 @@ import pyarrow.parquet as pq
 
 log = logging.getLogger(__name__)
 FIXED_COLUMNS = ("ts", "request_id", "user_id", "model_version", "item_id", "score", "rank")
+# A shopper forgotten this recently has every buffered row dropped at flush. Longer than any request takes from its
+# feature read to its sample (deadlines are seconds), so a request that read the old features just before the
+# erasure and was sampled just after it is never written. A returning shopper's first samples are lost: harmless.
+RECENTLY_FORGOTTEN_SECONDS = 30.0
+
+
+class ErasureFence(Protocol):
+    """What the logger needs of propensity.erasure.WriteFence: the erasure lock, and the tombstones added since."""
+
+    def holding(self) -> contextlib.AbstractContextManager[None]: ...
+
+    def new_hashes(self) -> dict: ...
+
+    def matching(self, hashes: dict | set, user_ids: Sequence[str]) -> list[str]: ...
 
 
 def sampled(request_id: str, rate: float) -> bool:
@@ -99,6 +115,9 @@ class ServedFeatureLogger:
         self._wake = threading.Condition(self._lock)
         self._closed = False
         self._seq: int | None = None
+        self._fence: ErasureFence | None = None
+        self._recently_forgotten: dict[str, float] = {}  # tombstone hash -> when this logger first saw it
+        self.forgotten_rows = 0  # rows dropped at flush because their shopper was forgotten meanwhile
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError:
@@ -148,12 +167,45 @@ class ServedFeatureLogger:
             self._buffer, self._buffered_rows = kept, self._buffered_rows - dropped
         return dropped
 
+    def attach_fence(self, fence: ErasureFence) -> None:
+        """Check every flush against the tombstones, under the erasure lock (docs/privacy.md, served-feature log).
+
+        Any process's erasure then reaches this buffer too: a flush either completes before the erasure starts (which
+        then scrubs the file) or starts after it ended and drops the shopper's rows. With several workers, each does."""
+        self._fence = fence
+
     def flush(self) -> None:
         """Write everything buffered now, in the caller's thread."""
+        held = self._fence.holding() if self._fence is not None else contextlib.nullcontext()
+        try:
+            with held, self._write_lock:  # the buffer is taken under the erasure lock: nothing sampled before a check escapes it
+                with self._lock:
+                    batches, self._buffer, self._buffered_rows = self._buffer, [], 0
+                if batches and self._fence is not None:
+                    batches = self._drop_forgotten(batches)
+                if batches:
+                    self._write(batches)
+        except Exception:  # the erasure lock cannot be taken: the buffer (if taken) is not written unchecked
+            self._failed("served-feature log: erasure lock unavailable in %s; buffered rows dropped", self.directory)
+
+    def _drop_forgotten(self, batches: list[_Batch]) -> list[_Batch]:
+        assert self._fence is not None
+        try:
+            now = time.time()
+            for user_hash in self._fence.new_hashes():
+                self._recently_forgotten[user_hash] = now
+            self._recently_forgotten = {h: t for h, t in self._recently_forgotten.items() if now - t <= RECENTLY_FORGOTTEN_SECONDS}
+            if not self._recently_forgotten:
+                return batches
+            gone = set(self._fence.matching(self._recently_forgotten, [batch.user_id for batch in batches]))
+        except Exception:
+            # Cannot tell who was forgotten (unreadable tombstones): writing could bring a shopper back, so nothing is.
+            self._failed("served-feature log: tombstones unreadable; %d buffered rows dropped", sum(len(b.item_ids) for b in batches))
+            return []
+        kept = [batch for batch in batches if batch.user_id not in gone]
         with self._lock:
-            batches, self._buffer, self._buffered_rows = self._buffer, [], 0
-        if batches:
-            self._write(batches)
+            self.forgotten_rows += sum(len(batch.item_ids) for batch in batches) - sum(len(batch.item_ids) for batch in kept)
+        return kept
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the background thread and write what is left; later calls to maybe_log do nothing."""
@@ -179,24 +231,24 @@ class ServedFeatureLogger:
             self.flush()
 
     def _write(self, batches: list[_Batch]) -> None:
-        with self._write_lock:
-            tmp: Path | None = None
-            try:
-                table = pa.concat_tables([b.table() for b in batches], promote_options="permissive")
-                final = self._next_path()
-                tmp = final.with_name(f".{final.name}.tmp")
-                pq.write_table(table, tmp)
-                os.replace(tmp, final)  # readers never see a half-written file
-                with self._lock:
-                    self.rows_written += table.num_rows
-                    self.files_written += 1
-            except Exception:
-                self._failed("served-feature log: %d rows not written to %s", sum(len(b.item_ids) for b in batches), self.directory)
-                if tmp is not None:
-                    try:
-                        tmp.unlink(missing_ok=True)
-                    except OSError:
-                        pass  # the directory itself is the problem; already reported
+        """Write one file; the caller holds _write_lock (one writer at a time keeps sequence numbers unique)."""
+        tmp: Path | None = None
+        try:
+            table = pa.concat_tables([b.table() for b in batches], promote_options="permissive")
+            final = self._next_path()
+            tmp = final.with_name(f".{final.name}.tmp")
+            pq.write_table(table, tmp)
+            os.replace(tmp, final)  # readers never see a half-written file
+            with self._lock:
+                self.rows_written += table.num_rows
+                self.files_written += 1
+        except Exception:
+            self._failed("served-feature log: %d rows not written to %s", sum(len(b.item_ids) for b in batches), self.directory)
+            if tmp is not None:
+                try:
+                    tmp.unlink(missing_ok=True)
+                except OSError:
+                    pass  # the directory itself is the problem; already reported
 
     def _next_path(self) -> Path:
         pid = os.getpid()
