@@ -96,14 +96,19 @@ def in_process(shop: Shop, users: list[str], seconds: float = 6.0) -> dict:
     compiled = bundle.compile() if bundle.has_compiled_cache() else False
     features = OnlineUserFeatures(store, bundle.user_feature_service)
     catalog = load_catalog(store, bundle.item_feature_service, item_ids_in_offline_store(store))
-    read = features.fetch_columns
+    def read(ids: list[str]) -> object:
+        """The bulk read, with the columns the user model uses decoded (fetch_arrays decodes a column on first use)."""
+        columns = features.fetch_arrays(ids)
+        for name in USER_MODEL_INPUTS:
+            columns.get(name)
+        return columns
     # What ScoreUsers needs: the user model's inputs only (OnlineUserFeatures reads a subset when asked to).
     subset = OnlineUserFeatures(store, bundle.user_feature_service, only=USER_MODEL_INPUTS)
     chunks = [users[i : i + CHUNK] for i in range(0, len(users) - CHUNK + 1, CHUNK)]
     per_read = inspect.signature(Recommender.score_users).parameters["chunk"].default  # users per online read in ScoreUsers
     recommender = Recommender(ModelPool(shop.work_dir / "models", lambda _: None, scoring_backend="auto"), features, StaticCatalog(catalog),
                               CandidateSettings(), ServerSettings())
-    stages: dict[str, list[float]] = {"read": [], "assemble": [], "predict": [], "total": [], "read_subset": [], "data_plane": []}
+    stages: dict[str, list[float]] = {"read": [], "assemble": [], "predict": [], "total": [], "read_subset": [], "read_rows": [], "data_plane": []}
     now = time.time()
     started, k = time.perf_counter(), 0
     while time.perf_counter() - started < seconds or k < 2 * len(chunks):
@@ -121,9 +126,13 @@ def in_process(shop: Shop, users: list[str], seconds: float = 6.0) -> dict:
             t2 = time.perf_counter()
             np.where(batch.known, bundle.predict_users(rows), bundle.base_rate)
             t3 = time.perf_counter()
-            subset.fetch_columns(part)
+            subset_columns = subset.fetch_arrays(part)
+            for name in USER_MODEL_INPUTS:
+                subset_columns.get(name)
             t4 = time.perf_counter()
-            for name, value in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t3 - t0, t4 - t3)):
+            features.fetch_columns(part)  # the per-row read the bulk read replaced
+            t5 = time.perf_counter()
+            for name, value in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t3 - t0, t4 - t3, t5 - t4)):
                 took[name] += value * 1000
         took["data_plane"] = data_plane
         for name, value in took.items():
@@ -137,12 +146,21 @@ def in_process(shop: Shop, users: list[str], seconds: float = 6.0) -> dict:
         loop_ms.append((time.perf_counter() - t0) * 1000)
     median = {name: float(np.median(values)) for name, values in stages.items()}
     return {
-        "chunk_users": CHUNK, "users_per_read": per_read, "chunks_timed": k, "distinct_users": len(chunks) * CHUNK, "read_api": "fetch_columns",
+        "chunk_users": CHUNK, "users_per_read": per_read, "chunks_timed": k, "distinct_users": len(chunks) * CHUNK, "read_api": "fetch_arrays",
+        "data_plane_read_api": _data_plane_read_api(),
         "predictor": "compiled (lleaves, 1 thread)" if compiled else "LightGBM, num_threads=1",
         **{f"{name}_ms_p50": round(value, 2) for name, value in median.items()},
         "users_per_second_in_process": round(CHUNK / median["total"] * 1000),
         "per_user_loop_assemble_predict_ms_p50": round(float(np.median(loop_ms)), 2),
     }
+
+
+def _data_plane_read_api() -> str:
+    """Which read Recommender.score_users calls (the bulk one once server/recommender.py uses fetch_arrays)."""
+    from server.recommender import Recommender
+
+    source = inspect.getsource(Recommender.score_users)
+    return "fetch_arrays" if "fetch_arrays" in source else "fetch_columns"
 
 
 def through_server(shop: Shop, users: list[str], workers: int, seconds: float, concurrency: tuple[int, ...]) -> list[dict]:
@@ -188,13 +206,17 @@ def online(roots: list[Path], seconds: float, workers: int) -> dict:
 # -- offline: score-batch --users-only ---------------------------------------------------------------
 
 
-def run_score_batch(shop: Shop, out: Path, chunk_size: int | None) -> dict:
-    """The operator's command in its own process: wall time, peak resident memory (os.wait4) and its own rate line."""
+def run_score_batch(shop: Shop, out: Path, chunk_size: int | None, code_from: Path | None = None) -> dict:
+    """The operator's command in its own process: wall time, peak resident memory (os.wait4) and its own rate line.
+
+    code_from: run the project's code from that directory instead (e.g. an earlier commit, for a same-run baseline).
+    """
     args = [CLI, "score-batch", "--users-only", "--out", str(out)] + (["--chunk-size", str(chunk_size)] if chunk_size else [])
     log = out.with_suffix(".log")
+    env = shop.env() if code_from is None else {**shop.env(), "PYTHONPATH": str(code_from)}
     started = time.perf_counter()
     with log.open("w") as sink:
-        process = subprocess.Popen(args, env=shop.env(), stdout=sink, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT)
+        process = subprocess.Popen(args, env=env, stdout=sink, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT)
         _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - started
     text = log.read_text()
@@ -231,6 +253,35 @@ def offline(root: Path, chunk_sizes: list[int | None], repeats: int) -> dict:
             "best_users_per_second": max(r["users_per_second"] for r in runs)}
 
 
+def startup(root: Path, repeats: int, baseline: Path | None, scale_users: int | None, scale_command_seconds: float | None) -> dict:
+    """score-batch --users-only on a small shop, where start-up dominates: start-up (wall - the command's own clock) and per-user cost.
+
+    With a baseline (a directory holding an earlier commit's code), both run alternately in the same session.
+    """
+    shop = Shop(root.resolve())
+    manifest = shop.manifest()
+    say(f"start-up, {root}: {manifest['n_users']:,} users; {repeats} runs each" + (f", baseline code from {baseline}" if baseline else ""))
+    variants = [("this commit", None)] + ([("baseline", baseline)] if baseline else [])
+    runs: dict[str, list[dict]] = {name: [] for name, _ in variants}
+    with tempfile.TemporaryDirectory(prefix="bulk-startup-") as tmp:
+        for r in range(repeats):
+            for name, code in variants:
+                result = run_score_batch(shop, Path(tmp) / f"{name.replace(' ', '-')}-{r}.parquet", None, code)
+                result["startup_seconds"] = round(result["wall_seconds"] - result["command_seconds"], 2)
+                say(f"  {name}: wall {result['wall_seconds']}s, of which start-up {result['startup_seconds']}s, command {result['command_seconds']}s")
+                runs[name].append(result)
+    summary = {}
+    for name, results in runs.items():
+        start = float(np.median([r["startup_seconds"] for r in results]))
+        summary[name] = {"startup_seconds_p50": round(start, 2), "command_seconds_p50": round(float(np.median([r["command_seconds"] for r in results])), 2),
+                         "wall_seconds_p50": round(float(np.median([r["wall_seconds"] for r in results])), 2), "runs": len(results)}
+        if scale_users and scale_command_seconds:
+            summary[name]["projected_users_per_second_at_scale"] = round(scale_users / (start + scale_command_seconds))
+    return {"measured_at": _now(), "command": f"python -m bench.bulk startup --root {_relative(root)}" + (" --baseline DIR" if baseline else ""),
+            "root": _relative(root), "users": manifest["n_users"], "events": manifest["n_events"], "variants": summary,
+            "scale_users": scale_users, "scale_command_seconds": scale_command_seconds}
+
+
 # -- report ------------------------------------------------------------------------------------------------
 
 
@@ -247,7 +298,11 @@ def render(results: dict) -> str:
         f"Measured on {machine.get('cpus')} cores ({machine.get('platform')}, Python {machine.get('python')}) by `python -m bench.bulk` "
         "(bench/bulk.py); numbers in bulk_scoring.json. The machine is shared and noisy (about +-15 %, more while other jobs run): "
         "compare figures within one run.\n",
-        "How: per chunk of users, one bulk read of the feature columns, one conversion into arrays with the per-user lists flattened "
+        "How: per chunk of users, one bulk read of the feature columns (server/store_reads.py SqliteRead.read_arrays: per feature "
+        "view one SQLite query per 1,000 ids that returns, per feature, the positions, lengths and concatenated bytes of the stored "
+        "values, TTL applied in the query; server/value_columns.py decodes each column's Feast ValueProto bytes with NumPy into an "
+        "Arrow array, checking every layout; tests/test_bulk_read.py compares it with Feast's get_online_features), "
+        "one conversion into arrays with the per-user lists flattened "
         "(propensity/user_state.py UserBatch), one vectorised assembly (propensity/assembly.py user_matrix: np.ufunc.reduceat over "
         "the flat lists) and one predict call. No per-user Python loop. Training, serving and batch scoring build the user model's "
         "input with this code; tests/test_user_batch.py and tests/test_batch_scoring.py hold it to the per-user definitions, "
@@ -257,7 +312,28 @@ def render(results: dict) -> str:
         parts.append(_render_online(results["online"]))
     if "offline" in results:
         parts.append(_render_offline(results["offline"]))
+    if "startup" in results:
+        parts.append(_render_startup(results["startup"]))
     return "\n".join(parts)
+
+
+def _render_startup(run: dict) -> str:
+    lines = [
+        "## score-batch --users-only: start-up and per-user cost\n",
+        f"Measured {run['measured_at']} on `{run['root']}` ({run['events']:,} events, {run['users']:,} users), where start-up dominates. "
+        f"Command: `{run['command']}`. Start-up = the process's wall time minus the command's own clock (interpreter, imports, "
+        "opening the model and Feast's registry happen before that clock starts, apart from what the command overlaps).\n",
+        "| code | runs | wall s (p50) | start-up s (p50) | command's own clock s (p50) | projected users/s for the scale shop |", "|---|---|---|---|---|---|",
+    ]
+    for name, v in run["variants"].items():
+        projected = v.get("projected_users_per_second_at_scale")
+        lines.append(f"| {name} | {v['runs']} | {v['wall_seconds_p50']} | {v['startup_seconds_p50']} | {v['command_seconds_p50']} | "
+                     f"{f'{projected:,}' if projected else 'n/a'} |")
+    if run.get("scale_users"):
+        lines += ["", f"Projection: {run['scale_users']:,} users / (start-up here + {run['scale_command_seconds']} s, the command's own clock "
+                  "for those users in the scale shop's last run above). Both parts were measured on different days and the machine is "
+                  f"noisy: a projection, not a measurement; target {TARGET_OFFLINE:,} users/s.", ""]
+    return "\n".join(lines)
 
 
 def _met(value: float, target: float) -> str:
@@ -278,13 +354,15 @@ def _render_online(online: dict) -> str:
             f"In process, per call of {p['chunk_users']:,} users (median of {p['chunks_timed']} calls; ScoreUsers reads "
             f"{p.get('users_per_read', p['chunk_users']):,} users per `{p['read_api']}`; predictor {p['predictor']}):\n",
             "| stage | ms per 1,000 users |", "|---|---|",
-            f"| bulk online read (Feast's online store, TTLs applied) | {p['read_ms_p50']} |",
+            f"| bulk online read (Feast's online store, TTLs applied; `{p['read_api']}`, the user model's columns decoded) | {p['read_ms_p50']} |",
             f"| conversion + assembly (UserBatch, user_matrix) | {p['assemble_ms_p50']} |",
             f"| predict (one call) | {p['predict_ms_p50']} |",
             f"| **total** | **{p['total_ms_p50']}** ({p['users_per_second_in_process']:,} users/s) |",
-            *([f"| the data plane's `Recommender.score_users` on the same ids (what the servicer awaits) | {p['data_plane_ms_p50']} |"]
-              if "data_plane_ms_p50" in p else []),
-            *([f"| for comparison: the read of the user model's inputs only (`OnlineUserFeatures(..., only=USER_MODEL_INPUTS)`) | "
+            *([f"| the data plane's `Recommender.score_users` on the same ids (what the servicer awaits; it reads with "
+               f"`{p.get('data_plane_read_api', 'fetch_columns')}`) | {p['data_plane_ms_p50']} |"] if "data_plane_ms_p50" in p else []),
+            *([f"| for comparison: the per-row read it replaced (`fetch_columns`: a row per user and feature, decoded one by one) | "
+               f"{p['read_rows_ms_p50']} |"] if "read_rows_ms_p50" in p else []),
+            *([f"| for comparison: the bulk read of the user model's inputs only (`OnlineUserFeatures(..., only=USER_MODEL_INPUTS)`) | "
                f"{p['read_subset_ms_p50']} |"] if "read_subset_ms_p50" in p else []),
             f"| for comparison: the per-user loop it replaced (UserState + user_vector per user, then predict) | {p['per_user_loop_assemble_predict_ms_p50']} (without the read) |",
             "",
@@ -331,7 +409,8 @@ def _now() -> str:
 def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     parser = argparse.ArgumentParser(prog="python -m bench.bulk", description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["online", "offline", "all"])
+    parser.add_argument("what", choices=["online", "offline", "startup", "all"])
+    parser.add_argument("--baseline", type=Path, help="startup: also run the code in this directory (an earlier commit), alternately")
     parser.add_argument("--root", type=Path, action="append", help="shop directory (online: repeatable; default var/bench; offline: var/scale)")
     parser.add_argument("--seconds", type=float, default=8.0, help="seconds per ScoreUsers concurrency level")
     parser.add_argument("--workers", type=int, default=2, help="server worker processes (production setting: 2 on this machine)")
@@ -346,6 +425,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.what in ("offline", "all"):
         chunks = [None if c == "default" else int(c) for c in args.chunk_sizes.split(",")]
         results["offline"] = offline((args.root or [PROJECT_ROOT / "var" / "scale"])[-1], chunks, args.repeats)
+    if args.what == "startup":
+        scale = results.get("offline", {})
+        best = min(scale.get("runs", []), key=lambda r: r["command_seconds"], default=None)
+        results["startup"] = startup((args.root or [PROJECT_ROOT / "var" / "bench"])[-1], args.repeats, args.baseline,
+                                     best["users"] if best else None, best["command_seconds"] if best else None)
     write_report(results, args.out)
     say(f"wrote {args.out / 'bulk_scoring.md'} and bulk_scoring.json")
     return 0

@@ -2,7 +2,9 @@
 the users-only bulk path against the get_historical_features path; the vectorised user path on real rows."""
 
 import asyncio
+import os
 import subprocess
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -106,6 +108,38 @@ def test_score_batch_users_only_from_the_cli(pipeline, tmp_path: Path) -> None:
     frame = pd.read_parquet(out)
     assert list(frame.columns) == ["user_id", "propensity"] and frame["propensity"].between(0, 1).all()
     assert sorted(frame["user_id"]) == active_users(_settings(pipeline).prepared_dir, load_prepared(_settings(pipeline).prepared_dir).as_of)
+    # The command imports Feast without its run-time type checks (training.batch_scoring._skip_feast_type_checks):
+    # same propensities as this process, which imported Feast with them.
+    assert "feast" in sys.modules
+    settings = _settings(pipeline)
+    score_users_batch(settings, load_prepared(settings.prepared_dir).as_of, tmp_path / "here.parquet", progress=QUIET)
+    here = pd.read_parquet(tmp_path / "here.parquet").set_index("user_id")["propensity"]
+    np.testing.assert_allclose(frame.set_index("user_id")["propensity"].loc[here.index], here, rtol=0, atol=1e-12)
+
+
+def test_skipping_feasts_type_checks_leaves_other_modules_checked(tmp_path: Path) -> None:
+    """Run in a fresh interpreter: Feast's classes are not instrumented, anyone else's still are."""
+    code = (
+        "from training.batch_scoring import _skip_feast_type_checks\n"
+        "import sys; assert 'feast' not in sys.modules\n"
+        "_skip_feast_type_checks()\n"
+        "import feast, inspect, typeguard\n"
+        "from feast.feature_service import FeatureService\n"
+        "assert 'TypeCheckMemo' not in str(FeatureService.__init__.__code__.co_names), 'feast still instrumented'\n"
+        "@typeguard.typechecked\n"
+        "def f(x: int) -> int:\n"
+        "    return x\n"
+        "try:\n"
+        "    f('a')\n"
+        "except typeguard.TypeCheckError:\n"
+        "    print('checked')\n"
+    )
+    script = tmp_path / "check.py"  # a file: typeguard instruments functions from their source
+    script.write_text(code)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1],
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "checked"
 
 
 def _online_rows(pipeline: Pipeline, users: list[str]) -> list[dict]:
