@@ -104,6 +104,26 @@ def _settings(pipeline: Pipeline, **update: object) -> Settings:
     return settings.model_copy(update=update) if update else settings
 
 
+def test_report_of_a_shop_with_only_country_names_every_figure_and_no_template_left() -> None:
+    """UCI Online Retail's shape: region (country) only, so one arm and the reason there is no minimised one."""
+    segment = {"rows": 62, "positives": 10, "roc_auc": 0.73, "roc_auc_ci": [0.55, 0.89], "ece": 0.04, "ece_ci": [0.03, 0.15],
+               "selection_rate": 0.31, "selection_rate_ci": [0.19, 0.42]}
+    gap = {"gap": 0.09, "ci_low": -0.13, "ci_high": 0.38, "high": "France", "low": "United Kingdom"}
+    section = {
+        "sensitive_attributes": ["gender", "age"], "services": {"configured": "propensity_user_v2"},
+        "why": "the data has no value of gender, age", "threshold": 0.16, "k": 7, "ranked_users": 1141,
+        "attributes": {"region": {"configured": {
+            "segments": {"France": segment, "United Kingdom": {**segment, "rows": 2610}},
+            "gaps": {m: gap for m in fairness.GAP_METRICS},
+            "exposure": {"France": [0.7, 0.3] + [0.0] * 8, "United Kingdom": [0.9, 0.1] + [0.0] * 8},
+        }}},
+    }
+    text = "\n".join(fairness.report_lines(section))
+    assert "{" not in text and "}" not in text, "an unformatted template is left in the report"
+    assert text.count("top-7") == 2 and "no minimised models: the data has no value of gender, age" in text
+    assert "| United Kingdom | 2,610 (10) |" in text and "| France | configured | 0.70 | 0.30 |" in text
+
+
 def test_v3_serves_neither_gender_nor_age_and_is_found_as_v2_minimised(pipeline: Pipeline) -> None:
     store = open_store(pipeline.feature_repo)
     v2 = {f for _, f, _ in service_schema(store, "propensity_user_v2")}

@@ -301,7 +301,7 @@ def report_lines(section: dict) -> list[str]:
         f"threshold {section['threshold']:.3f}), each with a 95% bootstrap CI (the segment's rows resampled). "
         f"Gaps: highest minus lowest segment of at least {MIN_ROWS} rows ('unknown' left out), with the CI of that pair's "
         f"difference; the pair is chosen after looking, so with many segments a gap whose CI barely excludes 0 can be chance. "
-        "ECE is biased upward on small samples, so its interval can lie above the point value. Exposure: share of the ranker's top-{section['k']} slots in each item-popularity decile "
+        f"ECE is biased upward on small samples, so its interval can lie above the point value. Exposure: share of the ranker's top-{section['k']} slots in each item-popularity decile "
         f"(D1 = the most popular tenth of the catalog), over {section['ranked_users']:,} ranked test users (buyers and the sampled non-buyers).",
     ]
     if "exclusion_cost" in section:
