@@ -68,6 +68,10 @@ def test_forgotten_index_covers_events_dated_up_to_the_forgetting(tmp_path: Path
     assert not index.covers("b", at_ms - 1)
     stones.add(["a"], NOW + timedelta(days=1))  # forgotten again: the latest time counts
     assert index.covers("a", at_ms + 1)
+    # The per-message form agrees, event by event, and is None while nobody is forgotten.
+    covers = index.checker()
+    assert covers is not None and [covers(u, t) for u, t in [("a", at_ms + 1), ("a", at_ms + 86_400_001), ("b", 0)]] == [True, False, False]
+    assert ForgottenIndex(Tombstones(tmp_path / "none.jsonl", no_key)).checker() is None
 
 
 # -- the served-feature log, fenced by the erasure lock ----------------------------------------------------------
