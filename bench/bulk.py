@@ -163,14 +163,14 @@ def _data_plane_read_api() -> str:
     return "fetch_arrays" if "fetch_arrays" in source else "fetch_columns"
 
 
-def through_server(shop: Shop, users: list[str], workers: int, seconds: float, concurrency: tuple[int, ...]) -> list[dict]:
-    """ScoreUsers with CHUNK ids per call against a real `propensity serve` on this shop."""
+def through_server(shop: Shop, users: list[str], workers: int, seconds: float, concurrency: tuple[int, ...], code_from: Path | None = None) -> list[dict]:
+    """ScoreUsers with CHUNK ids per call against a real `propensity serve` on this shop (code_from: the server's code from there)."""
     from bench.grpc_load import score_users
     from bench.processes import ServerProcess, free_port
 
     port = free_port()
     env = {**shop.env(), "PROPENSITY_SERVER__WORKERS": str(workers), "PROPENSITY_SERVER__HOST": "127.0.0.1",
-           "PROPENSITY_SERVER__LOG_FORMAT": "json"}
+           "PROPENSITY_SERVER__LOG_FORMAT": "json", **({"PYTHONPATH": str(code_from)} if code_from else {})}
     log = Path(tempfile.mkdtemp(prefix="bulk-serve-")) / "server.log"
     results = []
     with ServerProcess("propensity serve", [CLI, "serve", "--port", str(port)], env, port, log, PROJECT_ROOT) as server:
@@ -184,7 +184,7 @@ def through_server(shop: Shop, users: list[str], workers: int, seconds: float, c
     return results
 
 
-def online(roots: list[Path], seconds: float, workers: int) -> dict:
+def online(roots: list[Path], seconds: float, workers: int, baseline: Path | None = None) -> dict:
     shops = []
     for root in roots:
         shop = Shop(root.resolve())
@@ -196,10 +196,12 @@ def online(roots: list[Path], seconds: float, workers: int) -> dict:
             f"predict {breakdown['predict_ms_p50']} ms -> {breakdown['users_per_second_in_process']:,} users/s "
             f"(the per-user loop it replaced: {breakdown['per_user_loop_assemble_predict_ms_p50']} ms for assemble + predict)")
         calls = through_server(shop, users, workers, seconds, (1, 2, 4))
-        shops.append({"root": _relative(root), "events": manifest["n_events"], "users": manifest["n_users"], "items": manifest["n_items"],
+        before = through_server(shop, users, workers, seconds, (1, 2, 4), baseline) if baseline else []
+        shops.append({"server_baseline": before, "root": _relative(root), "events": manifest["n_events"], "users": manifest["n_users"], "items": manifest["n_items"],
                       "rotated_users": len(users), "in_process": breakdown, "server": calls,
                       "best_users_per_second": max(c["users_per_second"] for c in calls)})
-    return {"measured_at": _now(), "command": f"python -m bench.bulk online {' '.join('--root ' + _relative(r) for r in roots)}",
+    return {"measured_at": _now(), "command": f"python -m bench.bulk online {' '.join('--root ' + _relative(r) for r in roots)}"
+            + (" --baseline DIR" if baseline else ""), "baseline": str(baseline) if baseline else None,
             "seconds_per_level": seconds, "shops": shops}
 
 
@@ -253,7 +255,7 @@ def offline(root: Path, chunk_sizes: list[int | None], repeats: int) -> dict:
             "best_users_per_second": max(r["users_per_second"] for r in runs)}
 
 
-def startup(root: Path, repeats: int, baseline: Path | None, scale_users: int | None, scale_command_seconds: float | None) -> dict:
+def startup(root: Path, repeats: int, baseline: Path | None, scale_run: dict | None) -> dict:
     """score-batch --users-only on a small shop, where start-up dominates: start-up (wall - the command's own clock) and per-user cost.
 
     With a baseline (a directory holding an earlier commit's code), both run alternately in the same session.
@@ -275,11 +277,30 @@ def startup(root: Path, repeats: int, baseline: Path | None, scale_users: int | 
         start = float(np.median([r["startup_seconds"] for r in results]))
         summary[name] = {"startup_seconds_p50": round(start, 2), "command_seconds_p50": round(float(np.median([r["command_seconds"] for r in results])), 2),
                          "wall_seconds_p50": round(float(np.median([r["wall_seconds"] for r in results])), 2), "runs": len(results)}
-        if scale_users and scale_command_seconds:
-            summary[name]["projected_users_per_second_at_scale"] = round(scale_users / (start + scale_command_seconds))
+    scale = project_scale(summary, scale_run) if baseline and scale_run else None
     return {"measured_at": _now(), "command": f"python -m bench.bulk startup --root {_relative(root)}" + (" --baseline DIR" if baseline else ""),
-            "root": _relative(root), "users": manifest["n_users"], "events": manifest["n_events"], "variants": summary,
-            "scale_users": scale_users, "scale_command_seconds": scale_command_seconds}
+            "root": _relative(root), "users": manifest["n_users"], "events": manifest["n_events"], "variants": summary, "scale": scale}
+
+
+def project_scale(variants: dict, scale_run: dict) -> dict:
+    """The scale shop's run (before this change) with its start-up scaled by this session's ratio of start-ups.
+
+    Start-up measured now is inflated by whatever else runs; the ratio of the two variants, taken alternately in one
+    session, is steadier than either figure.
+    """
+    ratio = variants["this commit"]["startup_seconds_p50"] / variants["baseline"]["startup_seconds_p50"]
+    projected_wall = (scale_run["wall_seconds"] - scale_run["command_seconds"]) * ratio + scale_run["command_seconds"]
+    return {"users": scale_run["users"], "wall_seconds": scale_run["wall_seconds"], "command_seconds": scale_run["command_seconds"],
+            "startup_ratio": round(ratio, 3), "projected_wall_seconds": round(projected_wall, 2),
+            "projected_users_per_second": round(scale_run["users"] / projected_wall)}
+
+
+def keep_other_shops(now: dict, before: dict | None) -> dict:
+    """The online results of this run, plus the shops an earlier run measured and this one did not (each keeps its date)."""
+    measured = {shop["root"] for shop in now["shops"]}
+    kept = [{"measured_at": before["measured_at"], "command": before["command"], **shop}
+            for shop in (before or {}).get("shops", []) if shop["root"] not in measured]
+    return {**now, "shops": now["shops"] + [{k: v for k, v in shop.items()} for shop in kept]}
 
 
 # -- report ------------------------------------------------------------------------------------------------
@@ -321,18 +342,19 @@ def _render_startup(run: dict) -> str:
     lines = [
         "## score-batch --users-only: start-up and per-user cost\n",
         f"Measured {run['measured_at']} on `{run['root']}` ({run['events']:,} events, {run['users']:,} users), where start-up dominates. "
-        f"Command: `{run['command']}`. Start-up = the process's wall time minus the command's own clock (interpreter, imports, "
-        "opening the model and Feast's registry happen before that clock starts, apart from what the command overlaps).\n",
-        "| code | runs | wall s (p50) | start-up s (p50) | command's own clock s (p50) | projected users/s for the scale shop |", "|---|---|---|---|---|---|",
+        f"Command: `{run['command']}` (the baseline: the code before this change, run alternately with it). Start-up = the process's "
+        "wall time minus the command's own clock: starting Python and importing the CLI, Feast, LightGBM, pandas and DuckDB; loading "
+        "the model and opening Feast's registry are inside the command's clock. The per-user cost is the command's own clock.\n",
+        "| code | runs | wall s (p50) | start-up s (p50) | command's own clock s (p50) |", "|---|---|---|---|---|",
+        *[f"| {name} | {v['runs']} | {v['wall_seconds_p50']} | {v['startup_seconds_p50']} | {v['command_seconds_p50']} |" for name, v in run["variants"].items()],
+        "",
     ]
-    for name, v in run["variants"].items():
-        projected = v.get("projected_users_per_second_at_scale")
-        lines.append(f"| {name} | {v['runs']} | {v['wall_seconds_p50']} | {v['startup_seconds_p50']} | {v['command_seconds_p50']} | "
-                     f"{f'{projected:,}' if projected else 'n/a'} |")
-    if run.get("scale_users"):
-        lines += ["", f"Projection: {run['scale_users']:,} users / (start-up here + {run['scale_command_seconds']} s, the command's own clock "
-                  "for those users in the scale shop's last run above). Both parts were measured on different days and the machine is "
-                  f"noisy: a projection, not a measurement; target {TARGET_OFFLINE:,} users/s.", ""]
+    scale = run.get("scale")
+    if scale:
+        lines += [f"Projection for the scale shop (not on disk now, so not measured): its best run above took {scale['wall_seconds']} s for "
+                  f"{scale['users']:,} users, {scale['command_seconds']} s of it on the command's own clock. With start-up scaled by this session's "
+                  f"ratio ({scale['startup_ratio']}: this commit's start-up over the baseline's), the wall time would be {scale['projected_wall_seconds']} s: "
+                  f"{_met(scale['projected_users_per_second'], TARGET_OFFLINE)} as a projection, not a measurement.", ""]
     return "\n".join(lines)
 
 
@@ -342,19 +364,27 @@ def _met(value: float, target: float) -> str:
 
 def _render_online(online: dict) -> str:
     lines = [f"## ScoreUsers with {CHUNK:,} ids per call (target >= {TARGET_ONLINE:,} users/s)\n",
-             f"Measured {online['measured_at']}. Command: `{online['command']}`.\n"]
+             f"Measured {online['measured_at']}. Command: `{online['command']}`.\n",
+             *([f"Code measured: {online['code_note']}\n"] if online.get("code_note") else [])]
     for shop in online["shops"]:
         p = shop["in_process"]
         lines += [
             f"### {shop['root']}: {shop['events']:,} events, {shop['users']:,} users, {shop['items']:,} items\n",
+            *([f"Measured {shop['measured_at']} by an earlier run (`{shop['command']}`), before the bulk read of this run's code; "
+               "not re-measured (the shop is not on disk now).\n"] if "measured_at" in shop else []),
             f"Target: {_met(shop['best_users_per_second'], TARGET_ONLINE)}. Calls rotate over {shop['rotated_users']:,} active users.\n",
             "| server workers | concurrent calls | users/s | calls | p50 per call, ms | failures |", "|---|---|---|---|---|---|",
             *[f"| {c['workers']} | {c['concurrency']} | {c['users_per_second']:,.0f} | {c['calls']} | {c['call_p50_ms']} | {c['failures']} |" for c in shop["server"]],
             "",
+            *([f"Baseline in the same session: the server's code from {online.get('baseline_label') or online.get('baseline')}:\n",
+               "| server workers | concurrent calls | users/s | calls | p50 per call, ms | failures |", "|---|---|---|---|---|---|",
+               *[f"| {c['workers']} | {c['concurrency']} | {c['users_per_second']:,.0f} | {c['calls']} | {c['call_p50_ms']} | {c['failures']} |"
+                 for c in shop["server_baseline"]], ""] if shop.get("server_baseline") else []),
             f"In process, per call of {p['chunk_users']:,} users (median of {p['chunks_timed']} calls; ScoreUsers reads "
             f"{p.get('users_per_read', p['chunk_users']):,} users per `{p['read_api']}`; predictor {p['predictor']}):\n",
             "| stage | ms per 1,000 users |", "|---|---|",
-            f"| bulk online read (Feast's online store, TTLs applied; `{p['read_api']}`, the user model's columns decoded) | {p['read_ms_p50']} |",
+            f"| bulk online read (Feast's online store, TTLs applied; `{p['read_api']}`"
+            f"{', the user model columns decoded' if p['read_api'] == 'fetch_arrays' else ''}) | {p['read_ms_p50']} |",
             f"| conversion + assembly (UserBatch, user_matrix) | {p['assemble_ms_p50']} |",
             f"| predict (one call) | {p['predict_ms_p50']} |",
             f"| **total** | **{p['total_ms_p50']}** ({p['users_per_second_in_process']:,} users/s) |",
@@ -362,7 +392,7 @@ def _render_online(online: dict) -> str:
                f"`{p.get('data_plane_read_api', 'fetch_columns')}`) | {p['data_plane_ms_p50']} |"] if "data_plane_ms_p50" in p else []),
             *([f"| for comparison: the per-row read it replaced (`fetch_columns`: a row per user and feature, decoded one by one) | "
                f"{p['read_rows_ms_p50']} |"] if "read_rows_ms_p50" in p else []),
-            *([f"| for comparison: the bulk read of the user model's inputs only (`OnlineUserFeatures(..., only=USER_MODEL_INPUTS)`) | "
+            *([f"| for comparison: the read of the user model's inputs only (`OnlineUserFeatures(..., only=USER_MODEL_INPUTS)`, `{p['read_api']}`) | "
                f"{p['read_subset_ms_p50']} |"] if "read_subset_ms_p50" in p else []),
             f"| for comparison: the per-user loop it replaced (UserState + user_vector per user, then predict) | {p['per_user_loop_assemble_predict_ms_p50']} (without the read) |",
             "",
@@ -410,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     parser = argparse.ArgumentParser(prog="python -m bench.bulk", description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["online", "offline", "startup", "all"])
-    parser.add_argument("--baseline", type=Path, help="startup: also run the code in this directory (an earlier commit), alternately")
+    parser.add_argument("--baseline", type=Path, help="online, startup: also run the code in this directory (an earlier commit) in the same session")
+    parser.add_argument("--baseline-label", help="how the report names the baseline (e.g. 'commit 305cab9'); default: its directory")
     parser.add_argument("--root", type=Path, action="append", help="shop directory (online: repeatable; default var/bench; offline: var/scale)")
     parser.add_argument("--seconds", type=float, default=8.0, help="seconds per ScoreUsers concurrency level")
     parser.add_argument("--workers", type=int, default=2, help="server worker processes (production setting: 2 on this machine)")
@@ -421,15 +452,15 @@ def main(argv: list[str] | None = None) -> int:
     previous = json.loads((args.out / "bulk_scoring.json").read_text()) if (args.out / "bulk_scoring.json").exists() else {}
     results = {**previous, "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}}
     if args.what in ("online", "all"):
-        results["online"] = online(args.root or [PROJECT_ROOT / "var" / "bench"], args.seconds, args.workers)
+        measured = online(args.root or [PROJECT_ROOT / "var" / "bench"], args.seconds, args.workers, args.baseline)
+        results["online"] = keep_other_shops({**measured, "baseline_label": args.baseline_label}, previous.get("online"))
     if args.what in ("offline", "all"):
         chunks = [None if c == "default" else int(c) for c in args.chunk_sizes.split(",")]
         results["offline"] = offline((args.root or [PROJECT_ROOT / "var" / "scale"])[-1], chunks, args.repeats)
     if args.what == "startup":
         scale = results.get("offline", {})
-        best = min(scale.get("runs", []), key=lambda r: r["command_seconds"], default=None)
-        results["startup"] = startup((args.root or [PROJECT_ROOT / "var" / "bench"])[-1], args.repeats, args.baseline,
-                                     best["users"] if best else None, best["command_seconds"] if best else None)
+        best = min(scale.get("runs", []), key=lambda r: r["wall_seconds"], default=None)  # the scale shop's best run, before this change
+        results["startup"] = startup((args.root or [PROJECT_ROOT / "var" / "bench"])[-1], args.repeats, args.baseline, best)
     write_report(results, args.out)
     say(f"wrote {args.out / 'bulk_scoring.md'} and bulk_scoring.json")
     return 0

@@ -29,7 +29,7 @@ def test_report_judges_each_target_from_the_figures() -> None:
     assert "**met** (21,500 >= 20,000)" in text
     assert "**short** (90,000 < 100,000)" in text
     assert "| 2 | 2 | 21,500 | 172 | 90.0 | 0 |" in text
-    assert "| bulk online read (Feast's online store, TTLs applied; `fetch_columns`, the user model's columns decoded) | 40.1 |" in text
+    assert "| bulk online read (Feast's online store, TTLs applied; `fetch_columns`) | 40.1 |" in text
     assert "| `propensity score-batch --users-only --out OUT.parquet` | 409,626 | 4.5 | 90,000 | 132,000 | 1.2 | 5 |" in text
     assert "scored 100,000/409,626 users" in text
     assert "python -m bench.bulk online --root var/bench" in text and "python -m bench.bulk offline --root var/scale" in text
@@ -37,14 +37,14 @@ def test_report_judges_each_target_from_the_figures() -> None:
 
 def test_startup_section_projects_the_scale_rate_from_its_own_parts() -> None:
     startup = {"measured_at": "2026-12-01T18:00:00+00:00", "command": "python -m bench.bulk startup --root var/bench --baseline DIR",
-               "root": "var/bench", "users": 4_302, "events": 215_232, "scale_users": 409_626, "scale_command_seconds": 1.6,
-               "variants": {"this commit": {"runs": 3, "wall_seconds_p50": 3.1, "startup_seconds_p50": 2.0, "command_seconds_p50": 1.1,
-                                            "projected_users_per_second_at_scale": 113_785},
-                            "baseline": {"runs": 3, "wall_seconds_p50": 4.4, "startup_seconds_p50": 3.3, "command_seconds_p50": 1.1,
-                                         "projected_users_per_second_at_scale": 83_596}}}
+               "root": "var/bench", "users": 4_302, "events": 215_232,
+               "variants": {"this commit": {"runs": 3, "wall_seconds_p50": 3.1, "startup_seconds_p50": 2.0, "command_seconds_p50": 1.1},
+                            "baseline": {"runs": 3, "wall_seconds_p50": 4.4, "startup_seconds_p50": 3.3, "command_seconds_p50": 1.1}},
+               "scale": {"users": 409_626, "wall_seconds": 4.92, "command_seconds": 1.6, "startup_ratio": 0.606, "projected_wall_seconds": 3.61,
+                         "projected_users_per_second": 113_470}}
     text = render({"machine": {}, "startup": startup})
-    assert "| this commit | 3 | 3.1 | 2.0 | 1.1 | 113,785 |" in text and "| baseline | 3 | 4.4 | 3.3 | 1.1 | 83,596 |" in text
-    assert "409,626 users / (start-up here + 1.6 s" in text and "a projection, not a measurement" in text
+    assert "| this commit | 3 | 3.1 | 2.0 | 1.1 |" in text and "| baseline | 3 | 4.4 | 3.3 | 1.1 |" in text
+    assert "would be 3.61 s: **met** (113,470 >= 100,000) as a projection, not a measurement" in text
 
 
 def test_a_section_that_was_not_run_is_not_rendered() -> None:
