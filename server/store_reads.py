@@ -6,7 +6,9 @@ the source of truth. What Feast's generic path does per call and these do once: 
 service's feature views and feature references, building entity-key protos, and assembling a
 response proto that is then converted back to Python.
 
-- SQLite (default profile): one SELECT over the service's view tables, on a read-only connection.
+- SQLite (default profile): one SELECT over the service's view tables, on a read-only connection. For many
+  users at once (ScoreUsers), read_arrays: per view, one query that hands back each feature's stored values
+  concatenated, decoded a column at a time (server/value_columns.py) instead of a Python step per row.
 - Redis: Feast keeps every view of an entity in one hash, so one HMGET per entity fetches all the
   service's fields (pipelined for many entities), instead of one round trip per feature view.
 - Any other online store: Feast's `OnlineStore.online_read`, once per feature view.
