@@ -168,7 +168,7 @@ class Recommender:
         for start in range(0, len(user_ids), chunk):
             part = user_ids[start : start + chunk]
             with self._observer.stage("features"):
-                users = UserBatch(part, self._features.fetch_columns(part), catalog)
+                users = UserBatch(part, self._features.fetch_arrays(part), catalog)
             with self._observer.stage("scoring"):
                 rows = user_matrix(users, now)
                 known[start : start + len(part)] = users.known

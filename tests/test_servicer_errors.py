@@ -203,6 +203,8 @@ class _UserRows:
         names = sorted({name for row in self._rows.values() for name in row})
         return {name: [self._rows.get(u, {}).get(name) for u in user_ids] for name in names}
 
+    fetch_arrays = fetch_columns  # UserBatch takes plain lists as well as the real read's Arrow columns
+
 
 def _metadata(user_features: list[str]) -> dict:
     return {
