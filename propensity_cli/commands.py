@@ -57,39 +57,48 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from training.prepare import prepare
 
-    from propensity.erasure import tombstones
+    from propensity.erasure import WriteFence, tombstones
     from propensity.event_log_postgres import read_event_log
 
     settings = settings_from_args(args)
+    fence = WriteFence.begin(settings)  # a shopper forgotten while this runs is scrubbed from what it wrote (docs/privacy.md)
     ingested = read_event_log(settings)  # the shared PostgreSQL log or this machine's SQLite one (ingest.event_log)
     prepare(settings.data_dir, settings.prepared_dir, as_of=settings.as_of, rebase_to=_today() if settings.rebase_to_now else None,
             extra_events=ingested, memory_limit_gb=settings.features.memory_limit_gb, forgotten=tombstones(settings))
+    fence.settle_files(sorted(settings.prepared_dir.rglob("*.parquet")))
     return 0
 
 
 def cmd_build_features(args: argparse.Namespace) -> int:
+    from propensity.erasure import WriteFence
     from training.feature_build import build_features
     from training.prepare import load_prepared
 
     settings = settings_from_args(args)
+    fence = WriteFence.begin(settings)  # a shopper forgotten while this runs is scrubbed from what it wrote (docs/privacy.md)
     prepared = load_prepared(settings.prepared_dir)
     summary = build_features(prepared.directory, settings.offline_dir, prepared.as_of, prepared.event_types, settings.features)
+    fence.settle_files(summary.files.values())
     print(f"feature tables written to {settings.offline_dir} in {summary.seconds:.1f}s")
     return 0
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
     """Pipeline stage: feast apply, then load every view up to the run's as-of time."""
+    from propensity.erasure import WriteFence
     from training.prepare import load_prepared
     from training.publish import publish_features
 
     settings = settings_from_args(args)
+    fence = WriteFence.begin(settings)  # a shopper forgotten while this runs is deleted again from the online store
     publish_features(settings.feature_repo, load_prepared(settings.prepared_dir).as_of, yaml_file=settings.feature_store_yaml)
+    fence.settle_online()
     return 0
 
 
 def cmd_materialize(args: argparse.Namespace) -> int:
     """feast apply + incremental materialization up to now, once or every N minutes."""
+    from propensity.erasure import WriteFence
     from propensity.feature_store import feast_apply
     from training.publish import materialize_incremental
 
@@ -98,7 +107,9 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     while True:
         started = time.perf_counter()
         print(f"materialize-incremental at {datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC", flush=True)
+        fence = WriteFence.begin(settings)  # a shopper forgotten while this runs is deleted again from the online store
         report = materialize_incremental(settings.feature_repo, yaml_file=settings.feature_store_yaml)
+        fence.settle_online()
         print(f"{sum(rows for rows, _ in report.values()):,} rows into the online store in {time.perf_counter() - started:.1f}s", flush=True)
         if not args.every:
             return 0

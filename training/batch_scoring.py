@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from propensity.assembly import pair_matrix, user_matrix
 from propensity.candidates import generate_candidates
 from propensity.catalog import Catalog
-from propensity.erasure import record_output
+from propensity.erasure import WriteFence, record_output
 from propensity.retrieval import stored_weights
 from propensity.model_registry import RANKER_MODEL, USER_MODEL, ModelBundle, load_version
 from propensity.settings import Settings
@@ -288,11 +288,13 @@ def cmd_score_batch(args: argparse.Namespace, settings: Settings) -> int:
         at = at.replace(tzinfo=timezone.utc)
     out = Path(args.out).resolve()
     record_output(settings, out)  # before writing: `propensity forget` must find it even if this run is cut short
+    fence = WriteFence.begin(settings)  # a shopper forgotten while this runs is scrubbed from the output (docs/privacy.md)
     if args.users_only:
         _skip_feast_type_checks()
         score_users_batch(settings, at, out, chunk_size=args.chunk_size or USERS_CHUNK, version=args.version)
     else:
         score_batch(settings, at, out, top_n=args.top_n, chunk_size=args.chunk_size or ITEMS_CHUNK, version=args.version)
+    fence.settle_files([out])
     return 0
 
 
