@@ -68,7 +68,8 @@ def measure(state: BenchState, recommend_users: list[str], probe_users: list[str
                 result = run_size(target, pid, events_file, size, STREAMS_PER_CLIENT, exclude_users=excluded)
                 progress(f"{size:>5} events/message: {result['events_per_second']:>8,.0f} events/s, {result['server_cpu_ms_per_1000_events']} "
                          f"server CPU ms per 1,000 events ({result['server_cores_busy']} cores), generator {result['generator_cores_busy']} cores, "
-                         f"accepted {result['accepted']:,}/{result['events_sent']:,}, failed streams {result['failed_streams']}")
+                         f"accepted {result['accepted']:,}/{result['events_sent']:,}, failed streams {result['failed_streams']}; CPU ms per 1,000 "
+                         f"events by process {result['server_cpu_ms_per_1000_events_by_process']}")
                 sizes.append(result)
             maximum = next(r["events_per_second"] for r in sizes if r["events_per_message"] == 1000)
             open_loop = prepare_open_loop(target)

@@ -153,22 +153,21 @@ def apply_events(
                 if activity.get(column) is None:
                     activity[column] = 0
     # Every interests and history feature is a list: a missing one becomes empty, a maintained one is copied to be
-    # changed here, any other is passed on as given.
+    # changed here, any other is passed on as given (the caller's lists are never changed in place: it may share them).
     interests = {name: [] if value is None else value for name, value in rows[INTERESTS_VIEW].items()}
     history = {name: [] if value is None else value for name, value in rows[HISTORY_VIEW].items()}
     for lists, maintained in ((interests, MAINTAINED_INTERESTS), (history, MAINTAINED_HISTORY)):
         for name in maintained:
             lists[name] = list(lists.get(name) or [])
     bought = False
-    for event in sorted(events, key=lambda e: e.event_time_ms):
+    for event in sorted(events, key=_event_time) if len(events) > 1 else events:
         ts = event.event_time_ms // 1000
-        kind = _COUNTED.get(event.event_type)
-        if kind:
-            for window in ("1d", "7d", "30d"):
-                _add(activity, f"{kind}_{window}", 1)
-        if event.event_type == "return":
+        event_type = event.event_type
+        for column in _WINDOW_COLUMNS.get(event_type, ()):
+            activity[column] = (activity.get(column) or 0) + 1
+        if event_type == "return":
             _add(activity, "returns_30d", 1)
-        if event.event_type == "purchase":
+        elif event_type == "purchase":
             _add(activity, "purchases_total", 1)
             _add(activity, "spend_30d", (event.price or 0.0) * event.quantity)
             activity["last_purchase_ts"] = max(activity.get("last_purchase_ts") or ts, ts)
@@ -179,6 +178,10 @@ def apply_events(
         _touch_item(interests, event, ts, recent_items)
     updated = {ACTIVITY_VIEW: activity, INTERESTS_VIEW: interests}
     return {**updated, HISTORY_VIEW: history} if bought else updated
+
+
+def _event_time(event: StreamEvent) -> int:
+    return event.event_time_ms
 
 
 def _count_purchase(history: dict, item_id: str, ts: int, cap: int) -> None:
@@ -197,27 +200,29 @@ def _add(row: dict, name: str, amount: float) -> None:
 
 
 def _touch_item(lists: dict, event: StreamEvent, ts: int, cap: int) -> None:
-    ids = lists["recent_item_ids"]
+    ids, views, carts, purchases, in_cart, last = (lists[name] for name in MAINTAINED_INTERESTS)
+    columns = (ids, views, carts, purchases, in_cart, last)
     if event.item_id in ids:
         position = ids.index(event.item_id)
-        entry = {name: lists[name].pop(position) if position < len(lists[name]) else 0 for name in MAINTAINED_INTERESTS}
+        entry = [column.pop(position) if position < len(column) else 0 for column in columns]
     else:
-        entry = {name: 0 for name in MAINTAINED_INTERESTS}
-        entry["recent_item_ids"] = event.item_id
+        entry = [event.item_id, 0, 0, 0, 0, 0]
+    # entry follows MAINTAINED_INTERESTS: item, views 7d, carts 7d, purchases 30d, in cart, last time
     if event.event_type == "view":
-        entry["recent_item_views_7d"] = (entry["recent_item_views_7d"] or 0) + 1
+        entry[1] = (entry[1] or 0) + 1
     elif event.event_type == "add_to_cart":
-        entry["recent_item_carts_7d"] = (entry["recent_item_carts_7d"] or 0) + 1
-        entry["recent_item_in_cart"] = 1
+        entry[2] = (entry[2] or 0) + 1
+        entry[4] = 1
     elif event.event_type == "purchase":
-        entry["recent_item_purchases_30d"] = (entry["recent_item_purchases_30d"] or 0) + 1
-        entry["recent_item_in_cart"] = 0
-    entry["recent_item_last_ts"] = ts
-    for name in MAINTAINED_INTERESTS:  # most recent first, as the batch build orders them
-        lists[name].insert(0, entry[name])
-        del lists[name][cap:]
+        entry[3] = (entry[3] or 0) + 1
+        entry[4] = 0
+    entry[5] = ts
+    for column, value in zip(columns, entry):  # most recent first, as the batch build orders them
+        column.insert(0, value)
+        del column[cap:]
 
 
+_WINDOW_COLUMNS = {kind: tuple(f"{name}_{window}" for window in ("1d", "7d", "30d")) for kind, name in _COUNTED.items()}
 _COUNT_COLUMNS = {
     "view": ("views_1d", "views_7d", "views_30d"),
     "add_to_cart": ("carts_1d", "carts_7d", "carts_30d"),

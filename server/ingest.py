@@ -20,8 +20,13 @@ import contextlib
 import itertools
 import logging
 import math
+import multiprocessing
+import multiprocessing.connection
+import os
 import queue
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -51,6 +56,9 @@ PUSH_SOURCES = {view: f"{view}_push" for view in MAINTAINED_VIEWS}
 # A push claimed by a process that then died is taken over after this long (pushes take milliseconds).
 PUSH_LEASE_SECONDS = 5.0
 RETRY_BATCH = 500
+# Messages waiting for the online store are updated together up to this many events: a larger update costs less per
+# event, and a shopper's few events wait for at most one such update ahead of them (smallest first).
+MERGED_EVENTS = 2000
 # The features apply_events reads and changes: decoded on the SQLite path; every other feature is passed through.
 MAINTAINED = {ACTIVITY_VIEW: MAINTAINED_ACTIVITY, INTERESTS_VIEW: MAINTAINED_INTERESTS, HISTORY_VIEW: MAINTAINED_HISTORY}
 
@@ -112,9 +120,6 @@ class EventIngestor:
         self._observer = observer
         self.breaker = StoreBreaker("push", retry_seconds, observer)
         self._retries: asyncio.Task | None = None
-        self._recent_items = recent_items
-        self._bought_items = bought_items
-        self._recorded_types = recorded_types
         self.last_push: dict[str, float] = {}  # feature view -> epoch seconds of its latest real-time push
         registered = {source.name for source in store.list_data_sources()}
         missing = [name for name in PUSH_SOURCES.values() if name not in registered]
@@ -127,7 +132,8 @@ class EventIngestor:
         views = {view: store.get_feature_view(view) for view in MAINTAINED_VIEWS}
         self._names = {view: [f.name for f in fv.features] for view, fv in views.items()}
         # Reads and writes resolved once, on Feast's own layout and keys (server/store_reads.py does the same for reads).
-        self._rows = rows_for(store, views, timeout_seconds)
+        # On SQLite they run in a process of their own (FeatureProcess): see features_for.
+        self._features = features_for(store, views, recent_items, bought_items, recorded_types, timeout_seconds)
         online = store.config.online_store
         if str(online.type).lower() == "redis" or str(online.type).lower().endswith("redisonlinestore"):
             harden_redis(store._get_provider().online_store._get_client(online), timeout_seconds)  # no 10 s retry backoff
@@ -135,7 +141,7 @@ class EventIngestor:
         # never races another message's in this process. Each takes the smallest waiting message first, so a shopper's
         # few events are not queued behind other streams' 1,000-event messages (freshness at full load).
         self._log_thread = Lane("ingest-log")
-        self._store_thread = Lane("ingest-store")
+        self._store_thread = Lane("ingest-store", merge_limit=MERGED_EVENTS)
         self._in_flight: set[str] = set()  # event_ids logged by ingest_message whose push is not recorded yet
 
     def validate(self, raw_events: Iterable[dict], report: IngestReport, first_index: int) -> list[StreamEvent]:
@@ -170,7 +176,7 @@ class EventIngestor:
         ids = [event.event_id for event in accepted]
         self._in_flight.update(ids)
         try:
-            pushed = await self._store_thread.run(len(accepted), self._update_online, accepted)
+            pushed = await self._store_thread.run(len(accepted), self._update_online, accepted, merge=True)
             await self._log_thread.run(0, self._record_push, ids, pushed)  # a cheap update: first in line
         finally:
             self._in_flight.difference_update(ids)
@@ -206,7 +212,7 @@ class EventIngestor:
         events = await self._log_thread.run(limit, self._claim, limit)
         if not events:
             return 0
-        pushed = await self._store_thread.run(len(events), self._update_online, events)
+        pushed = await self._store_thread.run(len(events), self._update_online, events, merge=True)
         await self._log_thread.run(0, self._record_push, [event.event_id for event in events], pushed)
         if pushed:
             log.info("pushed %d events from the log that the online store missed", len(events))
@@ -231,6 +237,7 @@ class EventIngestor:
             self._retries = None
         for lane in (self._store_thread, self._log_thread):  # the work already queued finishes first
             await asyncio.get_running_loop().run_in_executor(None, lane.shutdown)
+        await asyncio.get_running_loop().run_in_executor(None, self._features.close)
 
     async def _retry_forever(self, every_seconds: float) -> None:
         while True:
@@ -277,53 +284,212 @@ class EventIngestor:
             log.error("pushed %d events but could not record it (%s): they will be pushed again", len(ids), error)
 
     def _update_features(self, events: Sequence[StreamEvent]) -> None:
-        """One read of every user's current rows, the events applied per user, one write per user and view.
-
-        Same result as applying the events one by one (apply_events orders a user's events by time), with one
-        store round trip each way per message instead of Feast's push (DataFrame -> Arrow -> protos) per view.
-        """
+        """One read of every user's current rows, the events applied per user, one write per user and view."""
         started = time.perf_counter()
-        by_user: dict[str, list[StreamEvent]] = {}
-        for event in events:
-            user_events = by_user.get(event.user_id)
-            if user_events is None:
-                by_user[event.user_id] = [event]
-            else:
-                user_events.append(event)
-        recent, bought, recorded = self._recent_items, self._bought_items, self._recorded_types
-
-        def change(user: str, current: dict[str, dict], now: float) -> tuple[float, dict[str, dict]]:
-            user_events = by_user[user]
-            # Never older than the row it replaces: Redis ignores a write not newer than the stored row, and a retried
-            # push can carry older events than a row written since. The row holds every event so far, so "now" is right.
-            moment = max(max(e.event_time_ms for e in user_events) / 1000, now)
-            return moment, apply_events(current, user_events, recent, bought, recorded)
-
-        written = self._rows.update(sorted(by_user), change)
+        written = self._features.apply(events)
         done = time.time()
         self.last_push.update({view: done for view in written})
-        log.debug("ingested %d events for %d users in %.1f ms", len(events), len(by_user), (time.perf_counter() - started) * 1000)
+        log.debug("ingested %d events in %.1f ms", len(events), (time.perf_counter() - started) * 1000)
+
+    def close(self) -> None:
+        """Stop the feature update's process, if it has one (stop() does it too)."""
+        self._features.close()
+
+    def helper_pids(self) -> list[int]:
+        """The processes this ingestor runs (the SQLite feature update's), for monitoring and tests."""
+        return self._features.pids()
+
+
+def update_features(rows: OnlineRows, events: Sequence[StreamEvent], recent: int, bought: int, recorded: frozenset[str]) -> set[str]:
+    """One read of every user's current rows, the events applied per user, one write per user and view; the views written.
+
+    Same result as applying the events one by one (apply_events orders a user's events by time), with one
+    store round trip each way per message instead of Feast's push (DataFrame -> Arrow -> protos) per view.
+    """
+    by_user: dict[str, list[StreamEvent]] = {}
+    for event in events:
+        user_events = by_user.get(event.user_id)
+        if user_events is None:
+            by_user[event.user_id] = [event]
+        else:
+            user_events.append(event)
+
+    def change(user: str, current: dict[str, dict], now: float) -> tuple[float, dict[str, dict]]:
+        user_events = by_user[user]
+        # Never older than the row it replaces: Redis ignores a write not newer than the stored row, and a retried
+        # push can carry older events than a row written since. The row holds every event so far, so "now" is right.
+        moment = max(max(e.event_time_ms for e in user_events) / 1000, now)
+        return moment, apply_events(current, user_events, recent, bought, recorded)
+
+    return rows.update(sorted(by_user), change)
+
+
+class FeatureUpdate(Protocol):
+    def apply(self, events: Sequence[StreamEvent]) -> set[str]:
+        """Apply logged events to the online features; the views written. Raises whatever the store raised."""
+
+    def close(self) -> None: ...
+
+    def pids(self) -> list[int]: ...
+
+
+@dataclass
+class LocalFeatures:
+    """The feature update on the calling thread (online stores other than SQLite: their clients wait on the network
+    without the GIL)."""
+
+    rows: OnlineRows
+    recent: int
+    bought: int
+    recorded: frozenset[str]
+
+    def apply(self, events: Sequence[StreamEvent]) -> set[str]:
+        return update_features(self.rows, events, self.recent, self.bought, self.recorded)
+
+    def close(self) -> None:
+        pass
+
+    def pids(self) -> list[int]:
+        return []
+
+
+class FeatureUpdateFailed(RuntimeError):
+    """The feature update's process failed, died or did not answer in time; the events stay unpushed in the log."""
+
+
+class FeatureProcess:
+    """The SQLite feature update in a child process: reading, decoding, apply_events and encoding a 1,000-event
+    message's rows is ~0.1 s of Python, which in the server's process held the GIL against the serving loop and
+    the other ingestion thread, so one process used one core. The child has an interpreter of its own: the server
+    process only validates, logs and waits (in recv, without the GIL).
+
+    Same transaction and guarantees as in-process (SqliteRows): the caller learns the result only after the commit.
+    The child is spawned (not forked: gRPC's threads) at construction, restarted after a failure, and never commits
+    once its parent is gone (a killed server's last push is rolled back, not left half-recorded).
+    """
+
+    def __init__(self, spec: SqliteSpec, recent: int, bought: int, recorded: frozenset[str], reply_seconds: float) -> None:
+        self._args = (os.getpid(), spec, recent, bought, recorded)
+        self._reply_seconds = reply_seconds
+        self._process: subprocess.Popen | None = None
+        self._conn: multiprocessing.connection.Connection | None = None
+        self._start()
+
+    def _start(self) -> None:
+        # A plain `python -c` child rather than multiprocessing's spawn, which would re-run the parent's main script.
+        here, there = multiprocessing.Pipe()
+        self._process = subprocess.Popen([sys.executable, "-c", _WORKER_BOOT, str(there.fileno())], pass_fds=(there.fileno(),))
+        there.close()
+        here.send(list(sys.path))
+        here.send(self._args)
+        self._conn = here
+
+    def apply(self, events: Sequence[StreamEvent]) -> set[str]:
+        if self._process is None or self._process.poll() is not None:
+            self.close()
+            self._start()
+        conn = self._conn
+        assert conn is not None
+        try:
+            conn.send([astuple_event(event) for event in events])
+            if not conn.poll(self._reply_seconds):
+                raise FeatureUpdateFailed(f"the feature update process did not answer within {self._reply_seconds:g} s")
+            written, error = conn.recv()
+        except (EOFError, OSError, FeatureUpdateFailed) as failure:
+            self.close()  # a fresh process for the next message; these events stay unpushed in the log
+            if isinstance(failure, FeatureUpdateFailed):
+                raise
+            raise FeatureUpdateFailed(f"the feature update process died ({type(failure).__name__}: {failure})") from failure
+        if error is not None:
+            raise FeatureUpdateFailed(error)
+        return written
+
+    def pids(self) -> list[int]:
+        return [self._process.pid] if self._process is not None else []
+
+    def close(self) -> None:
+        process, conn, self._process, self._conn = self._process, self._conn, None, None
+        if conn is not None:
+            with contextlib.suppress(OSError, ValueError):
+                conn.send(None)
+            conn.close()
+        if process is not None:
+            try:
+                process.wait(2.0)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(2.0)
+
+
+def astuple_event(event: StreamEvent) -> tuple:
+    return (event.event_id, event.event_time_ms, event.user_id, event.item_id, event.event_type, event.session_id, event.price, event.quantity)
+
+
+# The child: Ctrl-C reaches the whole process group, so it ignores SIGINT (the server stops it in order); the
+# parent's sys.path first (the same code), then FeatureProcess's arguments, then messages.
+_WORKER_BOOT = (
+    "import signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); from multiprocessing.connection import Connection; "
+    "conn = Connection(int(sys.argv[1])); sys.path[:0] = conn.recv(); from server.ingest import _feature_worker; "
+    "_feature_worker(conn, *conn.recv())"
+)
+
+
+def _feature_worker(conn: multiprocessing.connection.Connection, parent: int, spec: SqliteSpec, recent: int, bought: int,
+                    recorded: frozenset[str]) -> None:
+    """The child's loop: one message's events in, (views written, None) or (None, error text) out; None ends it."""
+    import gc
+
+    def parent_alive() -> None:
+        if os.getppid() != parent:
+            raise FeatureUpdateFailed("the server process is gone: not committing")
+
+    rows = SqliteRows(spec, before_commit=parent_alive)
+    gc.freeze()  # the modules and registry objects: not traversed by every collection
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if message is None:
+            return
+        try:
+            written = update_features(rows, [StreamEvent(*fields) for fields in message], recent, bought, recorded)
+            reply: tuple = (written, None)
+        except Exception as error:  # noqa: BLE001 - reported to the server, which trips its breaker
+            reply = (None, f"{type(error).__name__}: {error}")
+        try:
+            conn.send(reply)
+        except (OSError, ValueError):
+            return
 
 
 class Lane:
     """One worker thread for one resource, started on first use: jobs run one at a time, the smallest `size` first
-    (then in arrival order); `run` awaits a job's result on the caller's event loop."""
+    (then in arrival order); `run` awaits a job's result on the caller's event loop.
 
-    def __init__(self, name: str) -> None:
+    Jobs run with `merge=True` take one list argument: those waiting together for the same function run as one call
+    on the lists joined (up to `merge_limit` in total size), and each caller gets that call's result. The online
+    store's update does this when messages queue up behind it: one transaction and one read and write per user
+    for all of them (a user in several messages is read and written once), so the busier the store, the cheaper
+    each event.
+    """
+
+    def __init__(self, name: str, merge_limit: float = 0) -> None:
         self._name = name
+        self._merge_limit = merge_limit
         self._jobs: queue.PriorityQueue = queue.PriorityQueue()
         self._order = itertools.count()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def run(self, size: float, job: Callable[..., object], *args: object) -> asyncio.Future:
+    def run(self, size: float, job: Callable[..., object], *args: object, merge: bool = False) -> asyncio.Future:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._work, name=self._name, daemon=True)
                 self._thread.start()
-        self._jobs.put((size, next(self._order), job, args, loop, future))
+        self._jobs.put((size, next(self._order), job, args, loop, future, merge))
         return future
 
     def shutdown(self) -> None:
@@ -331,20 +497,37 @@ class Lane:
         with self._lock:
             thread, self._thread = self._thread, None
         if thread is not None:
-            self._jobs.put((math.inf, next(self._order), None, (), None, None))
+            self._jobs.put((math.inf, next(self._order), None, (), None, None, False))
             thread.join()
 
     def _work(self) -> None:
         while True:
-            _, _, job, args, loop, future = self._jobs.get()
+            size, _, job, args, loop, future, merge = self._jobs.get()
             if job is None:
                 return
+            waiting = [(loop, future)]
+            if merge:
+                joined = list(args[0])
+                while size < self._merge_limit:
+                    try:
+                        other = self._jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                    if other[2] != job or not other[6] or size + other[0] > self._merge_limit:
+                        self._jobs.put(other)  # back in its place (same size and arrival number)
+                        break
+                    size += other[0]
+                    joined.extend(other[3][0])
+                    waiting.append((other[4], other[5]))
+                args = (joined,)
             try:
                 result = job(*args)
-            except BaseException as error:  # noqa: BLE001 - handed to the awaiting coroutine
-                loop.call_soon_threadsafe(_settle, future, None, error)
+            except BaseException as error:  # noqa: BLE001 - handed to the awaiting coroutines
+                for loop, future in waiting:
+                    loop.call_soon_threadsafe(_settle, future, None, error)
             else:
-                loop.call_soon_threadsafe(_settle, future, result, None)
+                for loop, future in waiting:
+                    loop.call_soon_threadsafe(_settle, future, result, None)
 
 
 def _settle(future: asyncio.Future, result: object, error: BaseException | None) -> None:
@@ -368,16 +551,19 @@ class OnlineRows(Protocol):
         returned view, stamped with its time); the views written."""
 
 
-def rows_for(store: FeatureStore, views: dict[str, FeatureView], timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> OnlineRows:
-    """Direct SQL on Feast's SQLite online store (the default profile); Feast's own read and write otherwise."""
+def features_for(store: FeatureStore, views: dict[str, FeatureView], recent: int, bought: int, recorded: frozenset[str],
+                 timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> FeatureUpdate:
+    """Direct SQL on Feast's SQLite online store (the default profile) in a process of its own; Feast's own read and
+    write otherwise, on the calling thread."""
     config = store.config
     online_type = str(config.online_store.type).lower()
     plain_sqlite = (online_type == "sqlite" or online_type.endswith("sqliteonlinestore")) and not (
         getattr(config.online_store, "vector_enabled", False) or getattr(config.online_store, "enable_openai_compatible_store", False)
     )
     if plain_sqlite:
-        return SqliteRows(store, views, timeout_seconds)
-    return FeastOnlineRows(store, views, timeout_seconds)
+        # A reply takes at most the busy timeouts of the transaction's statements; past this the child is replaced.
+        return FeatureProcess(sqlite_spec(store, views, timeout_seconds), recent, bought, recorded, reply_seconds=max(30.0, 4 * timeout_seconds))
+    return LocalFeatures(FeastOnlineRows(store, views, timeout_seconds), recent, bought, recorded)
 
 
 class FeastOnlineRows:
@@ -437,6 +623,34 @@ def value_encoders(view: FeatureView) -> dict[str, Callable[[object], ValueProto
     return encoders
 
 
+def row_encoders(view: FeatureView) -> dict[str, Callable[[object], tuple[bytes, str | None]]]:
+    """Per feature, Python value -> (value bytes, value_text) as Feast's SQLite online_write_batch stores them (the text
+    of a string or number, else NULL): for the common types without looking the kind up again."""
+    direct: dict[str, Callable[[object], tuple[bytes, str | None]]] = {
+        "Int64": lambda v: (ValueProto(int64_val=int(v)).SerializeToString(), str(int(v))),
+        "Int32": lambda v: (ValueProto(int32_val=int(v)).SerializeToString(), str(int(v))),
+        "Float64": lambda v: (b"", None) if math.isnan(v) else (ValueProto(double_val=float(v)).SerializeToString(), str(float(v))),
+        "String": lambda v: (ValueProto(string_val=str(v)).SerializeToString(), str(v)),
+        "Array(String)": lambda v: (ValueProto(string_list_val=StringList(val=v)).SerializeToString(), None),
+        "Array(Int64)": lambda v: (ValueProto(int64_list_val=Int64List(val=v)).SerializeToString(), None),
+        "Array(Float64)": lambda v: (ValueProto(double_list_val=DoubleList(val=v)).SerializeToString(), None),
+    }
+    encoders = {}
+    for name, encode in value_encoders(view).items():
+        fast = direct.get(next(str(f.dtype) for f in view.features if f.name == name))
+        encoders[name] = (lambda v, e=fast: _NULL_ROW if v is None else e(v)) if fast else (lambda v, e=encode: _as_row(e(v)))
+    return encoders
+
+
+_NULL_ROW = (b"", None)
+
+
+def _as_row(value: ValueProto) -> tuple[bytes, str | None]:
+    kind = value.WhichOneof("val")
+    text = value.string_val if kind == "string_val" else str(getattr(value, kind)) if kind in _NUMERIC else None
+    return value.SerializeToString(), text
+
+
 def _entity_key(view: FeatureView, user_id: str) -> EntityKeyProto:
     return EntityKeyProto(join_keys=[view.entity_columns[0].name], entity_values=[ValueProto(string_val=user_id)])
 
@@ -452,6 +666,28 @@ class _Kept:
 
 
 KEPT = _Kept()
+
+
+@dataclass(frozen=True)
+class SqliteSpec:
+    """Where and how SqliteRows reads and writes: picklable, so a child process can open the same store."""
+
+    path: str
+    tables: tuple[str, ...]  # per view, in the order of views
+    views: dict[str, FeatureView]
+    key_version: int
+    timeout_seconds: float
+
+
+def sqlite_spec(store: FeatureStore, views: dict[str, FeatureView], timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> SqliteSpec:
+    from feast.infra.online_stores.sqlite import SqliteOnlineStore, _table_id
+
+    config = store.config
+    versioning = config.registry.enable_online_feature_view_versioning
+    return SqliteSpec(
+        path=str(SqliteOnlineStore._get_db_path(config)), tables=tuple(_table_id(config.project, fv, versioning) for fv in views.values()),
+        views=views, key_version=config.entity_key_serialization_version, timeout_seconds=timeout_seconds,
+    )
 
 
 class SqliteRows:
@@ -474,21 +710,18 @@ class SqliteRows:
     A failed read or write rolls back and drops the connection; the next message opens the file again.
     """
 
-    def __init__(self, store: FeatureStore, views: dict[str, FeatureView], timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> None:
-        from feast.infra.online_stores.sqlite import SqliteOnlineStore, _table_id
-
-        config = store.config
-        self._path = Path(SqliteOnlineStore._get_db_path(config))
-        self._timeout = timeout_seconds
-        self._version = config.entity_key_serialization_version
-        versioning = config.registry.enable_online_feature_view_versioning
+    def __init__(self, spec: SqliteSpec, before_commit: Callable[[], None] | None = None) -> None:
+        views, tables = spec.views, list(spec.tables)
+        self._path = Path(spec.path)
+        self._timeout = spec.timeout_seconds
+        self._version = spec.key_version
+        self._before_commit = before_commit
         self._views = views
         self._view_names = list(views)
         self._names = {view: [f.name for f in fv.features] for view, fv in views.items()}
         self._decoded = [frozenset(MAINTAINED.get(view, self._names[view])) for view in self._view_names]
         self._ttls = [fv.ttl.total_seconds() if fv.ttl else None for fv in views.values()]
-        self._encoders = {name: value_encoders(fv) for name, fv in views.items()}
-        tables = [_table_id(config.project, fv, versioning) for fv in views.values()]
+        self._encoders = {name: row_encoders(fv) for name, fv in views.items()}
         self._tables = tables
         self._select: dict[int, str] = {}  # number of keys -> the SELECT over every view's table
         # After the upserts: the rows they wrote carry the stamp already and are not written twice.
@@ -501,6 +734,13 @@ class SqliteRows:
         }
         self._conn: sqlite3.Connection | None = None
         self._keys: dict[str, bytes] = {}  # user_id -> Feast's serialised entity key (bounded below)
+        # Value bytes -> their decoded value, for the maintained features (bounded below). A user's rows written by one
+        # message are read by the next message with that user: the bytes this process wrote are not parsed again.
+        # The cached values are shared, so they must never be changed in place (apply_events copies what it changes).
+        self._memo: dict[bytes, object] = {}
+        # Per view, the maintained features whose Python value survives encoding unchanged (no float32 rounding), with
+        # the type decoding gives back: only those are remembered at write time.
+        self._exact = {view: _exact_types(fv, MAINTAINED.get(view, ())) for view, fv in views.items()}
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self._path, timeout=self._timeout, check_same_thread=False, isolation_level=None)
@@ -535,6 +775,8 @@ class SqliteRows:
                     for view, row in updated.items():
                         written.setdefault(view, []).append((user, moment, row, rows[view]))
                 self._write(conn, written)
+                if self._before_commit is not None:
+                    self._before_commit()
                 conn.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
@@ -556,6 +798,10 @@ class SqliteRows:
         # Oldest stamp still fresh, in the stored unit (Feast's naive-UTC reading); no TTL: any stamp.
         oldest = [_feast_sqlite_epoch(now - ttl) if ttl else -1 for ttl in self._ttls]
         decoded, decode, parse = self._decoded, python_value, ValueProto.FromString
+        memo = self._memo
+        if len(memo) >= _MEMO_ENTRIES:
+            memo.clear()
+        remembered = memo.get
         unique = list(position)  # a user is grouped once per message, so keys do not repeat
         for start in range(0, len(unique), _KEYS_PER_QUERY):
             part = unique[start : start + _KEYS_PER_QUERY]
@@ -564,7 +810,13 @@ class SqliteRows:
             for view_index, key, name, value, stamp in conn.execute(self._query(len(part)), part * len(view_names)):
                 if not value or (stamp and stamp < oldest[view_index]):
                     continue  # null, or past the view's TTL: missing, never stale-as-fresh
-                current[position[key]][view_index][name] = decode(parse(value)) if name in decoded[view_index] else KEPT
+                if name in decoded[view_index]:
+                    known = remembered(value, _UNKNOWN)
+                    if known is _UNKNOWN:
+                        known = memo[value] = decode(parse(value))
+                    current[position[key]][view_index][name] = known
+                else:
+                    current[position[key]][view_index][name] = KEPT
         return [dict(zip(view_names, rows)) for rows in current]
 
     def _query(self, n_keys: int) -> str:
@@ -579,8 +831,9 @@ class SqliteRows:
 
     def _write(self, conn: sqlite3.Connection, rows: Rows) -> None:
         last_moment, last_stamp = None, 0
+        memo = self._memo
         for view, view_rows in rows.items():
-            fv, encoders, out, restamp = self._views[view], self._encoders[view], [], []
+            fv, encoders, exact, out, restamp = self._views[view], self._encoders[view], self._exact[view], [], []
             for user, moment, row, before in view_rows:
                 key = self._key(fv, user)
                 stamp = last_stamp if moment == last_moment else _feast_sqlite_epoch(moment)
@@ -590,10 +843,10 @@ class SqliteRows:
                     new = row.get(name)
                     if new is not None and name in before and before[name] == new:
                         continue  # unchanged (KEPT always is): the UPDATE below re-stamps it
-                    value = encode(new)
-                    kind = value.WhichOneof("val")
-                    text = value.string_val if kind == "string_val" else str(getattr(value, kind)) if kind in _NUMERIC else None
-                    out.append((key, name, value.SerializeToString(), text, stamp))
+                    blob, text = encode(new)
+                    if blob and name in exact:
+                        memo[blob] = exact[name](new)  # what reading these bytes back decodes to: not parsed again
+                    out.append((key, name, blob, text, stamp))
             conn.executemany(self._sql[view], out)
             conn.executemany(self._stamp_sql[view], restamp)
 
@@ -602,6 +855,19 @@ _KEYS_PER_QUERY = 2048  # x 3 views bound parameters per statement (SQLite allow
 _CACHE_KIB = 64 * 1024
 _KEY_CACHE = 200_000  # the views share one entity (user_id), so one key per user serves every view
 _NUMERIC = frozenset({"int64_val", "int32_val", "double_val", "float_val", "bool_val"})
+_MEMO_ENTRIES = 50_000  # decoded values kept (cleared when full): about 7 messages' worth of rows of 1,000 events
+_UNKNOWN = object()
+# Feast types whose Python values encode and decode back equal, and the type python_value returns for them (a count
+# of a Float64 feature may be the int 0; the lists apply_events builds hold the element type already).
+_SAME: Callable[[object], object] = lambda v: v  # noqa: E731
+_EXACT: dict[str, Callable[[object], object]] = {
+    "Int64": int, "Float64": float, "String": str, "Array(String)": _SAME, "Array(Int64)": _SAME, "Array(Float64)": _SAME,
+}
+
+
+def _exact_types(view: FeatureView, names: Sequence[str]) -> dict[str, Callable[[object], object]]:
+    kinds = {feature.name: str(feature.dtype) for feature in view.features}
+    return {name: _EXACT[kinds[name]] for name in names if kinds.get(name) in _EXACT}
 
 
 def _feast_sqlite_epoch(moment: float) -> int:
