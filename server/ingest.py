@@ -385,18 +385,28 @@ class FeatureProcess:
         self._conn = here
 
     def apply(self, events: Sequence[StreamEvent]) -> set[str]:
-        if self._process is None or self._process.poll() is not None:
-            self.close()
-            self._start()
-        conn = self._conn
-        assert conn is not None
+        message = [astuple_event(event) for event in events]
+        for attempt in (1, 2):
+            if self._process is None or self._process.poll() is not None:
+                self.close()
+                self._start()
+            conn = self._conn
+            assert conn is not None
+            try:
+                conn.send(message)
+                break
+            except OSError as failure:  # a process that died since the last answer never got these: a new one may
+                self.close()
+                if attempt == 2:
+                    raise FeatureUpdateFailed(f"the feature update process died ({type(failure).__name__}: {failure})") from failure
         try:
-            conn.send([astuple_event(event) for event in events])
             if not conn.poll(self._reply_seconds):
                 raise FeatureUpdateFailed(f"the feature update process did not answer within {self._reply_seconds:g} s")
             written, error = conn.recv()
         except (EOFError, OSError, FeatureUpdateFailed) as failure:
-            self.close()  # a fresh process for the next message; these events stay unpushed in the log
+            # It may have died after its commit: these events are then pushed again by the retry (as after a server
+            # crash between a push and its mark, docs/reliability/stores.md). A fresh process for the next message.
+            self.close()
             if isinstance(failure, FeatureUpdateFailed):
                 raise
             raise FeatureUpdateFailed(f"the feature update process died ({type(failure).__name__}: {failure})") from failure
