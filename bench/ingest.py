@@ -341,7 +341,9 @@ write, one per user and view in one transaction):
 - **Direct encoders** (value bytes and `value_text` per type without looking the kind up again) and a leaner
   `apply_events` (column names precomputed, one list per interests column in `_touch_item`).
 - Tried and dropped: a plain `UPDATE` by primary key for rows known to exist instead of the upsert: the same SQLite
-  time (39-44 against 42-45 ms per 1,000 events, loaded).
+  time (39-44 against 42-45 ms per 1,000 events, loaded). Also leaving the ~7,000 kept rows per 1,000 events out of
+  the SELECT (in SQL: only maintained, null or stale rows returned): 112-119 against 114-123 CPU ms per 1,000 events
+  for the feature update in process, three runs each back to back, within the noise, so not kept.
 - **Not done: skipping the re-stamp of unchanged rows.** Feast's `get_online_features` would return the same values
   (it applies no TTL online) but reports the entity's timestamp from whichever row comes last, and the server's own
   reader applies each view's TTL per row: features the stream does not maintain (sessions, browsing minutes, category
@@ -373,7 +375,7 @@ Against today's `make bench` (idle, round-2 code): 1,000-event messages 6,985 ->
 1,000 events 142.5 -> 116.8 (x0.82); 10-event 3,134 -> 3,446. **The 10,000 events/s target is still short**: the
 feature-update process needs 100-104 CPU ms per 1,000 events and has one core, so it tops out near 9,300-9,600 events/s;
 the server process (13) is far from its limit. Getting there needs the child under ~90: the re-stamp above (~11 +
-part of the commit), or fewer rows read (the ~7,000 per 1,000 events that are read only to learn they are kept).
+part of the commit), which is a decision about what readers see (above).
 Recommend's p99 beside half the firehose is 43 ms (today's make bench: 38.8 ms at a lower offered rate, 3,493 events/s):
 the serving loop no longer shares the GIL with the feature update, but the child now takes a core the serving process
 and h2load used to have; it did not get better.
