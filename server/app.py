@@ -40,6 +40,8 @@ from server.servicer import RecommendationServicer
 from server.registration import lenient_requests
 from server.forgetting import Forgetter
 from propensity.pseudonyms import privacy_key, set_log_key
+from propensity.erasure import tombstones
+from propensity.tombstones import ForgottenIndex
 from server.tracing import Tracing, start_tracing
 
 log = logging.getLogger("propensity.server")
@@ -100,6 +102,7 @@ def build_components(settings: Settings, observability: Observability | None = N
             store, open_event_log(settings), settings.features.recent_items_per_user,
             settings.features.bought_items_per_user, recorded,
             settings.server.store_timeout_seconds, settings.server.store_retry_seconds, observer=metrics,
+            forgotten=ForgottenIndex(tombstones(settings)),
         )
     except IngestionUnavailable as error:  # serve recommendations anyway; IngestEvents explains why it is off
         log.warning("%s", error)

@@ -43,6 +43,7 @@ from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.type_map import python_values_to_proto_values
 
 from propensity.event_log import EventLog, EventLogError, StreamEvent
+from propensity.tombstones import FORGOTTEN_EVENT_REASON, ForgottenIndex
 from propensity.realtime import (
     ACTIVITY_VIEW, HISTORY_VIEW, INTERESTS_VIEW, MAINTAINED_ACTIVITY, MAINTAINED_HISTORY, MAINTAINED_INTERESTS, MAINTAINED_VIEWS,
     InvalidEvent, apply_events, parse_event,
@@ -114,8 +115,10 @@ class EventIngestor:
         timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
         retry_seconds: float = DEFAULT_RETRY_SECONDS,
         observer: PushObserver | None = None,
+        forgotten: ForgottenIndex | None = None,
     ) -> None:
         self._store = store
+        self._forgotten = forgotten  # erased shoppers: their events dated up to the erasure are refused (docs/privacy.md)
         self._log = event_log
         self._observer = observer
         self.breaker = StoreBreaker("push", retry_seconds, observer)
@@ -147,9 +150,13 @@ class EventIngestor:
     def validate(self, raw_events: Iterable[dict], report: IngestReport, first_index: int) -> list[StreamEvent]:
         """The message's usable events; bad ones are reported (with their index in the stream) and skipped."""
         valid: list[StreamEvent] = []
+        covers = self._forgotten.checker() if self._forgotten is not None else None  # None: nobody was ever forgotten
         for offset, raw in enumerate(raw_events):
             try:
-                valid.append(parse_event(**raw))
+                event = parse_event(**raw)
+                if covers is not None and covers(event.user_id, event.event_time_ms):
+                    raise InvalidEvent("event_time", FORGOTTEN_EVENT_REASON)
+                valid.append(event)
             except InvalidEvent as error:
                 report.reject(first_index + offset, raw.get("event_id", ""), error)
         return valid
@@ -285,6 +292,11 @@ class EventIngestor:
 
     def _update_features(self, events: Sequence[StreamEvent]) -> None:
         """One read of every user's current rows, the events applied per user, one write per user and view."""
+        covers = self._forgotten.checker() if self._forgotten is not None else None
+        if covers is not None:  # forgotten since validation (an erasure ran meanwhile): never pushed
+            events = [event for event in events if not covers(event.user_id, event.event_time_ms)]
+            if not events:
+                return
         started = time.perf_counter()
         written = self._features.apply(events)
         done = time.time()

@@ -3,7 +3,6 @@ stages (offline tables, the online store, batch outputs) and events ingested lat
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import threading
@@ -17,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from propensity.erasure import LOCK_FILE, WriteFence, erasure_lock, forget_users, tombstones
+from propensity.erasure import LOCK_FILE, WriteFence, forget_users, tombstones
 from propensity.settings import Settings
 from propensity.tombstones import ForgottenIndex, TombstoneFeed, Tombstones
 from propensity.v1 import recommendation_service_pb2 as pb
@@ -235,19 +234,7 @@ def test_a_stage_that_read_before_an_erasure_does_not_write_the_shopper_back(pip
 # -- events that arrive after the forgetting ------------------------------------------------------------------------
 
 
-def _ingest_consults_tombstones() -> bool:
-    import inspect
-
-    from server.ingest import EventIngestor
-
-    return "forgotten" in inspect.signature(EventIngestor).parameters
-
-
 @pytest.mark.slow
-@pytest.mark.xfail(
-    not _ingest_consults_tombstones(), strict=True,
-    reason="server/ingest.py does not consult the tombstones yet (EventIngestor(forgotten=ForgottenIndex(...)), docs/privacy.md)",
-)
 def test_events_arriving_after_the_forgetting_follow_the_tombstone_rule(pipeline: Pipeline) -> None:
     from propensity.event_log import EventLog
     from propensity.feature_store import open_store
