@@ -10,7 +10,7 @@ import hashlib
 import json
 import platform
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import version as package_version
@@ -26,7 +26,7 @@ from propensity.model_registry import RANKER_MODEL, USER_MODEL, ModelLoadError, 
 from propensity.registry_history import promote_version
 from propensity.settings import Settings
 from propensity.user_state import read_inputs
-from training.datasets import CutoffData, assemble, cutoff_chunks, cutoff_times, entity_rows, historical_catalogs, historical_user_features
+from training.datasets import CutoffData, assemble, cutoff_times, entity_rows, historical_catalogs, historical_user_features
 from training.models import RANKER_OBJECTIVES, FittedModel, fit_model
 from training.periods import Periods
 from training.prepare import PreparedData
@@ -44,23 +44,8 @@ class TrainingResult:
 
 
 @dataclass
-class TrainingPlan:
-    """What is decided before any feature is read: the store, the cut-offs and their periods, the entity rows (ids and labels)."""
-
-    store: FeatureStore
-    cutoffs: list[datetime]
-    periods: Periods
-    rows: pd.DataFrame
-    item_ids: list[str]
-
-
-@dataclass
 class TrainingData:
-    """Everything built before fitting: cut-offs and their periods, entity rows, point-in-time features, model inputs.
-
-    On the Dask engine (train_on_dask) `data` holds the held-out period's rows only, and user_features and catalogs are
-    empty: the rest went to the Parquet dataset one cut-off at a time.
-    """
+    """Everything built before fitting: cut-offs and their periods, entity rows, point-in-time features, model inputs."""
 
     store: FeatureStore
     cutoffs: list[datetime]
@@ -90,21 +75,6 @@ def build_training_data(
     decided here, not by the caller afterwards, because the retrieval weights are fitted on its training period.
     """
     started = time.perf_counter()
-    plan = plan_training(settings, prepared, progress, split)
-    store, cutoffs, periods, rows, item_ids = plan.store, plan.cutoffs, plan.periods, plan.rows, plan.item_ids
-    user_features = historical_user_features(store, rows, settings.user_feature_service)
-    catalogs = historical_catalogs(store, item_ids, cutoffs, settings.item_feature_service)
-    progress(f"  point-in-time features joined ({time.perf_counter() - started:.1f}s)")
-    retrieval = fit_retrieval_weights(rows, user_features, catalogs, periods.train, settings.training.seed, progress)
-    data = assemble(rows, user_features, catalogs, settings.candidates, settings.training, progress, retrieval["weights"])
-    progress(f"  ranker rows: {len(data.pairs.labels):,}; candidates cover {data.candidate_recall:.1%} of items bought")
-    return TrainingData(store, cutoffs, periods, rows, user_features, catalogs, data, retrieval)
-
-
-def plan_training(
-    settings: Settings, prepared: PreparedData, progress: Callable[[str], None] = print, split: Callable[[list[datetime]], Periods] | None = None
-) -> TrainingPlan:
-    """The cut-offs, their periods and the entity rows with labels (the part of the build every engine shares)."""
     store = open_store(settings.feature_repo, settings.feature_store_yaml)
     events = pd.read_parquet(prepared.directory / "events.parquet", columns=["event_time"])
     cutoffs = cutoff_times(prepared.as_of, events["event_time"].min().to_pydatetime(), settings.training)
@@ -115,75 +85,14 @@ def plan_training(
     )
     rows = entity_rows(prepared.directory, cutoffs, settings.training)
     progress(f"  {len(rows):,} user rows, {rows['label'].mean():.1%} bought within the horizon")
+    user_features = historical_user_features(store, rows, settings.user_feature_service)
     item_ids = pd.read_parquet(prepared.directory / "items.parquet", columns=["item_id"])["item_id"].astype(str).tolist()
-    return TrainingPlan(store, cutoffs, periods, rows, item_ids)
-
-
-class _CatalogAtATime(Mapping):
-    """The item catalogs at the training cut-offs, read from Feast on first use and only the last one kept.
-
-    fit_retrieval_weights visits its users in entity-row order, which is cut-off order, so each catalog is read once.
-    """
-
-    def __init__(self, store: FeatureStore, item_ids: list[str], cutoffs: list[datetime], service: str) -> None:
-        self._store, self._item_ids, self._service = store, item_ids, service
-        self._cutoffs = [pd.Timestamp(c).tz_convert("UTC") if pd.Timestamp(c).tzinfo else pd.Timestamp(c).tz_localize("UTC") for c in cutoffs]
-        self._last: tuple[pd.Timestamp, Catalog] | None = None
-
-    def __getitem__(self, cutoff: pd.Timestamp) -> Catalog:
-        if self._last is None or self._last[0] != cutoff:
-            self._last = None  # drop the previous catalog before reading the next
-            (catalog,) = historical_catalogs(self._store, self._item_ids, [pd.Timestamp(cutoff).to_pydatetime()], self._service).values()
-            self._last = (cutoff, catalog)
-        return self._last[1]
-
-    def __iter__(self) -> Iterator[pd.Timestamp]:
-        return iter(self._cutoffs)
-
-    def __len__(self) -> int:
-        return len(self._cutoffs)
-
-
-def streamed_retrieval_weights(settings: Settings, plan: TrainingPlan, progress: Callable[[str], None] = print) -> dict:
-    """fit_retrieval_weights as the whole build fits them, from the training period's buyers only and one catalog at a time.
-
-    It samples among exactly those rows (buyers at training cut-offs), in the same order, so the weights are the whole
-    build's (tests/test_dask_training.py compares them).
-    """
-    rows = plan.rows
-    stamps = pd.to_datetime(rows["event_timestamp"], utc=True)
-    train = stamps.isin(pd.to_datetime(plan.periods.train, utc=True)).to_numpy() & (rows["label"].to_numpy() == 1)
-    buyers = rows[train].reset_index(drop=True)
-    user_features = historical_user_features(plan.store, buyers, settings.user_feature_service)
-    catalogs = _CatalogAtATime(plan.store, plan.item_ids, plan.periods.train, settings.item_feature_service)
-    return fit_retrieval_weights(buyers, user_features, catalogs, plan.periods.train, settings.training.seed, progress)  # type: ignore[arg-type]
-
-
-def training_chunks(settings: Settings, plan: TrainingPlan, weights: Mapping, progress: Callable[[str], None] = print) -> Iterator[tuple[pd.Timestamp, CutoffData]]:
-    """The model inputs one cut-off at a time (training.datasets.cutoff_chunks with this run's services and settings)."""
-    services = (settings.user_feature_service, settings.item_feature_service)
-    return cutoff_chunks(plan.store, plan.rows, plan.item_ids, services, settings.candidates, settings.training, weights, progress)
-
-
-def train_on_dask(
-    settings: Settings, prepared: PreparedData, progress: Callable[[str], None] = print
-) -> tuple[TrainingData, dict[str, FittedModel], dict[str, float]]:
-    """The Dask engine's build and fit: the rows go to a Parquet dataset one cut-off at a time, never whole in this process.
-
-    Returns the TrainingData of the held-out period (what the gate and the report read), both models, and each
-    model's base rate over all its rows (from the per-cut-off counts).
-    """
-    from training.dask_training import fit_streamed  # Dask is imported only when asked for
-
-    started = time.perf_counter()
-    plan = plan_training(settings, prepared, progress)
-    retrieval = streamed_retrieval_weights(settings, plan, progress)
-    progress(f"  retrieval weights fitted ({time.perf_counter() - started:.1f}s); building the rows one cut-off at a time")
-    chunks = training_chunks(settings, plan, retrieval["weights"], progress)
-    fit = fit_streamed(settings.training, chunks, plan.periods, settings.work_dir, progress)
-    progress(f"  ranker rows: {fit.ranker_rows:,}; candidates cover {fit.candidate_recall:.1%} of items bought")
-    built = TrainingData(plan.store, plan.cutoffs, plan.periods, plan.rows, pd.DataFrame(), {}, fit.held_out, retrieval)
-    return built, model_dict(fit.user, fit.ranker, fit.candidate_recall), fit.base_rates
+    catalogs = historical_catalogs(store, item_ids, cutoffs, settings.item_feature_service)
+    progress(f"  point-in-time features joined ({time.perf_counter() - started:.1f}s)")
+    retrieval = fit_retrieval_weights(rows, user_features, catalogs, periods.train, settings.training.seed, progress)
+    data = assemble(rows, user_features, catalogs, settings.candidates, settings.training, progress, retrieval["weights"])
+    progress(f"  ranker rows: {len(data.pairs.labels):,}; candidates cover {data.candidate_recall:.1%} of items bought")
+    return TrainingData(store, cutoffs, periods, rows, user_features, catalogs, data, retrieval)
 
 
 def fit_models(settings: Settings, built: TrainingData, budget: TuningBudget | None, progress: Callable[[str], None] = print) -> dict[str, FittedModel]:
@@ -197,13 +106,8 @@ def fit_models(settings: Settings, built: TrainingData, budget: TuningBudget | N
     else:
         user = fit_model("user_propensity", built.data.users, USER_MODEL_FEATURES, built.periods, settings.training, budget, ("binary",), progress)
         ranker = fit_model("item_ranker", built.data.pairs, RANKER_FEATURES, built.periods, settings.training, budget, RANKER_OBJECTIVES, progress)
-    return model_dict(user, ranker, built.data.candidate_recall)
-
-
-def model_dict(user: FittedModel, ranker: FittedModel, candidate_recall: float) -> dict[str, FittedModel]:
-    """Both models by registry name, the ranker's metrics completed with its within-candidates ranking and the candidates' recall."""
     ranker.metrics.update(ranker.alternatives.get(ranker.objective, {}))  # validation recall@10 / NDCG@10 within candidates
-    ranker.metrics["candidate_recall"] = candidate_recall
+    ranker.metrics["candidate_recall"] = built.data.candidate_recall
     return {USER_MODEL: user, RANKER_MODEL: ranker}
 
 
@@ -291,16 +195,8 @@ def train(
     services = current_services(settings, store)
     if continue_from:
         check_continuation(settings.model_dir, continue_from, services)
-    budget = budget if budget is not None else default_budget(settings)
-    if settings.training.engine == "dask":
-        # The rows are streamed to Parquet one cut-off at a time: built.data is only the held-out period.
-        if budget and budget.n_trials > 0:
-            progress("  tuning is not run on the Dask engine; fitting with the configured parameters")
-        built, models, base_rates = train_on_dask(settings, prepared, progress)
-    else:
-        built = build_training_data(settings, prepared, progress)
-        models = fit_models(settings, built, budget, progress)
-        base_rates = {USER_MODEL: float(built.data.users.labels.mean()), RANKER_MODEL: float(built.data.pairs.labels.mean())}
+    built = build_training_data(settings, prepared, progress)
+    models = fit_models(settings, built, budget if budget is not None else default_budget(settings), progress)
     user, ranker = models[USER_MODEL], models[RANKER_MODEL]
     periods = built.periods
 
@@ -322,14 +218,17 @@ def train(
             name: {
                 "feature_names": list(features),
                 "metrics": model.metrics,
-                "base_rate": base_rates[name],
+                "base_rate": float(data.labels.mean()),
                 "objective": model.objective,
                 "params": model.params,
                 "calibration": model.calibration,
                 "objective_selection": model.alternatives,
                 "best_iteration": model.booster.best_iteration,
             }
-            for name, model, features in ((USER_MODEL, user, USER_MODEL_FEATURES), (RANKER_MODEL, ranker, RANKER_FEATURES))
+            for name, model, features, data in (
+                (USER_MODEL, user, USER_MODEL_FEATURES, built.data.users),
+                (RANKER_MODEL, ranker, RANKER_FEATURES, built.data.pairs),
+            )
         },
         "candidates": settings.candidates.model_dump(),
         "retrieval": built.retrieval,
