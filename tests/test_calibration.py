@@ -61,10 +61,11 @@ def test_isotonic_map_matches_sklearn() -> None:
 
 
 def test_model_bundle_applies_stored_calibration(tmp_path: Path) -> None:
-    from tests.test_model_registry import _booster, _metadata
+    from tests.test_model_registry import _metadata
+    from tests.tiny_models import tiny_booster
     from propensity.assembly import RANKER_FEATURES, USER_MODEL_FEATURES
 
-    boosters = {USER_MODEL: _booster(USER_MODEL_FEATURES), RANKER_MODEL: _booster(RANKER_FEATURES, seed=1)}
+    boosters = {USER_MODEL: tiny_booster(USER_MODEL_FEATURES), RANKER_MODEL: tiny_booster(RANKER_FEATURES, seed=1)}
     plain = _metadata("v1")
     save_version(tmp_path, "v1", boosters, plain)
     calibrated = _metadata("v2")
