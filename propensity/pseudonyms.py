@@ -30,13 +30,21 @@ def privacy_key(settings: Settings) -> bytes:
     path = settings.work_dir / KEY_FILE
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
+        # Written whole under a private name, then linked into place: link() fails if the key exists, so replicas
+        # starting together agree on one key, and none can read a key file that is created but not yet written
+        # (an O_EXCL create-then-write let a second replica read it empty: seen in a CI run of test_deploy).
+        staged = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_hex(32))
+            out.flush()
+            os.fsync(out.fileno())
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.link(staged, path)
         except FileExistsError:  # another process made it first: use theirs
             pass
-        else:
-            with os.fdopen(fd, "w") as out:
-                out.write(secrets.token_hex(32))
+        finally:
+            staged.unlink()
     key = path.read_text().strip()
     if not key:
         raise ValueError(f"{path}: empty privacy key file; delete it to make a new one, or set PROPENSITY_PRIVACY__KEY")

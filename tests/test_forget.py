@@ -241,6 +241,23 @@ def test_privacy_key_is_masked_in_settings_dumps() -> None:
     assert settings.privacy.key.get_secret_value() == "do-not-print-this-key"
 
 
+def test_replicas_starting_together_share_one_generated_privacy_key(tmp_path: Path) -> None:
+    """Processes that make the work directory's key at once all read the same, complete key (never an empty file)."""
+    script = (
+        "import sys; from propensity.settings import Settings; from propensity.pseudonyms import privacy_key\n"
+        "sys.stdout.write(privacy_key(Settings(work_dir=sys.argv[1])).decode())"
+    )
+    for round_ in range(3):
+        work = tmp_path / f"work-{round_}"
+        starters = [subprocess.Popen([str(BIN / "python"), "-c", script, str(work)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                    for _ in range(6)]
+        outputs = [p.communicate(timeout=120) for p in starters]
+        assert all(p.returncode == 0 for p in starters), [err[-500:] for _, err in outputs]
+        keys = {out for out, _ in outputs}
+        assert len(keys) == 1 and len(keys.pop()) == 64, keys
+        assert [f.name for f in (work / "privacy").iterdir()] == ["key"]  # no staged copy left behind
+
+
 # -- the Redis profile ---------------------------------------------------------------------------------------------
 
 TEST_REDIS_DBS = range(7, 16)
