@@ -6,7 +6,6 @@ id, nor can anyone check a guessed id against it (a plain hash of a short id wou
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 import secrets
@@ -53,7 +52,7 @@ def privacy_key(settings: Settings) -> bytes:
 
 def keyed_hash(key: bytes, user_id: str) -> str:
     """HMAC-SHA256 of the id, hex (64 characters)."""
-    return hmac.new(key, user_id.encode(), hashlib.sha256).hexdigest()
+    return hmac.digest(key, user_id.encode(), "sha256").hex()  # the one-shot form: same value, several times faster per call
 
 
 def set_log_key(key: bytes) -> None:

@@ -11,7 +11,6 @@ a new shopper's under the same id.
 
 from __future__ import annotations
 
-import hmac
 import json
 import os
 from collections.abc import Callable, Iterable
@@ -53,19 +52,8 @@ class Tombstones:
     def hashes(self) -> dict[str, datetime]:
         """Keyed hash -> the latest time that user was forgotten."""
         found: dict[str, datetime] = {}
-        if not self.path.exists():
-            return found
-        for number, line in enumerate(self.path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-                at = datetime.fromisoformat(entry["at"])
-                user = str(entry["user"])
-            except (ValueError, KeyError, TypeError) as error:
-                raise ValueError(f"{self.path} line {number}: not a tombstone ({error})") from error
-            if user not in found or at > found[user]:
-                found[user] = at
+        if self.path.exists():
+            _merge_lines(self.path.read_text(), lambda number: f"{self.path} line {number}", found)
         return found
 
     def forgotten(self, user_ids: Iterable[str]) -> dict[str, datetime]:
@@ -121,16 +109,7 @@ class TombstoneFeed:
             data = source.read(size - self._offset)
         complete = data[: data.rfind(b"\n") + 1]
         found: dict[str, datetime] = {}
-        for number, line in enumerate(complete.decode().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-                user, at = str(entry["user"]), datetime.fromisoformat(entry["at"])
-            except (ValueError, KeyError, TypeError) as error:
-                raise ValueError(f"{self.tombstones.path} at byte {self._offset}, new line {number}: not a tombstone ({error})") from error
-            if user not in found or at > found[user]:
-                found[user] = at
+        _merge_lines(complete.decode(), lambda number: f"{self.tombstones.path} at byte {self._offset}, new line {number}", found)
         self._offset += len(complete)
         return found
 
@@ -158,9 +137,7 @@ class ForgottenIndex:
 
     def refresh(self) -> int:
         """Read tombstones appended since the last refresh; returns how many shoppers are forgotten in all."""
-        for user, at in self._feed.new_hashes().items():
-            if user not in self._hashes or at > self._hashes[user]:
-                self._hashes[user] = at
+        _keep_latest(self._hashes, self._feed.new_hashes().items())
         return len(self._hashes)
 
     def forgotten_at(self, user_id: str) -> datetime | None:
@@ -185,9 +162,29 @@ class ForgottenIndex:
         def covers(user_id: str, event_time_ms: int) -> bool:
             limit = limits.get(user_id)
             if limit is None:
-                # hmac.digest: the one-shot form of propensity.pseudonyms.keyed_hash (same value), several times faster
-                at = hashes.get(hmac.digest(key, user_id.encode(), "sha256").hex())
+                at = hashes.get(keyed_hash(key, user_id))
                 limit = limits[user_id] = at.timestamp() * 1000 if at is not None else float("-inf")
             return event_time_ms <= limit
 
         return covers
+
+
+def _keep_latest(found: dict[str, datetime], entries: Iterable[tuple[str, datetime]]) -> None:
+    """Merge (hash, time) pairs into found, keeping each user's latest forgetting."""
+    for user, at in entries:
+        if user not in found or at > found[user]:
+            found[user] = at
+
+
+def _merge_lines(text: str, where: Callable[[int], str], found: dict[str, datetime]) -> None:
+    """Parse tombstone lines (blank ones skipped) into found; a bad line raises naming where(line number)."""
+    entries = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            entries.append((str(entry["user"]), datetime.fromisoformat(entry["at"])))
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{where(number)}: not a tombstone ({error})") from error
+    _keep_latest(found, entries)
