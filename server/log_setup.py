@@ -17,6 +17,10 @@ FORMATS = ("json", "text")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [pid %(process)d req %(request_id)s] %(message)s"
 # Attributes every LogRecord has; anything else on a record came from `extra={...}`.
 _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "request_id"}
+# Third-party loggers that say something routine at INFO on a timer: Feast's registry logs "Registry cache expired,
+# so refreshing" on every refresh (twice every 15 s in a serving process), which buries the server's own lines.
+# They keep WARNING and above, and everything when the server runs at DEBUG.
+ROUTINE_INFO_LOGGERS = ("feast.infra.registry.registry",)
 
 
 class _RequestIdFilter(logging.Filter):
@@ -78,4 +82,7 @@ def configure_logging(fmt: str, level: str | int = "INFO", stream: TextIO | None
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
+    routine_level = logging.NOTSET if root.level <= logging.DEBUG else logging.WARNING
+    for name in ROUTINE_INFO_LOGGERS:
+        logging.getLogger(name).setLevel(routine_level)
     return handler

@@ -92,3 +92,21 @@ def test_configure_twice_does_not_duplicate_and_replaces_basic_config() -> None:
 def test_unknown_format_is_rejected() -> None:
     with pytest.raises(ValueError, match="log_format"):
         configure_logging("xml")
+
+
+def test_feast_registry_refresh_chatter_is_quiet_at_info_and_back_at_debug() -> None:
+    from feast.infra.registry import registry as feast_registry  # the logger Feast itself writes its refresh line to
+
+    stream = io.StringIO()
+    configure_logging("text", stream=stream)
+    feast_registry.logger.info("Registry cache expired, so refreshing")
+    feast_registry.logger.warning("registry unreadable")
+    logging.getLogger("propensity.test").info("served")
+    lines = _lines(stream)
+    assert not any("cache expired" in line for line in lines), lines
+    assert any("registry unreadable" in line for line in lines) and any("served" in line for line in lines)
+
+    configure_logging("text", level="DEBUG", stream=stream)
+    feast_registry.logger.info("Registry cache expired, so refreshing")
+    assert "cache expired" in _lines(stream)[-1]
+    configure_logging("text", stream=stream)
