@@ -9,7 +9,8 @@ the connection (beyond that h2load holds the send back, and the hold shows as la
 - latency = max(lateness, 0) + elapsed, i.e. from when the request was due: a late send counts
   against the result (no coordinated omission).
 
-h2load is C and needs a few percent of a core at these rates. The Python grpc.aio generator this
+h2load is C: 0.08 cores at 350 req/s with one process per connection, 0.15 with a new process per
+user every 2 s (docs/benchmarks/tail.md; ServerWatch reports it for every phase). The Python grpc.aio generator this
 replaces needed most of a core at 800 req/s on the 2 cores it shared with the server, and its own
 sends were up to 190 ms late at p99, so it measured itself rather than the server.
 
@@ -17,11 +18,21 @@ Users rotate: `slots` processes side by side, each sending one user's request at
 handing over to the next user on h2load.timetable's schedule (the slots never all change at once).
 When lateness is a large part of the latency tail, or the rate offered was not achieved, the tail is
 not judged (`generator_limited`, `rate_kept`).
+
+What else shared the cores is measured beside it (`ServerWatch`, docs/benchmarks/tail.md): how long the
+serving workers waited in the run queue for a CPU (/proc/<pid>/task/*/schedstat), the catalog build
+processes' CPU and the latency of the requests due while a build ran, each worker's CPU (SO_REUSEPORT
+spreads connections by hash, not evenly), and the h2load processes' own CPU.
 """
 
 from __future__ import annotations
 
+import os
+import resource
+import threading
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +44,9 @@ LATENESS_LIMIT_MS, LATENESS_SHARE = 1.0, 0.2
 # A tail is judged only if the phase achieved at least this share of the offered rate.
 RATE_KEPT_SHARE = 0.95
 STREAMS_PER_CONNECTION = 64
+BUILD_MARK = "server.build_process"  # in the command line of a worker's catalog build process
+WATCH_SECONDS = 0.1  # how often ServerWatch looks whether a build process is using CPU
+RESCAN_SECONDS = 2.0  # ... and looks for new build processes
 
 
 def generator_limited(lateness_p99_ms: float, latency_p99_ms: float) -> bool:
@@ -97,10 +111,182 @@ def summarise(rate: float, runs: Sequence[h2load.SlotRun]) -> dict:
     return result
 
 
+def _schedstat_ns(pid: int) -> int:
+    """Nanoseconds all threads of pid spent runnable but waiting for a CPU (field 2 of schedstat)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+@dataclass(frozen=True)
+class ProcessSample:
+    role: str  # "parent", "worker", "build" or "other" (e.g. multiprocessing's resource tracker)
+    cpu_ticks: int
+    wait_ns: int
+
+
+def sample_group(pgid: int) -> dict[int, ProcessSample]:
+    """CPU ticks and run-queue wait of every process of the server, by pid: its process group, plus any
+    child of it that left the group (a build process in a session of its own)."""
+    from bench.cpu import parse_stat
+
+    stats, parents = {}, {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = (entry / "stat").read_text()
+            stat = parse_stat(text)
+        except (OSError, ValueError, IndexError):
+            continue
+        stats[stat.pid], parents[stat.pid] = stat, int(text.rpartition(")")[2].split()[1])
+    members = {pid for pid, stat in stats.items() if stat.pgid == pgid}
+    members |= {pid for pid, parent in parents.items() if parent in members}
+    out = {}
+    for pid in members:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            wait = _schedstat_ns(pid)
+        except OSError:
+            continue  # exited meanwhile
+        role = "parent" if pid == pgid else "build" if BUILD_MARK in cmdline else "worker" if parents[pid] == pgid and _is_server(cmdline) else "other"
+        out[pid] = ProcessSample(role, stats[pid].utime + stats[pid].stime, wait)
+    return out
+
+
+def _is_server(cmdline: str) -> bool:
+    """A forked serving worker has its parent's command line (`propensity serve`); multiprocessing's helpers do not."""
+    return "serve" in cmdline and "multiprocessing" not in cmdline
+
+
+class ServerWatch:
+    """Around a phase: what the server's processes did with the cores, and when its catalog builds ran.
+
+    start() before the load, stop() after it; report() gives the figures. A background thread looks
+    every WATCH_SECONDS whether a build process used CPU (its ticks grew), so requests can be split by
+    whether one was due while a build ran.
+    """
+
+    def __init__(self, pgid: int) -> None:
+        self.pgid = pgid
+        self.before: dict[int, ProcessSample] = {}
+        self.after: dict[int, ProcessSample] = {}
+        self.build_busy: list[tuple[float, float]] = []  # (from, to), wall-clock seconds
+        self._children_cpu = 0.0
+        self._machine = (0, 0)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.before, self._machine = sample_group(self.pgid), _machine_ticks()
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self._children_cpu = usage.ru_utime + usage.ru_stime
+        self._thread = threading.Thread(target=self._watch_builds, name="build-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        self.after = sample_group(self.pgid)
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self._children_cpu = usage.ru_utime + usage.ru_stime - self._children_cpu
+        busy, total = _machine_ticks()
+        self._machine = (busy - self._machine[0], total - self._machine[1])
+
+    def _watch_builds(self) -> None:
+        # Reading the whole of /proc costs ~7 ms of CPU: the group is scanned for build processes every
+        # RESCAN_SECONDS, and in between only their own stat files are read.
+        from bench.cpu import parse_stat
+
+        last: dict[int, int] = {}
+        builds: list[int] = []
+        previous, rescan = time.time(), 0.0
+        while not self._stop.wait(WATCH_SECONDS):
+            now = time.time()
+            if now >= rescan:
+                builds, rescan = [pid for pid, s in sample_group(self.pgid).items() if s.role == "build"], now + RESCAN_SECONDS
+            for pid in builds:
+                try:
+                    stat = parse_stat(Path(f"/proc/{pid}/stat").read_text())
+                except (OSError, ValueError):
+                    continue
+                ticks = stat.utime + stat.stime
+                if pid in last and ticks > last[pid]:
+                    self.build_busy.append((previous, now))
+                last[pid] = ticks
+            previous = now
+
+    def report(self, handled: int, seconds: float) -> dict:
+        """The phase's attribution: the workers' CPU and run-queue wait, the builds' CPU, the generator's CPU."""
+        hz = os.sysconf("SC_CLK_TCK")
+
+        def delta(role: str) -> tuple[list[float], float]:
+            cpu, wait = [], 0.0
+            for pid, a in self.after.items():
+                if a.role != role:
+                    continue
+                b = self.before.get(pid, ProcessSample(role, 0, 0))
+                cpu.append((a.cpu_ticks - b.cpu_ticks) / hz)
+                wait += (a.wait_ns - b.wait_ns) / 1e9
+            return cpu, wait
+
+        workers, wait = delta("worker")
+        builds, _ = delta("build")
+        busy, total = self._machine
+        machine = busy / total * (os.cpu_count() or 1) if total else float("nan")
+        return {
+            "worker_cpu_seconds": [round(c, 2) for c in sorted(workers, reverse=True)],
+            "worker_run_queue_wait_seconds": round(wait, 3),
+            # Of the time the workers wanted a CPU, the share they waited for one: 0 on an idle machine.
+            "worker_run_queue_wait_share": round(wait / (wait + sum(workers)), 3) if wait + sum(workers) > 0 else float("nan"),
+            "worker_run_queue_wait_ms_per_request": round(wait * 1000 / handled, 3) if handled else float("nan"),
+            "build_cpu_seconds": round(sum(builds), 2),
+            "build_busy_seconds": round(sum(b - a for a, b in self.build_busy), 1),
+            "generator_cpu_seconds": round(self._children_cpu, 2),
+            "machine_cores_busy": round(machine, 2),
+            "phase_seconds": round(seconds, 1),
+        }
+
+
+def _machine_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies over all CPUs from /proc/stat (idle and iowait are not busy)."""
+    values = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return sum(values) - values[3] - values[4], sum(values)
+
+
+def split_by_intervals(runs: Sequence[h2load.SlotRun], intervals: Sequence[tuple[float, float]]) -> dict:
+    """Latency from the scheduled send of the requests due inside any of `intervals` (wall-clock s) and of the others."""
+    inside, outside = [], []
+    bounds = sorted(intervals)
+    starts = np.array([a for a, _ in bounds])
+    ends = np.array([b for _, b in bounds])
+    for run in runs:
+        rows = sorted(run.rows, key=lambda r: r.start_us)
+        if not rows:
+            continue
+        late = schedule_lateness_ms([r.start_us for r in rows], run.job.rps)
+        for row, lateness in zip(rows, late):
+            if row.status not in (200, 0):
+                continue
+            due = row.start_us / 1e6 - lateness / 1000.0
+            latency = max(lateness, 0.0) + row.elapsed_us / 1000.0
+            k = np.searchsorted(starts, due, side="right") - 1
+            (inside if k >= 0 and due <= ends[k] else outside).append(latency)
+    a, b = np.array(inside), np.array(outside)
+    return {"requests_due_during_builds": len(a), "p99_during_builds": _pct(a, 99), "p50_during_builds": _pct(a, 50),
+            "requests_due_otherwise": len(b), "p99_otherwise": _pct(b, 99), "p50_otherwise": _pct(b, 50)}
+
+
 def run_phase(url: str, next_user: Callable[[], str], body_of: Callable[[str], tuple[Path, int]], rate: float, seconds: float,
-              slots: int, segments: int, work: Path, streams: int = STREAMS_PER_CONNECTION) -> dict:
+              slots: int, segments: int, work: Path, streams: int = STREAMS_PER_CONNECTION, watch: ServerWatch | None = None) -> dict:
     """`slots` h2load processes in rate mode at rate / slots each, every slot handing over to a new user
-    about `segments` times; body_of(user) gives the framed request file and its verified answer size."""
+    about `segments` times; body_of(user) gives the framed request file and its verified answer size.
+    With `watch` (started by the caller), the requests due while a catalog build ran are split out."""
     per_slot = rate / slots
 
     def next_job(slot: int, k: int, job_seconds: float) -> tuple[h2load.Job, str]:
@@ -111,5 +297,9 @@ def run_phase(url: str, next_user: Callable[[], str], body_of: Callable[[str], t
         return h2load.Job(url, body, 1, streams, job_seconds, log, answer_bytes, rps=per_slot), user
 
     runs = h2load.run_slots(next_job, h2load.timetable(slots, seconds, segments))
-    return summarise(rate, runs) | {"slots": slots, "segments_per_slot": segments, "streams_per_connection": streams,
+    during = {}
+    if watch is not None:
+        watch.stop()
+        during = {"during_catalog_builds": split_by_intervals(runs, watch.build_busy)}
+    return summarise(rate, runs) | during | {"slots": slots, "segments_per_slot": segments, "streams_per_connection": streams,
                                     "rps_per_connection": round(per_slot, 3), "users_answered": sorted({r.tag for r in runs if r.answered > 0})}

@@ -170,6 +170,32 @@ def _user_read_rows(results: dict) -> str:
     return "\n".join(rows)
 
 
+# Share of their runnable time the serving workers spent waiting for a CPU above which a tail is called contention.
+CONTENDED_SHARE = 0.1
+
+
+def _sharing(half: dict) -> str:
+    """Who had the cores during the open loop (bench.open_loop.ServerWatch), in words."""
+    share = half.get("sharing")
+    if not share:
+        return ""
+    text = (f"Who had the cores during the phase (docs/benchmarks/tail.md): the serving workers used {', '.join(f'{c:g}' for c in share['worker_cpu_seconds'])} "
+            f"CPU seconds and waited {share['worker_run_queue_wait_seconds']:g} s in the run queue for a CPU, {share['worker_run_queue_wait_share']:.0%} "
+            f"of the time they wanted one ({share['worker_run_queue_wait_ms_per_request']:g} ms per request; about 0 on an idle machine, and a "
+            "large share means the tail is waiting for a core, not the serving code); the catalog build processes used "
+            f"{share['build_cpu_seconds']:g} CPU seconds; the h2load processes {share['generator_cpu_seconds']:g}; the machine had "
+            f"{share['machine_cores_busy']:g} cores busy in all.")
+    if share["worker_run_queue_wait_share"] >= CONTENDED_SHARE:
+        text += (f" **The workers waited for a core {share['worker_run_queue_wait_share']:.0%} of the time they were runnable: this tail is "
+                 "mostly CPU contention on the machine, not what the serving code does on cores of its own.**")
+    during = half.get("during_catalog_builds")
+    if during and during.get("requests_due_during_builds"):
+        text += (f" Requests due while a catalog build was running ({share['build_busy_seconds']:g} s of the phase): "
+                 f"{during['requests_due_during_builds']:,}, p50 {during['p50_during_builds']:.2f} ms, p99 {during['p99_during_builds']:.2f} ms; "
+                 f"the others: p50 {during['p50_otherwise']:.2f} ms, p99 {during['p99_otherwise']:.2f} ms.")
+    return text
+
+
 def readme(results: dict) -> str:
     floor = results["compute_floor"]
     cand = results["candidates"]
@@ -274,8 +300,8 @@ h2load in rate mode (`--rps`, bench/open_loop.py): {half.get('slots')} connectio
 them over the workers), each sending one user's Recommend at {half.get('rps_per_connection')} req/s whatever the earlier
 answers did (up to {half.get('streams_per_connection')} outstanding per connection) and handing over to the next user about
 {half.get('segments_per_slot')} times; {half.get('distinct_users_answered')} users. Latency runs from the time each request
-was due (h2load's --log-file gives the actual start and the elapsed time). h2load is C and needs a few percent of a core
-at this rate, so the generator hardly competes with the server for the cores.
+was due (h2load's --log-file gives the actual start and the elapsed time). h2load is C, but starting a process per
+hand-over costs CPU too: the h2load processes' CPU during the phase is measured (below).
 
 | | p50 | p95 | p99 | max |
 |---|---:|---:|---:|---:|
@@ -286,7 +312,9 @@ at this rate, so the generator hardly competes with the server for the cores.
 Target {half['target_rate_rps']:,.0f} req/s, achieved {half['achieved_rps']:,.0f} req/s; {half['requests']:,} requests,
 {half['failures']} failures; {half['late_over_1ms']:,} sends more than 1 ms late. {rate_text}
 Server CPU during the phase: {half.get('server_cores_busy', 'n/a')} cores busy. {generator}
-For comparison, the closed-loop h2load level nearest half of max: {_nearest(half)}.
+For comparison, the closed-loop h2load level nearest half of max: {_nearest(half)} (a closed loop sends nothing while
+its request waits, so a stall delays one request there and every request due during it here: the tails are not comparable).
+{_sharing(half)}
 
 ## Event-loop lag
 

@@ -177,11 +177,13 @@ def warm_up(target: str, payloads: Payloads, work: Path, rotation: UserRotation,
         previous = stats["throughput_rps"]
 
 
-def open_loop(target: str, payloads: Payloads, rotation: UserRotation, rate: float, seconds: float, slots: int, work: Path) -> dict:
-    """Open loop at `rate` with h2load's rate mode (bench/open_loop.py): C, so the generator barely competes for the cores."""
+def open_loop(target: str, payloads: Payloads, rotation: UserRotation, rate: float, seconds: float, slots: int, work: Path,
+              watch: bench_open_loop.ServerWatch | None = None) -> dict:
+    """Open loop at `rate` with h2load's rate mode (bench/open_loop.py); `watch`, started by the caller, is stopped when the load ends."""
     segments = max(1, round(seconds / OPEN_LOOP_SEGMENT_SECONDS))
     return bench_open_loop.run_phase(f"http://{target}{RECOMMEND}", lambda: rotation.take(1)[0],
-                                     lambda user: (payloads.files[user], payloads.response_bytes[user]), rate, seconds, slots, segments, work)
+                                     lambda user: (payloads.files[user], payloads.response_bytes[user]), rate, seconds, slots, segments, work,
+                                     watch=watch)
 
 
 def recommend_calls(port: int) -> float | None:
@@ -330,12 +332,16 @@ def main(argv: list[str] | None = None) -> int:
         best = max(level["throughput_rps"] for level in ours_levels)
         metrics_sweep = try_scrape(metrics_port)
         served_before, before, wall0 = served(), cpu.mark(), time.monotonic()
+        watch = bench_open_loop.ServerWatch(ours.pid)  # run queue waits, catalog builds, generator CPU (docs/benchmarks/tail.md)
+        watch.start()
         half = open_loop(ours.target, payloads, UserRotation(users[len(users) // 2:] + users[: len(users) // 2]), rate=best / 2,
-                         seconds=args.open_loop_seconds, slots=args.open_loop_slots, work=work)
+                         seconds=args.open_loop_seconds, slots=args.open_loop_slots, work=work, watch=watch)
         after, wall, served_after = cpu.mark(), time.monotonic() - wall0, served()
         handled = int(served_after - served_before) if served_before is not None and served_after is not None else half["answered"]
         # The window includes the generator's own start-up and connection warm-up, when the server is nearly idle.
-        half.update(cpu.phase(before, handled, wall, after=after), server_handled=handled, server_niceness=os.getpriority(os.PRIO_PROCESS, ours.pid))
+        half.update(cpu.phase(before, handled, wall, after=after), server_handled=handled, server_niceness=os.getpriority(os.PRIO_PROCESS, ours.pid),
+                    sharing=watch.report(handled, wall))
+        say(f"  open loop, who had the cores: {half['sharing']}; {half.get('during_catalog_builds')}")
         open_loop_users = set(half.pop("users_answered", []))
         nearest = min(ours_levels, key=lambda level: abs(level["throughput_rps"] - best / 2))
         half["closed_loop_level_nearest_half_max"] = {k: nearest[k] for k in ("concurrency", "throughput_rps", "p50", "p95", "p99")}

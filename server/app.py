@@ -10,6 +10,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from threadpoolctl import threadpool_limits
@@ -133,10 +134,12 @@ async def serve(
     reuse_port: bool = False,
     observability: Observability | None = None,
     tracing: Tracing | None = None,
+    build_lock: Path | None = None,
 ) -> None:
     """Serve until SIGINT/SIGTERM (or `stop` is set); health turns NOT_SERVING before the grace period.
 
     tracing: None starts it from the settings (server.tracing.start_tracing: off unless an OTLP endpoint is set).
+    build_lock: a file the worker processes of one server share, so their catalog builds take turns (server.background).
     """
     t0 = time.perf_counter()
     set_log_key(privacy_key(settings))  # user ids in this process's logs become keyed hashes (pseudonymise)
@@ -192,7 +195,7 @@ async def serve(
 
     background = Background(
         components.items, components.models, components.freshness, metrics,
-        settings.server.item_cache_refresh_seconds, settings.server.model_poll_seconds,
+        settings.server.item_cache_refresh_seconds, settings.server.model_poll_seconds, build_lock=build_lock,
     )
     background.start()
     if isinstance(components.ingestor, EventIngestor):

@@ -10,6 +10,12 @@ measurements behind each choice). Work goes to one of three places:
   One thread, so two of these never run at once and never compete with each other for the GIL.
 - the loop: only putting a finished object in place (one assignment) and updating gauges.
 
+With several workers, their catalog builds take turns (`build_lock`, a file lock the parent names):
+the workers' refresh timers start together, so two builds at once took both of a 2-core machine's
+cores for 1-2 s, and requests due meanwhile waited for a core. Open-loop p99 on a shared machine was
+227-495 ms with both builds running, 34-45 ms with them held, 35-83 ms with both pinned to one core
+(docs/benchmarks/tail.md). One at a time leaves the other cores to the serving loops.
+
 The GIL switch interval is lowered (SWITCH_INTERVAL_SECONDS) so that when the background thread does
 run Python, the loop waits ~0.5 ms for the GIL instead of CPython's default 5 ms.
 """
@@ -18,11 +24,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import fcntl
 import gc
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 from server.build_process import BuildFailed, BuildProcess
@@ -39,6 +48,29 @@ T = TypeVar("T")
 # forced switches happen only while a background job runs.
 SWITCH_INTERVAL_SECONDS = 0.0005
 FRESHNESS_MAX_SECONDS = 15.0
+BUILD_LOCK_POLL_SECONDS = 0.05
+
+
+@contextlib.contextmanager
+def build_turn(lock_path: Path | None, cancelled: Callable[[], bool]) -> Iterator[None]:
+    """Hold the workers' shared build lock (none: no-op) while the body runs; raises BuildFailed if `cancelled` first.
+
+    flock, so a worker that dies mid-build releases it with its file descriptor. Polled rather than
+    blocking, so a stopping server does not wait for another worker's build.
+    """
+    if lock_path is None:
+        yield
+        return
+    with open(lock_path, "a") as lock:
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if cancelled():
+                    raise BuildFailed("stopped while waiting for another worker's catalog build") from None
+                time.sleep(BUILD_LOCK_POLL_SECONDS)
+        yield  # closing the file releases the lock
 
 
 def settle_garbage() -> float:
@@ -65,8 +97,11 @@ class Background:
         metrics: Metrics | None,
         catalog_seconds: float,
         model_seconds: float,
+        build_lock: Path | None = None,
     ) -> None:
         self._items = items
+        self._build_lock = build_lock
+        self._stopping = False
         self._models = models
         self._freshness = freshness
         self._metrics = metrics
@@ -89,6 +124,7 @@ class Background:
 
     async def stop(self) -> None:
         """Cancel the jobs, stop the build process (also mid-build) and the background thread."""
+        self._stopping = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -99,9 +135,8 @@ class Background:
     async def refresh_catalog(self) -> bool:
         """Re-read the catalog in the build process; swap it in when its content changed. True when it did."""
         try:
-            digest, pieces = await asyncio.to_thread(  # a pool thread: it only waits on the build process's socket
-                self.builder.call, build_catalog_pieces, self._items.spec, self._items.digest
-            )
+            # A pool thread: it only waits for the other workers' builds and on the build process's socket.
+            digest, pieces = await asyncio.to_thread(self._build_catalog, self._items.digest)
         except BuildFailed as error:
             log.error("item catalog refresh failed; keeping the catalog from %.0fs ago: %s", self._items.age_seconds, error)
             return False
@@ -131,6 +166,10 @@ class Background:
             for view, (age, _) in views.items():
                 self._metrics.set_feature_age(view, age)
             self._metrics.set_item_cache_age(self._items.age_seconds)
+
+    def _build_catalog(self, known_digest: str) -> tuple[str, object]:
+        with build_turn(self._build_lock, lambda: self._stopping):
+            return self.builder.call(build_catalog_pieces, self._items.spec, known_digest)
 
     def _off_loop(self, fn: Callable[..., T], *args: object) -> Awaitable[T]:
         return asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)

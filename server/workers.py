@@ -22,10 +22,12 @@ import os
 import queue
 import signal
 import socket
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_for_exits
+from pathlib import Path
 
 from propensity.settings import Settings
 from server.app import Started, serve
@@ -50,7 +52,7 @@ def reserve_port(host: str, port: int) -> Iterator[int]:
         sock.close()
 
 
-def _worker(settings: Settings, ready: multiprocessing.Queue, number: int, inherited: tuple[int, ...] = ()) -> None:
+def _worker(settings: Settings, ready: multiprocessing.Queue, number: int, inherited: tuple[int, ...] = (), build_lock: Path | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop, via SIGTERM
     # A replacement is forked after the parent opened /metrics: that socket is not ours. (The parent's socket object
     # copied into this process is never closed again: multiprocessing ends a forked child with os._exit.)
@@ -60,7 +62,8 @@ def _worker(settings: Settings, ready: multiprocessing.Queue, number: int, inher
     try:
         # Records into the parent's metrics directory; `number` labels this worker's event-loop lag.
         observability = install_observability(settings, serve_http=False, worker=number)
-        asyncio.run(serve(settings, on_started=lambda started: ready.put((number, os.getpid(), started, None)), reuse_port=True, observability=observability))
+        asyncio.run(serve(settings, on_started=lambda started: ready.put((number, os.getpid(), started, None)), reuse_port=True,
+                          observability=observability, build_lock=build_lock))
         observability.close()
     except BaseException as error:  # report start-up failures to the parent instead of dying silently
         ready.put((number, os.getpid(), None, f"{type(error).__name__}: {error}"))
@@ -85,9 +88,10 @@ class _Slot:
 class _Supervisor:
     """Forks the workers, replaces those that die, and stops them all on SIGTERM/SIGINT."""
 
-    def __init__(self, settings: Settings, parent: Observability) -> None:
+    def __init__(self, settings: Settings, parent: Observability, build_lock: Path) -> None:
         self._settings = settings
         self._parent = parent
+        self._build_lock = build_lock
         self._context = multiprocessing.get_context("fork")
         self.ready: multiprocessing.Queue = self._context.Queue()
         self.slots = [_Slot(i, self._fork(i), time.monotonic()) for i in range(settings.server.workers)]
@@ -96,7 +100,7 @@ class _Supervisor:
 
     def _fork(self, number: int) -> multiprocessing.Process:
         inherited = tuple(self._parent.listening_fds())
-        process = self._context.Process(target=_worker, args=(self._settings, self.ready, number, inherited), name=f"propensity-worker-{number}")
+        process = self._context.Process(target=_worker, args=(self._settings, self.ready, number, inherited, self._build_lock), name=f"propensity-worker-{number}")
         process.start()
         return process
 
@@ -174,9 +178,10 @@ class _Supervisor:
 def run_workers(settings: Settings, on_started: Callable[[Started], None] | None = None, start_timeout: float = 300.0) -> int:
     """Run settings.server.workers processes on one port until SIGTERM/SIGINT, replacing any that die; return an exit code."""
     parent = install_observability(settings, serve_http=True)  # before forking: the shared metrics directory
-    with reserve_port(settings.server.host, settings.server.port) as port:
+    # The workers' catalog builds take turns on this file's lock (server.background.build_turn).
+    with reserve_port(settings.server.host, settings.server.port) as port, tempfile.TemporaryDirectory(prefix="propensity-workers-") as shared:
         settings = settings.model_copy(update={"server": settings.server.model_copy(update={"port": port})})
-        supervisor = _Supervisor(settings, parent)
+        supervisor = _Supervisor(settings, parent, Path(shared) / "catalog-build.lock")
         parent.start_http()  # after forking, so workers do not inherit the listening socket
         signal.signal(signal.SIGTERM, supervisor.stop)
         signal.signal(signal.SIGINT, supervisor.stop)

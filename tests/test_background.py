@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import multiprocessing
 import os
+import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,6 +16,7 @@ import scipy.sparse as sp
 
 from propensity.catalog import Catalog
 from server import item_cache
+from server.background import build_turn
 from server.build_process import BuildFailed, BuildProcess
 from server.item_cache import catalog_digest, pack_catalog, unpack_catalog
 from tests import background_hooks
@@ -71,3 +76,34 @@ def test_a_catalog_travels_in_pieces_and_comes_back_equal(monkeypatch: pytest.Mo
     _assert_same(catalog, unpack_catalog(pieces))
     assert catalog_digest(pieces) == catalog_digest(pack_catalog(_catalog(250)))  # same content, same digest
     assert catalog_digest(pieces) != catalog_digest(pack_catalog(_catalog(251)))
+
+
+def _take_turn(lock: str, record: str, hold_seconds: float) -> None:
+    with build_turn(Path(lock), lambda: False):
+        start = time.monotonic()
+        time.sleep(hold_seconds)
+        with open(record, "a") as out:
+            out.write(f"{start} {time.monotonic()}\n")
+
+
+def test_the_workers_catalog_builds_take_turns_and_a_stopping_worker_stops_waiting(tmp_path: Path) -> None:
+    lock, record = tmp_path / "catalog-build.lock", tmp_path / "turns.txt"
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_take_turn, args=(str(lock), str(record), 0.3)) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(30)
+        assert worker.exitcode == 0
+    turns = sorted(tuple(map(float, line.split())) for line in record.read_text().splitlines())
+    assert len(turns) == 3
+    for (_, end), (start, _) in zip(turns, turns[1:]):
+        assert start >= end, f"two builds overlapped: {turns}"
+
+    with open(lock, "a") as held:  # another worker's build in progress
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(BuildFailed, match="stopped while waiting"):
+            with build_turn(lock, lambda: True):
+                pytest.fail("the turn was taken while another worker held it")
+    with build_turn(lock, lambda: False), build_turn(None, lambda: True):
+        pass  # free again once released; no lock at all (one process) never waits
