@@ -237,6 +237,7 @@ class ServerWatch:
 
         workers, wait = delta("worker")
         builds, _ = delta("build")
+        others, _ = delta("other")
         busy, total = self._machine
         machine = busy / total * (os.cpu_count() or 1) if total else float("nan")
         return {
@@ -246,6 +247,7 @@ class ServerWatch:
             "worker_run_queue_wait_share": round(wait / (wait + sum(workers)), 3) if wait + sum(workers) > 0 else float("nan"),
             "worker_run_queue_wait_ms_per_request": round(wait * 1000 / handled, 3) if handled else float("nan"),
             "build_cpu_seconds": round(sum(builds), 2),
+            "other_server_cpu_seconds": round(sum(others), 2),  # the workers' helper processes (multiprocessing)
             "build_busy_seconds": round(sum(b - a for a, b in self.build_busy), 1),
             "generator_cpu_seconds": round(self._children_cpu, 2),
             "machine_cores_busy": round(machine, 2),
