@@ -134,6 +134,10 @@ class Background:
 
     async def refresh_catalog(self) -> bool:
         """Re-read the catalog in the build process; swap it in when its content changed. True when it did."""
+        stamp = await self._off_loop(self._items.source_stamp)  # a few small SQL aggregates and stats
+        if stamp is not None and stamp == self._items.built_from:
+            self._items.confirm()  # nothing it is read from changed: skip the ~1-2 s re-read
+            return False
         try:
             # A pool thread: it only waits for the other workers' builds and on the build process's socket.
             digest, pieces = await asyncio.to_thread(self._build_catalog, self._items.digest)
@@ -141,7 +145,7 @@ class Background:
             log.error("item catalog refresh failed; keeping the catalog from %.0fs ago: %s", self._items.age_seconds, error)
             return False
         catalog = await self._off_loop(unpack_catalog, pieces) if pieces is not None else None
-        self._items.install(catalog, digest)
+        self._items.install(catalog, digest, stamp)
         if catalog is not None:
             log.info("item catalog refreshed: %d items", catalog.size)
             await self._off_loop(settle_garbage)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import pickle
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +17,7 @@ import numpy as np
 from feast import FeatureStore
 
 from propensity.catalog import Catalog
-from propensity.feature_store import open_store
+from propensity.feature_store import offline_table, open_store
 from server.online_features import item_ids_in_offline_store, load_catalog
 
 
@@ -44,6 +46,63 @@ def build_catalog(spec: CatalogSpec) -> Catalog:
     """Read every item of the offline table's item list from the online store into a Catalog (~1 s of Python here)."""
     store = open_store(spec.feature_repo, spec.feature_store_yaml)
     return load_catalog(store, spec.service, item_ids_in_offline_store(store))
+
+
+# The item table the catalog's item list comes from (server.online_features.item_ids_in_offline_store's default).
+ITEM_LIST_VIEW = "item_stats"
+
+
+def _file_stamps(path: Path) -> list[tuple[str, int, int]]:
+    """(name, mtime in ns, size) of a file, or of every file under a directory (a partitioned table)."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return [(str(f), (st := f.stat()).st_mtime_ns, st.st_size) for f in files]
+
+
+class CatalogSourceStamp:
+    """A cheap fingerprint of everything the catalog is read from; equal fingerprints mean the same catalog.
+
+    A refresh re-reads and converts every item (~1-2 s of CPU per worker, every `item_cache_refresh_seconds`),
+    which took a core from the serving workers and was most of the open-loop tail (docs/benchmarks/tail.md),
+    though the catalog rarely changes between refreshes. Feast writes `created_ts` = the time of writing on
+    every materialization and push, so per item table (row count, newest created_ts, newest event_ts) changes
+    with any write or removal; the offline item list and the registry file (feature services, `feast apply`)
+    are stamped by modification time and size. Feast's online read does not apply TTLs, so time alone never
+    changes the catalog. Only the SQLite online store with a file registry can be stamped this way: for other
+    stores `__call__` returns None, which means "rebuild".
+    """
+
+    def __init__(self, spec: CatalogSpec) -> None:
+        from feast.infra.online_stores.sqlite import SqliteOnlineStore, _table_id
+
+        store = open_store(spec.feature_repo, spec.feature_store_yaml)
+        config = store.config
+        online_type = str(config.online_store.type).lower()
+        registry = Path(str(getattr(config.registry, "path", "") or ""))
+        registry = registry if registry.is_absolute() else Path(store.repo_path) / registry
+        self._db: Path | None = None
+        if (online_type == "sqlite" or online_type.endswith("sqliteonlinestore")) and registry.is_file():
+            service = store.get_feature_service(spec.service)
+            versioning = config.registry.enable_online_feature_view_versioning
+            views = [store.get_feature_view(projection.name) for projection in service.feature_view_projections]
+            self._tables = [_table_id(config.project, view, versioning) for view in views]
+            self._files = [registry, offline_table(store, store.get_feature_view(ITEM_LIST_VIEW))]
+            self._db = Path(SqliteOnlineStore._get_db_path(config))
+
+    def __call__(self) -> str | None:
+        """The current fingerprint, or None when the source cannot be stamped (unsupported store, unreadable file)."""
+        if self._db is None:
+            return None
+        try:
+            with sqlite3.connect(f"file:{self._db}?mode=ro", uri=True, timeout=2.0) as conn:
+                tables = [
+                    conn.execute(f'SELECT count(*), max(created_ts), max(event_ts) FROM "{table}"').fetchone()
+                    for table in self._tables
+                ]
+            conn.close()
+            files = [_file_stamps(path) for path in self._files]
+        except (sqlite3.Error, OSError):
+            return None  # unreadable now: let the rebuild try, and report its own error
+        return hashlib.blake2b(repr((tables, files)).encode(), digest_size=16).hexdigest()
 
 
 # Items per pickled piece of a large field: each piece unpickles in ~1 ms, and between pieces the loop
@@ -113,6 +172,8 @@ class ItemCache:
 
     def __init__(self, spec: CatalogSpec) -> None:
         self.spec = spec
+        self.source_stamp = CatalogSourceStamp(spec)
+        self.built_from = self.source_stamp()  # stamped before reading: a write during the read means "re-read"
         self.catalog: Catalog = build_catalog(spec)
         self.digest = catalog_digest(pack_catalog(self.catalog))
         self.loaded_at = time.time()
@@ -122,10 +183,18 @@ class ItemCache:
         """Seconds since the catalog was last re-read successfully (whether or not its content changed)."""
         return time.time() - self.loaded_at
 
-    def install(self, catalog: Catalog | None, digest: str) -> None:
-        """Put a freshly read catalog in place; None means the re-read found the same content."""
+    def install(self, catalog: Catalog | None, digest: str, built_from: str | None = None) -> None:
+        """Put a freshly read catalog in place; None means the re-read found the same content.
+
+        built_from: the source stamp taken before that read (None: unknown, so the next refresh reads again).
+        """
         if catalog is not None:
             self.catalog, self.digest = catalog, digest
+        self.built_from = built_from
+        self.loaded_at = time.time()
+
+    def confirm(self) -> None:
+        """The source is unchanged since the catalog was read: it is as current as a re-read would make it."""
         self.loaded_at = time.time()
 
 

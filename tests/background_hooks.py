@@ -37,3 +37,13 @@ def blocking_build(marker: str, spec: CatalogSpec, known_digest: str) -> tuple[s
         time.sleep(0.05)
     digest, pieces = build_catalog_pieces(spec, "")  # "" never matches: the pieces always come back
     return digest + "-new", pieces
+
+
+def counted_build(directory: str, spec: CatalogSpec, known_digest: str) -> tuple[str, Pieces | None]:
+    """The real catalog build, recorded as one new file in `directory` per call."""
+    import tempfile
+
+    from server.item_cache import build_catalog_pieces
+
+    tempfile.NamedTemporaryFile(dir=directory, prefix="build-", delete=False).close()
+    return build_catalog_pieces(spec, known_digest)

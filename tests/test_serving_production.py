@@ -33,7 +33,7 @@ from propensity.settings import CandidateSettings, Settings
 from propensity.user_state import UserState
 from server import background
 from server.app import serve
-from server.item_cache import CatalogSpec, ItemCache, build_catalog
+from server.item_cache import CatalogSourceStamp, CatalogSpec, ItemCache, build_catalog
 from server.model_pool import ModelPool
 from server.online_features import OnlineUserFeatures
 from propensity.v1 import recommendation_service_pb2 as pb
@@ -388,14 +388,15 @@ def test_catalog_builds_and_model_loads_run_off_the_event_loop(pipeline: Pipelin
     installed_on: list[tuple[int, bool]] = []
     install = ItemCache.install
 
-    def recorded_install(self: ItemCache, catalog: object, digest: str) -> None:
+    def recorded_install(self: ItemCache, catalog: object, digest: str, built_from: str | None = None) -> None:
         installed_on.append((threading.get_ident(), catalog is not None))
-        install(self, catalog, digest)  # type: ignore[arg-type]
+        install(self, catalog, digest, built_from)  # type: ignore[arg-type]
 
     marker = tmp_path / "build"
     marker.mkdir()
     monkeypatch.setattr(ModelPool, "poll", held_poll)
     monkeypatch.setattr(ItemCache, "install", recorded_install)
+    monkeypatch.setattr(CatalogSourceStamp, "__call__", lambda self: None)  # "cannot stamp": every refresh builds
     # Runs in the build process: records its pid, waits for <marker>/release, returns a catalog that counts as new.
     monkeypatch.setattr(background, "build_catalog_pieces", functools.partial(background_hooks.blocking_build, str(marker)))
 
