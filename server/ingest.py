@@ -483,6 +483,13 @@ def _feature_worker(conn: multiprocessing.connection.Connection, parent: int, sp
             conn.send(reply)
         except (OSError, ValueError):
             return
+        if reply[1] is None:
+            # What survives a message is mostly the rows' cache (acyclic dicts and lists, still freed by reference
+            # counting when dropped): kept out of the cyclic collector's full passes, which grew with it.
+            gc.collect(1)
+            gc.freeze()
+        else:
+            gc.collect()  # a failure's traceback cycles: collected now, never frozen with the cache
 
 
 class Lane:
@@ -729,7 +736,13 @@ class SqliteRows:
     always written, so a feature that was past its TTL when read (read as null) is not brought back by the new
     stamp. What a read returns afterwards is what Feast's push of the whole row would have left.
 
-    A failed read or write rolls back and drops the connection; the next message opens the file again.
+    Cache: the rows this connection last read or wrote are kept per user, as _read would return them, with the
+    oldest stamp among their values (TTL). They are used instead of the SELECT only while no other connection has
+    committed to the file since this one's last transaction (SQLite's `PRAGMA data_version`, read under the write lock:
+    feast materialize, another worker's push, an erasure all change it); otherwise the whole cache is dropped first.
+    A row whose oldest value has passed its view's TTL since is read again. Entries are stored only after a commit.
+
+    A failed read or write rolls back and drops the connection and the cache; the next message opens the file again.
     """
 
     def __init__(self, spec: SqliteSpec, before_commit: Callable[[], None] | None = None) -> None:
@@ -763,6 +776,10 @@ class SqliteRows:
         # Per view, the maintained features whose Python value survives encoding unchanged (no float32 rounding), with
         # the type decoding gives back: only those are remembered at write time.
         self._exact = {view: _exact_types(fv, MAINTAINED.get(view, ())) for view, fv in views.items()}
+        # user_id -> (per view: the row as _read returns it, the oldest stamp of its non-null values or inf), least
+        # recently used first; valid while the file's data_version is still _data_version (see the class docstring).
+        self._cache: dict[str, tuple[list[dict], list[float]]] = {}
+        self._data_version: int | None = None
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self._path, timeout=self._timeout, check_same_thread=False, isolation_level=None)
@@ -789,18 +806,23 @@ class SqliteRows:
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
+                # Under the write lock: nobody else commits until we do, so this version holds for the whole transaction.
+                version = conn.execute("PRAGMA data_version").fetchone()[0]
+                if version != self._data_version:
+                    self._cache.clear()  # another connection committed since our last transaction: rows may differ
                 now = time.time()
-                current = self._read(conn, users, now)
+                current, fresh = self._read(conn, users, now)
                 written: Rows = {}
                 for user, rows in zip(users, current):
                     moment, updated = change(user, rows, now)
                     for view, row in updated.items():
                         written.setdefault(view, []).append((user, moment, row, rows[view]))
-                self._write(conn, written)
+                self._write(conn, written, fresh)
                 if self._before_commit is not None:
                     self._before_commit()
                 conn.execute("COMMIT")
             except BaseException:
+                self._forget()
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
                 raise
@@ -808,38 +830,76 @@ class SqliteRows:
             self._conn = None
             conn.close()
             raise
+        self._remember(version, fresh)
         return set(written)
 
-    def _read(self, conn: sqlite3.Connection, users: list[str], now: float) -> list[dict[str, dict]]:
-        """Per user, {view: {feature: value}}: decoded for the maintained features, KEPT for the others (None if absent)."""
-        fv = self._views[self._view_names[0]]  # the views share one entity (user_id)
-        keys = [self._key(fv, user) for user in users]
-        position = {key: i for i, key in enumerate(keys)}
+    def _forget(self) -> None:
+        self._cache.clear()
+        self._data_version = None
+
+    def _remember(self, version: int, fresh: dict[str, tuple[list[dict], list[float]]]) -> None:
+        """After a commit: the users' rows as they now are in the file, most recently used last, within the bound."""
+        cache = self._cache
+        for user, entry in fresh.items():
+            cache.pop(user, None)
+            cache[user] = entry
+        excess = len(cache) - _CACHED_USERS
+        if excess > 0:
+            for user in list(itertools.islice(cache, excess)):
+                del cache[user]
+        self._data_version = version
+
+    def _read(self, conn: sqlite3.Connection, users: list[str], now: float) -> tuple[list[dict[str, dict]], dict[str, tuple[list[dict], list[float]]]]:
+        """Per user, {view: {feature: value}}: decoded for the maintained features, KEPT for the others (None if absent);
+        and per user the cache entry of what was read (the rows and, per view, the oldest stamp of a non-null value)."""
         names, view_names = self._names, self._view_names
-        current = [[dict.fromkeys(names[view]) for view in view_names] for _ in users]
         # Oldest stamp still fresh, in the stored unit (Feast's naive-UTC reading); no TTL: any stamp.
         oldest = [_feast_sqlite_epoch(now - ttl) if ttl else -1 for ttl in self._ttls]
-        decoded, decode, parse = self._decoded, python_value, ValueProto.FromString
-        memo = self._memo
-        if len(memo) >= _MEMO_ENTRIES:
-            memo.clear()
-        remembered = memo.get
-        unique = list(position)  # a user is grouped once per message, so keys do not repeat
-        for start in range(0, len(unique), _KEYS_PER_QUERY):
-            part = unique[start : start + _KEYS_PER_QUERY]
-            # Padded to a power of two with a key no row has: a few statement shapes, each prepared once.
-            part += [b""] * (max(16, 1 << (len(part) - 1).bit_length()) - len(part))
-            for view_index, key, name, value, stamp in conn.execute(self._query(len(part)), part * len(view_names)):
-                if not value or (stamp and stamp < oldest[view_index]):
-                    continue  # null, or past the view's TTL: missing, never stale-as-fresh
-                if name in decoded[view_index]:
-                    known = remembered(value, _UNKNOWN)
-                    if known is _UNKNOWN:
-                        known = memo[value] = decode(parse(value))
-                    current[position[key]][view_index][name] = known
-                else:
-                    current[position[key]][view_index][name] = KEPT
-        return [dict(zip(view_names, rows)) for rows in current]
+        cache, n_views = self._cache, len(view_names)
+        fresh: dict[str, tuple[list[dict], list[float]]] = {}
+        current: list[list[dict]] = [[]] * len(users)  # every slot is replaced: from the cache or by the SELECT below
+        missing: list[int] = []
+        for i, user in enumerate(users):
+            entry = cache.get(user)
+            if entry is not None and all(low >= limit for low, limit in zip(entry[1], oldest)):
+                current[i] = entry[0]  # shared with the cache: apply_events never changes its input in place
+                fresh[user] = entry
+            else:
+                missing.append(i)
+        if missing:
+            fv = self._views[view_names[0]]  # the views share one entity (user_id)
+            position = {self._key(fv, users[i]): i for i in missing}
+            for i in missing:
+                current[i] = [dict.fromkeys(names[view]) for view in view_names]
+            lows = {i: [math.inf] * n_views for i in missing}
+            decoded, decode, parse = self._decoded, python_value, ValueProto.FromString
+            memo = self._memo
+            if len(memo) >= _MEMO_ENTRIES:
+                memo.clear()
+            remembered = memo.get
+            unique = list(position)  # a user is grouped once per message, so keys do not repeat
+            for start in range(0, len(unique), _KEYS_PER_QUERY):
+                part = unique[start : start + _KEYS_PER_QUERY]
+                # Padded to a power of two with a key no row has: a few statement shapes, each prepared once.
+                part += [b""] * (max(16, 1 << (len(part) - 1).bit_length()) - len(part))
+                for view_index, key, name, value, stamp in conn.execute(self._query(len(part)), part * n_views):
+                    if not value or (stamp and stamp < oldest[view_index]):
+                        continue  # null, or past the view's TTL: missing, never stale-as-fresh
+                    i = position[key]
+                    if stamp:
+                        low = lows[i]
+                        if stamp < low[view_index]:
+                            low[view_index] = stamp
+                    if name in decoded[view_index]:
+                        known = remembered(value, _UNKNOWN)
+                        if known is _UNKNOWN:
+                            known = memo[value] = decode(parse(value))
+                        current[i][view_index][name] = known
+                    else:
+                        current[i][view_index][name] = KEPT
+            for i in missing:
+                fresh[users[i]] = (current[i], lows[i])
+        return [dict(zip(view_names, rows)) for rows in current], fresh
 
     def _query(self, n_keys: int) -> str:
         sql = self._select.get(n_keys)
@@ -851,24 +911,39 @@ class SqliteRows:
             )
         return sql
 
-    def _write(self, conn: sqlite3.Connection, rows: Rows) -> None:
+    def _write(self, conn: sqlite3.Connection, rows: Rows, fresh: dict[str, tuple[list[dict], list[float]]]) -> None:
+        """The upserts and re-stamps; `fresh` (the cache entries of what was read) is updated to what the rows written
+        read back as, for storing once the transaction commits."""
         last_moment, last_stamp = None, 0
         memo = self._memo
         for view, view_rows in rows.items():
             fv, encoders, exact, out, restamp = self._views[view], self._encoders[view], self._exact[view], [], []
+            view_index = self._view_names.index(view)
+            decoded = self._decoded[view_index]
             for user, moment, row, before in view_rows:
                 key = self._key(fv, user)
                 stamp = last_stamp if moment == last_moment else _feast_sqlite_epoch(moment)
                 last_moment, last_stamp = moment, stamp
                 restamp.append((stamp, key, stamp))
+                after = dict(before)  # what a read returns once this commits: every row of the view carries `stamp`
                 for name, encode in encoders.items():
                     new = row.get(name)
                     if new is not None and name in before and before[name] == new:
                         continue  # unchanged (KEPT always is): the UPDATE below re-stamps it
                     blob, text = encode(new)
-                    if blob and name in exact:
-                        memo[blob] = exact[name](new)  # what reading these bytes back decodes to: not parsed again
+                    if not blob:
+                        after[name] = None
+                    elif name not in decoded:
+                        after[name] = KEPT
+                    elif name in exact:
+                        after[name] = memo[blob] = exact[name](new)  # what reading these bytes back decodes to: not parsed again
+                    else:
+                        after[name] = python_value(ValueProto.FromString(blob))
                     out.append((key, name, blob, text, stamp))
+                cached_rows, lows = fresh[user]
+                cached_rows, lows = list(cached_rows), list(lows)  # the entry read may be the cache's own: replaced, not changed
+                cached_rows[view_index], lows[view_index] = after, stamp if stamp else math.inf
+                fresh[user] = (cached_rows, lows)
             conn.executemany(self._sql[view], out)
             conn.executemany(self._stamp_sql[view], restamp)
 
@@ -878,6 +953,10 @@ _CACHE_KIB = 64 * 1024
 _KEY_CACHE = 200_000  # the views share one entity (user_id), so one key per user serves every view
 _NUMERIC = frozenset({"int64_val", "int32_val", "double_val", "float_val", "bool_val"})
 _MEMO_ENTRIES = 50_000  # decoded values kept (cleared when full): about 7 messages' worth of rows of 1,000 events
+# Users whose rows SqliteRows keeps between transactions (least recently used dropped first): ~5 KiB each measured on
+# the bench shop (30 recent items), so ~110 MB at the bound. A module constant, not a setting: it trades only the
+# feature process's memory for SQLite reads, and the shop's recently active users are what it needs to hold.
+_CACHED_USERS = 20_000
 _UNKNOWN = object()
 # Feast types whose Python values encode and decode back equal, and the type python_value returns for them (a count
 # of a Float64 feature may be the int 0; the lists apply_events builds hold the element type already).
