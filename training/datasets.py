@@ -7,7 +7,7 @@ Candidate generation and assembly are the serving code (propensity.candidates, p
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -42,6 +42,8 @@ class CutoffData:
     pairs: TrainingSet
     n_buyers: int
     candidate_recall: float  # share of bought items that were among the candidates
+    bought: int = 0  # items bought by the buyers (the recall's denominator: recall pools over chunks of cut-offs)
+    bought_covered: int = 0  # of those, items among the buyer's candidates
 
 
 def cutoff_times(as_of: datetime, first_event: datetime, settings: TrainingSettings) -> list[datetime]:
@@ -138,9 +140,17 @@ def assemble(
     training: TrainingSettings,
     progress: Callable[[str], None] = print,
     retrieval_weights: Mapping[str, Mapping[str, float]] | None = None,
+    for_ranker: np.ndarray | None = None,
+    first_row: int = 0,
 ) -> CutoffData:
-    """Model inputs for both models, built with the serving code path (candidates picked with retrieval_weights)."""
-    for_ranker = ranker_users(rows, training)
+    """Model inputs for both models, built with the serving code path (candidates picked with retrieval_weights).
+
+    `rows` may be one chunk (one cut-off) of the entity rows: `first_row` is its position in the whole, so row ids
+    (ranking groups) are the whole's, and `for_ranker` is ranker_users of the whole, sliced to the chunk, so a chunked
+    build picks the same ranker users as a whole one.
+    """
+    if for_ranker is None:
+        for_ranker = ranker_users(rows, training)
     records = user_features.to_dict("records")
     user_x, user_y, user_cut = [], [], []
     pair_x, pair_y, pair_cut, pair_group = [], [], [], []
@@ -169,14 +179,54 @@ def assemble(
         pair_x.append(pair_matrix(user, catalog, candidates, as_of_ts, user_row=row, signals=candidate_set.signals).astype(np.float32))
         pair_y.append(target)
         pair_cut.extend([cutoff] * len(candidates))
-        pair_group.extend([i] * len(candidates))
+        pair_group.extend([first_row + i] * len(candidates))
         if (i + 1) % 2000 == 0:
             progress(f"  assembled {i + 1:,}/{len(records):,} user rows")
-    users = TrainingSet(np.vstack(user_x).astype(np.float32), np.asarray(user_y), np.asarray(user_cut), np.arange(len(user_x)))
+    users = TrainingSet(np.vstack(user_x).astype(np.float32), np.asarray(user_y), np.asarray(user_cut), first_row + np.arange(len(user_x)))
     pairs = TrainingSet(
         np.vstack(pair_x) if pair_x else np.empty((0, 0), dtype=np.float32),
         np.concatenate(pair_y) if pair_y else np.empty(0),
         np.asarray(pair_cut),
         np.asarray(pair_group),
     )
-    return CutoffData(users, pairs, buyers, bought_covered / bought_total if bought_total else float("nan"))
+    return CutoffData(users, pairs, buyers, bought_covered / bought_total if bought_total else float("nan"), bought_total, bought_covered)
+
+
+def cutoff_slices(rows: pd.DataFrame) -> list[tuple[pd.Timestamp, int, int]]:
+    """(cut-off, first row, end row) of each cut-off's entity rows, which entity_rows keeps contiguous (sorted by cut-off)."""
+    stamps = pd.DatetimeIndex(pd.to_datetime(rows["event_timestamp"], utc=True))
+    if not stamps.is_monotonic_increasing:
+        raise ValueError("entity rows must be sorted by event_timestamp (entity_rows sorts them) to be built one cut-off at a time")
+    starts = np.flatnonzero(np.r_[True, stamps[1:] != stamps[:-1]]) if len(stamps) else np.empty(0, dtype=int)
+    ends = np.r_[starts[1:], len(stamps)]
+    return [(stamps[s], int(s), int(e)) for s, e in zip(starts, ends)]
+
+
+def cutoff_chunks(
+    store: FeatureStore,
+    rows: pd.DataFrame,
+    catalogs: Mapping[pd.Timestamp, Catalog],
+    user_service: str,
+    candidate_settings: CandidateSettings,
+    training: TrainingSettings,
+    retrieval_weights: Mapping[str, Mapping[str, float]] | None,
+    progress: Callable[[str], None] = print,
+) -> Iterator[tuple[pd.Timestamp, CutoffData]]:
+    """The model inputs one cut-off at a time: that cut-off's point-in-time user features from Feast, then `assemble`.
+
+    The same code as the whole build (historical_user_features, assemble), on one cut-off's entity rows, with the
+    catalogs the whole build reads (historical_catalogs over all cut-offs at once: a catalog's item order is the
+    order of that read, and candidate ties and the retrieval fit's negative samples follow it). Nothing of a chunk is kept here once it is yielded: a caller that drops it before asking for the next holds one
+    cut-off's rows at a time (training.dask_training writes each to Parquet).
+    """
+    for_ranker = ranker_users(rows, training)  # over the whole, as the whole build draws it
+    slices = cutoff_slices(rows)
+    for k, (cutoff, lo, hi) in enumerate(slices, start=1):
+        progress(f"  cut-off {cutoff:%Y-%m-%d} ({k}/{len(slices)}): {hi - lo:,} user rows, point-in-time features and assembly")
+        chunk = rows.iloc[lo:hi]
+        user_features = historical_user_features(store, chunk, user_service)
+        data = assemble(chunk, user_features, {cutoff: catalogs[cutoff]}, candidate_settings, training, progress, retrieval_weights, for_ranker[lo:hi], lo)
+        del chunk, user_features
+        yield cutoff, data
+        del data  # before the next cut-off is built, not when it replaces this one
+

@@ -81,9 +81,14 @@ def period_masks(name: str, data: TrainingSet, periods: Periods) -> tuple[np.nda
     """The train / validation / test masks, refusing a training or validation period with only one label class."""
     train, valid, test = periods.masks(data)
     for part, mask in (("training", train), ("validation", valid)):
-        if len(np.unique(data.labels[mask])) < 2:
-            raise ValueError(f"{name}: the {part} period has only one label class ({int(mask.sum())} rows); use a longer log or other cut-offs")
+        require_both_classes(name, part, int(mask.sum()), int(data.labels[mask].sum()))
     return train, valid, test
+
+
+def require_both_classes(name: str, part: str, rows: int, positives: int) -> None:
+    """Refuse a period whose rows are all one label class (counts only: the Dask engine checks per-cut-off summaries)."""
+    if not 0 < positives < rows:
+        raise ValueError(f"{name}: the {part} period has only one label class ({rows} rows); use a longer log or other cut-offs")
 
 
 def fit_model(
@@ -122,32 +127,57 @@ def finish_model(
     objectives: tuple[str, ...],
     training: TrainingSettings,
     progress: Callable[[str], None] = print,
+) -> FittedModel:
+    """finish_scored on in-memory rows: each booster scores the validation and test rows here."""
+    train, valid, test = masks
+
+    def scores(mask: np.ndarray) -> Callable[[lgb.Booster], np.ndarray]:
+        return lambda booster: booster.predict(data.features[mask], num_iteration=booster.best_iteration)
+
+    return finish_scored(
+        name, int(train.sum()), (data.labels[valid], scores(valid)), (data.labels[test], scores(test)), candidates, objectives, training, progress
+    )
+
+
+PeriodScores = tuple[np.ndarray, Callable[[lgb.Booster], np.ndarray]]  # a period's labels, and its raw scores by a booster (best iteration)
+
+
+def finish_scored(
+    name: str,
+    train_rows: int,
+    valid: PeriodScores,
+    test: PeriodScores,
+    candidates: dict[str, tuple[lgb.Booster, dict, dict]],
+    objectives: tuple[str, ...],
+    training: TrainingSettings,
+    progress: Callable[[str], None] = print,
     engine: str = "",
 ) -> FittedModel:
     """The best objective's booster on validation, calibrated on validation, with its validation (and test) metrics.
 
-    Shared by every training engine (in process here, lightgbm.dask in training.dask_training): `candidates` holds
+    Shared by every training engine (in process through finish_model, lightgbm.dask in training.dask_training, which
+    scores the periods on its cluster, so no model inputs need to be on this machine): `candidates` holds
     (booster, params, within-candidates ranking metrics) per objective. `engine` is recorded in the params.
     """
-    train, valid, test = masks
+    (valid_labels, valid_scores), (test_labels, test_scores) = valid, test
     objective = max(candidates, key=lambda o: candidates[o][2].get("ndcg_at_10", 0.0)) if len(candidates) > 1 else objectives[0]
     booster, params, _ = candidates[objective]
-    raw_valid = booster.predict(data.features[valid], num_iteration=booster.best_iteration)
-    calibration, _ = choose_calibration(data.labels[valid], raw_valid, raw=objective == "lambdarank", seed=training.seed)
+    raw_valid = valid_scores(booster)
+    calibration, _ = choose_calibration(valid_labels, raw_valid, raw=objective == "lambdarank", seed=training.seed)
     params = {**params, "engine": engine} if engine else params
     model = FittedModel(booster, calibration, params, {}, objective, {o: c[2] for o, c in candidates.items()}, {o: c[0] for o, c in candidates.items()})
-    p_valid = model.predict(data.features[valid])
+    p_valid = apply_calibration(calibration, raw_valid)  # = model.predict on the validation rows
     metrics = {
-        **classification_metrics(data.labels[valid], p_valid),
-        "train_rows": int(train.sum()),
-        "validation_rows": int(valid.sum()),
+        **classification_metrics(valid_labels, p_valid),
+        "train_rows": train_rows,
+        "validation_rows": len(valid_labels),
         "best_iteration": int(booster.best_iteration),
     }
     if objective == "binary":
-        metrics["uncalibrated_logloss"] = classification_metrics(data.labels[valid], raw_valid)["logloss"]
-    if test.any() and len(np.unique(data.labels[test])) == 2:
-        metrics.update({f"test_{k}": v for k, v in classification_metrics(data.labels[test], model.predict(data.features[test])).items()})
-        metrics["test_rows"] = int(test.sum())
+        metrics["uncalibrated_logloss"] = classification_metrics(valid_labels, raw_valid)["logloss"]
+    if len(test_labels) and len(np.unique(test_labels)) == 2:
+        metrics.update({f"test_{k}": v for k, v in classification_metrics(test_labels, apply_calibration(calibration, test_scores(booster))).items()})
+        metrics["test_rows"] = len(test_labels)
     model.metrics = metrics
     progress(
         f"  {name}{f' ({engine})' if engine else ''}: validation AUC {metrics['auc']:.3f}, PR-AUC {metrics['pr_auc']:.3f}"
@@ -155,4 +185,3 @@ def finish_model(
         + f" ({metrics['validation_rows']:,} rows, {metrics['best_iteration']} trees, {objective}, calibration {calibration['method']})"
     )
     return model
-
