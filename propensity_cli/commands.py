@@ -454,7 +454,7 @@ def cmd_models_compare(args: argparse.Namespace) -> int:
     from training.evaluation.comparison import metric_label, signed
     from training.lifecycle import compare_versions, leakage, score_held_out
     from training.prepare import load_prepared
-    from training.train import build_training_data
+    from training.training_data import build_training_data
 
     settings = settings_from_args(args)
     try:

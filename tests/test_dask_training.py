@@ -21,8 +21,8 @@ from training.datasets import TrainingSet
 from training.periods import naive_utc
 from training.prepare import load_prepared
 from training.streamed_training import plan_catalogs, streamed_retrieval_weights, training_chunks
-from training.train import build_training_data, train
-from training.training_data import plan_training
+from training.train import train
+from training.training_data import build_training_data, plan_training
 
 from .conftest import Pipeline
 

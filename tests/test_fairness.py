@@ -25,7 +25,8 @@ from training.datasets import historical_user_features
 from training.evaluation import fairness
 from training.models import fit_model
 from training.prepare import load_prepared
-from training.train import build_training_data, minimised_user_service, sensitive_inputs
+from training.training_data import build_training_data
+from training.version_facts import minimised_user_service, sensitive_inputs
 
 AGE = USER_MODEL_FEATURES.index("age")
 

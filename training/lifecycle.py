@@ -25,7 +25,7 @@ from training.evaluation.ranking import K, BuyerCandidates, find_test_buyers
 
 if TYPE_CHECKING:
     from propensity.settings import TrainingSettings
-    from training.train import TrainingData
+    from training.training_data import TrainingData
 
 GATE_METRICS = ("ranker ndcg_at_10", "propensity log_loss")
 

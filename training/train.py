@@ -24,10 +24,7 @@ from training.report import write_training_report
 from training.streamed_training import train_on_dask
 from training.training_data import TrainingData, build_training_data
 from training.tuning import TuningBudget
-from training.version_facts import current_services, data_fingerprint, minimised_user_service, sensitive_inputs
-
-# Callers (evaluation, fairness, the CLI) import these from here, where training starts.
-__all__ = ["TrainingData", "TrainingResult", "build_training_data", "fit_models", "minimised_user_service", "sensitive_inputs", "train"]
+from training.version_facts import current_services, data_fingerprint, sensitive_inputs
 
 
 @dataclass(frozen=True)

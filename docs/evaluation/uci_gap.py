@@ -42,7 +42,7 @@ def build(args: argparse.Namespace) -> None:
     from training import datasets
     from training.evaluation.run import evaluation_periods
     from training.prepare import load_prepared
-    from training.train import build_training_data
+    from training.training_data import build_training_data
 
     settings = Settings()
     generate, seen = datasets.generate_candidates, []

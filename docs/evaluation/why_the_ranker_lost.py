@@ -23,7 +23,8 @@ from training.boosters import group_sizes
 from training.calibration import fit_calibration
 from training.evaluation.ranking import find_test_buyers
 from training.prepare import load_prepared
-from training.train import build_training_data, fit_models
+from training.training_data import build_training_data
+from training.train import fit_models
 
 K = 10
 _IN_CART = "ui_in_cart"

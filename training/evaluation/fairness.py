@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from training.models import FittedModel
     from training.periods import Periods
     from training.prepare import PreparedData
-    from training.train import TrainingData
+    from training.training_data import TrainingData
     from training.tuning import TuningBudget
 
 K = 10
@@ -203,7 +203,9 @@ def fit_minimised(
     progress: Callable[[str], None] = print,
 ) -> tuple[TrainingData, dict[str, FittedModel], str] | None:
     """Both models fitted as training does on the user feature service without training.sensitive_attributes (None: the configured one already is)."""
-    from training.train import build_training_data, fit_models, minimised_user_service
+    from training.train import fit_models
+    from training.training_data import build_training_data
+    from training.version_facts import minimised_user_service
 
     service = minimised_user_service(built.store, settings.user_feature_service, settings.training.sensitive_attributes)
     if service == settings.user_feature_service:

@@ -14,7 +14,7 @@ from training import baselines, metrics
 from training.models import FittedModel
 
 if TYPE_CHECKING:
-    from training.train import TrainingData
+    from training.training_data import TrainingData
 
 MODEL = "lightgbm"  # the calibrated probability, as served
 

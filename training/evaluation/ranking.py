@@ -20,7 +20,7 @@ from training.boosters import group_sizes
 from training.models import FittedModel
 
 if TYPE_CHECKING:
-    from training.train import TrainingData
+    from training.training_data import TrainingData
 
 K = 10
 MODEL = "lightgbm"  # the ranker with the objective chosen on validation, as served

@@ -33,12 +33,14 @@ from training.evaluation.report import write_report
 from training.evaluation.summary import merge_metrics, write_summary
 from training.periods import Periods
 from training.prepare import PreparedData, load_prepared
-from training.train import build_training_data, fit_models, sensitive_inputs
+from training.train import fit_models
+from training.training_data import build_training_data
+from training.version_facts import sensitive_inputs
 from training.tuning import TuningBudget
 
 if TYPE_CHECKING:
     from training.models import FittedModel
-    from training.train import TrainingData
+    from training.training_data import TrainingData
 
 
 def evaluate(
