@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from propensity.event_log import EventLog
+from propensity.feature_store import is_sqlite_online_store, sqlite_online_path, sqlite_online_table
 from propensity.pseudonyms import privacy_key
 from propensity.realtime import id_problem
 from propensity.settings import Settings
@@ -174,9 +175,9 @@ def forget_online(store: object, user_ids: Sequence[str]) -> int:
                              entity_key_serialization_version=config.entity_key_serialization_version)
         for user in user_ids
     ]
-    kind = str(config.online_store.type).lower()
-    if kind == "sqlite" or kind.endswith("sqliteonlinestore"):
+    if is_sqlite_online_store(config):
         return _forget_sqlite(config, views, keys)
+    kind = str(config.online_store.type).lower()
     if kind == "redis" or kind.endswith("redisonlinestore"):
         client = store._get_provider().online_store._get_client(config.online_store)
         project = config.project.encode()
@@ -185,12 +186,9 @@ def forget_online(store: object, user_ids: Sequence[str]) -> int:
 
 
 def _forget_sqlite(config: object, views: list, keys: list[bytes]) -> int:
-    from feast.infra.online_stores.sqlite import SqliteOnlineStore, _table_id
-
-    path = Path(SqliteOnlineStore._get_db_path(config))
+    path = sqlite_online_path(config)
     if not path.exists():
         return 0
-    versioning = config.registry.enable_online_feature_view_versioning
     conn = sqlite3.connect(path, timeout=30, isolation_level=None)
     try:
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -198,7 +196,7 @@ def _forget_sqlite(config: object, views: list, keys: list[bytes]) -> int:
         conn.execute("BEGIN IMMEDIATE")
         try:
             for fv in views:
-                table = _table_id(config.project, fv, versioning)
+                table = sqlite_online_table(config, fv)
                 if table not in tables:
                     continue
                 for start in range(0, len(keys), 500):
@@ -389,10 +387,8 @@ def online_user_ids(store: object) -> set[str]:
     version = config.entity_key_serialization_version
     kind = str(config.online_store.type).lower()
     keys: set[bytes] = set()
-    if kind == "sqlite" or kind.endswith("sqliteonlinestore"):
-        from feast.infra.online_stores.sqlite import SqliteOnlineStore, _table_id
-
-        path = Path(SqliteOnlineStore._get_db_path(config))
+    if is_sqlite_online_store(config):
+        path = sqlite_online_path(config)
         if not path.exists():
             return set()
         views = [fv for fv in store.list_feature_views() if [c.name for c in fv.entity_columns] == [USER_KEY]]
@@ -400,7 +396,7 @@ def online_user_ids(store: object) -> set[str]:
         try:
             tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             for fv in views:
-                table = _table_id(config.project, fv, config.registry.enable_online_feature_view_versioning)
+                table = sqlite_online_table(config, fv)
                 if table in tables:
                     keys.update(row[0] for row in conn.execute(f'SELECT DISTINCT entity_key FROM "{table}"'))
         finally:

@@ -11,9 +11,30 @@ import sys
 from pathlib import Path
 
 from feast import FeatureStore, FeatureView
+from feast.repo_config import RepoConfig
 
 from propensity.settings import PROJECT_ROOT
 from propensity.store_profiles import apply_defaults, check_reachable
+
+
+def is_sqlite_online_store(config: RepoConfig) -> bool:
+    """Feast's SQLite online store (the default profile), named by its short or its full type name."""
+    kind = str(config.online_store.type).lower()
+    return kind == "sqlite" or kind.endswith("sqliteonlinestore")
+
+
+def sqlite_online_path(config: RepoConfig) -> Path:
+    """The file Feast's SQLite online store keeps its tables in."""
+    from feast.infra.online_stores.sqlite import SqliteOnlineStore
+
+    return Path(SqliteOnlineStore._get_db_path(config))
+
+
+def sqlite_online_table(config: RepoConfig, view: FeatureView) -> str:
+    """The table Feast's SQLite online store keeps a feature view's rows in (one row per entity and feature)."""
+    from feast.infra.online_stores.sqlite import _table_id
+
+    return _table_id(config.project, view, config.registry.enable_online_feature_view_versioning)
 
 
 class FeatureContractError(RuntimeError):

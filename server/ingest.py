@@ -43,6 +43,7 @@ from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.type_map import python_values_to_proto_values
 
 from propensity.event_log import EventLog, EventLogError, StreamEvent
+from propensity.feature_store import is_sqlite_online_store, sqlite_online_path, sqlite_online_table
 from propensity.tombstones import FORGOTTEN_EVENT_REASON, ForgottenIndex
 from propensity.realtime import (
     ACTIVITY_VIEW, HISTORY_VIEW, INTERESTS_VIEW, MAINTAINED_ACTIVITY, MAINTAINED_HISTORY, MAINTAINED_INTERESTS, MAINTAINED_VIEWS,
@@ -585,8 +586,7 @@ def features_for(store: FeatureStore, views: dict[str, FeatureView], recent: int
     """Direct SQL on Feast's SQLite online store (the default profile) in a process of its own; Feast's own read and
     write otherwise, on the calling thread."""
     config = store.config
-    online_type = str(config.online_store.type).lower()
-    plain_sqlite = (online_type == "sqlite" or online_type.endswith("sqliteonlinestore")) and not (
+    plain_sqlite = is_sqlite_online_store(config) and not (
         getattr(config.online_store, "vector_enabled", False) or getattr(config.online_store, "enable_openai_compatible_store", False)
     )
     if plain_sqlite:
@@ -709,12 +709,9 @@ class SqliteSpec:
 
 
 def sqlite_spec(store: FeatureStore, views: dict[str, FeatureView], timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> SqliteSpec:
-    from feast.infra.online_stores.sqlite import SqliteOnlineStore, _table_id
-
     config = store.config
-    versioning = config.registry.enable_online_feature_view_versioning
     return SqliteSpec(
-        path=str(SqliteOnlineStore._get_db_path(config)), tables=tuple(_table_id(config.project, fv, versioning) for fv in views.values()),
+        path=str(sqlite_online_path(config)), tables=tuple(sqlite_online_table(config, fv) for fv in views.values()),
         views=views, key_version=config.entity_key_serialization_version, timeout_seconds=timeout_seconds,
     )
 

@@ -17,7 +17,7 @@ import numpy as np
 from feast import FeatureStore
 
 from propensity.catalog import Catalog
-from propensity.feature_store import offline_table, open_store
+from propensity.feature_store import is_sqlite_online_store, offline_table, open_store, sqlite_online_path, sqlite_online_table
 from server.online_features import item_ids_in_offline_store, load_catalog
 
 
@@ -72,21 +72,17 @@ class CatalogSourceStamp:
     """
 
     def __init__(self, spec: CatalogSpec) -> None:
-        from feast.infra.online_stores.sqlite import SqliteOnlineStore, _table_id
-
         store = open_store(spec.feature_repo, spec.feature_store_yaml)
         config = store.config
-        online_type = str(config.online_store.type).lower()
         registry = Path(str(getattr(config.registry, "path", "") or ""))
         registry = registry if registry.is_absolute() else Path(store.repo_path) / registry
         self._db: Path | None = None
-        if (online_type == "sqlite" or online_type.endswith("sqliteonlinestore")) and registry.is_file():
+        if is_sqlite_online_store(config) and registry.is_file():
             service = store.get_feature_service(spec.service)
-            versioning = config.registry.enable_online_feature_view_versioning
             views = [store.get_feature_view(projection.name) for projection in service.feature_view_projections]
-            self._tables = [_table_id(config.project, view, versioning) for view in views]
+            self._tables = [sqlite_online_table(config, view) for view in views]
             self._files = [registry, offline_table(store, store.get_feature_view(ITEM_LIST_VIEW))]
-            self._db = Path(SqliteOnlineStore._get_db_path(config))
+            self._db = sqlite_online_path(config)
 
     def __call__(self) -> str | None:
         """The current fingerprint, or None when the source cannot be stamped (unsupported store, unreadable file)."""

@@ -29,7 +29,6 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -42,6 +41,7 @@ from feast.type_map import python_values_to_proto_values
 from feast.value_type import ValueType
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from propensity.feature_store import is_sqlite_online_store, sqlite_online_path, sqlite_online_table
 from server.errors import RecommendationError
 from server.value_columns import decode_column, python_value
 
@@ -169,9 +169,9 @@ def read_as_lists(reader: StoreRead, plans: Sequence[ViewPlan], entity_ids: list
 
 def reader_for(store: FeatureStore, plans: Sequence[ViewPlan], timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> StoreRead:
     """The fastest reader that understands the store's online store type; store calls time out after timeout_seconds."""
-    online_type = str(store.config.online_store.type).lower()
-    if online_type == "sqlite" or online_type.endswith("sqliteonlinestore"):
+    if is_sqlite_online_store(store.config):
         return SqliteRead(store, plans, timeout_seconds)
+    online_type = str(store.config.online_store.type).lower()
     if online_type == "redis" or online_type.endswith("redisonlinestore"):
         return RedisRead(store, plans, timeout_seconds)
     return FeastOnlineRead(store, plans)
@@ -241,17 +241,14 @@ class SqliteRead:
     errors = (sqlite3.Error,)
 
     def __init__(self, store: FeatureStore, plans: Sequence[ViewPlan], timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> None:
-        from feast.infra.online_stores.sqlite import SqliteOnlineStore, _table_id
-
         _check_one_entity(plans)
         config = store.config
         self._plans = tuple(plans)
         self._version = config.entity_key_serialization_version
-        self._path = Path(SqliteOnlineStore._get_db_path(config))
+        self._path = sqlite_online_path(config)
         self._timeout = timeout_seconds
         self._conn: sqlite3.Connection | None = self._connect()
-        versioning = config.registry.enable_online_feature_view_versioning
-        self._tables = [_table_id(config.project, plan.view, versioning) for plan in plans]
+        self._tables = [sqlite_online_table(config, plan.view) for plan in plans]
         self._wanted = [set(plan.features) for plan in plans]
         # Filter in SQL only when a view's table holds features the plan does not want (a subset read).
         self._names_sql = [
