@@ -25,6 +25,12 @@ _USERS_PER_CUTOFF = 1500  # buyers sampled per training cut-off: enough for 11 w
 _NEGATIVES_PER_USER = 600  # items not bought, sampled uniformly per user
 
 
+def training_buyers(rows: pd.DataFrame, train_cutoffs: list[datetime]) -> np.ndarray:
+    """Positions in `rows` of the buyers at the training cut-offs: the users the retrieval weights are fitted on."""
+    stamps = pd.to_datetime(rows["event_timestamp"], utc=True)
+    return np.flatnonzero(stamps.isin(set(pd.to_datetime(train_cutoffs, utc=True))).to_numpy() & (rows["label"].to_numpy() == 1))
+
+
 def fit_retrieval_weights(
     rows: pd.DataFrame,
     user_features: pd.DataFrame,
@@ -35,9 +41,8 @@ def fit_retrieval_weights(
 ) -> dict:
     """{"weights": {signal: coefficient}, "users", "pairs", "positives"} from the training cut-offs' buyers; defaults if too few."""
     rng = np.random.default_rng(seed)
-    train = set(pd.to_datetime(train_cutoffs, utc=True))
     stamps = pd.to_datetime(rows["event_timestamp"], utc=True)
-    buyers = np.flatnonzero(stamps.isin(train).to_numpy() & (rows["label"].to_numpy() == 1))
+    buyers = training_buyers(rows, train_cutoffs)
     chosen = pd.Series(buyers).groupby(stamps.iloc[buyers].to_numpy()).apply(
         lambda g: g.sample(min(len(g), _USERS_PER_CUTOFF), random_state=seed)
     )

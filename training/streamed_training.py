@@ -16,7 +16,7 @@ from propensity.catalog import Catalog
 from propensity.settings import Settings
 from training.datasets import CutoffData, cutoff_chunks, historical_catalogs, historical_user_features
 from training.prepare import PreparedData
-from training.retrieval_fit import fit_retrieval_weights
+from training.retrieval_fit import fit_retrieval_weights, training_buyers
 from training.training_data import TrainingData, TrainingPlan, plan_training
 
 if TYPE_CHECKING:  # importing training.dask_training imports Dask: only when the engine is asked for
@@ -42,10 +42,7 @@ def streamed_retrieval_weights(
     It samples among exactly those rows (buyers at training cut-offs), in the same order, with the same catalogs, so
     the weights are the whole build's (tests/test_dask_training.py compares them).
     """
-    rows = plan.rows
-    stamps = pd.to_datetime(rows["event_timestamp"], utc=True)
-    train = stamps.isin(pd.to_datetime(plan.periods.train, utc=True)).to_numpy() & (rows["label"].to_numpy() == 1)
-    buyers = rows[train].reset_index(drop=True)
+    buyers = plan.rows.iloc[training_buyers(plan.rows, plan.periods.train)].reset_index(drop=True)
     user_features = historical_user_features(plan.store, buyers, settings.user_feature_service)
     return fit_retrieval_weights(buyers, user_features, dict(catalogs), plan.periods.train, settings.training.seed, progress)
 
