@@ -47,3 +47,13 @@ def counted_build(directory: str, spec: CatalogSpec, known_digest: str) -> tuple
 
     tempfile.NamedTemporaryFile(dir=directory, prefix="build-", delete=False).close()
     return build_catalog_pieces(spec, known_digest)
+
+
+def scheduling_group() -> tuple[int, str | None]:
+    """This process's session id and its autogroup line (None where the kernel has no autogroups)."""
+    try:
+        with open("/proc/self/autogroup") as autogroup:
+            line = autogroup.read().strip()
+    except OSError:
+        line = None
+    return os.getsid(0), line

@@ -41,6 +41,18 @@ def test_the_build_process_runs_functions_in_another_process_and_reports_failure
         builder.call(background_hooks.pid)
 
 
+def test_the_build_process_runs_in_a_scheduling_group_of_its_own_at_the_lowest_priority() -> None:
+    """A build charged to the serving workers' session spent their share of the CPU (docs/benchmarks/tail.md)."""
+    builder = BuildProcess()
+    try:
+        session, autogroup = builder.call(background_hooks.scheduling_group)
+        assert session != os.getsid(0)  # left the server's session
+        if autogroup is not None and background_hooks.scheduling_group()[1] is not None:
+            assert autogroup.endswith("nice 19"), autogroup
+    finally:
+        builder.close()
+
+
 def _catalog(n: int) -> Catalog:
     ids = [f"i{k:05d}" for k in range(n)]
     rng = np.random.default_rng(1)
