@@ -30,7 +30,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from propensity.event_log import EventLog
-from propensity.feature_store import is_sqlite_online_store, sqlite_online_path, sqlite_online_table
 from propensity.pseudonyms import privacy_key
 from propensity.realtime import id_problem
 from propensity.settings import Settings
@@ -168,6 +167,8 @@ def forget_online(store: object, user_ids: Sequence[str]) -> int:
     from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
     from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 
+    from propensity.feature_store import is_sqlite_online_store  # Feast only when a store is touched, as above
+
     config = store.config
     views = [fv for fv in store.list_feature_views() if [c.name for c in fv.entity_columns] == [USER_KEY]]
     keys = [
@@ -186,6 +187,8 @@ def forget_online(store: object, user_ids: Sequence[str]) -> int:
 
 
 def _forget_sqlite(config: object, views: list, keys: list[bytes]) -> int:
+    from propensity.feature_store import sqlite_online_path, sqlite_online_table
+
     path = sqlite_online_path(config)
     if not path.exists():
         return 0
@@ -382,6 +385,8 @@ def _user_ids(files: Sequence[Path]) -> Iterator[str]:
 def online_user_ids(store: object) -> set[str]:
     """Every user id with a row in a user-keyed view of the online store (Feast's SQLite and Redis layouts)."""
     from feast.infra.key_encoding_utils import deserialize_entity_key
+
+    from propensity.feature_store import is_sqlite_online_store, sqlite_online_path, sqlite_online_table
 
     config = store.config
     version = config.entity_key_serialization_version
