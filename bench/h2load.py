@@ -15,7 +15,9 @@ that never ran at once.
 
 from __future__ import annotations
 
+import os
 import re
+import select
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -206,6 +208,43 @@ def timetable(slots: int, seconds: float, segments: int) -> list[list[float]]:
     return table
 
 
+_POLICIES = {getattr(os, name): name for name in ("SCHED_OTHER", "SCHED_BATCH", "SCHED_IDLE", "SCHED_FIFO", "SCHED_RR") if hasattr(os, name)}
+
+
+def scheduling_of(pid: int) -> str:
+    """E.g. 'SCHED_OTHER nice 0, autogroup nice 0': how the kernel schedules pid (autogroup: its session's share)."""
+    try:
+        policy = _POLICIES.get(os.sched_getscheduler(pid), "?")
+        text = f"{policy} nice {os.getpriority(os.PRIO_PROCESS, pid)}"
+        autogroup = Path(f"/proc/{pid}/autogroup").read_text().split()
+        return text + (f", autogroup nice {autogroup[-1]}" if len(autogroup) >= 3 else "")
+    except (OSError, IndexError):
+        return "unknown (exited)"
+
+
+def _wait_for_an_exit(procs: Sequence[subprocess.Popen], poll_seconds: float, longest: float = 1.0) -> None:
+    """Return when one of procs has exited (or after `longest` s, for the timeout checks).
+
+    Blocks on the processes' pidfds: the generator's parent then wakes only when a process ends, where
+    sleeping poll_seconds between checks woke it 250 times a second (4 ms) on the cores the server
+    shares with it. Without pidfds (before Linux 5.3) it sleeps poll_seconds.
+    """
+    fds = []
+    try:
+        for proc in procs:
+            fds.append(os.pidfd_open(proc.pid))
+    except (AttributeError, OSError):
+        for fd in fds:
+            os.close(fd)
+        time.sleep(poll_seconds)
+        return
+    try:
+        select.select(fds, [], [], longest)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 @dataclass(frozen=True)
 class SlotRun:
     """One h2load process of a slot: what it ran, its counters and its per-request log rows."""
@@ -217,6 +256,7 @@ class SlotRun:
     tag: object = None  # the caller's (e.g. the user)
     launched_us: int = 0  # wall clock (us since epoch, as the log's) when the process was started
     exited_us: int = 0  # ... and when it was seen to have exited
+    scheduling: str = ""  # how the process was scheduled, read from it once started (scheduling_of)
 
     @property
     def failures(self) -> int:
@@ -244,15 +284,16 @@ def merge_slots(runs: Sequence[SlotRun], concurrency: int, min_seconds: float) -
 
 
 def run_slots(next_job: Callable[[int, int, float], tuple[Job, object]], table: Sequence[Sequence[float]],
-              poll_seconds: float = 0.004, min_job_seconds: float = 0.1, timeout_slack: float = 15.0) -> list[SlotRun]:
+              poll_seconds: float = 0.004, min_job_seconds: float = 0.1, timeout_slack: float = 15.0,
+              preexec: Callable[[], None] | None = None) -> list[SlotRun]:
     """Keep one h2load process running per slot, each replaced by the next when it ends, on `table`'s timetable.
 
     next_job(slot, k, seconds) gives the process for segment k of a slot (and a tag); it runs until the
     slot's next hand-over time. A hand-over that leaves less than min_job_seconds is skipped, and a
-    slot stops when no time is left.
+    slot stops when no time is left. `preexec` runs in each h2load process before it starts (its scheduling).
     """
     t0 = time.monotonic()
-    running: dict[int, tuple[subprocess.Popen, Job, object, int, float, int]] = {}
+    running: dict[int, tuple[subprocess.Popen, Job, object, int, float, int, str]] = {}
     runs: list[SlotRun] = []
 
     def start(slot: int, k: int) -> None:
@@ -267,22 +308,22 @@ def run_slots(next_job: Callable[[int, int, float], tuple[Job, object]], table: 
             return
         job, tag = next_job(slot, k, seconds)
         launched = int(time.time() * 1e6)
-        proc = subprocess.Popen(command(job), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        running[slot] = (proc, job, tag, k, time.monotonic() + seconds + timeout_slack, launched)
+        proc = subprocess.Popen(command(job), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=preexec)
+        running[slot] = (proc, job, tag, k, time.monotonic() + seconds + timeout_slack, launched, scheduling_of(proc.pid))
 
     try:
         for slot in range(len(table)):
             start(slot, 0)
         while running:
-            time.sleep(poll_seconds)
-            for slot, (proc, job, tag, k, deadline, launched) in list(running.items()):
+            _wait_for_an_exit([entry[0] for entry in running.values()], poll_seconds)
+            for slot, (proc, job, tag, k, deadline, launched, scheduling) in list(running.items()):
                 if proc.poll() is None:
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"h2load still running {timeout_slack:.0f}s after its duration: {' '.join(command(job))}")
                     continue
                 del running[slot]
                 out, _ = proc.communicate()
-                runs.append(SlotRun(slot, job, parse_summary(out), tuple(read_log(job.log_file)), tag, launched, int(time.time() * 1e6)))
+                runs.append(SlotRun(slot, job, parse_summary(out), tuple(read_log(job.log_file)), tag, launched, int(time.time() * 1e6), scheduling))
                 job.log_file.unlink(missing_ok=True)
                 if k + 2 < len(table[slot]):
                     start(slot, k + 1)

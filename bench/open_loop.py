@@ -14,6 +14,12 @@ user every 2 s (docs/benchmarks/tail.md; ServerWatch reports it for every phase)
 replaces needed most of a core at 800 req/s on the 2 cores it shared with the server, and its own
 sends were up to 190 ms late at p99, so it measured itself rather than the server.
 
+The generator runs on the server's cores, which a real client would not: its processes are scheduled as
+the bench is (`generator_scheduling` says how, per phase), and the Python parent that hands the slots
+over blocks on the processes' pidfds instead of polling every 4 ms. Running h2load under SCHED_BATCH
+(no wake-up preemption) was tried: the tail got longer, not shorter, since h2load then also reads the
+answers late, which counts in the latency (docs/benchmarks/tail.md, 2026-12-02).
+
 Users rotate: `slots` processes side by side, each sending one user's request at rate / slots and
 handing over to the next user on h2load.timetable's schedule (the slots never all change at once).
 When lateness is a large part of the latency tail, or the rate offered was not achieved, the tail is
@@ -105,6 +111,8 @@ def summarise(rate: float, runs: Sequence[h2load.SlotRun]) -> dict:
         "lateness_max_ms": round(float(late_all.max()), 3) if len(late_all) else float("nan"),
         "late_over_1ms": int((late_all > 1.0).sum()),
         "h2load_runs": len(runs),
+        # On the server's own cores, unlike a real client: how the kernel weighed the generator against the server.
+        "generator_scheduling": sorted({run.scheduling for run in runs if run.scheduling}),
     }
     result["generator_limited"] = generator_limited(result["lateness_p99_ms"], result["p99"])
     result["rate_kept"] = bool(rate > 0 and result["achieved_rps"] >= RATE_KEPT_SHARE * rate)
@@ -285,7 +293,8 @@ def split_by_intervals(runs: Sequence[h2load.SlotRun], intervals: Sequence[tuple
 
 
 def run_phase(url: str, next_user: Callable[[], str], body_of: Callable[[str], tuple[Path, int]], rate: float, seconds: float,
-              slots: int, segments: int, work: Path, streams: int = STREAMS_PER_CONNECTION, watch: ServerWatch | None = None) -> dict:
+              slots: int, segments: int, work: Path, streams: int = STREAMS_PER_CONNECTION, watch: ServerWatch | None = None,
+              preexec: Callable[[], None] | None = None, poll_seconds: float = 0.004) -> dict:
     """`slots` h2load processes in rate mode at rate / slots each, every slot handing over to a new user
     about `segments` times; body_of(user) gives the framed request file and its verified answer size.
     With `watch` (started by the caller), the requests due while a catalog build ran are split out."""
@@ -298,7 +307,7 @@ def run_phase(url: str, next_user: Callable[[], str], body_of: Callable[[str], t
         log.unlink(missing_ok=True)  # h2load appends to an existing log
         return h2load.Job(url, body, 1, streams, job_seconds, log, answer_bytes, rps=per_slot), user
 
-    runs = h2load.run_slots(next_job, h2load.timetable(slots, seconds, segments))
+    runs = h2load.run_slots(next_job, h2load.timetable(slots, seconds, segments), poll_seconds=poll_seconds, preexec=preexec)
     during = {}
     if watch is not None:
         watch.stop()

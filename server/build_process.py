@@ -48,11 +48,21 @@ def _own_scheduling_group() -> None:
         pass
 
 
+def _any_cpu() -> None:
+    """Undo the pin it inherits from a worker (server.workers.pin_to_own_cpu): a build at the lowest priority should use
+    whichever core is idle, not queue behind its own worker. The kernel keeps it inside the process's cpuset."""
+    try:
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+    except OSError:  # no CPU of that range allowed here: keep the inherited set
+        pass
+
+
 def _serve(conn: Connection, niceness: int) -> None:
     """The helper's main loop: run each (function, args) received and send back (ok, result or traceback)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the server decides
     os.nice(niceness)
     _own_scheduling_group()
+    _any_cpu()
     while True:
         try:
             fn, args = conn.recv()
