@@ -55,10 +55,11 @@ def reserve_port(host: str, port: int) -> Iterator[int]:
 def pin_to_own_cpu(number: int, workers: int) -> int | None:
     """With exactly one worker per CPU this process may use, keep worker `number` on a CPU of its own; returns it (None: not pinned).
 
-    Open loop at 485 req/s on the shared 2-core machine, pinned and unpinned servers alternating, 15 pairs:
-    p99 shorter in 12 (median 87 against 172 ms), fewer event-loop lags over 5 ms in 13 (median 1.4 % of
-    the samples against 2.5 %; docs/benchmarks/tail.md, 2026-12-02). With more or fewer workers than CPUs
-    nothing is pinned: a pinned worker could not use a core another one leaves idle. Called first thing in the forked worker, while it has
+    Open loop at 485 req/s on the shared 2-core machine, pinned and unpinned servers alternating, 22 pairs:
+    fewer event-loop lags over 5 ms in 19 (median 1.4 % of the samples against 2.5 %); p99 shorter in only
+    14 (median 107 against 161 ms), which that machine's load could not settle (docs/benchmarks/tail.md,
+    2026-12-02). With more or fewer workers than CPUs nothing is pinned: a pinned worker could not use a
+    core another one leaves idle. Called first thing in the forked worker, while it has
     one thread, so gRPC's threads inherit the CPU; the catalog build process leaves it (server.build_process).
     """
     cpus = sorted(os.sched_getaffinity(0))

@@ -153,7 +153,7 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for round_ in range(args.repeat):
-        for name, path in servers:
+        for name, path in servers if round_ % 2 == 0 else servers[::-1]:  # no variant always runs first
             metrics_port, port = free_port(), free_port()
             env = {**state.env(), **SERVE_OVERRIDES, **PERIODIC_OVERRIDES, "PROPENSITY_SERVER__WORKERS": str(args.workers),
                    "PROPENSITY_SERVER__LOG_FORMAT": "json", "PROPENSITY_SERVER__METRICS_PORT": str(metrics_port),
