@@ -293,23 +293,31 @@ def best_iteration(client, booster: lgb.Booster, valid_files: list[str], feature
     return best, curve
 
 
-def fit_dask_booster(
-    client, params: dict, train_files: list[list[str]], valid_files: list[str], features: tuple[str, ...], training: TrainingSettings
-) -> tuple[lgb.Booster, list[float]]:
-    """One lightgbm.dask fit on the Parquet training rows (files per cut-off); returns a plain Booster with best_iteration set."""
+def dask_booster(client, params: dict, train_files: list[list[str]], features: tuple[str, ...], rounds: int) -> lgb.Booster:
+    """A lightgbm.dask fit of exactly `rounds` trees on the Parquet training rows (files per cut-off), as a plain Booster.
+
+    No early stopping: fit_dask_booster replays it; bench/dask_quality.py and the tests compare the engines at a fixed
+    tree count through this.
+    """
     import lightgbm.dask as lgb_dask
 
     x, y, sizes = _place(client, train_files, features)
     params = {k: v for k, v in params.items() if k not in ("num_threads", "metric", "eval_at")}
-    objective = params["objective"]
-    if objective == "lambdarank":
-        model = lgb_dask.DaskLGBMRanker(client=client, n_estimators=training.num_boost_round, **params)
+    if params["objective"] == "lambdarank":
+        model = lgb_dask.DaskLGBMRanker(client=client, n_estimators=rounds, **params)
         model.fit(x, y, group=sizes)
     else:
-        model = lgb_dask.DaskLGBMClassifier(client=client, n_estimators=training.num_boost_round, **params)
+        model = lgb_dask.DaskLGBMClassifier(client=client, n_estimators=rounds, **params)
         model.fit(x, y)
-    booster = model.booster_
-    best, curve = best_iteration(client, booster, valid_files, features, objective, training.early_stopping_rounds)
+    return model.booster_
+
+
+def fit_dask_booster(
+    client, params: dict, train_files: list[list[str]], valid_files: list[str], features: tuple[str, ...], training: TrainingSettings
+) -> tuple[lgb.Booster, list[float]]:
+    """One lightgbm.dask fit on the Parquet training rows (files per cut-off); returns a plain Booster with best_iteration set."""
+    booster = dask_booster(client, params, train_files, features, training.num_boost_round)
+    best, curve = best_iteration(client, booster, valid_files, features, params["objective"], training.early_stopping_rounds)
     booster.best_iteration = best
     return booster, curve
 
