@@ -42,9 +42,12 @@ class CatalogSpec:
     service: str
 
 
-def build_catalog(spec: CatalogSpec) -> Catalog:
-    """Read every item of the offline table's item list from the online store into a Catalog (~1 s of Python here)."""
-    store = open_store(spec.feature_repo, spec.feature_store_yaml)
+def build_catalog(spec: CatalogSpec, store: FeatureStore | None = None) -> Catalog:
+    """Read every item of the offline table's item list from the online store into a Catalog (~1 s of Python here).
+
+    store: an already opened store for `spec` (the build process opens its own on every refresh).
+    """
+    store = store or open_store(spec.feature_repo, spec.feature_store_yaml)
     return load_catalog(store, spec.service, item_ids_in_offline_store(store))
 
 
@@ -71,8 +74,8 @@ class CatalogSourceStamp:
     stores `__call__` returns None, which means "rebuild".
     """
 
-    def __init__(self, spec: CatalogSpec) -> None:
-        store = open_store(spec.feature_repo, spec.feature_store_yaml)
+    def __init__(self, spec: CatalogSpec, store: FeatureStore | None = None) -> None:
+        store = store or open_store(spec.feature_repo, spec.feature_store_yaml)
         config = store.config
         registry = Path(str(getattr(config.registry, "path", "") or ""))
         registry = registry if registry.is_absolute() else Path(store.repo_path) / registry
@@ -168,9 +171,10 @@ class ItemCache:
 
     def __init__(self, spec: CatalogSpec) -> None:
         self.spec = spec
-        self.source_stamp = CatalogSourceStamp(spec)
+        store = open_store(spec.feature_repo, spec.feature_store_yaml)  # one registry read for the stamp and the first build
+        self.source_stamp = CatalogSourceStamp(spec, store)
         self.built_from = self.source_stamp()  # stamped before reading: a write during the read means "re-read"
-        self.catalog: Catalog = build_catalog(spec)
+        self.catalog: Catalog = build_catalog(spec, store)
         self.digest = catalog_digest(pack_catalog(self.catalog))
         self.loaded_at = time.time()
 
