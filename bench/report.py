@@ -310,7 +310,7 @@ hand-over costs CPU too: the h2load processes' CPU during the phase is measured 
 | generator lateness: actual send - scheduled (ms) | {half['lateness_p50_ms']:.3f} | | {half['lateness_p99_ms']:.3f} | {half['lateness_max_ms']:.1f} |
 
 Target {half['target_rate_rps']:,.0f} req/s, achieved {half['achieved_rps']:,.0f} req/s; {half['requests']:,} requests,
-{half['failures']} failures; {half['late_over_1ms']:,} sends more than 1 ms late. {rate_text}
+{half['failures']} failures; {half['late_over_1ms']:,} sends more than 1 ms late. {rate_text} The h2load processes ran on the server's own cores, scheduled {', '.join(half.get('generator_scheduling') or ['(not recorded)'])}; a real client runs on other machines.
 Server CPU during the phase: {half.get('server_cores_busy', 'n/a')} cores busy. {generator}
 For comparison, the closed-loop h2load level nearest half of max: {_nearest(half)} (a closed loop sends nothing while
 its request waits, so a stall delays one request there and every request due during it here: the tails are not comparable).

@@ -417,3 +417,38 @@ echo "traffic: 0B (0) total, 0B (0) headers (space savings 0%), 0B (0) data"
     run_slots(next_job, [[0.0, 0.1, 0.2, 0.3, 0.4, 5.0]], poll_seconds=0.001, min_job_seconds=0.05)
     assert given[0] == 0 and given[1] >= 3  # segments 1 and 2 were over by the time segment 0 ended
     assert given[-1] == 4  # the last segment (to 5 s) ran: the slot did not stop early
+
+
+def test_wait_for_an_exit_wakes_when_a_process_ends_not_on_a_poll(tmp_path):
+    # poll_seconds 10: returning well before it proves the wait blocked on the processes, not on a sleep.
+    import subprocess
+    import time
+
+    from bench.h2load import _wait_for_an_exit
+
+    quick, slow = subprocess.Popen(["sleep", "0.3"]), subprocess.Popen(["sleep", "30"])
+    try:
+        t0 = time.monotonic()
+        _wait_for_an_exit([quick, slow], poll_seconds=10.0, longest=20.0)
+        assert 0.25 <= time.monotonic() - t0 < 5.0 and quick.poll() == 0
+        t0 = time.monotonic()
+        _wait_for_an_exit([slow], poll_seconds=10.0, longest=0.2)  # nothing ends: back after `longest`
+        assert time.monotonic() - t0 < 5.0 and slow.poll() is None
+    finally:
+        slow.kill()
+        slow.wait()
+
+
+def test_scheduling_of_reads_how_the_process_runs():
+    import os
+    import subprocess
+
+    from bench.h2load import scheduling_of
+
+    batch = subprocess.Popen(["sleep", "5"], preexec_fn=lambda: os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0)))
+    try:
+        assert scheduling_of(batch.pid).startswith(f"SCHED_BATCH nice {os.getpriority(os.PRIO_PROCESS, 0)}")
+        assert scheduling_of(os.getpid()).startswith(("SCHED_OTHER", "SCHED_BATCH", "SCHED_IDLE"))
+    finally:
+        batch.kill()
+        batch.wait()
