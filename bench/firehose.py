@@ -33,6 +33,11 @@ PROBES = 6
 FRESH_WITHIN_SECONDS = 1.0
 # Messages per stream for the timed phases: enough for ~PHASE_SECONDS at up to 20,000 events/s.
 TIMED_MESSAGES_PER_STREAM = 40
+# Messages per stream for the maximum-rate phases. 1,000-event messages used bench.ingest's 5: a 5-second phase of
+# two rounds of streams, each starting cold and draining to one stream (the feature update then takes one message
+# per transaction instead of two merged). make bench of 2026-12-01 measured 7,740 events/s (feature update 115.2 CPU
+# ms per 1,000 events) there and 9,177 (97.1) in the same run's 17-second freshness phase of the same messages.
+THROUGHPUT_MESSAGES_PER_STREAM = {10: 200, 100: 50, 1000: 20}
 
 
 def say(message: str) -> None:
@@ -65,7 +70,8 @@ def measure(state: BenchState, recommend_users: list[str], probe_users: list[str
             run_size(target, pid, events_file, 10, 1, exclude_users=excluded)  # warm-up: connections, caches
             sizes = []
             for size in SIZES:
-                result = run_size(target, pid, events_file, size, STREAMS_PER_CLIENT, exclude_users=excluded)
+                result = run_size(target, pid, events_file, size, STREAMS_PER_CLIENT, per_stream=THROUGHPUT_MESSAGES_PER_STREAM[size],
+                                  exclude_users=excluded)
                 progress(f"{size:>5} events/message: {result['events_per_second']:>8,.0f} events/s, {result['server_cpu_ms_per_1000_events']} "
                          f"server CPU ms per 1,000 events ({result['server_cores_busy']} cores), generator {result['generator_cores_busy']} cores, "
                          f"accepted {result['accepted']:,}/{result['events_sent']:,}, failed streams {result['failed_streams']}; CPU ms per 1,000 "

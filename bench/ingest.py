@@ -218,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=PROJECT_ROOT / "var" / "bench")
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     parser.add_argument("--streams-per-client", type=int, default=8, help="streams each client process sends (STREAMS at a time)")
+    parser.add_argument("--messages-per-stream", type=int, help="messages each stream sends (default: MESSAGES_PER_STREAM by size)")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--label", default="", help="stored with the results (e.g. before/after)")
     parser.add_argument("--server-code", type=Path, help="serve from this source tree (e.g. `git archive` of an older commit)")
@@ -239,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
             say(f"propensity serve (workers=1) SERVING after {server.wait_serving():.1f}s; private shop copy {private}")
             run_size(server.target, server.pid, state.data_dir / "events.parquet", 10, 1)  # warm-up: connections, caches
             for size in args.sizes:
-                result = run_size(server.target, server.pid, state.data_dir / "events.parquet", size, args.streams_per_client)
+                result = run_size(server.target, server.pid, state.data_dir / "events.parquet", size, args.streams_per_client,
+                                  per_stream=args.messages_per_stream)
                 say(f"{size:>5} events/message: {result['events_per_second']:>8,.0f} events/s, server "
                     f"{result['server_cpu_ms_per_1000_events']} CPU ms per 1,000 events ({result['server_cores_busy']} cores), "
                     f"generator {result['generator_cores_busy']} cores; accepted {result['accepted']}/{result['events_sent']}, "
@@ -302,6 +304,85 @@ def markdown(runs: list[dict]) -> str:
 
 
 WHAT_CHANGED = """
+## Round 5 (issue 15): fewer and cheaper row writes in the feature process; why make bench read lower
+
+**Profile first** (in process, as round 4: `SqliteRows` + `update_features`, thread CPU per phase, 25 merged updates
+of 2,000 events sampled from the bench shop's log, the first 5 as warm-up; script: /tmp/h1/prof.py of this session,
+not kept). Per 1,000 events on the round-4 code, load average 5-6 (four runs: 87-120 in all, the spread is the
+machine): `apply_events` 13-18, reading 4.7-6.5, the Python half of the write 22-32, the upserts 25-36, the
+re-stamps 9-11, the commit 6.5-8.7 CPU but **23-31 ms wall** (its fsyncs). Counted in the same harness: 5,318 upserted
+rows per 1,000 events; 17,500 of 159,548 (11 %) were a null written over the null this process had written the
+message before (`avg_purchase_price_30d`, `cart_to_purchase_rate_30d`, `last_purchase_ts` of shoppers who buy
+nothing); cProfile put 14 of the ~28 ms of the write's Python half in building `ValueProto`s for the `Array(Int64)`
+lists (five per user of 30 items), 7 in `Int64` scalars.
+
+What changed (server/ingest.py; what readers see is unchanged, byte for byte):
+
+- **A null the writer stored itself is not written again.** The cache entry of a user now also says, per view, which
+  features' stored rows are a null this connection wrote (value `b""`, `value_text` and `created_ts` NULL). Such a
+  row is left to the re-stamp `UPDATE`, which leaves exactly the row the upsert would have. Nulls read from the file
+  (another writer's, or a cache dropped by `data_version`) are not known and are written as before.
+- **Value bytes built directly** for `Int64`, `Float64`, `Array(Int64)` and `Array(String)`: the protobuf wire bytes
+  from memoised pieces (varints of the ints, the encoded element of each item id; 100,000 each, cleared when full),
+  without a message per value. Anything outside that path (negative or out-of-range ints, non-int elements, strings
+  that are not UTF-8) goes through protobuf as before, with its errors.
+- **The cache bound is a setting**: `SqliteSpec.cached_users` (default `DEFAULT_CACHED_USERS` = 20,000), passed by
+  `EventIngestor(cached_users=...)`; the settings field `server.ingest_cached_users` and the app's line passing it are
+  patches for the coordinator (propensity/settings.py and server/app.py are not this change's files).
+
+Tested by tests/test_online_write.py: the direct bytes equal protobuf's for 2,000+ random and edge values per type
+(0, the int64 bounds, negatives, empty lists, non-ASCII and empty strings) and every maintained feature's
+(bytes, `value_text`) equals the generic path's; one writer across four messages (nulls known, not rewritten: the
+test checks some were skipped) and a fresh writer per message (every null upserted) leave identical tables, every
+column (`value`, `value_text`, `created_ts`, and the stamps, ranked), and each written view of three new shoppers
+holds a row for every feature (with nulls skipped whatever is stored, that check fails: run once to see it).
+tests/test_ingest_cache.py's bound test now
+sets the bound through the spec.
+
+**Before and after, back to back, alternating** (`python -m bench.ingest --sizes 1000 --out /tmp/h1/ab/<run>`, the
+round-4 code through `--server-code <git archive of b5138f4>`; the machine was loaded by other sessions, load average
+8-19, the server group got 0.14-0.47 cores, so events/s say how much CPU each run was given; read the feature
+process's CPU per 1,000 events):
+
+| run | events/s | feature process CPU ms / 1,000 events | server process | cores busy | load average at the end |
+|---|---:|---:|---:|---:|---:|
+| before 1 (round 4 code) | 869 | 127.5 | 32.9 | 0.139 | 19.0 |
+| after 1 (this round) | 2,790 | 124.8 | 29.8 | 0.431 | 11.1 |
+| before 2 | 3,120 | 118.4 | 26.6 | 0.453 | 10.8 |
+| after 2 | 3,361 | 111.9 | 26.4 | 0.465 | 8.5 |
+
+Feature process x0.98 and x0.95 in the two pairs: **a few per cent, not the ~10 % that 10,000 events/s needs.**
+In process, alternating (load 5-6), the totals were 95.2 / 107.3 / 119.8 / 96.5 (before / after / before / after):
+the machine's own drift (`apply_events`, unchanged code, moved 13.7-18.1) is larger than the gain.
+
+**Not taken: the online store in WAL with `synchronous=NORMAL`** (lead 1). Same harness, alternating, this round's
+code: 96.5 / 87.3 CPU ms per 1,000 events in the rollback journal against 91.5 / 81.7 in WAL+NORMAL (x0.94: the
+upserts no longer copy each page's old image to the journal, the commit writes the pages to the WAL instead); the
+commit's wall time stayed 23-31 ms per 1,000 events on this loaded machine, so the fsync saving is not shown here.
+`journal_mode=WAL` is a property of the file, not of this connection: Feast's own connections, `feast materialize`,
+the `mode=ro` readers (server/store_reads.py, server/item_cache.py, erasure's check) all work in WAL on one host,
+and erasure already checkpoints a WAL file before its VACUUM; but a copy of `online_store.db` without its `-wal`
+misses the last commits, and tests/test_store_faults.py truncates the file under the server. What it would cost:
+a process crash, nothing (the WAL is in the OS); a power loss or OS crash, the online writes since the last
+checkpoint (at most ~1,000 pages, under a second at full load) while the event log may already mark them pushed, so
+they are not retried: those shoppers' real-time features miss those events until the next batch materialization.
+It is a decision about the file's mode and that window, for the coordinator; not taken here.
+
+**Why make bench's firehose figure is below bench.ingest's** (lead 4): not the generator (0.006 cores busy in both).
+In the same `make bench` run (results.json of 2026-12-01), the 1,000-event throughput phase gave 7,740 events/s with
+the feature process at 115.2 CPU ms per 1,000 events, and the freshness phase, the same messages from the same
+generator for 17 s, 9,177 events/s at 97.1. The throughput phase was 40,000 events in 5 s: 2 x 4 streams of 5
+messages, two rounds per client, each round starting and draining (at the end only one stream is left, and the
+feature update takes one message per transaction instead of two merged). bench/firehose.py now sends 20 messages
+per stream in its 1,000-event phase (160,000 events, ~17 s at 9,000 events/s); bench.ingest has
+`--messages-per-stream` for the same. Not re-measured in a make bench this round.
+
+**Still short of 10,000 events/s.** What is left in the feature process, per 1,000 events: SQLite's row writes
+(~35-45 CPU), the commit's fsyncs (wall, not CPU), `apply_events` (~14, propensity/realtime.py) and the write's Python
+(~22-25). Two ways on from here, both decisions: WAL+NORMAL on the online store (above); or pipelining the feature
+process (compute message N+1 from the cache while N's SQL and fsync run with the GIL released, which needs the
+server to send N+1 before N's answer and N+1 recomputed when N fails).
+
 ## Round 4 (issue 15): the feature process keeps the rows it last read and wrote
 
 **Profile first** (in process: `SqliteRows` + `update_features` as the feature process runs them, thread CPU per phase,
@@ -361,6 +442,24 @@ cores busy), not what the code does.
 100-104 ms per 1,000 events on the quiet machine of round 3; x0.74-0.84 puts it at ~75-87 (under the ~90 that
 10,000 events/s needs with one core for it, the server process at ~13), but that is a projection: a quiet-machine
 `python -m bench.ingest` or `make bench` run is what will say it.
+
+**The quiet-machine run** (22:20 UTC, nothing else running; this session's machine is about 1.5x slower than round
+3's: the bench's compute floor was 1.46 ms against 0.92-1.02), back to back on var/bench, 1,000-event messages:
+
+```bash
+git archive fa3f168 | tar -x -C /tmp/ingold
+python -m bench.ingest --sizes 1000 --out /tmp/ingab/before --label "before (fa3f168)" --server-code /tmp/ingold
+python -m bench.ingest --sizes 1000 --out /tmp/ingab/after --label "after (bf3ee88)"
+```
+
+| run | events/s | feature process CPU ms / 1,000 events | server process | cores busy |
+|---|---:|---:|---:|---:|
+| before (round 3 code) | 7,106 | 129.1 | 25.2 | 1.097 |
+| after (this round) | **9,008** | **100.1** | 23.9 | 1.117 |
+
+x1.27 events/s and x0.78 feature-process CPU in the same run. **Still short of 10,000 events/s** on this machine:
+the feature process is the bound, at ~100 ms per 1,000 events here; what is left in it is SQLite writing every row
+of each written view (~50 ms under load) and the Python half of that write (~28 ms).
 
 ## Round 3 (issue 15): the feature update in a process of its own, merged updates
 

@@ -25,6 +25,7 @@ import multiprocessing.connection
 import os
 import queue
 import sqlite3
+import struct
 import subprocess
 import sys
 import threading
@@ -61,6 +62,9 @@ RETRY_BATCH = 500
 # Messages waiting for the online store are updated together up to this many events: a larger update costs less per
 # event, and a shopper's few events wait for at most one such update ahead of them (smallest first).
 MERGED_EVENTS = 2000
+# Users whose rows the SQLite feature process keeps between transactions, least recently used dropped first (the
+# default of settings' server.ingest_cached_users): ~5 KiB each on the bench shop (30 recent items), ~110 MB at this.
+DEFAULT_CACHED_USERS = 20_000
 # The features apply_events reads and changes: decoded on the SQLite path; every other feature is passed through.
 MAINTAINED = {ACTIVITY_VIEW: MAINTAINED_ACTIVITY, INTERESTS_VIEW: MAINTAINED_INTERESTS, HISTORY_VIEW: MAINTAINED_HISTORY}
 
@@ -117,6 +121,7 @@ class EventIngestor:
         retry_seconds: float = DEFAULT_RETRY_SECONDS,
         observer: PushObserver | None = None,
         forgotten: ForgottenIndex | None = None,
+        cached_users: int = DEFAULT_CACHED_USERS,
     ) -> None:
         self._store = store
         self._forgotten = forgotten  # erased shoppers: their events dated up to the erasure are refused (docs/privacy.md)
@@ -137,7 +142,7 @@ class EventIngestor:
         self._names = {view: [f.name for f in fv.features] for view, fv in views.items()}
         # Reads and writes resolved once, on Feast's own layout and keys (server/store_reads.py does the same for reads).
         # On SQLite they run in a process of their own (FeatureProcess): see features_for.
-        self._features = features_for(store, views, recent_items, bought_items, recorded_types, timeout_seconds)
+        self._features = features_for(store, views, recent_items, bought_items, recorded_types, timeout_seconds, cached_users)
         online = store.config.online_store
         if str(online.type).lower() == "redis" or str(online.type).lower().endswith("redisonlinestore"):
             harden_redis(store._get_provider().online_store._get_client(online), timeout_seconds)  # no 10 s retry backoff
@@ -582,7 +587,7 @@ class OnlineRows(Protocol):
 
 
 def features_for(store: FeatureStore, views: dict[str, FeatureView], recent: int, bought: int, recorded: frozenset[str],
-                 timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> FeatureUpdate:
+                 timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS, cached_users: int = DEFAULT_CACHED_USERS) -> FeatureUpdate:
     """Direct SQL on Feast's SQLite online store (the default profile) in a process of its own; Feast's own read and
     write otherwise, on the calling thread."""
     config = store.config
@@ -591,7 +596,7 @@ def features_for(store: FeatureStore, views: dict[str, FeatureView], recent: int
     )
     if plain_sqlite:
         # A reply takes at most the busy timeouts of the transaction's statements; past this the child is replaced.
-        return FeatureProcess(sqlite_spec(store, views, timeout_seconds), recent, bought, recorded, reply_seconds=max(30.0, 4 * timeout_seconds))
+        return FeatureProcess(sqlite_spec(store, views, timeout_seconds, cached_users), recent, bought, recorded, reply_seconds=max(30.0, 4 * timeout_seconds))
     return LocalFeatures(FeastOnlineRows(store, views, timeout_seconds), recent, bought, recorded)
 
 
@@ -656,12 +661,12 @@ def row_encoders(view: FeatureView) -> dict[str, Callable[[object], tuple[bytes,
     """Per feature, Python value -> (value bytes, value_text) as Feast's SQLite online_write_batch stores them (the text
     of a string or number, else NULL): for the common types without looking the kind up again."""
     direct: dict[str, Callable[[object], tuple[bytes, str | None]]] = {
-        "Int64": lambda v: (ValueProto(int64_val=int(v)).SerializeToString(), str(int(v))),
+        "Int64": lambda v: (int64_bytes(v), str(int(v))),
         "Int32": lambda v: (ValueProto(int32_val=int(v)).SerializeToString(), str(int(v))),
-        "Float64": lambda v: (b"", None) if math.isnan(v) else (ValueProto(double_val=float(v)).SerializeToString(), str(float(v))),
+        "Float64": lambda v: (b"", None) if math.isnan(v) else (_DOUBLE_TAG + _DOUBLE.pack(float(v)), str(float(v))),
         "String": lambda v: (ValueProto(string_val=str(v)).SerializeToString(), str(v)),
-        "Array(String)": lambda v: (ValueProto(string_list_val=StringList(val=v)).SerializeToString(), None),
-        "Array(Int64)": lambda v: (ValueProto(int64_list_val=Int64List(val=v)).SerializeToString(), None),
+        "Array(String)": lambda v: (string_list_bytes(v), None),
+        "Array(Int64)": lambda v: (int64_list_bytes(v), None),
         "Array(Float64)": lambda v: (ValueProto(double_list_val=DoubleList(val=v)).SerializeToString(), None),
     }
     encoders = {}
@@ -672,6 +677,83 @@ def row_encoders(view: FeatureView) -> dict[str, Callable[[object], tuple[bytes,
 
 
 _NULL_ROW = (b"", None)
+
+
+# ValueProto bytes built directly for the types the stream writes most (~5,000 values per 1,000 events, most of them
+# lists of 30 small ints or item ids): the same bytes upb serialises (tests/test_online_write.py compares them), from
+# memoised pieces, without building a message per value. Anything else (negative or out-of-range ints, non-int
+# elements, strings that are not valid UTF-8) goes through protobuf as before, with its errors.
+class _Varints(dict):
+    """Non-negative int64 -> its protobuf varint; ints repeat (counts, the recent items' timestamps). Cleared when full."""
+
+    def __missing__(self, n: object) -> bytes:
+        if type(n) is not int or not 0 <= n < 1 << 63:
+            raise KeyError(n)
+        if len(self) >= _PIECES_LIMIT:
+            self.clear()
+        out, rest = bytearray(), n
+        while rest > 0x7F:
+            out.append((rest & 0x7F) | 0x80)
+            rest >>= 7
+        out.append(rest)
+        piece = self[n] = bytes(out)
+        return piece
+
+
+class _StringElements(dict):
+    """str -> its bytes as one element of a StringList (tag, length, UTF-8). Cleared when full."""
+
+    def __missing__(self, text: object) -> bytes:
+        if type(text) is not str:
+            raise KeyError(text)
+        try:
+            raw = text.encode()
+        except UnicodeEncodeError:
+            raise KeyError(text) from None
+        if len(self) >= _PIECES_LIMIT:
+            self.clear()
+        piece = self[text] = b"\n" + _VARINTS[len(raw)] + raw
+        return piece
+
+
+_PIECES_LIMIT = 100_000
+_VARINTS = _Varints()
+_STRING_ELEMENTS = _StringElements()
+_DOUBLE = struct.Struct("<d")
+_DOUBLE_TAG = b")"  # field 5 (double_val), fixed 64-bit
+_INT64_TAG = b" "  # field 4 (int64_val), varint
+_INT64_LIST_TAG = b"r"  # field 14 (int64_list_val), length-delimited; its Int64List packs field 1
+_STRING_LIST_TAG = b"b"  # field 12 (string_list_val), length-delimited; its StringList repeats field 1
+
+
+def int64_bytes(value: int) -> bytes:
+    """ValueProto(int64_val=int(value)) serialised."""
+    try:
+        return _INT64_TAG + _VARINTS[value]
+    except KeyError:
+        return ValueProto(int64_val=int(value)).SerializeToString()
+
+
+def int64_list_bytes(values: Sequence[int]) -> bytes:
+    """ValueProto(int64_list_val=Int64List(val=values)) serialised."""
+    varints = _VARINTS
+    try:
+        body = b"".join(map(varints.__getitem__, values))
+    except KeyError:
+        return ValueProto(int64_list_val=Int64List(val=values)).SerializeToString()
+    if not body:
+        return _INT64_LIST_TAG + b"\x00"
+    inner = b"\n" + varints[len(body)] + body
+    return _INT64_LIST_TAG + varints[len(inner)] + inner
+
+
+def string_list_bytes(values: Sequence[str]) -> bytes:
+    """ValueProto(string_list_val=StringList(val=values)) serialised."""
+    try:
+        body = b"".join(map(_STRING_ELEMENTS.__getitem__, values))
+    except KeyError:
+        return ValueProto(string_list_val=StringList(val=values)).SerializeToString()
+    return _STRING_LIST_TAG + _VARINTS[len(body)] + body
 
 
 def _as_row(value: ValueProto) -> tuple[bytes, str | None]:
@@ -706,13 +788,21 @@ class SqliteSpec:
     views: dict[str, FeatureView]
     key_version: int
     timeout_seconds: float
+    # Users whose rows the writer keeps between transactions (SqliteRows' cache; settings: server.ingest_cached_users).
+    cached_users: int = DEFAULT_CACHED_USERS
+
+    def __post_init__(self) -> None:
+        if self.cached_users < 0:
+            raise ValueError(f"cached_users must be 0 (no cache) or more, not {self.cached_users}")
 
 
-def sqlite_spec(store: FeatureStore, views: dict[str, FeatureView], timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> SqliteSpec:
+def sqlite_spec(store: FeatureStore, views: dict[str, FeatureView], timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
+                cached_users: int = DEFAULT_CACHED_USERS) -> SqliteSpec:
     config = store.config
     return SqliteSpec(
         path=str(sqlite_online_path(config)), tables=tuple(sqlite_online_table(config, fv) for fv in views.values()),
         views=views, key_version=config.entity_key_serialization_version, timeout_seconds=timeout_seconds,
+        cached_users=cached_users,
     )
 
 
@@ -730,8 +820,8 @@ class SqliteRows:
     Write: the same table, columns, upsert and value bytes as Feast's online_write_batch, with executemany instead
     of one statement per feature. Feast stores one row per (entity, feature): only the features whose value changed,
     or is null, are upserted, then the user's other rows of the view are re-stamped with one UPDATE over its entity key. A null is
-    always written, so a feature that was past its TTL when read (read as null) is not brought back by the new
-    stamp. What a read returns afterwards is what Feast's push of the whole row would have left.
+    written unless the row already holds a null this connection wrote (the re-stamp then leaves the same row the upsert
+    would), so a feature that was past its TTL when read (read as null) is not brought back by the new stamp. What a read returns afterwards is what Feast's push of the whole row would have left.
 
     Cache: the rows this connection last read or wrote are kept per user, as _read would return them, with the
     oldest stamp among their values (TTL). They are used instead of the SELECT only while no other connection has
@@ -747,6 +837,7 @@ class SqliteRows:
         self._path = Path(spec.path)
         self._timeout = spec.timeout_seconds
         self._version = spec.key_version
+        self._cached_users = spec.cached_users
         self._before_commit = before_commit
         self._views = views
         self._view_names = list(views)
@@ -773,9 +864,10 @@ class SqliteRows:
         # Per view, the maintained features whose Python value survives encoding unchanged (no float32 rounding), with
         # the type decoding gives back: only those are remembered at write time.
         self._exact = {view: _exact_types(fv, MAINTAINED.get(view, ())) for view, fv in views.items()}
-        # user_id -> (per view: the row as _read returns it, the oldest stamp of its non-null values or inf), least
-        # recently used first; valid while the file's data_version is still _data_version (see the class docstring).
-        self._cache: dict[str, tuple[list[dict], list[float]]] = {}
+        # user_id -> (per view: the row as _read returns it, the oldest stamp of its non-null values or inf, the features
+        # whose stored row is a null this connection wrote), least recently used first; valid while the file's
+        # data_version is still _data_version (see the class docstring).
+        self._cache: dict[str, Entry] = {}
         self._data_version: int | None = None
 
     def _connect(self) -> sqlite3.Connection:
@@ -834,26 +926,26 @@ class SqliteRows:
         self._cache.clear()
         self._data_version = None
 
-    def _remember(self, version: int, fresh: dict[str, tuple[list[dict], list[float]]]) -> None:
+    def _remember(self, version: int, fresh: dict[str, Entry]) -> None:
         """After a commit: the users' rows as they now are in the file, most recently used last, within the bound."""
         cache = self._cache
         for user, entry in fresh.items():
             cache.pop(user, None)
             cache[user] = entry
-        excess = len(cache) - _CACHED_USERS
+        excess = len(cache) - self._cached_users
         if excess > 0:
             for user in list(itertools.islice(cache, excess)):
                 del cache[user]
         self._data_version = version
 
-    def _read(self, conn: sqlite3.Connection, users: list[str], now: float) -> tuple[list[dict[str, dict]], dict[str, tuple[list[dict], list[float]]]]:
+    def _read(self, conn: sqlite3.Connection, users: list[str], now: float) -> tuple[list[dict[str, dict]], dict[str, Entry]]:
         """Per user, {view: {feature: value}}: decoded for the maintained features, KEPT for the others (None if absent);
         and per user the cache entry of what was read (the rows and, per view, the oldest stamp of a non-null value)."""
         names, view_names = self._names, self._view_names
         # Oldest stamp still fresh, in the stored unit (Feast's naive-UTC reading); no TTL: any stamp.
         oldest = [_feast_sqlite_epoch(now - ttl) if ttl else -1 for ttl in self._ttls]
         cache, n_views = self._cache, len(view_names)
-        fresh: dict[str, tuple[list[dict], list[float]]] = {}
+        fresh: dict[str, Entry] = {}
         current: list[list[dict]] = [[]] * len(users)  # every slot is replaced: from the cache or by the SELECT below
         missing: list[int] = []
         for i, user in enumerate(users):
@@ -894,8 +986,9 @@ class SqliteRows:
                         current[i][view_index][name] = known
                     else:
                         current[i][view_index][name] = KEPT
+            unknown = [_NO_NULLS] * n_views  # what wrote a null read from the file is not known: it is written again
             for i in missing:
-                fresh[users[i]] = (current[i], lows[i])
+                fresh[users[i]] = (current[i], lows[i], unknown)
         return [dict(zip(view_names, rows)) for rows in current], fresh
 
     def _query(self, n_keys: int) -> str:
@@ -908,7 +1001,7 @@ class SqliteRows:
             )
         return sql
 
-    def _write(self, conn: sqlite3.Connection, rows: Rows, fresh: dict[str, tuple[list[dict], list[float]]]) -> None:
+    def _write(self, conn: sqlite3.Connection, rows: Rows, fresh: dict[str, Entry]) -> None:
         """The upserts and re-stamps; `fresh` (the cache entries of what was read) is updated to what the rows written
         read back as, for storing once the transaction commits."""
         last_moment, last_stamp = None, 0
@@ -923,13 +1016,22 @@ class SqliteRows:
                 last_moment, last_stamp = moment, stamp
                 restamp.append((stamp, key, stamp))
                 after = dict(before)  # what a read returns once this commits: every row of the view carries `stamp`
+                cached_rows, lows, nulls = fresh[user]
+                stored_null, now_null = nulls[view_index], []
                 for name, encode in encoders.items():
                     new = row.get(name)
-                    if new is not None and name in before and before[name] == new:
+                    if new is None:
+                        if name in stored_null:
+                            # The row holds this connection's own null (b"", NULL text, NULL created_ts): re-stamped
+                            # below, it is what this upsert would write (~11 % of the upserts on the bench shop).
+                            now_null.append(name)
+                            continue
+                    elif name in before and before[name] == new:
                         continue  # unchanged (KEPT always is): the UPDATE below re-stamps it
                     blob, text = encode(new)
                     if not blob:
                         after[name] = None
+                        now_null.append(name)
                     elif name not in decoded:
                         after[name] = KEPT
                     elif name in exact:
@@ -937,23 +1039,24 @@ class SqliteRows:
                     else:
                         after[name] = python_value(ValueProto.FromString(blob))
                     out.append((key, name, blob, text, stamp))
-                cached_rows, lows = fresh[user]
-                cached_rows, lows = list(cached_rows), list(lows)  # the entry read may be the cache's own: replaced, not changed
+                # The entry read may be the cache's own: replaced, not changed.
+                cached_rows, lows, nulls = list(cached_rows), list(lows), list(nulls)
                 cached_rows[view_index], lows[view_index] = after, stamp if stamp else math.inf
-                fresh[user] = (cached_rows, lows)
+                nulls[view_index] = frozenset(now_null)
+                fresh[user] = (cached_rows, lows, nulls)
             conn.executemany(self._sql[view], out)
             conn.executemany(self._stamp_sql[view], restamp)
 
 
+# Per user: per view, the row as SqliteRows._read returns it; the oldest stamp of its non-null values (inf if none); the
+# features whose stored row is a null this connection wrote (value b"", value_text and created_ts NULL).
+Entry = tuple[list[dict], list[float], list[frozenset[str]]]
+_NO_NULLS: frozenset[str] = frozenset()
 _KEYS_PER_QUERY = 2048  # x 3 views bound parameters per statement (SQLite allows 32,766)
 _CACHE_KIB = 64 * 1024
 _KEY_CACHE = 200_000  # the views share one entity (user_id), so one key per user serves every view
 _NUMERIC = frozenset({"int64_val", "int32_val", "double_val", "float_val", "bool_val"})
 _MEMO_ENTRIES = 50_000  # decoded values kept (cleared when full): about 7 messages' worth of rows of 1,000 events
-# Users whose rows SqliteRows keeps between transactions (least recently used dropped first): ~5 KiB each measured on
-# the bench shop (30 recent items), so ~110 MB at the bound. A module constant, not a setting: it trades only the
-# feature process's memory for SQLite reads, and the shop's recently active users are what it needs to hold.
-_CACHED_USERS = 20_000
 _UNKNOWN = object()
 # Feast types whose Python values encode and decode back equal, and the type python_value returns for them (a count
 # of a Float64 feature may be the int 0; the lists apply_events builds hold the element type already).

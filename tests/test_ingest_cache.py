@@ -10,6 +10,7 @@ Feast SQLite stores: what the cache hands to the update is always what a reader 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -17,7 +18,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import server.ingest
 from propensity.erasure import forget_online
 from propensity.event_log import StreamEvent
 from propensity.feature_store import open_store
@@ -134,15 +134,14 @@ def test_an_update_rolled_back_leaves_no_cached_rows_ahead_of_the_file(pipeline:
     _assert_current(rows, spec, known)
 
 
-def test_the_cache_keeps_at_most_its_bound_of_users_and_writes_the_same_rows(pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_cache_keeps_at_most_its_bound_of_users_and_writes_the_same_rows(pipeline: Pipeline) -> None:
     _, spec, known, items = _setup(pipeline, "cache-bound", n_users=10)
     _, other_spec, _, _ = _setup(pipeline, "cache-unbound", n_users=10)
     messages = [_message(f"b-{m}", known[m * 3 : m * 3 + 4] + known[:1], items[m:], 2) for m in range(3)]
     unbounded = SqliteRows(other_spec)
     for message in messages:
         _apply(unbounded, message)
-    monkeypatch.setattr(server.ingest, "_CACHED_USERS", 3)
-    rows = SqliteRows(spec)
+    rows = SqliteRows(dataclasses.replace(spec, cached_users=3))  # the bound comes from settings through the spec
     for message in messages:
         _apply(rows, message)
         assert len(rows._cache) <= 3
