@@ -177,6 +177,10 @@ class ServerSettings(_Section):
         1.0, description="After a failed online-store call, calls fail fast for this long, then one probes the store again "
         "(and failed IngestEvents pushes are retried from the event log at this period)."
     )
+    ingest_cached_users: int = Field(
+        20_000, ge=0, description="Users whose real-time feature rows the SQLite ingestion process keeps in memory between "
+        "updates (~5 KiB each; 0 reads every update's rows from the file). Only Feast's SQLite online store uses it."
+    )
     scoring_backend: str = Field("auto", description="'lightgbm', 'compiled' (lleaves) or 'auto' (compiled when available and identical).")
     served_log_dir: Path | None = Field(None, description="Where sampled served features and scores are written as Parquet; unset disables it.")
     served_log_sample_rate: float = Field(0.01, description="Share of Recommend calls whose features and scores are logged.")

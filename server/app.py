@@ -104,6 +104,7 @@ def build_components(settings: Settings, observability: Observability | None = N
             settings.features.bought_items_per_user, recorded,
             settings.server.store_timeout_seconds, settings.server.store_retry_seconds, observer=metrics,
             forgotten=ForgottenIndex(tombstones(settings)),
+            cached_users=settings.server.ingest_cached_users,
         )
     except IngestionUnavailable as error:  # serve recommendations anyway; IngestEvents explains why it is off
         log.warning("%s", error)
