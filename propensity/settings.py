@@ -131,6 +131,11 @@ class ServerSettings(_Section):
     max_score_users: int = Field(10_000, description="Most user_ids in one ScoreUsers call.")
     grace_seconds: float = Field(5.0, description="Time in-flight calls get to finish on shutdown.")
     workers: int = Field(1, description="Server processes sharing the port through SO_REUSEPORT (use the core count in production).")
+    pin_workers: bool = Field(
+        True, description="Pin each worker (and its gRPC threads) to a CPU of its own when there is exactly one worker per "
+        "usable CPU (with more or fewer workers nothing is pinned). Turn off where other work shares those CPUs; "
+        "docs/benchmarks/tail.md has the measurements."
+    )
     max_concurrent_requests: int = Field(
         64,
         description="Unary calls one worker handles at once; more are answered RESOURCE_EXHAUSTED at once (load shedding). "

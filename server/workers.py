@@ -72,7 +72,7 @@ def pin_to_own_cpu(number: int, workers: int) -> int | None:
 
 def _worker(settings: Settings, ready: multiprocessing.Queue, number: int, inherited: tuple[int, ...] = (), build_lock: Path | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop, via SIGTERM
-    cpu = pin_to_own_cpu(number, settings.server.workers)
+    cpu = pin_to_own_cpu(number, settings.server.workers) if settings.server.pin_workers else None
     if cpu is not None:
         log.info("worker %d pinned to CPU %d", number, cpu)
     # A replacement is forked after the parent opened /metrics: that socket is not ours. (The parent's socket object
