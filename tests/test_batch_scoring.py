@@ -108,8 +108,8 @@ def test_score_batch_users_only_from_the_cli(pipeline, tmp_path: Path) -> None:
     frame = pd.read_parquet(out)
     assert list(frame.columns) == ["user_id", "propensity"] and frame["propensity"].between(0, 1).all()
     assert sorted(frame["user_id"]) == active_users(_settings(pipeline).prepared_dir, load_prepared(_settings(pipeline).prepared_dir).as_of)
-    # The command imports Feast without its run-time type checks (training.batch_scoring._skip_feast_type_checks):
-    # same propensities as this process, which imported Feast with them.
+    # The command imports Feast without its run-time type checks and LightGBM without scikit-learn
+    # (training.lean_startup): same propensities as this process, which imported both the ordinary way.
     assert "feast" in sys.modules
     settings = _settings(pipeline)
     score_users_batch(settings, load_prepared(settings.prepared_dir).as_of, tmp_path / "here.parquet", progress=QUIET)
@@ -120,9 +120,9 @@ def test_score_batch_users_only_from_the_cli(pipeline, tmp_path: Path) -> None:
 def test_skipping_feasts_type_checks_leaves_other_modules_checked(tmp_path: Path) -> None:
     """Run in a fresh interpreter: Feast's classes are not instrumented, anyone else's still are."""
     code = (
-        "from training.batch_scoring import _skip_feast_type_checks\n"
+        "from training.lean_startup import skip_feast_type_checks\n"
         "import sys; assert 'feast' not in sys.modules\n"
-        "_skip_feast_type_checks()\n"
+        "skip_feast_type_checks()\n"
         "import feast, inspect, typeguard\n"
         "from feast.feature_service import FeatureService\n"
         "assert 'TypeCheckMemo' not in str(FeatureService.__init__.__code__.co_names), 'feast still instrumented'\n"
@@ -140,6 +140,58 @@ def test_skipping_feasts_type_checks_leaves_other_modules_checked(tmp_path: Path
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "checked"
+
+
+@pytest.mark.slow
+def test_score_batch_command_starts_lean(pipeline, tmp_path: Path) -> None:
+    """The command, run as the CLI runs it in a fresh interpreter, imports LightGBM without scikit-learn and Feast
+    without typeguard's instrumentation (the two largest parts of its start-up), and still scores every active user."""
+    out = tmp_path / "lean.parquet"
+    code = (
+        "import sys\n"
+        "from propensity_cli.main import main\n"
+        f"rc = main(['score-batch', '--users-only', '--out', {str(out)!r}])\n"
+        "import lightgbm.compat\n"
+        "from feast.feature_service import FeatureService\n"
+        "print('RESULT', rc, 'sklearn' in sys.modules, lightgbm.compat.SKLEARN_INSTALLED,\n"
+        "      'TypeCheckMemo' in str(FeatureService.__init__.__code__.co_names))\n"
+        "import sklearn.base  # hidden only while LightGBM was imported\n"
+        "print('SKLEARN', sklearn.base.BaseEstimator.__name__)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env={**pipeline.env, "PYTHONPATH": str(Path(__file__).parents[1])},
+                            capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith(("RESULT", "SKLEARN"))]
+    assert lines == ["RESULT 0 False False False", "SKLEARN BaseEstimator"], result.stdout
+    settings = _settings(pipeline)
+    assert sorted(pd.read_parquet(out)["user_id"]) == active_users(settings.prepared_dir, load_prepared(settings.prepared_dir).as_of)
+
+
+def test_lightgbm_imported_without_sklearn_still_loads_and_predicts(tmp_path: Path) -> None:
+    """In a fresh interpreter: the Booster a model file holds predicts the same without scikit-learn imported."""
+    model_file = tmp_path / "model.txt"
+    code = (
+        "import sys\n"
+        "import numpy as np\n"
+        "from training.lean_startup import import_lightgbm_without_sklearn\n"
+        "import_lightgbm_without_sklearn()\n"
+        "import lightgbm as lgb\n"
+        "assert 'sklearn' not in sys.modules and not lgb.compat.SKLEARN_INSTALLED\n"
+        "rng = np.random.default_rng(3)\n"
+        "x = rng.normal(size=(500, 4)); y = (x[:, 0] + rng.normal(size=500) > 0).astype(int)\n"
+        "booster = lgb.train({'objective': 'binary', 'verbose': -1}, lgb.Dataset(x, y), num_boost_round=5)\n"
+        f"booster.save_model({str(model_file)!r})\n"
+        "print(' '.join(f'{v:.12f}' for v in lgb.Booster(model_file=" + repr(str(model_file)) + ").predict(x[:3])))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1],
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert result.returncode == 0, result.stderr
+    import lightgbm as lgb  # this process: the ordinary import, with scikit-learn
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(500, 4))
+    expected = lgb.Booster(model_file=str(model_file)).predict(x[:3])
+    np.testing.assert_allclose([float(v) for v in result.stdout.split()], expected, rtol=0, atol=1e-12)
 
 
 def _online_rows(pipeline: Pipeline, users: list[str]) -> list[dict]:

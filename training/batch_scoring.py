@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
@@ -44,7 +43,7 @@ from propensity.settings import Settings
 from propensity.user_state import USER_INPUTS, USER_MODEL_INPUTS, UserBatch
 
 # Feast is imported where it is used (propensity.feature_store, training.offline_user_features, training.datasets),
-# not here: `score-batch --users-only` first makes that import cheaper (see _skip_feast_type_checks).
+# not here: `score-batch` first makes that import cheaper (training.lean_startup, called by training.commands).
 
 SCHEMA = pa.schema([("user_id", pa.string()), ("propensity", pa.float64()), ("rank", pa.int32()), ("item_id", pa.string()), ("item_score", pa.float64())])
 USERS_SCHEMA = pa.schema([("user_id", pa.string()), ("propensity", pa.float64())])
@@ -290,36 +289,8 @@ def cmd_score_batch(args: argparse.Namespace, settings: Settings) -> int:
     record_output(settings, out)  # before writing: `propensity forget` must find it even if this run is cut short
     fence = WriteFence.begin(settings)  # a shopper forgotten while this runs is scrubbed from the output (docs/privacy.md)
     if args.users_only:
-        _skip_feast_type_checks()
         score_users_batch(settings, at, out, chunk_size=args.chunk_size or USERS_CHUNK, version=args.version)
     else:
         score_batch(settings, at, out, top_n=args.top_n, chunk_size=args.chunk_size or ITEMS_CHUNK, version=args.version)
     fence.settle_files([out])
     return 0
-
-
-def _skip_feast_type_checks() -> None:
-    """Import Feast without typeguard's run-time type checks (when this process has not imported it yet).
-
-    Feast decorates its classes with typeguard's @typechecked, which re-parses and re-compiles each decorated
-    class's source at import: about 70 % of `import feast` here (measured 2.2-2.4 s against 6.6-8.8 s on a loaded
-    machine), the largest part of score-batch's start-up, paid whatever the number of users. The users-only path
-    only reads the registry that `feast apply` wrote (type-checked then), so the checks guard nothing here.
-    typeguard itself skips instrumenting under `python -O`; this does the same for Feast's modules only, through
-    the decorator Feast imports, and leaves any other typeguard user alone. A no-op once Feast is imported.
-    """
-    if "feast" in sys.modules:
-        return
-    try:
-        import typeguard
-    except ImportError:
-        return
-    checked = typeguard.typechecked
-
-    def typechecked(target: object = None, **options: object) -> object:
-        module = getattr(target, "__module__", None) or sys._getframe(1).f_globals.get("__name__", "")
-        if module == "feast" or str(module).startswith("feast."):
-            return target if target is not None else (lambda inner: inner)
-        return checked(target, **options) if target is not None else checked(**options)
-
-    typeguard.typechecked = typechecked

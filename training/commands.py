@@ -48,6 +48,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_score_batch(args: argparse.Namespace) -> int:
+    from training import lean_startup
+
+    # Before training.batch_scoring imports LightGBM, and before anything imports Feast: start-up is part of a
+    # batch command's throughput.
+    lean_startup.import_lightgbm_without_sklearn()
+    if args.users_only:  # the path that reads only the registry `feast apply` wrote
+        lean_startup.skip_feast_type_checks()
     from training.batch_scoring import cmd_score_batch as run
 
     return run(args, settings_from_args(args))
