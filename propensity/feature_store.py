@@ -41,15 +41,47 @@ class FeatureContractError(RuntimeError):
     """A model and a feature service disagree about the features."""
 
 
-def open_store(repo: Path, yaml_file: Path | None = None) -> FeatureStore:
-    """The Feast store of the repository at repo, configured by its feature_store.yaml or by a profile's yaml_file."""
+def open_store(repo: Path, yaml_file: Path | None = None, check_offline_store: bool = True) -> FeatureStore:
+    """The Feast store of the repository at repo, configured by its feature_store.yaml or by a profile's yaml_file.
+
+    check_offline_store=False: for a caller that never uses Feast's offline store (it reads the registry, and perhaps
+    the online store). Feast's own loader checks the offline store's section at load by importing its implementation
+    (DuckDB's imports ibis: measured below); here that check runs when the store is first used instead.
+    """
     config = yaml_file or repo / "feature_store.yaml"
     if not config.exists():
         raise FileNotFoundError(f"{config}: no such feature_store.yaml (is {repo} the Feast repository?)")
     apply_defaults()  # profiles read ${PROPENSITY_*} connection variables
     if yaml_file is not None:
         check_reachable(config)  # "Redis at host:port is not accepting connections" instead of a late Feast error
-    return FeatureStore(repo_path=str(repo), fs_yaml_file=config.resolve())
+    if check_offline_store:
+        return FeatureStore(repo_path=str(repo), fs_yaml_file=config.resolve())
+    return FeatureStore(repo_path=str(repo), config=_config_checking_offline_store_on_use(repo, config.resolve()))
+
+
+def _config_checking_offline_store_on_use(repo: Path, config_file: Path) -> RepoConfig:
+    """feast.repo_config.load_repo_config, with the offline store's section checked on first use rather than at load.
+
+    RepoConfig validates an offline_store given as a mapping when it is built, and one given as a type name only
+    when RepoConfig.offline_store is first read (Feast's own lazy path). So the config is built with the type name,
+    then given the file's full section back, which that first read validates and uses exactly as Feast's loader would.
+    """
+    import yaml
+    from feast.repo_config import FeastConfigError
+    from pydantic import ValidationError
+
+    raw = yaml.safe_load(os.path.expandvars(config_file.read_text()))
+    offline = raw.get("offline_store") if isinstance(raw, dict) else None
+    if isinstance(offline, dict) and isinstance(offline.get("type"), str):
+        raw["offline_store"] = offline["type"]
+    try:
+        config = RepoConfig(**raw)
+    except ValidationError as error:
+        raise FeastConfigError(error, config_file) from None
+    config.repo_path = repo
+    if isinstance(offline, dict):
+        config.offline_config = offline
+    return config
 
 
 def feast_apply(repo: Path, yaml_file: Path | None = None) -> str:

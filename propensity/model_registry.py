@@ -25,7 +25,7 @@ import os
 import re
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from functools import cached_property
 from datetime import datetime, timezone
@@ -109,12 +109,16 @@ class ModelBundle:
         """'compiled' when both models run compiled, else 'lightgbm'."""
         return "compiled" if len(self.compiled) == 2 else "lightgbm"
 
-    def compile(self) -> bool:
-        """Build or load the cached compiled predictors; attach those that match LightGBM."""
+    def compile(self, names: Collection[str] = (USER_MODEL, RANKER_MODEL)) -> bool:
+        """Build or load the cached compiled predictors of the models named; attach those that match LightGBM.
+
+        True when both models run compiled (a caller that needs one model only names it, e.g. score-batch --users-only:
+        loading a compiled build parses its model file and checks it against LightGBM, ~0.1-0.5 s per model).
+        """
         if self.directory is None:
             return False
         for name, booster in ((USER_MODEL, self.user_model), (RANKER_MODEL, self.ranker)):
-            if name not in self.compiled:
+            if name in names and name not in self.compiled:
                 model = compiled_trees.compile_model(
                     self.directory / f"{name}.txt", booster, self.directory / "compiled", raw_score=name in _RAW_COMPILED
                 )
@@ -122,10 +126,11 @@ class ModelBundle:
                     self.compiled[name] = model
         return self.backend == "compiled"
 
-    def has_compiled_cache(self) -> bool:
+    def has_compiled_cache(self, names: Collection[str] = (USER_MODEL, RANKER_MODEL)) -> bool:
+        """Whether the models named have a compiled build cached on disk."""
         return self.directory is not None and all(
             compiled_trees.cache_path(self.directory / f"{name}.txt", self.directory / "compiled", raw_score=name in _RAW_COMPILED).exists()
-            for name in EXPECTED_FEATURES
+            for name in names
         )
 
     def contributions(self, features: np.ndarray) -> np.ndarray:
