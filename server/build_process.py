@@ -48,21 +48,34 @@ def _own_scheduling_group() -> None:
         pass
 
 
-def _any_cpu() -> None:
-    """Undo the pin it inherits from a worker (server.workers.pin_to_own_cpu): a build at the lowest priority should use
-    whichever core is idle, not queue behind its own worker. The kernel keeps it inside the process's cpuset."""
+# The CPUs this process could use before server.workers.pin_to_own_cpu pinned it; None while it is not pinned.
+_unpinned_cpus: frozenset[int] | None = None
+
+
+def remember_unpinned_cpus(cpus: frozenset[int]) -> None:
+    """Record the CPU set a worker had before it pinned itself: the build processes it starts run there again."""
+    global _unpinned_cpus
+    _unpinned_cpus = frozenset(cpus)
+
+
+def _unpin(cpus: frozenset[int] | None) -> None:
+    """Undo the pin the helper inherits from its worker (server.workers.pin_to_own_cpu): a build at the lowest priority
+    should use whichever of the server's cores is idle, not queue behind its own worker. It goes back to the worker's
+    set from before the pin (a server started under `taskset` keeps its builds inside that set), never wider."""
+    if not cpus:
+        return
     try:
-        os.sched_setaffinity(0, range(os.cpu_count() or 1))
-    except OSError:  # no CPU of that range allowed here: keep the inherited set
+        os.sched_setaffinity(0, cpus)
+    except OSError:  # none of those CPUs allowed here any more (the cpuset changed): keep the inherited set
         pass
 
 
-def _serve(conn: Connection, niceness: int) -> None:
+def _serve(conn: Connection, niceness: int, cpus: frozenset[int] | None = None) -> None:
     """The helper's main loop: run each (function, args) received and send back (ok, result or traceback)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the server decides
     os.nice(niceness)
     _own_scheduling_group()
-    _any_cpu()
+    _unpin(cpus)
     while True:
         try:
             fn, args = conn.recv()
@@ -127,9 +140,10 @@ class BuildProcess:
             ours, theirs = socket.socketpair()
             # The child imports what it is sent by module name: give it this process's import path.
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
+            cpus = ",".join(str(cpu) for cpu in sorted(_unpinned_cpus)) if _unpinned_cpus else ""
             with theirs:
                 process = subprocess.Popen(
-                    [sys.executable, "-m", __name__, str(theirs.fileno()), str(self._niceness)], pass_fds=(theirs.fileno(),), env=env
+                    [sys.executable, "-m", __name__, str(theirs.fileno()), str(self._niceness), cpus], pass_fds=(theirs.fileno(),), env=env
                 )
             self._process, self._conn = process, Connection(ours.detach())
             log.info("build process %d started (nice +%d)", process.pid, self._niceness)
@@ -150,5 +164,6 @@ class BuildProcess:
             conn.close()
 
 
-if __name__ == "__main__":  # the helper itself: python -m server.build_process <socket fd> <niceness>
-    _serve(Connection(int(sys.argv[1])), int(sys.argv[2]))
+if __name__ == "__main__":  # the helper itself: python -m server.build_process <socket fd> <niceness> [<cpu,cpu,...>]
+    _cpus = frozenset(int(cpu) for cpu in sys.argv[3].split(",")) if len(sys.argv) > 3 and sys.argv[3] else None
+    _serve(Connection(int(sys.argv[1])), int(sys.argv[2]), _cpus)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from propensity.settings import Settings
 from server.app import Started, serve
+from server.build_process import remember_unpinned_cpus
 from server.observability import Observability, install_observability
 
 log = logging.getLogger("propensity.server")
@@ -66,6 +67,7 @@ def pin_to_own_cpu(number: int, workers: int) -> int | None:
     if workers != len(cpus):
         return None
     cpu = cpus[number % len(cpus)]
+    remember_unpinned_cpus(frozenset(cpus))
     os.sched_setaffinity(0, {cpu})
     return cpu
 
