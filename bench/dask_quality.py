@@ -63,13 +63,9 @@ def local_fixed(params: dict, data: TrainingSet, train: np.ndarray, features: tu
     return lgb.train({k: v for k, v in params.items() if k not in ("metric", "eval_at")}, train_set, num_boost_round=trees)
 
 
-def fixed(built: TrainingData, training: TrainingSettings, client: Client, trees: int, overrides: dict, share_bins: bool = True) -> dict[str, dict]:
-    """Every (model, objective) with exactly `trees` trees on both engines: raw-score validation AUC (and NDCG@10 for the ranker).
-
-    share_bins=False: each Dask worker finds its features' bins from its own rows (lightgbm.dask by itself), as before
-    training.dask_training.shared_bins.
-    """
-    from training.dask_training import USER, TrainingRows, bin_sample, dask_booster, in_memory_chunks, shared_bins
+def fixed(built: TrainingData, training: TrainingSettings, client: Client, trees: int, overrides: dict) -> dict[str, dict]:
+    """Every (model, objective) with exactly `trees` trees on both engines: raw-score validation AUC (and NDCG@10 for the ranker)."""
+    from training.dask_training import USER, TrainingRows, dask_booster, in_memory_chunks
 
     out: dict[str, dict] = {"local": {}, "dask": {}}
     with tempfile.TemporaryDirectory(prefix="dask-quality-") as work:
@@ -79,14 +75,10 @@ def fixed(built: TrainingData, training: TrainingSettings, client: Client, trees
         for (name, (features, objectives)), part in zip(MODELS.items(), ("users", "pairs")):
             data = getattr(built.data, part)
             train, valid, _ = built.periods.masks(data)
-            bins = None
-            if share_bins:
-                sample = bin_sample(rows.files(name, built.periods.train), features, seed=training.seed)
-                bins = shared_bins(sample, {**base_params(training), **overrides}, Path(work) / f"{name}-bins.json")
             for objective in objectives:
                 params = {**base_params(training, objective), **overrides}
                 boosters = {"local": local_fixed(params, data, train, features, trees),
-                            "dask": dask_booster(client, params, [rows.files(name, [c]) for c in built.periods.train], features, trees, bins)}
+                            "dask": dask_booster(client, params, [rows.files(name, [c]) for c in built.periods.train], features, trees)}
                 for engine, booster in boosters.items():
                     scores = booster.predict(data.features[valid])
                     result = {"auc": float(roc_auc_score(data.labels[valid], scores))}
@@ -117,7 +109,6 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="num_boost_round in --mode production (default: the settings')")
     parser.add_argument("--param", type=_override, action="append", default=[], help="LightGBM parameter for both engines in --mode fixed, key=value")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--no-shared-bins", action="store_true", help="--mode fixed: each Dask worker bins its features from its own rows")
     parser.add_argument("--json", type=Path, default=None, help="also write every figure here")
     args = parser.parse_args()
 
@@ -137,7 +128,7 @@ def main() -> None:
             if args.mode == "production":
                 results[seed] = production(built, training, cluster.scheduler_address)
             else:
-                results[seed] = fixed(built, training, client, args.trees, dict(args.param), not args.no_shared_bins)
+                results[seed] = fixed(built, training, client, args.trees, dict(args.param))
             print(f"seed {seed} ({time.perf_counter() - started:.0f}s)", flush=True)
             for key, local in results[seed]["local"].items():
                 dask = results[seed]["dask"][key]

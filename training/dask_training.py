@@ -11,14 +11,12 @@ The partitioning rule: every file holds whole query groups (one user at one cut-
 candidate rows), so LightGBM's lambdarank finds each group on one worker. The result is an ordinary LightGBM
 Booster (no Dask object survives the fit), saved and served like a locally trained one. Early stopping is replayed
 after the fit: the validation metric is computed per iteration on the cluster, partition by partition, and the
-booster's best_iteration set from it. The features' bin boundaries are found once on the driver, from the training
-rows, and imposed on every worker (shared_bins), so that no worker bins a feature from its own share of the rows.
+booster's best_iteration set from it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import shutil
 import tempfile
@@ -295,137 +293,30 @@ def best_iteration(client, booster: lgb.Booster, valid_files: list[str], feature
     return best, curve
 
 
-# The Dataset parameters that decide the bin boundaries: the driver's Dataset bins the sample with the fit's values.
-BINNING_PARAMS = ("max_bin", "min_data_in_bin", "min_data_in_leaf", "feature_pre_filter", "use_missing", "zero_as_missing", "seed", "data_random_seed")
-BIN_SAMPLE_ROWS = 200_000  # LightGBM's bin_construct_sample_cnt default: the rows the local fit bins from
-
-
-def bin_sample(files: list[str], features: tuple[str, ...], rows: int = BIN_SAMPLE_ROWS, seed: int = 0) -> np.ndarray:
-    """The rows the bin boundaries are found on: all training rows when they are at most `rows`, else `rows` drawn uniformly.
-
-    Read one file at a time (the driver holds the sample and one file). Below `rows` this is every row, so the bins are
-    the local fit's, whatever the files' order: LightGBM bins the sorted distinct values of its sample.
-    """
-    counts = [pq.ParquetFile(path).metadata.num_rows for path in files]
-    total = sum(counts)
-    chosen = np.arange(total) if total <= rows else np.sort(np.random.default_rng(seed).choice(total, rows, replace=False))
-    sample, at, start = np.empty((len(chosen), len(features))), 0, 0
-    for path, n in zip(files, counts):
-        local = chosen[(chosen >= start) & (chosen < start + n)] - start
-        if len(local):
-            table = pq.read_table(path, columns=list(features))
-            for j, name in enumerate(features):
-                sample[at : at + len(local), j] = table[name].to_numpy()[local]
-            at += len(local)
-        start += n
-    return sample
-
-
-def shared_bins(sample: np.ndarray, params: dict, path: Path) -> dict:
-    """LightGBM's bin boundaries of the sample, written as a forced-bins file; returns the parameters that impose them.
-
-    Without this, lightgbm.dask's data-parallel learner finds each feature's bins on one worker, from that worker's
-    rows only, and on a small shop the 2-worker fit then differs from the local fit by up to 0.02 of AUC. The driver
-    bins the sample as the local fit would (a LightGBM Dataset with the fit's binning parameters), reads every row's
-    bin back (Dataset._dump_text: LightGBM exposes bins per row, not the boundaries) and takes each boundary where
-    LightGBM puts it, just above the midpoint of the two distinct values on either side (zero's own bin, +-1e-35, and
-    the missing-value bin LightGBM adds by itself). Given as `forcedbins_filename` with `max_bin_by_feature` equal to
-    each feature's bin count, no bin is left for a worker to find from its own rows, so every worker bins like the
-    local fit (the same model locally: tests/test_dask_training.py).
-    """
-    binning = {k: params[k] for k in BINNING_PARAMS if k in params}
-    dataset = lgb.Dataset(sample, label=np.zeros(len(sample)), params={**binning, "bin_construct_sample_cnt": max(len(sample), 1), "verbosity": -1}, free_raw_data=False).construct()
-    n_features = sample.shape[1]
-    num_bins = [dataset.feature_num_bin(j) for j in range(n_features)]
-    dump = path.with_suffix(".dump.txt")
-    dataset._dump_text(str(dump))
-    with dump.open() as f:
-        head = [next(f) for _ in range(9 + n_features)]
-    header = next(i for i, line in enumerate(head) if line.startswith(f"feature {n_features - 1}:")) + 1
-    bins = pd.read_csv(dump, skiprows=header, header=None, usecols=range(n_features), na_values="NA", skipinitialspace=True).to_numpy()
-    dump.unlink()
-    forced = []
-    for j in range(n_features):
-        known = ~np.isnan(sample[:, j]) & ~np.isnan(bins[:, j])  # a feature LightGBM dropped has no bins ("NA")
-        values, first = np.unique(sample[known, j], return_index=True)
-        of = bins[known, j][first]
-        a, b = values[:-1], values[1:]
-        cut = (of[:-1] != of[1:]) & (a != 0) & (b != 0) & ~((a < 0) & (b > 0))  # boundaries at zero are LightGBM's own
-        forced.append({"feature": j, "bin_upper_bound": [float(v) for v in np.nextafter((a[cut] + b[cut]) / 2, np.inf)]})
-    path.write_text(json.dumps(forced))
-    return {"forcedbins_filename": str(path), "max_bin_by_feature": [max(n, 2) for n in num_bins]}
-
-
-def dask_booster(
-    client, params: dict, train_files: list[list[str]], features: tuple[str, ...], rounds: int, bins: dict | None = None
-) -> lgb.Booster:
+def dask_booster(client, params: dict, train_files: list[list[str]], features: tuple[str, ...], rounds: int) -> lgb.Booster:
     """A lightgbm.dask fit of exactly `rounds` trees on the Parquet training rows (files per cut-off), as a plain Booster.
 
-    `bins`: shared_bins' parameters (every worker bins like the local fit); None lets each worker find its features'
-    bins from its own rows, as lightgbm.dask does by itself. No early stopping: fit_dask_booster replays it;
-    bench/dask_quality.py and the tests compare the engines at a fixed tree count through this.
+    No early stopping: fit_dask_booster replays it; bench/dask_quality.py and the tests compare the engines at a fixed
+    tree count through this.
     """
     import lightgbm.dask as lgb_dask
 
     x, y, sizes = _place(client, train_files, features)
-    params = {k: v for k, v in params.items() if k not in ("num_threads", "metric", "eval_at")} | (bins or {})
+    params = {k: v for k, v in params.items() if k not in ("num_threads", "metric", "eval_at")}
     if params["objective"] == "lambdarank":
         model = lgb_dask.DaskLGBMRanker(client=client, n_estimators=rounds, **params)
-        if bins:
-            model._lgb_dask_fit(model_factory=_BinnedRanker, X=x, y=y, group=sizes)
-        else:
-            model.fit(x, y, group=sizes)
+        model.fit(x, y, group=sizes)
     else:
         model = lgb_dask.DaskLGBMClassifier(client=client, n_estimators=rounds, **params)
-        if bins:
-            model._lgb_dask_fit(model_factory=_BinnedClassifier, X=x, y=y)
-        else:
-            model.fit(x, y)
+        model.fit(x, y)
     return model.booster_
 
 
-NETWORK_PARAMS = ("machines", "local_listen_port", "num_machines", "time_out")
-
-
-class _BinnedFit:
-    """A worker's part of a lightgbm.dask fit, its Dataset binned before the worker joins the network.
-
-    LightGBM 4.7's distributed bin finding (DatasetLoader::ConstructFromSampleData, several machines) reads the
-    forced bins of a machine's k-th feature at index k instead of at the feature's own index, so every machine but the
-    first applies other features' forced bins and finds the rest from its own rows. Built before the network starts,
-    the Dataset takes the single-machine branch, where the forced bins are read at the right index; with
-    max_bin_by_feature equal to their count every worker then has the same bins. The Booster joins the network when it
-    is created (lightgbm.dask's machines and ports are in the parameters) and trains data-parallel as before.
-    lightgbm.dask calls this through its model_factory hook (a private method, `_lgb_dask_fit`).
-    """
-
-    def fit(self, X, y, sample_weight=None, init_score=None, group=None, **_: object):  # noqa: ANN001, N803 (LightGBM's names)
-        params = self._process_params(stage="fit")
-        network = {k: params.pop(k) for k in NETWORK_PARAMS if k in params}
-        train_set = lgb.Dataset(X, label=y, weight=sample_weight, group=group, init_score=init_score, params=params).construct()
-        # The bins are in the Dataset now; LightGBM refuses a forced-bins file for an already constructed one.
-        booster_params = {k: v for k, v in params.items() if k != "forcedbins_filename"} | network
-        self._Booster = lgb.train(booster_params, train_set, num_boost_round=self.n_estimators)
-        self._n_features = self._Booster.num_feature()
-        self.fitted_ = True
-        self._Booster.free_dataset()
-        return self
-
-
-class _BinnedClassifier(_BinnedFit, lgb.LGBMClassifier):
-    pass
-
-
-class _BinnedRanker(_BinnedFit, lgb.LGBMRanker):
-    pass
-
-
 def fit_dask_booster(
-    client, params: dict, train_files: list[list[str]], valid_files: list[str], features: tuple[str, ...], training: TrainingSettings,
-    bins: dict | None = None,
+    client, params: dict, train_files: list[list[str]], valid_files: list[str], features: tuple[str, ...], training: TrainingSettings
 ) -> tuple[lgb.Booster, list[float]]:
     """One lightgbm.dask fit on the Parquet training rows (files per cut-off); returns a plain Booster with best_iteration set."""
-    booster = dask_booster(client, params, train_files, features, training.num_boost_round, bins)
+    booster = dask_booster(client, params, train_files, features, training.num_boost_round)
     best, curve = best_iteration(client, booster, valid_files, features, params["objective"], training.early_stopping_rounds)
     booster.best_iteration = best
     return booster, curve
@@ -468,14 +359,9 @@ def fit_model_dask(
     n_workers = max(len(client.scheduler_info()["workers"]), 1)
     progress(f"  {name}: {rows.counts(name, periods.train)[0]:,} training rows in {len(train_files)} Parquet files over {len(periods.train)} cut-offs, "
              f"{rows.counts(name, periods.validation)[0]:,} validation rows in {len(valid_files)}; {n_workers} Dask workers")
-    started = time.perf_counter()
-    # The bins of the training rows, found once on the driver and written next to the rows (the workers read work_dir).
-    bins = shared_bins(bin_sample(train_files, features, seed=training.seed), base_params(training), rows.root / f"{name}-bins.json")
-    progress(f"  {name}: bin boundaries found on the driver from {min(rows.counts(name, periods.train)[0], BIN_SAMPLE_ROWS):,} training rows "
-             f"and shared with the workers ({time.perf_counter() - started:.1f}s)")
     boosters = {}
     for objective in objectives:
-        boosters[objective], _ = fit_dask_booster(client, base_params(training, objective), train_by_cutoff, valid_files, features, training, bins)
+        boosters[objective], _ = fit_dask_booster(client, base_params(training, objective), train_by_cutoff, valid_files, features, training)
     valid = period_scores(client, valid_files, features, boosters)
     test = period_scores(client, test_files, features, boosters)
     candidates: dict[str, tuple[lgb.Booster, dict, dict]] = {}
