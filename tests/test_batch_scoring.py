@@ -3,6 +3,7 @@ the users-only bulk path against the get_historical_features path; the vectorise
 
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -142,19 +143,16 @@ def test_skipping_feasts_type_checks_leaves_other_modules_checked(tmp_path: Path
     assert result.stdout.strip() == "checked"
 
 
-@pytest.mark.slow
-def test_score_batch_command_starts_lean(pipeline, tmp_path: Path) -> None:
-    """The command, run as the CLI runs it in a fresh interpreter, imports LightGBM without scikit-learn, Feast without
-    typeguard's instrumentation and not Feast's offline store (the largest parts of its start-up), and still scores
-    every active user."""
-    out = tmp_path / "lean.parquet"
+def _score_batch_in_a_fresh_interpreter(pipeline: Pipeline, out: Path) -> list[str]:
+    """`propensity score-batch --users-only` as the CLI runs it, in a new interpreter; what it had imported afterwards."""
     code = (
         "import sys\n"
         "from propensity_cli.main import main\n"
         f"rc = main(['score-batch', '--users-only', '--out', {str(out)!r}])\n"
+        "feast = 'feast' in sys.modules\n"
         "import lightgbm.compat\n"
         "from feast.feature_service import FeatureService\n"
-        "print('RESULT', rc, 'sklearn' in sys.modules, lightgbm.compat.SKLEARN_INSTALLED,\n"
+        "print('RESULT', rc, feast, 'sklearn' in sys.modules, lightgbm.compat.SKLEARN_INSTALLED,\n"
         "      'TypeCheckMemo' in str(FeatureService.__init__.__code__.co_names), 'ibis' in sys.modules)\n"
         "import sklearn.base  # hidden only while LightGBM was imported\n"
         "print('SKLEARN', sklearn.base.BaseEstimator.__name__)\n"
@@ -162,11 +160,31 @@ def test_score_batch_command_starts_lean(pipeline, tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", code], env={**pipeline.env, "PYTHONPATH": str(Path(__file__).parents[1])},
                             capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
     assert result.returncode == 0, result.stdout + result.stderr
-    lines = [line for line in result.stdout.splitlines() if line.startswith(("RESULT", "SKLEARN"))]
-    # Nor did it import Feast's DuckDB offline store (ibis): it reads the registry and joins the tables itself.
-    assert lines == ["RESULT 0 False False False False", "SKLEARN BaseEstimator"], result.stdout
+    return [line for line in result.stdout.splitlines() if line.startswith(("RESULT", "SKLEARN"))]
+
+
+@pytest.mark.slow
+def test_score_batch_command_starts_lean(pipeline, tmp_path: Path) -> None:
+    """The command imports LightGBM without scikit-learn and never Feast's offline store (ibis). The first run reads
+    the registry through Feast (without typeguard's instrumentation) and records what it read; a run on the same
+    registry recalls the record and does not import Feast at all. Same propensities each time, every active user."""
     settings = _settings(pipeline)
-    assert sorted(pd.read_parquet(out)["user_id"]) == active_users(settings.prepared_dir, load_prepared(settings.prepared_dir).as_of)
+    memo = settings.work_dir / "cache" / "registry"
+    shutil.rmtree(memo, ignore_errors=True)
+    first = _score_batch_in_a_fresh_interpreter(pipeline, tmp_path / "first.parquet")
+    assert first == ["RESULT 0 True False False False False", "SKLEARN BaseEstimator"]
+    assert len(list(memo.glob("*.json"))) == 1
+    second = _score_batch_in_a_fresh_interpreter(pipeline, tmp_path / "second.parquet")
+    assert second == ["RESULT 0 False False False False False", "SKLEARN BaseEstimator"]
+    # A record whose fingerprint no longer matches the model is not trusted: the run reads through Feast again.
+    record = next(memo.glob("*.json"))
+    record.write_text(record.read_text().replace('"fingerprint": "', '"fingerprint": "stale'))
+    third = _score_batch_in_a_fresh_interpreter(pipeline, tmp_path / "third.parquet")
+    assert third[0].startswith("RESULT 0 True ")
+    frames = [pd.read_parquet(tmp_path / f"{name}.parquet").set_index("user_id")["propensity"].sort_index() for name in ("first", "second", "third")]
+    assert sorted(frames[0].index) == active_users(settings.prepared_dir, load_prepared(settings.prepared_dir).as_of)
+    for frame in frames[1:]:
+        pd.testing.assert_series_equal(frame, frames[0])
 
 
 def test_lightgbm_imported_without_sklearn_still_loads_and_predicts(tmp_path: Path) -> None:

@@ -24,13 +24,23 @@ OFFLINE = {
 }
 
 
+def test_the_offline_verdict_is_given_per_registry_path() -> None:
+    recalled = {**OFFLINE["runs"][0], "registry": "recalled", "wall_seconds": 3.9, "users_per_second": 105_000}
+    offline = {**OFFLINE, "runs": [{**OFFLINE["runs"][0], "registry": "read through Feast"}, recalled], "best_users_per_second": 105_000}
+    text = render({"machine": {"cpus": 2, "platform": "linux", "python": "3.11"}, "online": ONLINE, "offline": offline})
+    assert ("whole wall time: **met** (105,000 >= 100,000) (best read through Feast: **short** (90,000 < 100,000); "
+            "recalled: **met** (105,000 >= 100,000))") in text
+    assert "| `propensity score-batch --users-only --out OUT.parquet` | recalled | 409,626 | 3.9 | 105,000 |" in text
+
+
 def test_report_judges_each_target_from_the_figures() -> None:
     text = render({"machine": {"cpus": 2, "platform": "linux", "python": "3.11"}, "online": ONLINE, "offline": OFFLINE})
     assert "**met** (21,500 >= 20,000)" in text
     assert "**short** (90,000 < 100,000)" in text
     assert "| 2 | 2 | 21,500 | 172 | 90.0 | 0 |" in text
     assert "| bulk online read (Feast's online store, TTLs applied; `fetch_columns`) | 40.1 |" in text
-    assert "| `propensity score-batch --users-only --out OUT.parquet` | 409,626 | 4.5 | 90,000 | 132,000 | 1.2 | 5 |" in text
+    assert "| `propensity score-batch --users-only --out OUT.parquet` | read through Feast | 409,626 | 4.5 | 90,000 | 132,000 | 1.2 | 5 |" in text
+    assert "the start-up before it, wall minus that clock, was 1.4-1.4 s here" in text
     assert "scored 100,000/409,626 users" in text
     assert "python -m bench.bulk online --root var/bench" in text and "python -m bench.bulk offline --root var/scale" in text
 

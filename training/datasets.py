@@ -11,17 +11,20 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
 import numpy as np
 import pandas as pd
-from feast import FeatureStore
 
 from propensity.assembly import pair_matrix, user_vector
 from propensity.candidates import generate_candidates
 from propensity.catalog import Catalog
 from propensity.settings import CandidateSettings, TrainingSettings
 from propensity.user_state import UserState
+
+if TYPE_CHECKING:  # only the type: score-batch --users-only imports this module before Feast (training.batch_scoring)
+    from feast import FeatureStore
 
 HISTORY_DAYS = 90  # users with an event this long before a cut-off get a training row
 

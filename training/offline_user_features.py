@@ -21,13 +21,14 @@ from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
-from feast import FeatureStore
 
-from propensity.feature_store import offline_table
+if TYPE_CHECKING:  # Feast is imported by whoever opens the store: score-batch starts DuckDB's work before that import
+    from feast import FeatureStore
 
 USER_KEY = "user_id"
 
@@ -50,6 +51,8 @@ def service_tables(store: FeatureStore, service_name: str, only: Collection[str]
 
     only: just these features (views without any are left out): what is not read is neither decoded nor joined.
     """
+    from propensity.feature_store import offline_table
+
     tables = []
     for projection in store.get_feature_service(service_name).feature_view_projections:
         if only is not None and not any(f.name in only for f in projection.features):
