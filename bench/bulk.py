@@ -242,7 +242,8 @@ def run_score_batch(shop: Shop, out: Path, chunk_size: int | None, code_from: Pa
     }
 
 
-def offline(root: Path, chunk_sizes: list[int | None], repeats: int) -> dict:
+def offline(root: Path, chunk_sizes: list[int | None], repeats: int, baseline: Path | None = None, baseline_label: str | None = None) -> dict:
+    """score-batch --users-only runs on the shop; with a baseline, its code's runs alternate with this code's (same session)."""
     shop = Shop(root.resolve())
     manifest = shop.manifest()
     say(f"offline, {root}: {manifest['n_events']:,} events, {manifest['n_users']:,} users, as of {manifest['as_of']}")
@@ -253,13 +254,19 @@ def offline(root: Path, chunk_sizes: list[int | None], repeats: int) -> dict:
             # `feast apply` or `feast materialize` does (both rewrite the registry); the others recall its record.
             shutil.rmtree(shop.work_dir / "cache" / "registry", ignore_errors=True)
             for r in range(repeats):
-                result = run_score_batch(shop, Path(tmp) / f"users-{chunk}-{r}.parquet", chunk)
-                say(f"  {result['command']} (registry {result['registry']}): {result['users']:,} users in {result['wall_seconds']}s wall -> {result['users_per_second']:,} users/s "
-                    f"({result['users_per_second_after_startup']:,} after start-up), peak RSS {result['peak_rss_gb']} GB, {result['row_groups']} row groups")
-                runs.append(result)
-    return {"measured_at": _now(), "command": f"python -m bench.bulk offline --root {_relative(root)}", "root": _relative(root),
+                for code_from in [None, baseline] if baseline else [None]:
+                    result = run_score_batch(shop, Path(tmp) / f"users-{chunk}-{r}.parquet", chunk, code_from)
+                    if code_from is not None:  # earlier code neither reads nor writes the registry record
+                        result = {**result, "registry": "read through Feast", "code": baseline_label or str(code_from)}
+                    say(f"  {result['command']} ({result.get('code', 'this code')}, registry {result['registry']}): {result['users']:,} users in "
+                        f"{result['wall_seconds']}s wall -> {result['users_per_second']:,} users/s "
+                        f"({result['users_per_second_after_startup']:,} after start-up), peak RSS {result['peak_rss_gb']} GB, {result['row_groups']} row groups")
+                    runs.append(result)
+    command = f"python -m bench.bulk offline --root {_relative(root)} --repeats {repeats}" + (
+        f" --baseline DIR --baseline-label '{baseline_label or baseline}'" if baseline else "")
+    return {"measured_at": _now(), "command": command, "root": _relative(root),
             "events": manifest["n_events"], "users": manifest["n_users"], "items": manifest["n_items"], "as_of": manifest["as_of"], "runs": runs,
-            "best_users_per_second": max(r["users_per_second"] for r in runs)}
+            "best_users_per_second": max(r["users_per_second"] for r in runs if "code" not in r), "baseline_label": baseline_label if baseline else None}
 
 
 def startup(root: Path, repeats: int, baseline: Path | None, scale_run: dict | None) -> dict:
@@ -424,8 +431,9 @@ def _render_offline(offline: dict) -> str:
         "whose registry file hashes the same as an earlier run's recalls what that run read from it (tables, TTLs, the service's "
         "fingerprint) without importing Feast. `feast apply` and `feast materialize` rewrite the registry, so the first run "
         "after either reads through Feast: the `registry` column says which each run did.\n",
-        "| command | registry | users | wall s | users/s | users/s after start-up | peak RSS, GB | row groups written |", "|---|---|---|---|---|---|---|---|",
-        *[f"| `{r['command']}` | {r.get('registry', 'read through Feast')} | {r['users']:,} | {r['wall_seconds']} | {r['users_per_second']:,} | "
+        *_baseline_line(offline),
+        "| command | code | registry | users | wall s | users/s | users/s after start-up | peak RSS, GB | row groups written |", "|---|---|---|---|---|---|---|---|---|",
+        *[f"| `{r['command']}` | {r.get('code', 'this code')} | {r.get('registry', 'read through Feast')} | {r['users']:,} | {r['wall_seconds']} | {r['users_per_second']:,} | "
           f"{r['users_per_second_after_startup']:,} | {r['peak_rss_gb']} | {r['row_groups']} |" for r in offline["runs"]],
         "",
         "The point-in-time rule is Feast's for entity rows at one timestamp (latest row with event_timestamp <= at and within the "
@@ -438,9 +446,22 @@ def _render_offline(offline: dict) -> str:
     return "\n".join(lines)
 
 
+def _baseline_line(offline: dict) -> list[str]:
+    """The same session's baseline (runs alternating with this code's): medians of wall time, and their ratio."""
+    ours = [r["wall_seconds"] for r in offline["runs"] if "code" not in r]
+    theirs = [r["wall_seconds"] for r in offline["runs"] if "code" in r]
+    if not theirs:
+        return []
+    mine, base = float(np.median(ours)), float(np.median(theirs))
+    return [f"Baseline in the same session, alternating run by run: {offline.get('baseline_label') or 'the earlier code'}, median wall "
+            f"{base:.2f} s against this code's {mine:.2f} s (x{base / mine:.2f} the throughput).\n"]
+
+
 def _by_registry(runs: list[dict]) -> str:
     best: dict[str, int] = {}
     for run in runs:
+        if "code" in run:  # a baseline's run
+            continue
         kind = run.get("registry", "read through Feast")
         best[kind] = max(best.get(kind, 0), run["users_per_second"])
     if len(best) < 2:
@@ -449,7 +470,7 @@ def _by_registry(runs: list[dict]) -> str:
 
 
 def _startup_range(runs: list[dict]) -> str:
-    startups = [run["wall_seconds"] - run["command_seconds"] for run in runs]
+    startups = [run["wall_seconds"] - run["command_seconds"] for run in runs if "code" not in run]
     return f"{min(startups):.1f}-{max(startups):.1f}"
 
 
@@ -468,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     parser = argparse.ArgumentParser(prog="python -m bench.bulk", description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["online", "offline", "startup", "all"])
-    parser.add_argument("--baseline", type=Path, help="online, startup: also run the code in this directory (an earlier commit) in the same session")
+    parser.add_argument("--baseline", type=Path, help="online, offline, startup: also run the code in this directory (an earlier commit) in the same session")
     parser.add_argument("--baseline-label", help="how the report names the baseline (e.g. 'commit 305cab9'); default: its directory")
     parser.add_argument("--root", type=Path, action="append", help="shop directory (online: repeatable; default var/bench; offline: var/scale)")
     parser.add_argument("--seconds", type=float, default=8.0, help="seconds per ScoreUsers concurrency level")
@@ -484,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         results["online"] = keep_other_shops({**measured, "baseline_label": args.baseline_label}, previous.get("online"))
     if args.what in ("offline", "all"):
         chunks = [None if c == "default" else int(c) for c in args.chunk_sizes.split(",")]
-        results["offline"] = offline((args.root or [PROJECT_ROOT / "var" / "scale"])[-1], chunks, args.repeats)
+        results["offline"] = offline((args.root or [PROJECT_ROOT / "var" / "scale"])[-1], chunks, args.repeats, args.baseline, args.baseline_label)
     if args.what == "startup":
         scale = results.get("offline", {})
         best = min(scale.get("runs", []), key=lambda r: r["wall_seconds"], default=None)  # the scale shop's best run, before this change

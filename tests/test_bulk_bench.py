@@ -30,7 +30,13 @@ def test_the_offline_verdict_is_given_per_registry_path() -> None:
     text = render({"machine": {"cpus": 2, "platform": "linux", "python": "3.11"}, "online": ONLINE, "offline": offline})
     assert ("whole wall time: **met** (105,000 >= 100,000) (best read through Feast: **short** (90,000 < 100,000); "
             "recalled: **met** (105,000 >= 100,000))") in text
-    assert "| `propensity score-batch --users-only --out OUT.parquet` | recalled | 409,626 | 3.9 | 105,000 |" in text
+    assert "| `propensity score-batch --users-only --out OUT.parquet` | this code | recalled | 409,626 | 3.9 | 105,000 |" in text
+    assert "Baseline" not in text
+    base = {**OFFLINE["runs"][0], "code": "commit dffb3fd", "wall_seconds": 7.8, "users_per_second": 52_500}
+    offline = {**offline, "runs": [*offline["runs"], base], "baseline_label": "commit dffb3fd"}
+    text = render({"machine": {"cpus": 2, "platform": "linux", "python": "3.11"}, "online": ONLINE, "offline": offline})
+    assert "commit dffb3fd, median wall 7.80 s against this code's 4.20 s (x1.86 the throughput)" in text
+    assert "(best read through Feast: **short** (90,000 < 100,000); recalled: **met** (105,000 >= 100,000))" in text
 
 
 def test_report_judges_each_target_from_the_figures() -> None:
@@ -39,7 +45,7 @@ def test_report_judges_each_target_from_the_figures() -> None:
     assert "**short** (90,000 < 100,000)" in text
     assert "| 2 | 2 | 21,500 | 172 | 90.0 | 0 |" in text
     assert "| bulk online read (Feast's online store, TTLs applied; `fetch_columns`) | 40.1 |" in text
-    assert "| `propensity score-batch --users-only --out OUT.parquet` | read through Feast | 409,626 | 4.5 | 90,000 | 132,000 | 1.2 | 5 |" in text
+    assert "| `propensity score-batch --users-only --out OUT.parquet` | this code | read through Feast | 409,626 | 4.5 | 90,000 | 132,000 | 1.2 | 5 |" in text
     assert "the start-up before it, wall minus that clock, was 1.4-1.4 s here" in text
     assert "scored 100,000/409,626 users" in text
     assert "python -m bench.bulk online --root var/bench" in text and "python -m bench.bulk offline --root var/scale" in text
