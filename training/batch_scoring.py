@@ -196,13 +196,13 @@ def _user_tables(settings: Settings, bundle: ModelBundle) -> list:
         return recalled[0]
     # Through Feast (a changed fingerprint too: check_service then refuses the model with its full message). The
     # registry only: the tables are read with this path's own DuckDB join, not through Feast's offline store.
-    from propensity.feature_store import open_store, service_fingerprint
+    from propensity.feature_store import open_store
 
     store = open_store(settings.feature_repo, settings.feature_store_yaml, check_offline_store=False)
     _check_services(store, bundle, (("user", USER_MODEL),))
     tables = offline.service_tables(store, service["name"], only=USER_MODEL_INPUTS)  # what the user model reads
-    if key is not None:
-        registry_memo.remember(memo, key, tables, service_fingerprint(store, service["name"]))
+    if key is not None:  # the check above found the registry's fingerprint equal to the model's
+        registry_memo.remember(memo, key, tables, service["fingerprint"])
     return tables
 
 
