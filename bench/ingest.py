@@ -387,7 +387,14 @@ on the machine of the last `make bench` (8,473 events/s, the feature process at 
 main thread would be at ~75 and the statement thread ~40 beside the server process (~13-20) on the other core: that
 is a projection, not a measurement.
 
-Next, if the quiet run falls short: overlap the commit (7-12 CPU, plus its fsync wall time) with the next update,
+**The quiet-machine run (2026-12-02, idle machine, after the helpers stopped):** `make bench` at 05:23 UTC measured
+**11,625 events/s** at 1,000 events per message (2,525 / 6,131 at 10 / 100), the feature process at 101.2 CPU ms per
+1,000 events, 66 of them on its main thread; freshness 6 of 6 at 12,405 events/s (docs/benchmarks/README.md). Back
+to back at 05:29-05:31 with `python -m bench.ingest --sizes 1000 --out DIR [--server-code DIR]`: this code 12,687,
+13,669 and 11,611 events/s; the code before this round (commit dffb3fd, `--server-code`) in between, 7,436 events/s.
+The 10,000 events/s target is met.
+
+Not needed for the target, kept as the next lead: overlap the commit (7-12 CPU, plus its fsync wall time) with the next update,
 which needs the server to send update N+1 before N's answer (two in flight on the pipe), N+1 computed on N's rows and
 recomputed when N fails or another writer commits in between (`data_version`).
 
