@@ -14,6 +14,8 @@ from collections.abc import Mapping
 
 LAG_MAX = "propensity_event_loop_lag_max_seconds"
 LAG_HISTOGRAM = "propensity_event_loop_lag_seconds"
+LAG_DURING_PERIODIC = "propensity_event_loop_lag_during_periodic_work_seconds"
+PERIODIC_STEP = "propensity_periodic_loop_step_seconds"
 STALL_LIMIT_SECONDS = 0.005
 
 Sample = tuple[str, dict[str, str], float]
@@ -131,10 +133,76 @@ def lag_report(before: str | None, after: str | None, limit: float = STALL_LIMIT
             max_bucket_bound_ms_during_load=None if bound is None or math.isinf(bound) else ms(bound),
             over_largest_bucket=bool(bound is not None and math.isinf(bound)),
         )
+        report["periodic"] = periodic_report(before_samples, after_samples, delta, limit)
     if over is not None:
         report["stalls_over_limit"] = int(over) > 0
         report["verdict_from"] = f"histogram: lag samples above {limit * 1000:g} ms between the scrapes"
     else:
         report["stalls_over_limit"] = bool(gauge is not None and gauge > limit)
         report["verdict_from"] = "gauge: largest lag since start"
+    return report
+
+
+def _labelled_buckets(samples: list[Sample], name: str, label: str) -> dict[str, dict[float, float]]:
+    """Cumulative bucket counts of histogram `name` per value of `label`, summed over the other labels."""
+    out: dict[str, dict[float, float]] = {}
+    for n, labels, value in samples:
+        if n == f"{name}_bucket" and "le" in labels and label in labels:
+            per = out.setdefault(labels[label], {})
+            le = float(labels["le"])
+            per[le] = per.get(le, 0.0) + value
+    return {k: dict(sorted(v.items())) for k, v in sorted(out.items())}
+
+
+def stall_excess_p_value(over_during: int, during: int, over_outside: int, outside: int) -> float:
+    """One-sided Fisher exact test: the chance of at least `over_during` lag samples over the limit among the `during`
+    samples taken while periodic work ran, if periodic work changed nothing (over-limit samples spread at random
+    over all samples). Small: periodic work makes stalls; large: its samples look like the rest."""
+    from scipy.stats import fisher_exact
+
+    if during <= 0 or outside < 0:
+        return 1.0
+    _, p = fisher_exact([[over_during, during - over_during], [over_outside, outside - over_outside]], alternative="greater")
+    return float(p)
+
+
+def periodic_report(before: list[Sample], after: list[Sample], all_delta: Mapping[float, float], limit: float) -> dict:
+    """Whether periodic work stalls the loop, between two scrapes (issue 10: no periodic task may stall a loop over `limit`).
+
+    Two measurements from the server (server.loop_monitor): how long each periodic task's steps held the loop
+    (`propensity_periodic_loop_step_seconds`), and the lag samples whose window overlapped periodic work in any
+    of its parts (the loop, the background thread, the build process) against all the others. Under load
+    requests make lag too (a timer behind two queued requests is late by both); periodic work stalls the
+    loop if its samples go over the limit more often than the rest, or if one of its steps held the loop that long.
+    """
+    ms = lambda v: None if v is None else round(v * 1000, 3)  # noqa: E731
+    after_by_task = _labelled_buckets(after, LAG_DURING_PERIODIC, "task")
+    if "any" not in after_by_task:
+        return {"exported": False, "why": f"{LAG_DURING_PERIODIC} not in /metrics"}
+    before_by_task = _labelled_buckets(before, LAG_DURING_PERIODIC, "task")
+    by_task = {task: bucket_delta(before_by_task.get(task, {}), cumulative) for task, cumulative in after_by_task.items()}
+    during = by_task.pop("any")
+    n_during, n_all = int(during.get(math.inf, 0)), int(all_delta.get(math.inf, 0))
+    over_during, over_all = above(during, limit), above(all_delta, limit)
+    steps_before = _labelled_buckets(before, PERIODIC_STEP, "task")
+    steps = {task: bucket_delta(steps_before.get(task, {}), cumulative) for task, cumulative in _labelled_buckets(after, PERIODIC_STEP, "task").items()}
+    step_bounds = {task: upper_bound(delta) for task, delta in steps.items()}
+    step_over = {task: above(delta, limit) for task, delta in steps.items()}
+    report: dict = {
+        "exported": True,
+        "samples_during_periodic": n_during,
+        "samples_over_limit_during_periodic": None if over_during is None else int(over_during),
+        "samples_outside_periodic": n_all - n_during,
+        "samples_over_limit_outside_periodic": None if over_during is None or over_all is None else int(over_all - over_during),
+        "samples_during_task": {task: int(delta.get(math.inf, 0)) for task, delta in by_task.items()},
+        "samples_over_limit_during_task": {task: (None if above(delta, limit) is None else int(above(delta, limit))) for task, delta in by_task.items()},
+        "steps_per_task": {task: int(delta.get(math.inf, 0)) for task, delta in steps.items()},
+        "step_max_bucket_bound_ms_per_task": {task: (None if b is None or math.isinf(b) else ms(b)) for task, b in step_bounds.items()},
+        "steps_over_limit": int(sum(v or 0 for v in step_over.values())),
+    }
+    if over_during is not None and over_all is not None:
+        outside = n_all - n_during
+        report["share_over_limit_during_periodic"] = round(over_during / n_during, 5) if n_during else None
+        report["share_over_limit_outside_periodic"] = round((over_all - over_during) / outside, 5) if outside else None
+        report["excess_p_value"] = round(stall_excess_p_value(int(over_during), n_during, int(over_all - over_during), outside), 4)
     return report

@@ -32,6 +32,10 @@ def _fmt(value: float | None, unit: str) -> str:
     return f"{value:.3f} {unit}"
 
 
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f} %"
+
+
 def verdict(row: dict) -> str:
     """met / short for targets, 'reported' for figures without a goal; says when the generator, not the server, limits a tail."""
     if row["met"] is None:
@@ -57,8 +61,16 @@ def _measured(row: dict) -> str:
         if during is None:
             return f"max {_fmt(value, unit)} since start"
         over, bound = row.get("samples_over_limit_during_load"), row.get("max_bucket_bound_ms_during_load")
-        return (f"{'?' if over is None else f'{over:,}'} of {during:,} lag samples over 5 ms during the load"
+        text = (f"{'?' if over is None else f'{over:,}'} of {during:,} lag samples over 5 ms during the load"
                 + (f" (all <= {bound:g} ms)" if bound is not None else "") + f"; max since start {_fmt(value, unit)}")
+        periodic = row.get("periodic")
+        if periodic:
+            text += (f". While periodic work ran: {periodic['samples_over_limit_during_periodic']:,} of {periodic['samples_during_periodic']:,} "
+                     f"samples over 5 ms ({_percent(periodic.get('share_over_limit_during_periodic'))}), otherwise "
+                     f"{periodic['samples_over_limit_outside_periodic']:,} of {periodic['samples_outside_periodic']:,} "
+                     f"({_percent(periodic.get('share_over_limit_outside_periodic'))}; one-sided Fisher p = {periodic['excess_p_value']:.3g}); "
+                     f"periodic steps on the loop over 5 ms: {periodic['steps_over_limit']}")
+        return text
     if value is None and name.startswith("user_read"):
         return "not measured"
     text = _fmt(value, unit)
@@ -146,7 +158,28 @@ def _lag_text(lag: dict) -> str:
                      + (f"{over:,} of them above {lag['limit_ms']:g} ms" if over is not None else f"({lag['limit_ms']:g} ms is not one of its bucket bounds)")
                      + (f"; all were at most {bound:g} ms (bucket bound)." if bound is not None else
                         "; some exceeded its largest bucket." if lag.get("over_largest_bucket") else "."))
-    parts.append(f"Verdict from the {lag.get('verdict_from')}.")
+    periodic = lag.get("periodic") or {}
+    if periodic.get("exported"):
+        tasks = periodic.get("samples_during_task") or {}
+        over_tasks = periodic.get("samples_over_limit_during_task") or {}
+        bounds = periodic.get("step_max_bucket_bound_ms_per_task") or {}
+        steps = periodic.get("steps_per_task") or {}
+        parts.append(
+            "Under load, requests make lag too: a request runs on the loop from start to end, so a timer due behind two queued "
+            "requests is late by both. The target is about periodic work, so the server also reports the lag samples whose window "
+            "overlapped periodic work in any of its parts (on the loop, in the background thread, in the build process: "
+            "`propensity_event_loop_lag_during_periodic_work_seconds`) and how long each periodic task's steps held the loop "
+            f"(`propensity_periodic_loop_step_seconds`). While periodic work ran: **{periodic.get('samples_over_limit_during_periodic')} of "
+            f"{periodic.get('samples_during_periodic')}** samples over {lag['limit_ms']:g} ms ({_percent(periodic.get('share_over_limit_during_periodic'))}); "
+            f"the rest of the time: {periodic.get('samples_over_limit_outside_periodic')} of {periodic.get('samples_outside_periodic')} "
+            f"({_percent(periodic.get('share_over_limit_outside_periodic'))}); one-sided Fisher test that periodic work makes more of them: "
+            f"p = {periodic.get('excess_p_value')}. Per task (samples over the limit / samples; its steps on the loop, the longest "
+            "within a bucket bound): "
+            + "; ".join(f"{task}: {over_tasks.get(task)} / {tasks.get(task)}, {steps.get(task)} steps <= {bounds.get(task)} ms" for task in sorted(tasks))
+            + f". Periodic steps over {lag['limit_ms']:g} ms: {periodic.get('steps_over_limit')}. The verdict: met when no periodic step held "
+            "a loop over the limit and periodic work's samples are not over it more often than the rest (p >= 0.05).")
+    else:
+        parts.append(f"Verdict from the {lag.get('verdict_from')}.")
     sweep = lag.get("sweep")
     if sweep:
         parts.append(f"During the closed-loop sweep, for information (at saturation a ready request waits behind the queued ones, so lag "

@@ -20,8 +20,21 @@ MAX_RPS = 800.0  # Recommend, 200 candidates, 2 workers
 RATIO_TARGET = 75.0  # our max throughput / naive max throughput
 TAIL_RATIO, TAIL_P99_MS = 3.0, 15.0  # open loop at half of max: p99 < 3 x p50 and p99 < 15 ms
 LAG_MAX_MS = 5.0  # no event-loop stall above this
+STALL_EXCESS_P = 0.05  # periodic work "stalls" when its lag samples go over LAG_MAX_MS more often than the rest at this level
 SCORE_USERS_PER_S = 20_000.0  # ScoreUsers, 1,000 ids per call
 FLOOR_FACTOR, FLOOR_SLACK_MS = 1.5, 0.5  # server time <= 1.5 x compute floor + 0.5 ms (the serving issue's target)
+
+
+def periodic_stall_free(periodic: Mapping[str, object]) -> bool:
+    """Issue 10's "no periodic task may stall a serving worker's event loop for more than 5 ms", from bench.prom.periodic_report.
+
+    Met when no step a periodic task ran on a loop lasted over the limit, and the lag samples taken while periodic
+    work ran (in any of its parts: on the loop, in the background thread, in the build process) went over the limit
+    no more often than the others (one-sided Fisher test, p >= STALL_EXCESS_P). Samples over the limit outside
+    periodic work are the load's own (a timer behind queued requests): they are reported, not judged.
+    """
+    p_value = periodic.get("excess_p_value")
+    return bool(periodic.get("steps_over_limit") == 0 and p_value is not None and float(p_value) >= STALL_EXCESS_P)  # type: ignore[arg-type]
 
 
 def best_level(levels: Sequence[Mapping[str, float]]) -> Mapping[str, float]:
@@ -88,11 +101,18 @@ def evaluate_targets(*, user_read_p50_ms: Mapping[str, float | None], max_rps: f
                      judged and bool(_finite(p99) and p99 < TAIL_P99_MS), generator_limited=limited,  # type: ignore[operator]
                      lateness_p99_ms=lateness, rate_kept=rate_kept))
     lag = dict(event_loop_lag or {})
-    lag_met = bool(lag.get("exported") and not lag.get("stalls_over_limit"))
-    rows.append(_row("event_loop_lag_max_ms", "event-loop lag: no stall over 5 ms under load", lag.get("max_ms") if lag.get("exported") else None,
+    periodic = dict(lag.get("periodic") or {})
+    judged_on_periodic = bool(lag.get("exported") and periodic.get("exported") and periodic.get("excess_p_value") is not None)
+    if judged_on_periodic:
+        lag_met = periodic_stall_free(periodic)
+    else:  # a server without the periodic-work series: any lag sample over the limit under load counts
+        lag_met = bool(lag.get("exported") and not lag.get("stalls_over_limit"))
+    rows.append(_row("event_loop_lag_max_ms", "event-loop lag: no periodic task stalls a serving loop over 5 ms under load",
+                     lag.get("max_ms") if lag.get("exported") else None,
                      "ms", f"<= {LAG_MAX_MS:g} ms", lag_met, exported=bool(lag.get("exported")),
                      samples_during_load=lag.get("samples_during_load"), samples_over_limit_during_load=lag.get("samples_over_limit_during_load"),
-                     max_bucket_bound_ms_during_load=lag.get("max_bucket_bound_ms_during_load"), verdict_from=lag.get("verdict_from")))
+                     max_bucket_bound_ms_during_load=lag.get("max_bucket_bound_ms_during_load"), verdict_from=lag.get("verdict_from"),
+                     periodic=periodic if judged_on_periodic else None))
     rows.append(_row("score_users_per_s", "ScoreUsers, 1,000 ids per call (best concurrency)", score_users_per_s, "users/s",
                      f">= {SCORE_USERS_PER_S:,.0f} users/s", bool(_finite(score_users_per_s) and score_users_per_s >= SCORE_USERS_PER_S)))
     if _finite(server_time_ms) and _finite(floor_ms):

@@ -6,8 +6,12 @@ measurements behind each choice). Work goes to one of three places:
 - the build process (server.build_process): the catalog re-read, ~1 s of pure Python in Feast's
   online read. In a thread it held the GIL against the loop (10-50 ms lags); a process has its own.
 - one background thread: polling and loading models (LightGBM parses in C++ without the GIL), the
-  freshness reading (a small registry re-read), unpickling a new catalog, garbage-collection upkeep.
+  freshness reading and the catalog stamp (each skips its work while its files are unchanged: at 10 s
+  periods the registry re-read and the stamp's SQL made 13-16 % of the lag samples taken meanwhile
+  exceed 5 ms, against 1.6 % otherwise), unpickling a new catalog, garbage-collection upkeep.
   One thread, so two of these never run at once and never compete with each other for the GIL.
+- every run of a periodic task is marked (server.loop_monitor.PeriodicWork), and its steps on the loop
+  timed, so the lag it causes is reported apart from the load's (docs/benchmarks/event_loop.md).
 - the loop: only putting a finished object in place (one assignment) and updating gauges.
 
 With several workers, their catalog builds take turns (`build_lock`, a file lock the parent names):
@@ -36,8 +40,8 @@ from typing import TypeVar
 
 from server.build_process import BuildFailed, BuildProcess
 from server.item_cache import FreshnessTracker, ItemCache, build_catalog_pieces, unpack_catalog
-from server.loop_monitor import LoopLagMonitor
-from server.metrics import Metrics
+from server.loop_monitor import LoopLagMonitor, PeriodicWork, timed_steps
+from server.metrics import PERIODIC_TASKS, Metrics
 from server.model_pool import ModelPool
 
 log = logging.getLogger(__name__)
@@ -110,9 +114,14 @@ class Background:
             "model poll": (model_seconds, self.poll_models),
             "freshness read": (min(FRESHNESS_MAX_SECONDS, catalog_seconds), self.read_freshness),
         }
+        assert tuple(self._periods) == PERIODIC_TASKS, "metrics.PERIODIC_TASKS names the periodic tasks"
         self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="propensity-background")
         self.builder = BuildProcess()
-        self.monitor = LoopLagMonitor(metrics.observe_loop_lag if metrics else (lambda lag: None))
+        self.periodic = PeriodicWork()
+        self.monitor = LoopLagMonitor(
+            metrics.observe_loop_lag if metrics else (lambda lag: None), periodic=self.periodic,
+            observe_during_periodic=metrics.observe_loop_lag_during_periodic if metrics else None,
+        )
         self._tasks: list[asyncio.Task] = []
 
     def start(self) -> None:
@@ -120,7 +129,7 @@ class Background:
         sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
         self._tasks = [asyncio.create_task(self.monitor.run(), name="event-loop lag")]
         for name, (seconds, job) in self._periods.items():
-            self._tasks.append(asyncio.create_task(_every(seconds, job, name), name=name))
+            self._tasks.append(asyncio.create_task(_every(seconds, job, name, self.periodic, self._step_recorder(name)), name=name))
 
     async def stop(self) -> None:
         """Cancel the jobs, stop the build process (also mid-build) and the background thread."""
@@ -134,7 +143,7 @@ class Background:
 
     async def refresh_catalog(self) -> bool:
         """Re-read the catalog in the build process; swap it in when its content changed. True when it did."""
-        stamp = await self._off_loop(self._items.source_stamp)  # a few small SQL aggregates and stats
+        stamp = await self._off_loop(self._items.source_stamp)  # file stats; SQL aggregates only after a write (CatalogSourceStamp)
         if stamp is not None and stamp == self._items.built_from:
             self._items.confirm()  # nothing it is read from changed: skip the ~1-2 s re-read
             return False
@@ -175,16 +184,29 @@ class Background:
         with build_turn(self._build_lock, lambda: self._stopping):
             return self.builder.call(build_catalog_pieces, self._items.spec, known_digest)
 
+    def _step_recorder(self, task: str) -> Callable[[float], None]:
+        metrics = self._metrics
+        return (lambda seconds: metrics.observe_periodic_step(task, seconds)) if metrics else (lambda seconds: None)
+
     def _off_loop(self, fn: Callable[..., T], *args: object) -> Awaitable[T]:
         return asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
 
-async def _every(seconds: float, job: Callable[[], Awaitable[object]], name: str) -> None:
-    """Run `job` every `seconds` (measured from the end of the previous run, so runs never overlap); failures are logged."""
+async def _every(
+    seconds: float, job: Callable[[], Awaitable[object]], name: str, periodic: PeriodicWork | None = None,
+    record_step: Callable[[float], None] | None = None,
+) -> None:
+    """Run `job` every `seconds` (measured from the end of the previous run, so runs never overlap); failures are logged.
+
+    Each run counts as periodic work `name` from start to end (its background-thread and build-process parts
+    too), and each of its steps on the loop is timed into `record_step`.
+    """
     while True:
         await asyncio.sleep(seconds)
         try:
-            await job()
+            with periodic.running(name) if periodic else contextlib.nullcontext():
+                run = job()
+                await (timed_steps(run, record_step) if record_step and asyncio.iscoroutine(run) else run)
         except asyncio.CancelledError:
             raise
         except Exception:

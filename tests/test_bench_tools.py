@@ -15,7 +15,7 @@ from bench.cpu import cpu_ms_per_request, group_ticks, parse_stat
 from bench.open_loop import generator_limited
 from bench.prom import LAG_HISTOGRAM, LAG_MAX, above, buckets, lag_report, max_value, method_calls, parse, upper_bound
 from bench.report import readme, targets_table
-from bench.results import best_level, build_results, previous_max
+from bench.results import best_level, build_results, periodic_stall_free, previous_max
 from bench.rotation import UserRotation, segments_per_slot, split
 from propensity.v1 import recommendation_service_pb2 as pb
 
@@ -271,6 +271,51 @@ def test_parse_metrics_and_read_the_lag():
     assert report["stalls_over_limit"] is True  # 3 samples above 5 ms between the scrapes
     quiet = METRICS_AFTER.replace('le="0.005",worker="0"} 195.0', 'le="0.005",worker="0"} 198.0')
     assert lag_report(METRICS_BEFORE, quiet)["stalls_over_limit"] is False  # the 7.1 ms max happened before the load
+
+
+def _periodic_scrape(all_total: int, all_over: int, periodic_total: int, periodic_over: int, step_over: int = 0) -> str:
+    """A /metrics text with the lag histograms' 0.005 and +Inf buckets (worker 0) and one periodic task's steps."""
+    return f"""{LAG_HISTOGRAM}_bucket{{le="0.005",worker="0"}} {all_total - all_over}
+{LAG_HISTOGRAM}_bucket{{le="+Inf",worker="0"}} {all_total}
+propensity_event_loop_lag_during_periodic_work_seconds_bucket{{le="0.005",task="any",worker="0"}} {periodic_total - periodic_over}
+propensity_event_loop_lag_during_periodic_work_seconds_bucket{{le="+Inf",task="any",worker="0"}} {periodic_total}
+propensity_event_loop_lag_during_periodic_work_seconds_bucket{{le="0.005",task="freshness read",worker="0"}} {periodic_total - periodic_over}
+propensity_event_loop_lag_during_periodic_work_seconds_bucket{{le="+Inf",task="freshness read",worker="0"}} {periodic_total}
+propensity_periodic_loop_step_seconds_bucket{{le="0.0005",task="freshness read",worker="0"}} {20 - step_over}
+propensity_periodic_loop_step_seconds_bucket{{le="0.005",task="freshness read",worker="0"}} {20 - step_over}
+propensity_periodic_loop_step_seconds_bucket{{le="+Inf",task="freshness read",worker="0"}} 20
+"""
+
+
+def test_periodic_work_stalls_only_when_its_samples_are_over_the_limit_more_often_than_the_rest():
+    before = _periodic_scrape(100, 0, 10, 0)
+    # The load's own lag: 1 % of samples over 5 ms, during periodic work as much as outside it.
+    same_rate = lag_report(before, _periodic_scrape(100 + 6000, 60, 10 + 300, 3))["periodic"]
+    assert same_rate["samples_during_periodic"] == 300 and same_rate["samples_over_limit_during_periodic"] == 3
+    assert same_rate["samples_outside_periodic"] == 5700 and same_rate["samples_over_limit_outside_periodic"] == 57
+    assert same_rate["steps_per_task"] == {"freshness read": 0} and same_rate["steps_over_limit"] == 0
+    assert same_rate["samples_during_task"] == {"freshness read": 300}
+    assert same_rate["excess_p_value"] > 0.5 and periodic_stall_free(same_rate)
+    # 15 % of periodic work's samples over the limit against 1 % otherwise: periodic work stalls the loop.
+    excess = lag_report(before, _periodic_scrape(100 + 6000, 102, 10 + 300, 45))["periodic"]
+    assert excess["excess_p_value"] < 0.001 and not periodic_stall_free(excess)
+    # One periodic step that held the loop over 5 ms is a stall whatever the samples say.
+    held = lag_report(_periodic_scrape(100, 0, 10, 0), _periodic_scrape(6100, 60, 310, 3, step_over=1))["periodic"]
+    assert held["steps_over_limit"] == 1 and held["step_max_bucket_bound_ms_per_task"] == {"freshness read": None}
+    assert not periodic_stall_free(held)
+    assert lag_report(METRICS_BEFORE, METRICS_AFTER)["periodic"]["exported"] is False  # an older server: judged as before
+
+
+def test_the_lag_target_is_judged_on_periodic_work_when_the_server_reports_it(tmp_path):
+    lag = lag_report(_periodic_scrape(100, 0, 10, 0), _periodic_scrape(6100, 60, 310, 3))
+    lag.update(max_ms=40.0, max_ms_before_load=12.0)
+    row = {t["name"]: t for t in _results(tmp_path, event_loop_lag=lag)["targets"]}["event_loop_lag_max_ms"]
+    assert row["met"] is True and row["samples_over_limit_during_load"] == 60  # the load's lag is reported, not judged
+    text = readme(_results(tmp_path, event_loop_lag=lag))
+    assert "60 of 6,000 lag samples over 5 ms during the load" in text and "While periodic work ran: 3 of 300" in text
+    stalled = lag_report(_periodic_scrape(100, 0, 10, 0), _periodic_scrape(6100, 102, 310, 45))
+    stalled.update(max_ms=40.0, max_ms_before_load=12.0)
+    assert {t["name"]: t for t in _results(tmp_path, event_loop_lag=stalled)["targets"]}["event_loop_lag_max_ms"]["met"] is False
 
 
 def test_method_calls_sums_every_status_code():

@@ -15,7 +15,7 @@ import pytest
 from propensity.feature_store import offline_table, open_store
 from server import background
 from server.background import Background
-from server.item_cache import CatalogSourceStamp, CatalogSpec, ItemCache
+from server.item_cache import CatalogSourceStamp, CatalogSpec, FreshnessTracker, ItemCache
 from tests import background_hooks
 from tests.conftest import Pipeline, private_env
 
@@ -67,3 +67,50 @@ def test_an_unchanged_source_skips_the_re_read_and_any_write_brings_it_back(pipe
         assert len(list(builds.iterdir())) == 2
     finally:
         asyncio.run(jobs.stop())
+
+
+def _age(path: Path, seconds: float = 30.0) -> None:
+    """Set a file's modification time `seconds` into the past, as if it had settled long ago."""
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns - int(seconds * 1e9)))
+
+
+def test_the_stamp_skips_its_sql_while_the_database_files_are_settled_and_unchanged(pipeline: Pipeline) -> None:
+    env, _ = private_env(pipeline, "catalog-stamp-files", copy_repo=True)
+    repo = Path(env["PROPENSITY_FEATURE_REPO"])
+    stamp = CatalogSourceStamp(CatalogSpec(repo, None, "propensity_item_v2"))
+    db = Path(stamp._db)  # noqa: SLF001 - the file the test ages and writes
+    _age(db)
+    first = stamp()
+    assert stamp() == stamp() == first and stamp.aggregates == 1  # settled and unchanged: the SQL ran once
+
+    item = pd.read_parquet(offline_table(open_store(repo), open_store(repo).get_feature_view("item_stats")))["item_id"].iloc[0]
+    _set_available(repo, str(item), 0)  # a write: the file changes, and is too recent to be trusted by its time alone
+    changed = stamp()
+    assert changed != first and stamp.aggregates == 2
+    assert stamp() == changed and stamp.aggregates == 3  # still within the settling second: the SQL runs again
+    _age(db)
+    assert stamp() == changed and stamp() == changed and stamp.aggregates == 4
+
+
+def test_freshness_re_reads_the_registry_only_when_it_changed(pipeline: Pipeline) -> None:
+    env, _ = private_env(pipeline, "freshness-registry", copy_repo=True)
+    repo = Path(env["PROPENSITY_FEATURE_REPO"])
+    store = open_store(repo)
+    pushed: dict[str, float] = {}
+    tracker = FreshnessTracker(store, lambda: dict(pushed))
+    registry = tracker._registry  # noqa: SLF001
+    assert registry is not None and registry.is_file()
+    _age(registry)
+    first = tracker.read()
+    assert tracker.read().keys() == first.keys() and tracker.registry_reads == 1  # unchanged registry: reused
+    view = sorted(first)[0]
+    pushed[view] = datetime.now(timezone.utc).timestamp()  # a push is seen without a registry read
+    assert tracker.read()[view][0] < 5.0 and tracker.registry_reads == 1
+    registry.write_bytes(registry.read_bytes())  # what `feast materialize` / `feast apply` do to it
+    tracker.read()
+    assert tracker.registry_reads == 2
+    _age(registry)
+    tracker.read()
+    tracker.read()
+    assert tracker.registry_reads == 3

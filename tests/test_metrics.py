@@ -19,7 +19,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from propensity.settings import ServerSettings, Settings
-from server.loop_monitor import LoopLagMonitor
+from server.loop_monitor import LoopLagMonitor, PeriodicWork, timed_steps
 from server.metrics import Metrics, start_metrics_http
 from server.observability import install_observability
 
@@ -151,6 +151,72 @@ def test_the_lag_monitor_sees_a_blocked_loop() -> None:
     assert all(lag >= 0.0 for lag in lags)
     # A lower bound only: noise on a shared machine can make the lag larger, never smaller.
     assert max(lags) >= 0.2 - monitor.interval and monitor.max_lag == max(lags)
+
+
+def test_lag_while_periodic_work_runs_is_reported_apart_and_a_periodic_step_on_the_loop_is_timed(registry: CollectorRegistry) -> None:
+    """A periodic job that blocks the loop for 60 ms in one step: that step is timed, and the lag samples taken
+    meanwhile are counted both in the plain histogram and in the during-periodic-work one; samples before the job are not."""
+    metrics = Metrics(registry, worker=0)
+    periodic = PeriodicWork()
+    monitor = LoopLagMonitor(metrics.observe_loop_lag, interval=0.005, periodic=periodic,
+                             observe_during_periodic=metrics.observe_loop_lag_during_periodic)
+    steps: list[float] = []
+
+    async def job() -> str:
+        await asyncio.sleep(0.02)  # off the loop in real jobs: the background thread, the build process
+        time.sleep(0.06)  # a step that holds the loop
+        await asyncio.sleep(0.01)
+        return "done"
+
+    async def main() -> str:
+        task = asyncio.create_task(monitor.run())
+        await asyncio.sleep(0.05)
+        before = monitor.samples
+        assert monitor.samples_during_periodic == 0 and before > 0
+        with periodic.running("model poll"):
+            result = await timed_steps(job(), lambda seconds: (steps.append(seconds), metrics.observe_periodic_step("model poll", seconds)))
+        await asyncio.sleep(0.03)
+        task.cancel()
+        return result
+
+    assert asyncio.run(main()) == "done"
+    assert len(steps) == 3 and max(steps) >= 0.06 and sorted(steps)[1] < 0.01  # only the blocking step is long
+    worker = {"worker": "0"}
+    poll = {**worker, "task": "model poll"}
+    during = registry.get_sample_value("propensity_event_loop_lag_during_periodic_work_seconds_count", poll)
+    over = during - registry.get_sample_value("propensity_event_loop_lag_during_periodic_work_seconds_bucket", {**poll, "le": "0.05"})
+    assert registry.get_sample_value("propensity_event_loop_lag_during_periodic_work_seconds_count", {**worker, "task": "freshness read"}) == 0
+    assert 0 < during == monitor.samples_during_periodic < monitor.samples
+    assert over >= 1  # the 60 ms hold, seen while the job ran
+    step = {**worker, "task": "model poll"}
+    assert registry.get_sample_value("propensity_periodic_loop_step_seconds_count", step) == 3
+    assert registry.get_sample_value("propensity_periodic_loop_step_seconds_bucket", {**step, "le": "0.05"}) == 2
+    assert registry.get_sample_value("propensity_periodic_loop_step_seconds_count", {**worker, "task": "catalog refresh"}) == 0
+
+
+def test_periodic_work_overlaps_a_window_while_it_runs_and_after_it_ended_within_the_window() -> None:
+    periodic = PeriodicWork()
+    start = time.perf_counter()
+    assert not periodic.overlapped(start)
+    with periodic.running("catalog refresh"):
+        assert periodic.overlapping(time.perf_counter() + 10) == ("catalog refresh",)  # running now: any window overlaps
+    assert periodic.overlapped(start)  # ended after the window began
+    assert not periodic.overlapped(time.perf_counter() + 1)
+
+
+def test_timed_steps_passes_exceptions_and_results_through() -> None:
+    steps: list[float] = []
+
+    async def failing() -> None:
+        await asyncio.sleep(0)
+        raise KeyError("x")
+
+    async def main() -> None:
+        with pytest.raises(KeyError):
+            await timed_steps(failing(), steps.append)
+
+    asyncio.run(main())
+    assert len(steps) == 2
 
 
 def test_the_lag_monitor_refuses_a_zero_interval() -> None:

@@ -114,7 +114,7 @@ def one_phase(server: ServerProcess, metrics_port: int, payloads: Payloads, user
     result.pop("users_answered", None)
     lag = prom.lag_report(scrape_before, prom.scrape(metrics_port))
     result.update(cpu.phase(before, handled, wall, after=after), worker_threads=per_thread, sharing=watch.report(handled, wall),
-                  lag={k: lag.get(k) for k in ("samples_during_load", "samples_over_limit_during_load", "max_bucket_bound_ms_during_load")},
+                  lag={k: lag.get(k) for k in ("samples_during_load", "samples_over_limit_during_load", "max_bucket_bound_ms_during_load", "periodic")},
                   loadavg=os.getloadavg()[0], wall_clock=(round(t0, 3), round(time.time(), 3)),
                   server_pids=sorted(pid for pid, p in watch.after.items() if p.role == "worker"))
     return result
