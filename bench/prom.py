@@ -144,14 +144,9 @@ def lag_report(before: str | None, after: str | None, limit: float = STALL_LIMIT
 
 
 def _labelled_buckets(samples: list[Sample], name: str, label: str) -> dict[str, dict[float, float]]:
-    """Cumulative bucket counts of histogram `name` per value of `label`, summed over the other labels."""
-    out: dict[str, dict[float, float]] = {}
-    for n, labels, value in samples:
-        if n == f"{name}_bucket" and "le" in labels and label in labels:
-            per = out.setdefault(labels[label], {})
-            le = float(labels["le"])
-            per[le] = per.get(le, 0.0) + value
-    return {k: dict(sorted(v.items())) for k, v in sorted(out.items())}
+    """`buckets` of histogram `name` per value of `label` (summed over the other labels)."""
+    values = sorted({labels[label] for n, labels, _ in samples if n == f"{name}_bucket" and label in labels})
+    return {value: buckets([s for s in samples if s[1].get(label) == value], name) for value in values}
 
 
 def stall_excess_p_value(over_during: int, during: int, over_outside: int, outside: int) -> float:
@@ -188,6 +183,7 @@ def periodic_report(before: list[Sample], after: list[Sample], all_delta: Mappin
     steps = {task: bucket_delta(steps_before.get(task, {}), cumulative) for task, cumulative in _labelled_buckets(after, PERIODIC_STEP, "task").items()}
     step_bounds = {task: upper_bound(delta) for task, delta in steps.items()}
     step_over = {task: above(delta, limit) for task, delta in steps.items()}
+    over_by_task = {task: above(delta, limit) for task, delta in by_task.items()}
     report: dict = {
         "exported": True,
         "samples_during_periodic": n_during,
@@ -195,7 +191,7 @@ def periodic_report(before: list[Sample], after: list[Sample], all_delta: Mappin
         "samples_outside_periodic": n_all - n_during,
         "samples_over_limit_outside_periodic": None if over_during is None or over_all is None else int(over_all - over_during),
         "samples_during_task": {task: int(delta.get(math.inf, 0)) for task, delta in by_task.items()},
-        "samples_over_limit_during_task": {task: (None if above(delta, limit) is None else int(above(delta, limit))) for task, delta in by_task.items()},
+        "samples_over_limit_during_task": {task: (None if over is None else int(over)) for task, over in over_by_task.items()},
         "steps_per_task": {task: int(delta.get(math.inf, 0)) for task, delta in steps.items()},
         "step_max_bucket_bound_ms_per_task": {task: (None if b is None or math.isinf(b) else ms(b)) for task, b in step_bounds.items()},
         "steps_over_limit": int(sum(v or 0 for v in step_over.values())),

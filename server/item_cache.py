@@ -61,6 +61,13 @@ def _file_stamps(path: Path) -> list[tuple[str, int, int]]:
     return [(str(f), (st := f.stat()).st_mtime_ns, st.st_size) for f in files]
 
 
+def _registry_file(store: FeatureStore) -> Path | None:
+    """The store's registry file (a relative path is the repository's), or None when it is not a local file."""
+    registry = Path(str(getattr(store.config.registry, "path", "") or ""))
+    registry = registry if registry.is_absolute() else Path(store.repo_path) / registry
+    return registry if registry.is_file() else None
+
+
 class CatalogSourceStamp:
     """A cheap fingerprint of everything the catalog is read from; equal fingerprints mean the same catalog.
 
@@ -77,13 +84,12 @@ class CatalogSourceStamp:
     def __init__(self, spec: CatalogSpec, store: FeatureStore | None = None) -> None:
         store = store or open_store(spec.feature_repo, spec.feature_store_yaml)
         config = store.config
-        registry = Path(str(getattr(config.registry, "path", "") or ""))
-        registry = registry if registry.is_absolute() else Path(store.repo_path) / registry
+        registry = _registry_file(store)
         self._db: Path | None = None
         self._unchanged_since: tuple | None = None  # the files' stamps when _last was computed, if they were settled
         self._last: str | None = None
         self.aggregates = 0
-        if is_sqlite_online_store(config) and registry.is_file():
+        if is_sqlite_online_store(config) and registry is not None:
             service = store.get_feature_service(spec.service)
             views = [store.get_feature_view(projection.name) for projection in service.feature_view_projections]
             self._tables = [sqlite_online_table(config, view) for view in views]
@@ -244,15 +250,6 @@ def ages(materialized: dict[str, tuple[float, float]], pushed: dict[str, float] 
     return result
 
 
-def feature_freshness(store: FeatureStore, pushed: dict[str, float] | None = None) -> dict[str, tuple[float, float]]:
-    """Per feature view: (seconds since its newest values, TTL seconds).
-
-    Newest values are the end of the latest materialization, or a later real-time push (epoch
-    seconds in `pushed`); inf when the view was never loaded.
-    """
-    return ages(materialized_until(store), pushed)
-
-
 def _settled_file_stamp(path: Path, settle_seconds: float = 1.0) -> tuple[int, int] | None:
     """(mtime ns, size) of a file last modified over `settle_seconds` ago; None if missing or more recent.
 
@@ -285,9 +282,7 @@ class FreshnessTracker:
         self._store = store
         self._pushed = pushed or (lambda: {})
         self.views: dict[str, tuple[float, float]] = {}
-        registry = Path(str(getattr(store.config.registry, "path", "") or ""))
-        registry = registry if registry.is_absolute() else Path(store.repo_path) / registry
-        self._registry: Path | None = registry if registry.is_file() else None
+        self._registry = _registry_file(store)
         self._materialized: dict[str, tuple[float, float]] | None = None
         self._materialized_from: tuple[int, int] | None = None
         self.registry_reads = 0

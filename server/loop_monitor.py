@@ -59,10 +59,6 @@ class PeriodicWork:
         with self._lock:
             return tuple(task for task, n in self._active.items() if n > 0 or self._last_end.get(task, -1.0) >= since)
 
-    def overlapped(self, since: float) -> bool:
-        """True when any periodic work is running now or ended at or after `since`."""
-        return bool(self.overlapping(since))
-
 
 class _TimedSteps(collections.abc.Coroutine):
     """A coroutine that reports how long each of its steps ran (from resuming to its next await) to `record`."""

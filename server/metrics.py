@@ -30,9 +30,9 @@ STAGES = ("features", "candidates", "scoring", "explain")
 FALLBACK_REASONS = ("UNKNOWN_USER", "NO_HISTORY", "NO_CANDIDATES", "DEADLINE", "STORE_UNAVAILABLE")
 STORE_OPERATIONS = ("read", "push")
 MODEL_ROLES = ("current", "split", "shadow")
-# 0.25 ms .. 1 s, dense around the 5 ms budget a periodic task may stall the loop for.
 # The periodic tasks of a serving worker (server.background.Background), labels of propensity_periodic_loop_step_seconds.
 PERIODIC_TASKS = ("catalog refresh", "model poll", "freshness read")
+# 0.25 ms .. 1 s, dense around the 5 ms budget a periodic task may stall the loop for.
 LOOP_LAG_BUCKETS = (0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
 
 

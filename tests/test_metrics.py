@@ -197,11 +197,11 @@ def test_lag_while_periodic_work_runs_is_reported_apart_and_a_periodic_step_on_t
 def test_periodic_work_overlaps_a_window_while_it_runs_and_after_it_ended_within_the_window() -> None:
     periodic = PeriodicWork()
     start = time.perf_counter()
-    assert not periodic.overlapped(start)
+    assert periodic.overlapping(start) == ()
     with periodic.running("catalog refresh"):
         assert periodic.overlapping(time.perf_counter() + 10) == ("catalog refresh",)  # running now: any window overlaps
-    assert periodic.overlapped(start)  # ended after the window began
-    assert not periodic.overlapped(time.perf_counter() + 1)
+    assert periodic.overlapping(start) == ("catalog refresh",)  # ended after the window began
+    assert periodic.overlapping(time.perf_counter() + 1) == ()
 
 
 def test_timed_steps_passes_exceptions_and_results_through() -> None:

@@ -203,6 +203,15 @@ def test_metrics_endpoint_reports_requests_stages_fallbacks_models_and_freshness
     assert count["0"] > 0
     assert wait_for(lambda: loop_lag(scrape(), "propensity_event_loop_lag_seconds_count")["0"] > count["0"], 5)
     assert 0.0 <= loop_lag(text, "propensity_event_loop_lag_max_seconds")["0"] < 60.0
+    # Periodic work is marked (the model poll runs every 0.3 s here): its steps on the loop are timed and the lag
+    # samples taken meanwhile are counted apart, so the bench can tell its stalls from the load's lag.
+    def periodic(name: str, task: str) -> float:
+        match = re.search(rf'^{name}\{{task="{task}",worker="0"\}} (\S+)$', scrape(), re.MULTILINE)
+        return float(match.group(1)) if match else 0.0
+
+    assert wait_for(lambda: periodic("propensity_periodic_loop_step_seconds_count", "model poll") > 0, 5)
+    assert wait_for(lambda: periodic("propensity_event_loop_lag_during_periodic_work_seconds_count", "any") > 0, 5)
+    assert periodic("propensity_event_loop_lag_during_periodic_work_seconds_count", "model poll") > 0
 
 
 def loop_lag(text: str, name: str) -> dict[str, float]:
