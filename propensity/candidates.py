@@ -10,14 +10,13 @@ weights are fitted per model version on training cut-offs (training/retrieval_fi
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
 from propensity.catalog import Catalog
-from propensity.retrieval import RetrievalWeights, UserSignals, user_signals
+from propensity.retrieval import SOURCE_NAMES, RetrievalWeights, UserSignals, user_signals
 from propensity.settings import CandidateSettings
 from propensity.top_k import top_k
 from propensity.user_state import UserState
@@ -48,12 +47,16 @@ def generate_candidates(
     recent = user.recent_idx[catalog.available[user.recent_idx]][: min(budget, settings.recent_items)] if len(user.recent_idx) else user.recent_idx
     _, first = np.unique(recent, return_index=True)
     recent = recent[np.sort(first)]
-    score = retrieval.score(signals.values[: catalog.size])
+    score = retrieval.score_by_signal(signals.by_signal[:, : catalog.size])
     score[~catalog.available] = -np.inf  # sold-out items, and the recent items already taken, never fill the budget
     score[recent] = -np.inf
     best = top_k(score, max(budget - len(recent), 0))
     best = best[np.isfinite(score[best])]  # fewer eligible items than the budget: never fill it with excluded ones
     item_idx = np.concatenate([recent, best]).astype(np.int64)
-    names = np.concatenate([np.full(len(recent), "recent", dtype=object), retrieval.sources(signals.values[best])])
-    sources = dict(Counter(names.tolist()))
-    return CandidateSet(item_idx=item_idx, sources=sources, item_sources=names, signals=signals)
+    codes = np.concatenate([np.full(len(recent), _RECENT_SOURCE), retrieval.source_codes(signals.by_signal[:, best])])
+    counts = np.bincount(codes, minlength=len(SOURCE_NAMES))
+    sources = {str(SOURCE_NAMES[code]): int(counts[code]) for code in dict.fromkeys(codes.tolist())}  # in order of first appearance
+    return CandidateSet(item_idx=item_idx, sources=sources, item_sources=SOURCE_NAMES[codes], signals=signals)
+
+
+_RECENT_SOURCE = int(np.flatnonzero(SOURCE_NAMES == "recent")[0])

@@ -45,13 +45,13 @@ class Catalog:
     # Neighbour tables as (n + 1, n) sparse rows (row n: UNKNOWN, empty): "neighbors" co-visited in sessions,
     # "copurchase" bought by the same shoppers (time-decayed), "content" most similar by title, category, brand, price.
     neighbour_matrices: dict[str, sp.csr_matrix]
-    popularity_signals: np.ndarray  # (n, 3): log1p of popularity, purchases in 7 days and buyers in 30 days
+    popularity_by_signal: np.ndarray  # (3, n): log1p of popularity, purchases in 7 days and buyers in 30 days
     category_names: tuple[str, ...]
     category_code_of: dict[str, int]
     category_codes: np.ndarray  # per item, index into category_names; len(category_names) when unknown
     item_factors: np.ndarray | None = None  # (n + 1, k) ALS factors, zero rows where an item has none; None without any
     has_factors: np.ndarray | None = None  # bool, length n + 1
-    factor_gram: np.ndarray | None = None  # item_factors' Y'Y (k, k), for folding in user vectors
+    regularized_gram: np.ndarray | None = None  # Y'Y + als_regularization x I (k, k) of item_factors Y, for folding in users
     als_alpha: float = 0.0  # the fit's confidence scale and regularisation, read with the factors
     als_regularization: float = 0.0
 
@@ -110,7 +110,7 @@ class Catalog:
             popularity_rank=popularity_rank,
             popular_order=popular_order,
             neighbour_matrices={name: _sparse(rows, n) for name, rows in lists.items()},
-            popularity_signals=np.log1p(np.maximum(np.column_stack([
+            popularity_by_signal=np.log1p(np.maximum(np.vstack([
                 popularity,
                 np.nan_to_num(matrix[:n, ITEM_FEATURES.index("item_purchases_7d")]),
                 np.nan_to_num(matrix[:n, ITEM_FEATURES.index("item_buyers_30d")]),
@@ -163,9 +163,10 @@ def _factors(frame: pd.DataFrame, n: int) -> dict:
         values = pd.to_numeric(frame[name], errors="coerce").dropna() if name in frame else pd.Series(dtype=float)
         return float(values.iloc[0]) if len(values) else 0.0
 
+    regularization = scalar("als_regularization")
     return {
-        "item_factors": matrix, "has_factors": has, "factor_gram": matrix.T @ matrix,
-        "als_alpha": scalar("als_alpha"), "als_regularization": scalar("als_regularization"),
+        "item_factors": matrix, "has_factors": has, "regularized_gram": matrix.T @ matrix + regularization * np.eye(k),
+        "als_alpha": scalar("als_alpha"), "als_regularization": regularization,
     }
 
 

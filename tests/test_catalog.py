@@ -85,7 +85,7 @@ def test_neighbours_drop_unknown_items_and_keep_scores_aligned(catalog: Catalog)
 def test_frame_without_neighbour_or_category_columns() -> None:
     catalog = Catalog.from_frame(pd.DataFrame({"item_id": ["x", "y"], "item_views_7d": [1, 2]}))
     assert [catalog.neighbours("neighbors", i)[0].tolist() for i in (0, 1, UNKNOWN)] == [[], [], []]
-    assert catalog.item_factors is None and catalog.factor_gram is None
+    assert catalog.item_factors is None and catalog.regularized_gram is None
     assert catalog.categories.tolist() == [None, None, None]
     assert catalog.item_ids[catalog.popular_order].tolist() == ["y", "x"]
 
@@ -139,9 +139,9 @@ def test_retrieval_tables_become_neighbour_lists_and_a_factor_matrix() -> None:
     assert catalog.neighbours("content", 2)[0].tolist() == [] and catalog.neighbours("copurchase", UNKNOWN)[0].tolist() == []
     np.testing.assert_array_equal(catalog.item_factors, [[1.0, 2.0], [0.0, 0.0], [0.5, -1.0], [0.0, 0.0]])
     assert catalog.has_factors.tolist() == [True, False, True, False]
-    np.testing.assert_allclose(catalog.factor_gram, catalog.item_factors.T @ catalog.item_factors)
+    np.testing.assert_allclose(catalog.regularized_gram, catalog.item_factors.T @ catalog.item_factors + 0.1 * np.eye(2))
     assert catalog.als_alpha == 5.0 and catalog.als_regularization == 0.1
     assert catalog.category_names == ("k1", "k2")
     assert catalog.category_codes.tolist() == [1, 0, 2]  # no category: the extra code
-    np.testing.assert_allclose(catalog.popularity_signals[:, 1], np.log1p([3.0, 0.0, 1.0]))
-    np.testing.assert_allclose(catalog.popularity_signals[:, 2], np.log1p([2.0, 0.0, 1.0]))
+    np.testing.assert_allclose(catalog.popularity_by_signal[1], np.log1p([3.0, 0.0, 1.0]))
+    np.testing.assert_allclose(catalog.popularity_by_signal[2], np.log1p([2.0, 0.0, 1.0]))

@@ -450,14 +450,15 @@ def test_the_item_service_serves_the_retrieval_tables_as_of(world: World, served
     assert len(served["als_factors"][a]) == SETTINGS.als_factors
 
 
-def test_catalog_from_served_rows_holds_the_factors_and_their_gram(world: World, served: dict) -> None:
+def test_catalog_from_served_rows_holds_the_factors_and_their_regularized_gram(world: World, served: dict) -> None:
     catalog = Catalog.from_frame(pd.DataFrame(served))
     touched = TOUCHED_BY[0]
     assert catalog.has_factors.tolist() == [i in touched for i in catalog.item_ids] + [False]
     offline = world.table("item_factors")
     offline = offline[offline["event_timestamp"] == pd.Timestamp(world.as_of)].set_index("item_id")
     y = np.array([offline.loc[i, "als_factors"] for i in sorted(touched)])
-    np.testing.assert_allclose(catalog.factor_gram, y.T @ y, rtol=1e-12, atol=1e-12)
+    regularized = y.T @ y + SETTINGS.als_regularization * np.eye(SETTINGS.als_factors)
+    np.testing.assert_allclose(catalog.regularized_gram, regularized, rtol=1e-12, atol=1e-12)
     for item in CATALOG:
         expected = offline.loc[item, "als_factors"] if item in touched else np.zeros(SETTINGS.als_factors)
         np.testing.assert_array_equal(catalog.item_factors[catalog.index[item]], expected)

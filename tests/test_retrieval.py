@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from propensity.catalog import UNKNOWN, Catalog
-from propensity.retrieval import DEFAULT_WEIGHTS, SIGNALS, RetrievalWeights, known_items, stored_weights, user_signals
+from propensity.retrieval import DEFAULT_WEIGHTS, SIGNALS, SOURCE_OF_SIGNAL, RetrievalWeights, known_items, stored_weights, user_signals
 from propensity.user_state import UserState
 from training.retrieval_fit import fit_retrieval_weights, nonnegative_logistic
 
@@ -97,10 +97,33 @@ def test_als_signal_is_the_folded_in_vector_times_the_item_factors(catalog: Cata
     assert values[3, SIGNALS.index("als")] == 0.0  # d has no factors
 
 
-def test_user_without_items_gets_only_item_level_signals(catalog: Catalog) -> None:
-    values = user_signals(UserState.from_row("x", {}, catalog), catalog, NOW).values
+def test_user_without_items_gets_only_item_level_signals(catalog: Catalog, user: UserState) -> None:
     user_specific = [SIGNALS.index(s) for s in SIGNALS if s not in ("popularity", "purchases_7d", "buyers_30d")]
-    assert not values[:, user_specific].any()
+    for _ in range(3):  # after a user with items: the signal buffer is not zero-filled whole, so no row may keep old values
+        assert user_signals(user, catalog, NOW).values[:, user_specific].any()
+        values = user_signals(UserState.from_row("x", {}, catalog), catalog, NOW).values
+        assert not values[:, user_specific].any()
+        assert not values[-1].any()  # the UNKNOWN row
+
+
+def test_catalog_scores_and_sources_equal_the_per_row_definition() -> None:
+    rng = np.random.default_rng(7)
+    values = rng.exponential(size=(400, len(SIGNALS))) * (rng.random((400, len(SIGNALS))) < 0.4)
+    values[rng.random(400) < 0.8, SIGNALS.index("recent")] = 0.0
+    values[rng.random(400) < 0.8, SIGNALS.index("bought")] = 0.0
+    values[:5] = 0.0  # rows no source speaks for
+    weights = RetrievalWeights(rng.random(len(SIGNALS)), -1.0, rng.random(len(SIGNALS)), -3.0)
+    known = (values[:, SIGNALS.index("recent")] > 0) | (values[:, SIGNALS.index("bought")] > 0)
+    assert 0 < known.sum() < len(known)
+    expected = np.where(known, values @ weights.known - 1.0, values @ weights.new - 3.0)
+    np.testing.assert_allclose(weights.score(values), expected)
+    np.testing.assert_allclose(weights.score_by_signal(np.ascontiguousarray(values.T)), expected)
+    names = list(dict.fromkeys(SOURCE_OF_SIGNAL.values()))
+    for row, source in zip(values, weights.sources(values)):
+        contribution = row * (weights.known if row[SIGNALS.index("recent")] > 0 or row[SIGNALS.index("bought")] > 0 else weights.new)
+        per_source = {name: sum(c for c, signal in zip(contribution, SIGNALS) if SOURCE_OF_SIGNAL[signal] == name) for name in names}
+        best = max(names, key=lambda name: per_source[name])  # the first of equals, as argmax
+        assert source == (best if per_source[best] > 0 else "popular")
 
 
 def test_weights_round_trip_and_score_each_segment_with_its_own_weights() -> None:
