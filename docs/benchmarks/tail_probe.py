@@ -42,7 +42,11 @@ def batch_scheduling() -> None:
     os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
 
 
-GENERATORS: dict[str, Callable[[], None] | None] = {"normal": None, "batch": batch_scheduling, "sleep4ms": None}
+def fifo_scheduling() -> None:
+    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
+
+
+GENERATORS: dict[str, Callable[[], None] | None] = {"normal": None, "batch": batch_scheduling, "sleep4ms": None, "fifo": fifo_scheduling}
 
 
 def thread_stats(pids: list[int]) -> dict[str, list[int]]:
