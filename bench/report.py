@@ -293,8 +293,9 @@ h2load posts the same body on every request, so one h2load process asks for one 
 level therefore keeps up to {max(lv.get('processes', 1) for lv in results['recommend']['ours'])} h2load processes ("slots") running side by side, and each slot
 hands over to a new process for the next user of the list about every {best.get('segment_seconds')} s
 ({sum(lv.get('h2load_runs', 0) for lv in results['recommend']['ours'])} processes in the sweep), the slots at different moments,
-continuing through the list across levels. A process repeats its user for its life; the open-loop
-phase changes user on every request and goes through the whole list. Shorter processes would take
+continuing through the list across levels. A process repeats its user for its life. The open-loop
+phase works the same way: {half.get('slots')} slots, each handing over to the next user {half.get('segments_per_slot')} times
+during the phase. Shorter processes would take
 the sweep alone through more users, but each one opens new connections: that costs the server CPU
 and leaves the slot idle while the process starts against a saturated server, which would
 understate throughput and overstate CPU per request (`--min-segment-seconds` sets the trade-off).
