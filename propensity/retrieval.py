@@ -207,10 +207,11 @@ def fold_in(catalog: Catalog, idx: np.ndarray, weight: np.ndarray) -> np.ndarray
     # (Y'Y + lambda I + Y_u'(C_u - I)Y_u) x = Y_u' C_u p_u, with p = 1 on the user's items (implicit's exact user update).
     a = catalog.regularized_gram + (y.T * (confidence - 1.0)) @ y
     b = y.T @ confidence
-    # Symmetric and, but for tiny confidences, positive definite: Cholesky (LAPACK posv) costs half of a general
-    # solve's wrapper and pivoting on the 64 x 64 system of every request.
+    # Symmetric positive definite when lambda > 0 (Y'Y holds each of the user's rows, so no confidence >= 0 can
+    # take it below lambda I): Cholesky (LAPACK posv) costs half of a general solve on the 64 x 64 system of every
+    # request. Without regularisation it can be singular: the least-squares solution then, never an error.
     _, x, info = _posv(a, b, lower=0, overwrite_a=0, overwrite_b=0)
-    return x if info == 0 else np.linalg.solve(a, b)
+    return x if info == 0 else np.linalg.lstsq(a, b, rcond=None)[0]
 
 
 def _als_scores(catalog: Catalog, idx: np.ndarray, weight: np.ndarray, out: np.ndarray) -> None:

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from propensity.catalog import UNKNOWN, Catalog
-from propensity.retrieval import DEFAULT_WEIGHTS, SIGNALS, SOURCE_OF_SIGNAL, RetrievalWeights, known_items, stored_weights, user_signals
+from propensity.retrieval import DEFAULT_WEIGHTS, SIGNALS, SOURCE_OF_SIGNAL, RetrievalWeights, fold_in, known_items, stored_weights, user_signals
 from propensity.user_state import UserState
 from training.retrieval_fit import fit_retrieval_weights, nonnegative_logistic
 
@@ -95,6 +95,15 @@ def test_als_signal_is_the_folded_in_vector_times_the_item_factors(catalog: Cata
     vector = np.linalg.solve(a_matrix, y.T @ confidence)
     np.testing.assert_allclose(values[:4, SIGNALS.index("als")], catalog.item_factors[:4] @ vector)
     assert values[3, SIGNALS.index("als")] == 0.0  # d has no factors
+
+
+def test_fold_in_without_regularisation_on_a_singular_system_still_answers() -> None:
+    # No regularisation and factors that span one axis only: the system has a zero pivot, Cholesky fails.
+    catalog = Catalog.from_frame(pd.DataFrame({"item_id": ["a", "b"], "als_factors": [[1.0, 0.0], [2.0, 0.0]], "als_alpha": 1.0,
+                                               "als_regularization": 0.0}))
+    vector = fold_in(catalog, np.array([0]), np.array([3.0]))
+    # The minimum-norm least-squares solution: (5 + 2) x0 = 3, nothing along the axis no item uses.
+    np.testing.assert_allclose(vector, [3.0 / 7.0, 0.0], atol=1e-12)
 
 
 def test_user_without_items_gets_only_item_level_signals(catalog: Catalog, user: UserState) -> None:
