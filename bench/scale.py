@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             "PROPENSITY_FEATURES__SPARK_CONF": json.dumps({"spark.sql.shuffle.partitions": "8", "spark.driver.memory": "6g", "spark.ui.enabled": "false"}),
             "PROPENSITY_FEATURE_STORE_YAML": str(repo / "profiles" / "spark.yaml"),
             "PROPENSITY_SPARK_MASTER": args.spark_master, "PROPENSITY_SPARK_SHUFFLE_PARTITIONS": "8",
+            "PROPENSITY_SPARK_DRIVER_MEMORY": "6g",  # Feast's retrieval collects the training rows into the driver
         })
     demo = ["--users", str(args.users), "--items", str(args.items), "--days", str(args.days)]
     measured = root / "stages.json"

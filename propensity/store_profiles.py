@@ -36,6 +36,9 @@ DEFAULTS: dict[str, str] = {
     # (pyspark's local mode reads only this variable, never spark.pyspark.python).
     "PYSPARK_PYTHON": sys.executable,
     "PROPENSITY_SPARK_SHUFFLE_PARTITIONS": "200",  # Spark's own default; a few on one machine, ~3x the cores on a cluster
+    # The driver's heap. Feast's Spark retrieval collects the training rows into the driver (toPandas), so it must
+    # hold them: Spark's own 1g ran out of heap on the 20M-event shop's 350,000 user rows (docs/benchmarks/scale.md).
+    "PROPENSITY_SPARK_DRIVER_MEMORY": "1g",
 }
 
 _TIMEOUT_SECONDS = 3.0
