@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from propensity.catalog import Catalog
-from propensity.retrieval import SOURCE_NAMES, RetrievalWeights, UserSignals, user_signals
+from propensity.retrieval import SOURCE_CODE, SOURCE_NAMES, RetrievalWeights, UserSignals, user_signals
 from propensity.settings import CandidateSettings
 from propensity.top_k import top_k
 from propensity.user_state import UserState
@@ -53,10 +53,8 @@ def generate_candidates(
     best = top_k(score, max(budget - len(recent), 0))
     best = best[np.isfinite(score[best])]  # fewer eligible items than the budget: never fill it with excluded ones
     item_idx = np.concatenate([recent, best]).astype(np.int64)
-    codes = np.concatenate([np.full(len(recent), _RECENT_SOURCE), retrieval.source_codes(signals.by_signal[:, best])])
+    codes = np.concatenate([np.full(len(recent), SOURCE_CODE["recent"]), retrieval.source_codes(signals.by_signal[:, best])])
     counts = np.bincount(codes, minlength=len(SOURCE_NAMES))
     sources = {str(SOURCE_NAMES[code]): int(counts[code]) for code in dict.fromkeys(codes.tolist())}  # in order of first appearance
     return CandidateSet(item_idx=item_idx, sources=sources, item_sources=SOURCE_NAMES[codes], signals=signals)
 
-
-_RECENT_SOURCE = int(np.flatnonzero(SOURCE_NAMES == "recent")[0])

@@ -117,7 +117,7 @@ class RetrievalWeights:
     def score_by_signal(self, by_signal: np.ndarray) -> np.ndarray:
         """Retrieval log-odds of each column of signal-major values (UserSignals.by_signal)."""
         score = self.new @ by_signal + self.new_intercept
-        known = _known_columns(by_signal)  # a user's own items are a few dozen of the catalog: rescore only those
+        known = np.flatnonzero(_known_mask(by_signal))  # a user's own items are a few dozen of the catalog: rescore only those
         score[known] = self.known @ by_signal[:, known] + self.known_intercept
         return score
 
@@ -129,7 +129,7 @@ class RetrievalWeights:
         """Per column of signal-major values: the index in SOURCE_NAMES of the source whose weighted signals contribute most."""
         if not by_signal.shape[1]:
             return np.empty(0, dtype=np.int64)
-        weights = np.where(_known_columns(by_signal, as_mask=True), self.known[:, None], self.new[:, None])
+        weights = np.where(_known_mask(by_signal), self.known[:, None], self.new[:, None])
         per_source = _SOURCE_ONE_HOT.T @ (by_signal * weights)
         strongest = np.argmax(per_source, axis=0)
         # An item no source speaks for only fills the budget, as the least popular of the popular ones.
@@ -139,12 +139,11 @@ class RetrievalWeights:
 
 def known_items(values: np.ndarray) -> np.ndarray:
     """Rows of signals for items the user has interacted with (recent) or bought."""
-    return _known_columns(np.asarray(values).T, as_mask=True)
+    return _known_mask(np.asarray(values).T)
 
 
-def _known_columns(by_signal: np.ndarray, as_mask: bool = False) -> np.ndarray:
-    mask = (by_signal[_COLUMN["recent"]] > 0) | (by_signal[_COLUMN["bought"]] > 0)
-    return mask if as_mask else np.flatnonzero(mask)
+def _known_mask(by_signal: np.ndarray) -> np.ndarray:
+    return (by_signal[_COLUMN["recent"]] > 0) | (by_signal[_COLUMN["bought"]] > 0)
 
 
 def stored_weights(metadata: Mapping[str, object]) -> Mapping[str, Mapping[str, float]] | None:
@@ -188,7 +187,8 @@ def user_signals(user: UserState, catalog: Catalog, as_of_ts: float) -> UserSign
 
 _SOURCES = tuple(dict.fromkeys(SOURCE_OF_SIGNAL.values()))
 SOURCE_NAMES = np.asarray(_SOURCES, dtype=object)  # what RetrievalWeights.source_codes index
-_POPULAR = _SOURCES.index("popular")
+SOURCE_CODE = {name: code for code, name in enumerate(_SOURCES)}
+_POPULAR = SOURCE_CODE["popular"]
 _SOURCE_GROUP = np.array([_SOURCES.index(SOURCE_OF_SIGNAL[name]) for name in SIGNALS])
 _SOURCE_ONE_HOT = np.eye(len(_SOURCES))[_SOURCE_GROUP]  # (signals, sources): sums each source's signals in one product
 
