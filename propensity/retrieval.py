@@ -202,7 +202,7 @@ def fold_in(catalog: Catalog, idx: np.ndarray, weight: np.ndarray) -> np.ndarray
     idx, weight = idx[has_vector], weight[has_vector]
     if not len(idx):
         return None
-    y = factors[idx]
+    y = factors[idx].astype(np.float64)
     confidence = catalog.als_alpha * weight  # implicit's convention: confidence = alpha x interaction weight
     # (Y'Y + lambda I + Y_u'(C_u - I)Y_u) x = Y_u' C_u p_u, with p = 1 on the user's items (implicit's exact user update).
     a = catalog.regularized_gram + (y.T * (confidence - 1.0)) @ y
@@ -220,7 +220,8 @@ def _als_scores(catalog: Catalog, idx: np.ndarray, weight: np.ndarray, out: np.n
     if vector is None:
         out[:] = 0.0
     else:
-        np.dot(catalog.item_factors[: catalog.size], vector, out=out)
+        # In float32 like the factors (a float64 vector would make numpy copy the whole matrix to float64 first).
+        out[:] = catalog.item_factors[: catalog.size] @ vector.astype(np.float32)
 
 
 def _interactions(user: UserState, as_of_ts: float) -> tuple[np.ndarray, np.ndarray]:

@@ -82,6 +82,11 @@ class TrainingSettings(_Section):
     ranker_max_users_per_cutoff: int = Field(
         5_000, description="Cap on users whose candidates become ranker rows, per cut-off (buyers first): about 200 rows each."
     )
+    max_rows_per_tree: int = Field(
+        3_000_000,
+        description="Most training rows one tree is grown on: past it the bagging fraction (0.9) shrinks so that each tree sees this "
+        "many, and a fit's time stops growing with the shop (the 20M-event shop's 6M ranker rows). Smaller sets are unaffected.",
+    )
     num_boost_round: int = Field(400, description="Upper bound on boosting rounds (early stopping picks the best).")
     early_stopping_rounds: int = Field(30, description="Stop when validation loss has not improved for this many rounds.")
     learning_rate: float = Field(0.05, description="LightGBM learning rate.")

@@ -9,7 +9,8 @@ from propensity.settings import TrainingSettings
 from training.datasets import TrainingSet
 
 
-def base_params(training: TrainingSettings, objective: str = "binary") -> dict:
+def base_params(training: TrainingSettings, objective: str = "binary", train_rows: int | None = None) -> dict:
+    """LightGBM's parameters for one fit; with train_rows, each tree is grown on at most training.max_rows_per_tree of them."""
     params = {
         "objective": objective,
         "learning_rate": training.learning_rate,
@@ -25,6 +26,10 @@ def base_params(training: TrainingSettings, objective: str = "binary") -> dict:
     }
     if objective == "lambdarank":
         params.update(metric="ndcg", eval_at=[10])
+    if train_rows and train_rows * params["bagging_fraction"] > training.max_rows_per_tree:
+        # Histogram building, most of a fit, is linear in the rows a tree sees: past the cap a bigger shop bags a
+        # smaller share instead of costing more per tree (7M ranker rows of the 20M-event shop: 3M per tree).
+        params["bagging_fraction"] = round(training.max_rows_per_tree / train_rows, 4)
     return params
 
 

@@ -359,16 +359,16 @@ def fit_model_dask(
     n_workers = max(len(client.scheduler_info()["workers"]), 1)
     progress(f"  {name}: {rows.counts(name, periods.train)[0]:,} training rows in {len(train_files)} Parquet files over {len(periods.train)} cut-offs, "
              f"{rows.counts(name, periods.validation)[0]:,} validation rows in {len(valid_files)}; {n_workers} Dask workers")
-    boosters = {}
+    boosters, params = {}, {objective: base_params(training, objective, rows.counts(name, periods.train)[0]) for objective in objectives}
     for objective in objectives:
-        boosters[objective], _ = fit_dask_booster(client, base_params(training, objective), train_by_cutoff, valid_files, features, training)
+        boosters[objective], _ = fit_dask_booster(client, params[objective], train_by_cutoff, valid_files, features, training)
     valid = period_scores(client, valid_files, features, boosters)
     test = period_scores(client, test_files, features, boosters)
     candidates: dict[str, tuple[lgb.Booster, dict, dict]] = {}
     scored = TrainingSet(np.empty((len(valid), 0)), valid[LABEL].to_numpy(), np.empty(len(valid)), valid[GROUP].to_numpy())
     for objective, booster in boosters.items():
         selection = candidate_ranking(valid[objective].to_numpy(), scored, np.ones(len(valid), dtype=bool)) if len(objectives) > 1 else {}
-        candidates[objective] = (booster, base_params(training, objective), selection)
+        candidates[objective] = (booster, params[objective], selection)
         if len(objectives) > 1:
             progress(f"  {name} [{objective}, dask]: validation NDCG@10 {selection.get('ndcg_at_10', float('nan')):.3f} within candidates ({booster.best_iteration} trees)")
     objective_of = {id(b): o for o, b in boosters.items()}

@@ -17,11 +17,11 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from propensity.assembly import pair_matrix, user_vector
+from propensity.assembly import USER_MODEL_FEATURES, pair_matrix, user_matrix
 from propensity.candidates import generate_candidates
 from propensity.catalog import Catalog
 from propensity.settings import CandidateSettings, TrainingSettings
-from propensity.user_state import UserState
+from propensity.user_state import USER_INPUTS, UserBatch, UserState
 
 if TYPE_CHECKING:  # only the type: score-batch --users-only imports this module before Feast (training.batch_scoring)
     from feast import FeatureStore
@@ -35,7 +35,7 @@ class TrainingSet:
 
     features: np.ndarray
     labels: np.ndarray
-    cutoffs: np.ndarray  # datetime64 per row
+    cutoffs: np.ndarray  # the cut-off of every row, naive UTC datetime64
     groups: np.ndarray  # user row id per row (ranking groups)
 
 
@@ -154,43 +154,58 @@ def assemble(
     """
     if for_ranker is None:
         for_ranker = ranker_users(rows, training)
-    records = user_features.to_dict("records")
-    user_x, user_y, user_cut = [], [], []
-    pair_x, pair_y, pair_cut, pair_group = [], [], [], []
+    n = len(user_features)
+    # Each row's cut-off as naive UTC datetime64 (TrainingSet.cutoffs): period masks compare millions of pair rows,
+    # which as Timestamp objects took pandas seconds per comparison.
+    row_cutoffs = pd.DatetimeIndex(pd.to_datetime(user_features["event_timestamp"], utc=True)) if n else pd.DatetimeIndex([], tz="UTC")
+    user_cutoffs = row_cutoffs.tz_convert(None).to_numpy(dtype="datetime64[ns]")
+    # The user model's rows: user_matrix (the bulk scorer's and the server's batch path) a cut-off at a time, as
+    # one user_vector per row would give them (tests/test_user_batch.py), without a Python object per user row.
+    user_x = np.empty((n, len(USER_MODEL_FEATURES)))
+    covered = 0
+    for cutoff, catalog in catalogs.items():
+        at = np.flatnonzero(row_cutoffs == pd.Timestamp(cutoff))
+        covered += len(at)
+        if len(at):
+            chunk = user_features.iloc[at]
+            columns = {name: chunk[name].to_numpy() for name in USER_INPUTS if name in chunk}
+            user_x[at] = user_matrix(UserBatch(chunk["user_id"].astype(str).tolist(), columns, catalog), pd.Timestamp(cutoff).timestamp())
+    if covered != n:
+        missing = sorted(set(row_cutoffs) - {pd.Timestamp(c) for c in catalogs})
+        raise ValueError(f"no catalog for the cut-off(s) {', '.join(map(str, missing[:3]))} of {n - covered:,} user rows")
+    # The ranker's rows: candidates and pair features per user, through the serving code (UserState, generate_candidates).
+    ranked = np.flatnonzero(np.asarray(for_ranker, dtype=bool))
+    records = user_features.iloc[ranked].to_dict("records")
+    bought_lists, labels = rows["bought_items"].to_numpy(), rows["label"].to_numpy()
+    pair_x, pair_y, pair_rows = [], [], []  # pair_rows: (entity row, candidate count) of each user's block
     bought_total = bought_covered = buyers = 0
-    for i, (record, bought, label, ranked) in enumerate(zip(records, rows["bought_items"], rows["label"], for_ranker)):
+    for done, (i, record) in enumerate(zip(ranked, records), start=1):
         cutoff = pd.Timestamp(record["event_timestamp"])
         catalog = catalogs[cutoff]
         as_of_ts = cutoff.timestamp()
         user = UserState.from_row(str(record["user_id"]), record, catalog)
-        row = user_vector(user, as_of_ts)
-        user_x.append(row)
-        user_y.append(label)
-        user_cut.append(cutoff)
-        if not ranked:
-            continue
         candidate_set = generate_candidates(user, catalog, candidate_settings, as_of_ts, retrieval_weights)
         candidates = candidate_set.item_idx
+        if done % 2000 == 0:
+            progress(f"  ranker rows: {done:,}/{len(ranked):,} users")
         if not len(candidates):
             continue
-        bought_idx = catalog.lookup(bought)
-        target = np.isin(candidates, bought_idx).astype(np.int8)
-        if label:
+        bought = bought_lists[i]
+        target = np.isin(candidates, catalog.lookup(bought)).astype(np.int8)
+        if labels[i]:
             buyers += 1
             bought_total += len(bought)
             bought_covered += int(target.sum())
-        pair_x.append(pair_matrix(user, catalog, candidates, as_of_ts, user_row=row, signals=candidate_set.signals).astype(np.float32))
+        pair_x.append(pair_matrix(user, catalog, candidates, as_of_ts, user_row=user_x[i], signals=candidate_set.signals).astype(np.float32))
         pair_y.append(target)
-        pair_cut.extend([cutoff] * len(candidates))
-        pair_group.extend([first_row + i] * len(candidates))
-        if (i + 1) % 2000 == 0:
-            progress(f"  assembled {i + 1:,}/{len(records):,} user rows")
-    users = TrainingSet(np.vstack(user_x).astype(np.float32), np.asarray(user_y), np.asarray(user_cut), first_row + np.arange(len(user_x)))
+        pair_rows.append((i, len(candidates)))
+    pair_row, pair_count = (np.asarray(column, dtype=np.int64) for column in zip(*pair_rows)) if pair_rows else (np.empty(0, np.int64),) * 2
+    users = TrainingSet(user_x.astype(np.float32), np.asarray(labels), user_cutoffs, first_row + np.arange(n))
     pairs = TrainingSet(
         np.vstack(pair_x) if pair_x else np.empty((0, 0), dtype=np.float32),
         np.concatenate(pair_y) if pair_y else np.empty(0),
-        np.asarray(pair_cut),
-        np.asarray(pair_group),
+        np.repeat(user_cutoffs[pair_row], pair_count),
+        np.repeat(first_row + pair_row, pair_count),
     )
     return CutoffData(users, pairs, buyers, bought_covered / bought_total if bought_total else float("nan"), bought_total, bought_covered)
 

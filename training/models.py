@@ -105,7 +105,7 @@ def fit_model(
     train, valid, test = period_masks(name, data, periods)
     candidates: dict[str, tuple[lgb.Booster, dict, dict]] = {}
     for objective in objectives:
-        params = base_params(training, objective)
+        params = base_params(training, objective, int(train.sum()))
         tuned = {}
         if budget and budget.n_trials > 0:
             tuned = tune(name, data, features, periods, params, training, budget, progress)
