@@ -84,8 +84,9 @@ class TrainingSettings(_Section):
     )
     max_rows_per_tree: int = Field(
         3_000_000,
-        description="Most training rows one tree is grown on: past it the bagging fraction (0.9) shrinks so that each tree sees this "
-        "many, and a fit's time stops growing with the shop (the 20M-event shop's 6M ranker rows). Smaller sets are unaffected.",
+        description="Most training rows one tree is grown on by the local engine: past it the bagging fraction (0.9) shrinks so that "
+        "each tree sees this many, and a fit's time stops growing with the shop (the 20M-event shop's 6M ranker rows). Smaller sets "
+        "are unaffected; the Dask engine, for rows beyond one machine, grows every tree on its usual share.",
     )
     num_boost_round: int = Field(400, description="Upper bound on boosting rounds (early stopping picks the best).")
     early_stopping_rounds: int = Field(30, description="Stop when validation loss has not improved for this many rounds.")

@@ -359,7 +359,8 @@ def fit_model_dask(
     n_workers = max(len(client.scheduler_info()["workers"]), 1)
     progress(f"  {name}: {rows.counts(name, periods.train)[0]:,} training rows in {len(train_files)} Parquet files over {len(periods.train)} cut-offs, "
              f"{rows.counts(name, periods.validation)[0]:,} validation rows in {len(valid_files)}; {n_workers} Dask workers")
-    boosters, params = {}, {objective: base_params(training, objective, rows.counts(name, periods.train)[0]) for objective in objectives}
+    # No max_rows_per_tree here: it bounds one machine's fit, and this engine exists for rows beyond one machine.
+    boosters, params = {}, {objective: base_params(training, objective) for objective in objectives}
     for objective in objectives:
         boosters[objective], _ = fit_dask_booster(client, params[objective], train_by_cutoff, valid_files, features, training)
     valid = period_scores(client, valid_files, features, boosters)
